@@ -1,0 +1,1 @@
+//! Consent and access-policy engine (pure: no IO, no clock of its own).
