@@ -1,0 +1,1 @@
+//! Enterprise master patient index: matching engine (pure) and identity store.

@@ -1,0 +1,6 @@
+//! Registry: storage (diesel over SQLite and PostgreSQL), the institution directory,
+//! the enterprise master patient index and the document registry.
+//!
+//! This crate knows nothing of HTTP.
+
+pub mod empi;
