@@ -28,6 +28,7 @@ pub use crate::envelope::{
     ENVELOPE_MEDIA_TYPE, Envelope, EnvelopeError, RecipientKey, RequestBinding, SenderKeys,
 };
 pub use crate::error::SmError;
+pub use crate::jws::{JWS_ALG, JwsError, Sm2Jwk, sign_jws, verify_jws};
 
 pub use crate::sm2::{
     DEFAULT_SIGNER_ID, Sm2CiphertextFormat, Sm2PrivateKey, Sm2PublicKey, Sm2Signature,

@@ -71,7 +71,7 @@ pub fn sm4_gcm_open(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sm4::cipher::{BlockCipherEncrypt, KeyInit as _};
+    use sm4::cipher::BlockCipherEncrypt;
 
     fn unhex<const N: usize>(s: &str) -> [u8; N] {
         let v = hex::decode(s).expect("hex");
