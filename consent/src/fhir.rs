@@ -489,3 +489,185 @@ pub fn consent_to_fhir(consent: &Consent) -> Value {
     }
     resource
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use chrono::TimeZone;
+
+    fn sample() -> Value {
+        json!({
+            "resourceType": "Consent",
+            "id": "c1",
+            "status": "active",
+            "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+            "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+            "patient": {"reference": "Patient/e-42"},
+            "provision": {
+                "type": "permit",
+                "period": {"start": "2025-01-01", "end": "2025-12-31T23:59:59+08:00"},
+                "actor": [{"role": {"coding": [{"code": "IRCP"}]}, "reference": {"reference": "Organization/h2"}}],
+                "purpose": [{"system": ACT_REASON_SYSTEM, "code": "TREAT"}],
+                "class": [{"system": RESOURCE_TYPES_SYSTEM, "code": "Observation"}],
+                "securityLabel": [{"system": ACT_CODE_SYSTEM, "code": "PSY"},
+                                  {"system": CONFIDENTIALITY_SYSTEM, "code": "V"}]
+            }
+        })
+    }
+
+    #[test]
+    fn reads_a_consent() {
+        let c = consent_from_fhir(&sample()).unwrap();
+        assert_eq!(c.id.as_str(), "c1");
+        assert_eq!(c.patient.as_str(), "e-42");
+        assert_eq!(c.status, ConsentStatus::Active);
+        assert_eq!(c.provision, ProvisionType::Permit);
+        assert_eq!(c.scope.actors, vec![InstitutionId::new("h2")]);
+        assert!(c.scope.purposes.contains(&Purpose::Treatment));
+        assert_eq!(
+            c.scope.classes,
+            vec![DataClass::resource_type("Observation")]
+        );
+        assert_eq!(
+            c.scope.labels,
+            vec![
+                SecurityLabel::Sensitivity(Sensitivity::Psy),
+                SecurityLabel::Confidentiality(Confidentiality::V)
+            ]
+        );
+        // 2025-01-01 in China Standard Time is 2024-12-31T16:00Z.
+        assert_eq!(
+            c.period.start,
+            Some(Utc.with_ymd_and_hms(2024, 12, 31, 16, 0, 0).unwrap())
+        );
+        assert_eq!(
+            c.period.end,
+            Some(Utc.with_ymd_and_hms(2025, 12, 31, 15, 59, 59).unwrap())
+        );
+    }
+
+    #[test]
+    fn round_trips_through_fhir() {
+        let c = consent_from_fhir(&sample()).unwrap();
+        let back = consent_from_fhir(&consent_to_fhir(&c)).unwrap();
+        assert_eq!(back, c);
+        let revoked = Consent {
+            status: ConsentStatus::Revoked,
+            ..c
+        };
+        let fhir = consent_to_fhir(&revoked);
+        assert_eq!(fhir["status"], "inactive");
+        assert_eq!(consent_from_fhir(&fhir).unwrap(), revoked);
+    }
+
+    #[test]
+    fn date_only_ends_cover_the_whole_period() {
+        let end = parse_fhir_datetime("2025-02", true, "x").unwrap();
+        assert_eq!(
+            end,
+            Utc.with_ymd_and_hms(2025, 2, 28, 15, 59, 59).unwrap()
+                + Duration::nanoseconds(999_999_999)
+        );
+        let start = parse_fhir_datetime("2025", false, "x").unwrap();
+        assert_eq!(start, Utc.with_ymd_and_hms(2024, 12, 31, 16, 0, 0).unwrap());
+    }
+
+    fn error_for(edit: impl FnOnce(&mut Value)) -> FhirConsentError {
+        let mut v = sample();
+        edit(&mut v);
+        consent_from_fhir(&v).unwrap_err()
+    }
+
+    #[test]
+    fn errors_name_the_offending_path() {
+        let cases: Vec<(&str, Box<dyn FnOnce(&mut Value)>)> = vec![
+            (
+                "Consent.provision.period.end",
+                Box::new(|v| v["provision"]["period"]["end"] = json!("2025-13-01")),
+            ),
+            (
+                "Consent.provision.period.end",
+                Box::new(|v| v["provision"]["period"]["end"] = json!("2024-01-01")),
+            ),
+            (
+                "Consent.provision.period.start",
+                Box::new(|v| v["provision"]["period"]["start"] = json!(20250101)),
+            ),
+            (
+                "Consent.provision.type",
+                Box::new(|v| v["provision"]["type"] = json!("maybe")),
+            ),
+            (
+                "Consent.provision.type",
+                Box::new(|v| {
+                    v["provision"].as_object_mut().unwrap().remove("type");
+                }),
+            ),
+            (
+                "Consent.provision.actor[0].reference.reference",
+                Box::new(|v| {
+                    v["provision"]["actor"][0]["reference"]["reference"] = json!("Practitioner/d1")
+                }),
+            ),
+            (
+                "Consent.provision.purpose[0].code",
+                Box::new(|v| v["provision"]["purpose"][0]["code"] = json!("FUN")),
+            ),
+            (
+                "Consent.provision.purpose[0].system",
+                Box::new(|v| v["provision"]["purpose"][0]["system"] = json!("http://x")),
+            ),
+            (
+                "Consent.provision.securityLabel[1].code",
+                Box::new(|v| v["provision"]["securityLabel"][1]["code"] = json!("ZZZ")),
+            ),
+            (
+                "Consent.provision.class[0].code",
+                Box::new(|v| {
+                    v["provision"]["class"][0]
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("code");
+                }),
+            ),
+            (
+                "Consent.patient.reference",
+                Box::new(|v| v["patient"]["reference"] = json!("Group/g1")),
+            ),
+            (
+                "Consent.status",
+                Box::new(|v| v["status"] = json!("on-hold")),
+            ),
+            (
+                "Consent.resourceType",
+                Box::new(|v| v["resourceType"] = json!("Patient")),
+            ),
+            (
+                "Consent.id",
+                Box::new(|v| {
+                    v.as_object_mut().unwrap().remove("id");
+                }),
+            ),
+            (
+                "Consent.provision",
+                Box::new(|v| {
+                    v.as_object_mut().unwrap().remove("provision");
+                }),
+            ),
+            (
+                "Consent.provision.provision",
+                Box::new(|v| v["provision"]["provision"] = json!([{"type": "deny"}])),
+            ),
+            (
+                "Consent.provision.actor",
+                Box::new(|v| v["provision"]["actor"] = json!({})),
+            ),
+        ];
+        for (path, edit) in cases {
+            let err = error_for(edit);
+            assert_eq!(err.path(), path, "{err}");
+            assert!(err.to_string().starts_with(path), "{err}");
+        }
+    }
+}

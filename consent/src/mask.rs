@@ -221,6 +221,17 @@ pub fn mask_name(name: &str) -> String {
         .collect()
 }
 
+/// A family name keeps its first character even when that is all of it (张 → 张,
+/// 欧阳 → 欧*, Smith → S****): it is the character the masked full name shows anyway.
+fn mask_family(family: &str) -> String {
+    let mut chars = family.chars();
+    chars
+        .next()
+        .into_iter()
+        .chain(chars.map(|c| if c.is_whitespace() { c } else { '*' }))
+        .collect()
+}
+
 /// Every non-space character starred (used for given names: the first character of a name is
 /// kept from the family name only).
 fn star_all(s: &str) -> String {
@@ -538,7 +549,7 @@ impl MaskRun<'_> {
         let outcome = match (technique, &mut *value) {
             (Technique::Name, Value::Object(name)) => {
                 self.rewrite_string(name, "text", mask_name);
-                self.rewrite_string(name, "family", mask_name);
+                self.rewrite_string(name, "family", mask_family);
                 self.rewrite_strings(name, "given", star_all);
                 self.drop_fields(name, &["extension"]);
                 true
@@ -732,5 +743,316 @@ fn sweep_value(value: &mut Value, replaced: &[(String, String)]) {
         Value::Array(items) => items.iter_mut().for_each(|v| sweep_value(v, replaced)),
         Value::Object(map) => map.values_mut().for_each(|v| sweep_value(v, replaced)),
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use serde_json::json;
+
+    fn key() -> PseudonymKey {
+        PseudonymKey::new(b"0123456789abcdef".to_vec()).unwrap()
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(mask_name("张三丰"), "张**");
+        assert_eq!(mask_name("张三"), "张*");
+        assert_eq!(mask_name("欧阳锋"), "欧**");
+        assert_eq!(mask_name("张"), "*");
+        assert_eq!(mask_name(""), "");
+        assert_eq!(mask_name("John Smith"), "J*** *****");
+        assert_eq!(mask_name("Smith"), "S****");
+    }
+
+    #[test]
+    fn resident_ids() {
+        assert_eq!(mask_resident_id("11010519491231002X"), "110105********002X");
+        assert_eq!(mask_resident_id("440524188001010014"), "440524********0014");
+        assert_eq!(
+            mask_identifier_value("11010519491231002X"),
+            "110105********002X"
+        );
+        assert_eq!(
+            mask_identifier_value("110105491231002"),
+            "110105*****1002",
+            "legacy 15-digit"
+        );
+        assert_eq!(mask_identifier_value("MRN-00012345"), "********2345");
+        assert_eq!(mask_identifier_value("A123"), "****");
+        assert!(looks_like_resident_id("11010519491231002x"));
+        assert!(!looks_like_resident_id("1101051949123100ZX"));
+    }
+
+    #[test]
+    fn phones() {
+        assert_eq!(mask_phone("13812345678"), "138****5678");
+        assert_eq!(mask_phone("138-1234-5678"), "138-****-5678");
+        assert_eq!(mask_phone("+86 13812345678"), "+86 1******5678");
+        assert_eq!(mask_phone("123456"), "******");
+    }
+
+    #[test]
+    fn emails() {
+        assert_eq!(mask_email("zhangsan@example.com"), "z****@example.com");
+        assert_eq!(mask_email("z@example.com"), "z****@example.com");
+        assert_eq!(mask_email("not-an-email"), "************");
+        assert_eq!(mask_email("@example.com"), "************");
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            mask_address_text("北京市海淀区中关村大街27号"),
+            "北京市海淀区******"
+        );
+        assert_eq!(mask_address_text("北京市海淀区"), "北京市海淀区");
+        assert_eq!(
+            mask_address_text("广东省深圳市南山区科技园8栋"),
+            "广东省深圳市南山区******"
+        );
+        assert_eq!(
+            mask_address_text("广西壮族自治区南宁市青秀区民族大道1号"),
+            "广西壮族自治区南宁市青秀区******"
+        );
+        assert_eq!(
+            mask_address_text("新疆维吾尔自治区和田地区和田县某乡"),
+            "新疆维吾尔自治区和田地区和田县******"
+        );
+        assert_eq!(
+            mask_address_text("内蒙古自治区呼伦贝尔市鄂温克族自治旗巴彦托海镇"),
+            "内蒙古自治区呼伦贝尔市鄂温克族自治旗******"
+        );
+        assert_eq!(
+            mask_address_text("江苏省昆山市玉山镇1号"),
+            "江苏省昆山市******"
+        );
+        assert_eq!(mask_address_text("1 Main Street, Springfield"), "******");
+    }
+
+    #[test]
+    fn birth_dates() {
+        assert_eq!(
+            generalise_date_to_year("1949-12-31").as_deref(),
+            Some("1949")
+        );
+        assert_eq!(generalise_date_to_year("1949").as_deref(), Some("1949"));
+        assert_eq!(generalise_date_to_year("49-1"), None);
+    }
+
+    #[test]
+    fn hmac_sm3_matches_openssl() {
+        // openssl dgst -sm3 -hmac 0123456789abcdef <<< -n abc (also Python hmac with 'sm3').
+        let mac = hmac_sm3(b"0123456789abcdef", b"abc");
+        assert_eq!(
+            hex(&mac),
+            "7f121eb91c94ccf54bf5d4e639f4e96eaa77bb2f0f52f875fc7c17ca0688278c"
+        );
+    }
+
+    #[test]
+    fn pseudonyms_are_stable_per_requester_and_keyed() {
+        let a = Pseudonymiser::new(&key(), InstitutionId::new("r1"));
+        let b = Pseudonymiser::new(&key(), InstitutionId::new("r2"));
+        let other_key = Pseudonymiser::new(
+            &PseudonymKey::new(vec![7u8; 32]).unwrap(),
+            InstitutionId::new("r1"),
+        );
+        let p = a.pseudonym("urn:oid:2.16.156.10011.1.1", "11010519491231002X");
+        assert_eq!(
+            p,
+            a.pseudonym("urn:oid:2.16.156.10011.1.1", "11010519491231002X")
+        );
+        assert_eq!(p.len(), 64);
+        assert_ne!(
+            p,
+            b.pseudonym("urn:oid:2.16.156.10011.1.1", "11010519491231002X")
+        );
+        assert_ne!(
+            p,
+            other_key.pseudonym("urn:oid:2.16.156.10011.1.1", "11010519491231002X")
+        );
+        assert_ne!(a.pseudonym("ab", "c"), a.pseudonym("a", "bc"));
+        assert!(!format!("{:?}", key()).contains("0123"));
+        assert_eq!(
+            PseudonymKey::new(vec![1u8; 3]).unwrap_err(),
+            MaskError::KeyTooShort { min: 16, len: 3 }
+        );
+    }
+
+    fn patient() -> Value {
+        json!({
+            "resourceType": "Patient",
+            "id": "p1",
+            "text": {"status": "generated", "div": "<div>张三丰 13812345678</div>"},
+            "extension": [{"url": "http://example.org/alias", "valueString": "张三丰"}],
+            "identifier": [{"system": "urn:oid:2.16.156.10011.1.1", "value": "11010519491231002X"}],
+            "name": [{"use": "official", "text": "张三丰", "family": "张", "given": ["三丰"]},
+                     {"text": "Zhang Sanfeng", "family": "Zhang", "given": ["Sanfeng"]}],
+            "telecom": [{"system": "phone", "value": "13812345678"},
+                        {"system": "email", "value": "zhangsan@example.com"}],
+            "address": [{"text": "北京市海淀区中关村大街27号", "line": ["中关村大街27号"],
+                         "city": "北京市", "district": "海淀区", "state": "北京市", "postalCode": "100080"}],
+            "birthDate": "1949-12-31",
+            "contained": [{"resourceType": "Patient", "id": "c",
+                           "identifier": [{"value": "440524188001010014"}],
+                           "name": [{"family": "李", "given": ["四"]}]}]
+        })
+    }
+
+    fn full_mask() -> Vec<FieldRule> {
+        ["name", "identifier", "telecom", "address"]
+            .iter()
+            .zip([
+                Technique::Name,
+                Technique::Identifier,
+                Technique::Telecom,
+                Technique::Address,
+            ])
+            .map(|(f, t)| FieldRule::new(format!("Patient.{f}"), t))
+            .chain([FieldRule::new("Patient.birthDate", Technique::DateToYear)])
+            .collect()
+    }
+
+    #[test]
+    fn masks_a_patient_field_by_field() {
+        let mut p = patient();
+        apply_rules(&mut p, &full_mask(), None).unwrap();
+        assert_eq!(p["name"][0]["text"], "张**");
+        assert_eq!(p["name"][0]["family"], "张");
+        assert_eq!(p["name"][0]["given"][0], "**");
+        assert_eq!(p["name"][1]["text"], "Z**** *******");
+        assert_eq!(p["identifier"][0]["value"], "110105********002X");
+        assert_eq!(p["telecom"][0]["value"], "138****5678");
+        assert_eq!(p["telecom"][1]["value"], "z****@example.com");
+        assert_eq!(p["address"][0]["text"], "北京市海淀区******");
+        assert_eq!(p["address"][0]["district"], "海淀区");
+        assert!(p["address"][0].get("line").is_none());
+        assert!(p["address"][0].get("postalCode").is_none());
+        assert_eq!(p["birthDate"], "1949");
+        assert!(p.get("text").is_none(), "narrative dropped");
+        assert_eq!(p["extension"][0]["valueString"], "张**", "swept");
+        assert_eq!(
+            p["contained"][0]["identifier"][0]["value"],
+            "440524********0014"
+        );
+        assert_eq!(p["contained"][0]["name"][0]["given"][0], "*");
+        let s = p.to_string();
+        for secret in [
+            "三丰",
+            "11010519491231002X",
+            "13812345678",
+            "zhangsan",
+            "中关村",
+            "100080",
+            "1949-12-31",
+            "Sanfeng",
+        ] {
+            assert!(!s.contains(secret), "{secret} leaked in {s}");
+        }
+    }
+
+    #[test]
+    fn masks_inside_bundle_entries_and_nested_paths() {
+        let mut bundle = json!({"resourceType": "Bundle", "entry": [
+            {"resource": {"resourceType": "Patient", "contact": [{"name": {"text": "王五"},
+                "telecom": [{"system": "phone", "value": "13900001111"}]}]}},
+            {"resource": {"resourceType": "Observation", "note": [{"text": "call 13900001111"}]}}
+        ]});
+        let rules = vec![
+            FieldRule::new("Patient.contact.name", Technique::Name),
+            FieldRule::new("Patient.contact.telecom", Technique::Telecom),
+        ];
+        apply_rules(&mut bundle, &rules, None).unwrap();
+        let s = bundle.to_string();
+        assert!(!s.contains("王五") && !s.contains("13900001111"), "{s}");
+        assert_eq!(
+            bundle["entry"][0]["resource"]["contact"][0]["name"]["text"],
+            "王*"
+        );
+        assert_eq!(
+            bundle["entry"][1]["resource"]["note"][0]["text"],
+            "call 139****1111"
+        );
+    }
+
+    #[test]
+    fn pseudonymises_ids_identifiers_and_references() {
+        let key = key();
+        let ps = Pseudonymiser::new(&key, InstitutionId::new("research-1"));
+        let mut bundle = json!({"resourceType": "Bundle", "entry": [
+            {"fullUrl": "urn:x:Patient/p-0001", "resource": patient()},
+            {"resource": {"resourceType": "Observation", "subject": {"reference": "Patient/p1"}}}
+        ]});
+        let rules = vec![
+            FieldRule::new("Patient.id", Technique::Pseudonymise),
+            FieldRule::new("Patient.identifier", Technique::Pseudonymise),
+            FieldRule::new("Patient.name", Technique::Suppress),
+            FieldRule::new("Patient.telecom", Technique::Suppress),
+        ];
+        apply_rules(&mut bundle, &rules, Some(&ps)).unwrap();
+        let patient = &bundle["entry"][0]["resource"];
+        let pseudo = ps.pseudonym("Patient", "p1");
+        assert_eq!(patient["id"], pseudo.as_str());
+        assert_eq!(patient["identifier"][0]["system"], PSEUDONYM_SYSTEM);
+        assert_eq!(
+            patient["identifier"][0]["value"],
+            ps.pseudonym("urn:oid:2.16.156.10011.1.1", "11010519491231002X")
+                .as_str()
+        );
+        assert!(patient.get("name").is_none());
+        assert_eq!(
+            bundle["entry"][1]["resource"]["subject"]["reference"],
+            format!("Patient/{pseudo}").as_str()
+        );
+        let s = bundle.to_string();
+        assert!(
+            !s.contains("11010519491231002X") && !s.contains("三丰") && !s.contains("13812345678"),
+            "{s}"
+        );
+        assert_eq!(
+            apply_rules(&mut patient.clone(), &rules, None).unwrap_err(),
+            MaskError::MissingPseudonymiser
+        );
+    }
+
+    #[test]
+    fn unexpected_shapes_are_removed_not_passed_through() {
+        let mut p = json!({"resourceType": "Patient", "birthDate": {"odd": "1949-12-31"}, "name": [42, {"text": "张三"}]});
+        let rules = vec![
+            FieldRule::new("Patient.birthDate", Technique::DateToYear),
+            FieldRule::new("Patient.name", Technique::Name),
+        ];
+        apply_rules(&mut p, &rules, None).unwrap();
+        assert!(p.get("birthDate").is_none());
+        assert_eq!(p["name"], json!([{"text": "张*"}]));
+    }
+
+    #[test]
+    fn rule_paths_are_validated() {
+        assert!(
+            FieldRule::new("Patient.name", Technique::Name)
+                .validate()
+                .is_ok()
+        );
+        assert!(
+            FieldRule::new("Patient.contact.name", Technique::Name)
+                .validate()
+                .is_ok()
+        );
+        for bad in [
+            "Patient",
+            "patient.name",
+            "Patient..name",
+            "Patient.name[0]",
+            "",
+        ] {
+            assert!(
+                FieldRule::new(bad, Technique::Name).validate().is_err(),
+                "{bad}"
+            );
+        }
     }
 }

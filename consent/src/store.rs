@@ -190,3 +190,110 @@ impl AgreementStore {
             .map_or(NO_AGREEMENTS, Vec::as_slice)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::model::{Period, ProvisionType, Scope};
+
+    fn consent(id: &str, patient: &str) -> Consent {
+        Consent {
+            id: ConsentId::new(id),
+            patient: PatientId::new(patient),
+            status: ConsentStatus::Active,
+            provision: ProvisionType::Permit,
+            scope: Scope::default(),
+            period: Period::ALWAYS,
+        }
+    }
+
+    #[test]
+    fn versions_are_monotonic_and_per_patient() {
+        let mut store = ConsentStore::new();
+        let (p1, p2) = (PatientId::new("p1"), PatientId::new("p2"));
+        assert_eq!(store.read(&p1), (0, &[][..]));
+        assert_eq!(store.upsert(consent("c1", "p1")), 1);
+        assert_eq!(store.upsert(consent("c2", "p2")), 2);
+        assert_eq!(store.patient_version(&p1), 1);
+        assert_eq!(store.patient_version(&p2), 2);
+        // Replace keeps one copy.
+        let mut replaced = consent("c1", "p1");
+        replaced.provision = ProvisionType::Deny;
+        assert_eq!(store.upsert(replaced), 3);
+        assert_eq!(store.consents_for(&p1).len(), 1);
+        assert_eq!(store.consents_for(&p1)[0].provision, ProvisionType::Deny);
+        // Revoke keeps the consent for audit.
+        assert_eq!(store.revoke(&ConsentId::new("c1")).unwrap(), 4);
+        assert_eq!(
+            store.get(&ConsentId::new("c1")).unwrap().status,
+            ConsentStatus::Revoked
+        );
+        assert_eq!(store.patient_version(&p1), 4);
+        assert_eq!(store.patient_version(&p2), 2, "other patients untouched");
+        assert_eq!(store.len(), 2);
+        assert_eq!(
+            store.revoke(&ConsentId::new("nope")).unwrap_err(),
+            StoreError::UnknownConsent(ConsentId::new("nope"))
+        );
+    }
+
+    #[test]
+    fn moving_a_consent_bumps_both_patients() {
+        let mut store = ConsentStore::new();
+        store.upsert(consent("c1", "p1"));
+        let v = store.upsert(consent("c1", "p2"));
+        assert!(store.consents_for(&PatientId::new("p1")).is_empty());
+        assert_eq!(store.consents_for(&PatientId::new("p2")).len(), 1);
+        assert_eq!(store.patient_version(&PatientId::new("p1")), v);
+        assert_eq!(store.patient_version(&PatientId::new("p2")), v);
+        assert_eq!(store.remove(&ConsentId::new("c1")).unwrap(), v + 1);
+        assert!(store.is_empty());
+        assert_eq!(store.patient_version(&PatientId::new("p2")), v + 1);
+    }
+
+    #[test]
+    fn conditional_upsert_detects_stale_reads() {
+        let mut store = ConsentStore::new();
+        let (v0, _) = store.read(&PatientId::new("p1"));
+        store.upsert_if(consent("c1", "p1"), v0).unwrap();
+        let err = store.upsert_if(consent("c2", "p1"), v0).unwrap_err();
+        assert_eq!(
+            err,
+            StoreError::VersionConflict {
+                expected: 0,
+                actual: 1
+            }
+        );
+    }
+
+    #[test]
+    fn agreements_by_pair() {
+        use crate::codes::Purpose;
+        use crate::ids::AgreementId;
+        use crate::model::{Agreement, AgreementStatus};
+        let mut store = AgreementStore::new();
+        let a = Agreement {
+            id: AgreementId::new("a1"),
+            custodian: InstitutionId::new("h1"),
+            recipient: InstitutionId::new("h2"),
+            purposes: [Purpose::Treatment].into(),
+            classes: Vec::new(),
+            period: Period::ALWAYS,
+            status: AgreementStatus::Active,
+        };
+        store.upsert(a.clone());
+        store.upsert(a);
+        assert_eq!(
+            store
+                .between(&InstitutionId::new("h1"), &InstitutionId::new("h2"))
+                .len(),
+            1
+        );
+        assert!(
+            store
+                .between(&InstitutionId::new("h2"), &InstitutionId::new("h1"))
+                .is_empty()
+        );
+    }
+}
