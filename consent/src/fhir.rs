@@ -581,7 +581,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_offending_path() {
-        let cases: Vec<(&str, Box<dyn FnOnce(&mut Value)>)> = vec![
+        type Edit = Box<dyn FnOnce(&mut Value)>;
+        let cases: Vec<(&str, Edit)> = vec![
             (
                 "Consent.provision.period.end",
                 Box::new(|v| v["provision"]["period"]["end"] = json!("2025-13-01")),
