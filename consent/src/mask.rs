@@ -741,10 +741,20 @@ fn sweep_value(value: &mut Value, replaced: &[(String, String)]) {
             }
         }
         Value::Array(items) => items.iter_mut().for_each(|v| sweep_value(v, replaced)),
-        Value::Object(map) => map.values_mut().for_each(|v| sweep_value(v, replaced)),
+        Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                if !STRUCTURAL_KEYS.contains(&key.as_str()) {
+                    sweep_value(v, replaced);
+                }
+            }
+        }
         _ => {}
     }
 }
+
+/// Keys whose values are structure or codes, never personal data: the sweep leaves them
+/// alone so that a patient called "Pati" cannot corrupt `"resourceType": "Patient"`.
+const STRUCTURAL_KEYS: [&str; 6] = ["resourceType", "url", "system", "use", "status", "code"];
 
 #[cfg(test)]
 mod tests {
