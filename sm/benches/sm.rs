@@ -7,8 +7,8 @@ use std::time::Duration;
 use chrono::Utc;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use yiqiao_sm::{
-    DEFAULT_SIGNER_ID, Envelope, RecipientKey, RequestBinding, SenderKeys, Sm2PrivateKey,
-    sm3_hash, sm4_gcm_open, sm4_gcm_seal,
+    DEFAULT_SIGNER_ID, Envelope, RecipientKey, RequestBinding, SenderKeys, Sm2PrivateKey, sm3_hash,
+    sm4_gcm_open, sm4_gcm_seal,
 };
 
 fn sm4_gcm(c: &mut Criterion) {
@@ -48,7 +48,11 @@ fn sm2(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.bench_function("sign", |b| b.iter(|| signer.sign(black_box(&msg)).unwrap()));
     g.bench_function("verify", |b| {
-        b.iter(|| public.verify(black_box(&msg), &sig, DEFAULT_SIGNER_ID).unwrap())
+        b.iter(|| {
+            public
+                .verify(black_box(&msg), &sig, DEFAULT_SIGNER_ID)
+                .unwrap()
+        })
     });
     g.finish();
 }
@@ -64,8 +68,15 @@ fn envelope(c: &mut Criterion) {
     let binding = RequestBinding::new("GET", "/fhir/Patient?_id=1", "H330100", "req-1").unwrap();
     let payload = vec![0x33u8; 16 * 1024];
     let now = Utc::now();
-    let env = Envelope::seal(&payload, "application/fhir+json", &sender, &recipient, &binding, now)
-        .unwrap();
+    let env = Envelope::seal(
+        &payload,
+        "application/fhir+json",
+        &sender,
+        &recipient,
+        &binding,
+        now,
+    )
+    .unwrap();
     let sender_pub = sender_key.public_key();
     let mut g = c.benchmark_group("envelope_16KiB");
     g.throughput(Throughput::Elements(1));
@@ -84,8 +95,14 @@ fn envelope(c: &mut Criterion) {
     });
     g.bench_function("open", |b| {
         b.iter(|| {
-            env.open(&recipient_key, &sender_pub, &binding, now, Duration::from_secs(300))
-                .unwrap()
+            env.open(
+                &recipient_key,
+                &sender_pub,
+                &binding,
+                now,
+                Duration::from_secs(300),
+            )
+            .unwrap()
         })
     });
     g.finish();
