@@ -30,13 +30,21 @@ fn load() -> (ConsentStore, AgreementStore) {
     for n in 0..CONSENTS {
         let p = n % PATIENTS;
         let mut scope = Scope::default();
-        let provision = if n % 7 == 0 { ProvisionType::Deny } else { ProvisionType::Permit };
-        scope.actors.push(InstitutionId::new(format!("h{}", n % 20)));
+        let provision = if n % 7 == 0 {
+            ProvisionType::Deny
+        } else {
+            ProvisionType::Permit
+        };
+        scope
+            .actors
+            .push(InstitutionId::new(format!("h{}", n % 20)));
         if n % 3 == 0 {
             scope.purposes.insert(Purpose::Research);
         }
         if n % 5 == 0 {
-            scope.labels.push(SecurityLabel::Sensitivity(Sensitivity::Psy));
+            scope
+                .labels
+                .push(SecurityLabel::Sensitivity(Sensitivity::Psy));
         }
         if n % 11 == 0 {
             scope.classes.push(DataClass::resource_type("Condition"));
@@ -46,7 +54,11 @@ fn load() -> (ConsentStore, AgreementStore) {
         store.upsert(Consent {
             id: ConsentId::new(format!("c{n:08}")),
             patient: patient_id(p),
-            status: if n % 13 == 0 { ConsentStatus::Revoked } else { ConsentStatus::Active },
+            status: if n % 13 == 0 {
+                ConsentStatus::Revoked
+            } else {
+                ConsentStatus::Active
+            },
             provision,
             scope,
             period: Period::between(start, end),
@@ -80,7 +92,10 @@ impl Workload {
         let mut requesters: Vec<Requester> = (1..20)
             .map(|h| Requester::institution(format!("h{h}").as_str(), InstitutionKind::Hospital))
             .collect();
-        requesters.push(Requester::institution("h7", InstitutionKind::InternetHospital));
+        requesters.push(Requester::institution(
+            "h7",
+            InstitutionKind::InternetHospital,
+        ));
         Self {
             requesters,
             data: vec![
@@ -100,7 +115,12 @@ impl Workload {
 
     /// The i-th request of a deterministic mix (patients spread over the whole store).
     fn request(&self, i: usize) -> AccessRequest<'_> {
-        let purposes = [Purpose::Treatment, Purpose::Research, Purpose::Treatment, Purpose::Payment];
+        let purposes = [
+            Purpose::Treatment,
+            Purpose::Research,
+            Purpose::Treatment,
+            Purpose::Payment,
+        ];
         AccessRequest {
             requester: &self.requesters[i % self.requesters.len()],
             purpose: purposes[(i / 3) % purposes.len()],
@@ -116,7 +136,9 @@ impl Workload {
 
 fn engine() -> PolicyEngine {
     let mut config = PolicyConfig::default();
-    config.agreement_required_for.insert(InstitutionKind::Hospital);
+    config
+        .agreement_required_for
+        .insert(InstitutionKind::Hospital);
     PolicyEngine::new(config).unwrap()
 }
 
@@ -168,7 +190,10 @@ fn p99_report() {
         let t = Instant::now();
         timer.push(black_box(t.elapsed()).as_nanos() as u64);
     }
-    println!("decisions: {permits} permits / {} denies", SAMPLES - permits);
+    println!(
+        "decisions: {permits} permits / {} denies",
+        SAMPLES - permits
+    );
     percentiles("decide (store lookup + decision)", decide);
     percentiles("baseline: consents_for lookup", lookup);
     percentiles("timer overhead (Instant pair)", timer);
@@ -249,7 +274,9 @@ fn benches(c: &mut Criterion) {
             black_box(p)
         })
     });
-    g.bench_function("baseline_clone_patient", |b| b.iter(|| black_box(patient.clone())));
+    g.bench_function("baseline_clone_patient", |b| {
+        b.iter(|| black_box(patient.clone()))
+    });
     g.bench_function("baseline_serialize_patient_json", |b| {
         b.iter(|| black_box(serde_json::to_string(&patient).unwrap()))
     });
