@@ -3,4 +3,8 @@
 //!
 //! This crate knows nothing of HTTP.
 
+pub mod directory;
 pub mod empi;
+pub mod store;
+
+pub use store::{Backend, Store, StoreError, StoreOptions};

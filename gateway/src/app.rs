@@ -1,0 +1,171 @@
+//! Building and running the HTTP server. Settings are passed in, never global, so tests start
+//! real servers on port 0 with their own database.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::{App, HttpRequest, middleware, web};
+
+use crate::config::Settings;
+use crate::error::{ApiError, ErrorCode};
+use crate::metrics::Metrics;
+use crate::routes::{directory, docs, institutions, metadata, ops};
+use crate::state::AppState;
+
+/// All routes in one table. Each resource answers unknown methods with 405 + OperationOutcome.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg
+        // Operations (no authentication).
+        .service(resource("/healthz").route(web::get().to(ops::healthz)))
+        .service(resource("/readyz").route(web::get().to(ops::readyz)))
+        .service(resource("/metrics").route(web::get().to(ops::metrics)))
+        .service(resource("/metadata").route(web::get().to(metadata::metadata)))
+        .service(resource("/fhir/metadata").route(web::get().to(metadata::metadata)))
+        .service(resource("/openapi.json").route(web::get().to(docs::openapi)))
+        .service(resource("/docs").route(web::get().to(docs::page)))
+        .service(resource("/docs/redoc.standalone.js").route(web::get().to(docs::redoc_js)))
+        // Directory administration (admin credential).
+        .service(
+            resource("/admin/institutions")
+                .route(web::get().to(institutions::list))
+                .route(web::post().to(institutions::create)),
+        )
+        .service(
+            resource("/admin/institutions/{id}")
+                .route(web::get().to(institutions::read))
+                .route(web::put().to(institutions::update)),
+        )
+        .service(
+            resource("/admin/institutions/{id}/suspend")
+                .route(web::post().to(institutions::suspend)),
+        )
+        .service(
+            resource("/admin/institutions/{id}/activate")
+                .route(web::post().to(institutions::activate)),
+        )
+        // FHIR directory views.
+        .service(
+            resource("/fhir/Organization").route(web::get().to(directory::search_organizations)),
+        )
+        .service(
+            resource("/fhir/Organization/{id}").route(web::get().to(directory::read_organization)),
+        )
+        .service(resource("/fhir/Endpoint").route(web::get().to(directory::search_endpoints)))
+        .service(resource("/fhir/Endpoint/{id}").route(web::get().to(directory::read_endpoint)));
+}
+
+fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(method_not_allowed))
+}
+
+async fn method_not_allowed(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        format!("{} is not supported on {}", req.method(), req.path()),
+    ))
+}
+
+async fn unknown_route(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::new(
+        ErrorCode::UnknownRoute,
+        format!("no endpoint at {}", req.path()),
+    ))
+}
+
+/// A built server, bound and ready to run.
+pub struct Application {
+    port: u16,
+    server: Server,
+    state: AppState,
+}
+
+impl Application {
+    /// Open the store (migrating when configured), bind the listener and build the server.
+    pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        let listener = TcpListener::bind(settings.listen)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.listen))?;
+        Self::build_with_listener(settings, listener).await
+    }
+
+    pub async fn build_with_listener(
+        settings: Settings,
+        listener: TcpListener,
+    ) -> anyhow::Result<Application> {
+        let port = listener.local_addr()?.port();
+        let store = yiqiao_registry::Store::open(&settings.store_options())?;
+        if settings.database.migrate_on_start {
+            let migrating = store.clone();
+            let applied = tokio::task::spawn_blocking(move || migrating.migrate()).await??;
+            if !applied.is_empty() {
+                tracing::info!(count = applied.len(), "applied database migrations");
+            }
+        }
+        let redis = match settings.redis.url.expose() {
+            "" => None,
+            url => Some(redis::Client::open(url).map_err(|e| anyhow::anyhow!("redis.url: {e}"))?),
+        };
+        let mut settings = settings;
+        if settings.public_url.is_empty() {
+            settings.listen = listener.local_addr()?;
+        }
+        let state = AppState {
+            base_url: settings.public_base_url().into(),
+            settings: Arc::new(settings),
+            store,
+            redis,
+            metrics: Metrics::new()?,
+        };
+        let http = state.settings.http.clone();
+        let data = web::Data::new(state.clone());
+        let mut server = actix_web::HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .app_data(web::PayloadConfig::new(http.max_body_bytes))
+                .app_data(web::QueryConfig::default().error_handler(|err, _| {
+                    ApiError::new(ErrorCode::InvalidParameter, format!("query string: {err}"))
+                        .into()
+                }))
+                .app_data(web::PathConfig::default().error_handler(|err, _| {
+                    ApiError::new(ErrorCode::InvalidParameter, format!("path: {err}")).into()
+                }))
+                .wrap(middleware::from_fn(crate::middleware::observe))
+                .configure(routes)
+                .default_service(web::to(unknown_route))
+        })
+        .keep_alive(Duration::from_secs(http.keep_alive_secs))
+        .shutdown_timeout(http.shutdown_timeout_secs)
+        .listen(listener)?;
+        if http.workers > 0 {
+            server = server.workers(http.workers);
+        }
+        Ok(Application {
+            port,
+            server: server.run(),
+            state,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serve until SIGINT/SIGTERM; in-flight requests get `http.shutdown_timeout_secs` to finish.
+    pub async fn run(self) -> std::io::Result<()> {
+        self.server.await
+    }
+
+    /// Handle to stop the server (tests, embedded use).
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+
+    pub fn into_server(self) -> Server {
+        self.server
+    }
+}

@@ -1,0 +1,430 @@
+//! The command line: the contract scripts build on.
+//!
+//! Exit codes (stable):
+//! - 0 success
+//! - 1 runtime failure (e.g. the server stopped with an error)
+//! - 2 usage error (unknown command or flag; printed by clap)
+//! - 3 configuration error (unknown key, bad value, missing file)
+//! - 4 database unavailable or migration failed
+//! - 5 not found
+//! - 6 rejected input (validation failed, duplicate, version conflict)
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use yiqiao_registry::Store;
+use yiqiao_registry::directory::{
+    self, DirectoryError, InstitutionFilter, InstitutionKind, InstitutionSpec, InstitutionStatus,
+    Sm2Key,
+};
+
+use crate::config::Settings;
+
+pub const EXIT_RUNTIME: u8 = 1;
+pub const EXIT_CONFIG: u8 = 3;
+pub const EXIT_DATABASE: u8 = 4;
+pub const EXIT_NOT_FOUND: u8 = 5;
+pub const EXIT_REJECTED: u8 = 6;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "yiqiao",
+    version,
+    about = "Yiqiao (医桥) regional health information exchange gateway",
+    long_about = "Yiqiao links a region's hospitals: institution directory, master patient index, consent, \
+federated queries and a tamper-evident audit trail.\n\nExit codes: 0 ok, 1 runtime failure, 2 usage, \
+3 configuration, 4 database, 5 not found, 6 rejected input."
+)]
+pub struct Cli {
+    /// TOML configuration file (defaults < file < YIQIAO_* environment).
+    #[arg(long, global = true, env = "YIQIAO_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway's HTTP server.
+    Serve {
+        /// Listen address (overrides `listen` and YIQIAO_LISTEN).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+    },
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Manage the institution directory.
+    #[command(subcommand)]
+    Institution(Box<InstitutionCommand>),
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the effective configuration as TOML, secrets masked.
+    Show,
+    /// Check the configuration (and, with --connect, that the database answers).
+    Check {
+        #[arg(long)]
+        connect: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InstitutionCommand {
+    /// Register an institution.
+    Add(Box<AddInstitution>),
+    /// List institutions.
+    List {
+        #[arg(long, value_parser = ["active", "suspended"])]
+        status: Option<String>,
+        #[arg(long, value_parser = ["hospital", "internet_hospital", "public_health", "regional_platform"])]
+        kind: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
+    /// Show one institution.
+    Show {
+        id: String,
+        #[arg(long, value_enum, default_value = "json")]
+        format: OutputFormat,
+    },
+    /// Suspend an institution (no tokens, not queried).
+    Suspend { id: String },
+    /// Reactivate a suspended institution.
+    Activate { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct AddInstitution {
+    /// Read the whole registration from a JSON file (same shape as POST /admin/institutions).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["id", "name"])]
+    pub from_json: Option<PathBuf>,
+    #[arg(long, required_unless_present = "from_json")]
+    pub id: Option<String>,
+    #[arg(long, required_unless_present = "from_json")]
+    pub name: Option<String>,
+    /// Unified social credit code (GB 32100).
+    #[arg(long, required_unless_present = "from_json")]
+    pub uscc: Option<String>,
+    /// 6-digit administrative division code.
+    #[arg(long, required_unless_present = "from_json")]
+    pub region_code: Option<String>,
+    #[arg(long, default_value = "unrated")]
+    pub level: String,
+    #[arg(long, default_value = "hospital")]
+    pub kind: String,
+    #[arg(long)]
+    pub endpoint_url: Option<String>,
+    /// Identifier system of the institution's patient record numbers.
+    #[arg(long, required_unless_present = "from_json")]
+    pub patient_id_system: Option<String>,
+    /// Allowed SMART scope (repeatable).
+    #[arg(long = "scope")]
+    pub scopes: Vec<String>,
+    /// SM2 public key as KID=PEMFILE (repeatable).
+    #[arg(long = "sm2-key", value_name = "KID=PEMFILE")]
+    pub sm2_keys: Vec<String>,
+    /// JWKS file with RS/ES public keys.
+    #[arg(long, value_name = "FILE")]
+    pub jwks: Option<PathBuf>,
+    #[arg(long)]
+    pub require_sm_envelope: bool,
+}
+
+/// A failure with the exit code it maps to.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    fn new(code: u8, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<DirectoryError> for Failure {
+    fn from(err: DirectoryError) -> Failure {
+        match &err {
+            DirectoryError::NotFound(_) => Failure::new(EXIT_NOT_FOUND, err.to_string()),
+            DirectoryError::Invalid(_)
+            | DirectoryError::Duplicate { .. }
+            | DirectoryError::VersionMismatch { .. } => {
+                Failure::new(EXIT_REJECTED, err.to_string())
+            }
+            DirectoryError::Store(_) => Failure::new(EXIT_DATABASE, err.to_string()),
+        }
+    }
+}
+
+impl From<yiqiao_registry::StoreError> for Failure {
+    fn from(err: yiqiao_registry::StoreError) -> Failure {
+        Failure::new(EXIT_DATABASE, err.to_string())
+    }
+}
+
+/// Parse arguments and run; returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("yiqiao: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn load_settings(cli: &Cli) -> Result<Settings, Failure> {
+    Settings::load(cli.config.as_deref()).map_err(|e| Failure::new(EXIT_CONFIG, e.to_string()))
+}
+
+fn open_store(settings: &Settings) -> Result<Store, Failure> {
+    let store = Store::open(&settings.store_options())?;
+    store
+        .migrate()
+        .map_err(|e| Failure::new(EXIT_DATABASE, e.to_string()))?;
+    Ok(store)
+}
+
+pub fn run(cli: Cli) -> Result<(), Failure> {
+    let mut settings = load_settings(&cli)?;
+    match cli.command {
+        Command::Serve { listen } => {
+            if let Some(addr) = listen {
+                settings.listen = addr;
+            }
+            serve(settings)
+        }
+        Command::Migrate => {
+            let store = Store::open(&settings.store_options())?;
+            let applied = store
+                .migrate()
+                .map_err(|e| Failure::new(EXIT_DATABASE, e.to_string()))?;
+            if applied.is_empty() {
+                println!("database is up to date ({})", store.backend().name());
+            } else {
+                for version in &applied {
+                    println!("applied {version}");
+                }
+                println!(
+                    "{} migration(s) applied ({})",
+                    applied.len(),
+                    store.backend().name()
+                );
+            }
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Show) => {
+            let text = settings
+                .to_redacted_toml()
+                .map_err(|e| Failure::new(EXIT_CONFIG, e.to_string()))?;
+            print!("{text}");
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Check { connect }) => {
+            if connect {
+                let store = Store::open(&settings.store_options())?;
+                store.ping(std::time::Duration::from_millis(
+                    settings.database.acquire_timeout_ms,
+                ))?;
+                println!(
+                    "configuration OK; {} database answers",
+                    store.backend().name()
+                );
+            } else {
+                println!("configuration OK");
+            }
+            Ok(())
+        }
+        Command::Institution(cmd) => institution(&settings, *cmd),
+    }
+}
+
+fn serve(settings: Settings) -> Result<(), Failure> {
+    crate::telemetry::init(&settings.log);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(EXIT_RUNTIME, e.to_string()))?;
+    runtime.block_on(async move {
+        let listen = settings.listen;
+        let app = crate::app::Application::build(settings).await.map_err(|e| {
+            let text = format!("{e:#}");
+            let code = if text.contains("migration") || text.contains("database") { EXIT_DATABASE } else { EXIT_RUNTIME };
+            Failure::new(code, text)
+        })?;
+        tracing::info!(%listen, port = app.port(), backend = app.state().store.backend().name(), "serving");
+        app.run().await.map_err(|e| Failure::new(EXIT_RUNTIME, e.to_string()))
+    })
+}
+
+fn institution(settings: &Settings, cmd: InstitutionCommand) -> Result<(), Failure> {
+    let store = open_store(settings)?;
+    let mut conn = store.conn()?;
+    match cmd {
+        InstitutionCommand::Add(add) => {
+            let spec = spec_from_args(*add)?;
+            let valid = directory::validate(&spec).map_err(DirectoryError::from)?;
+            let inst = directory::create(&mut conn, &valid)?;
+            println!(
+                "registered {} ({}), version {}",
+                inst.id, inst.name, inst.version
+            );
+            Ok(())
+        }
+        InstitutionCommand::List {
+            status,
+            kind,
+            format,
+        } => {
+            let filter = InstitutionFilter {
+                status: status.map(|s| {
+                    if s == "active" {
+                        InstitutionStatus::Active
+                    } else {
+                        InstitutionStatus::Suspended
+                    }
+                }),
+                kind: kind.and_then(|k| InstitutionKind::parse(&k).ok()),
+                limit: 1000,
+                ..InstitutionFilter::default()
+            };
+            let list = directory::list(&mut conn, &filter)?;
+            let mut out = std::io::stdout().lock();
+            match format {
+                OutputFormat::Json => {
+                    let text = serde_json::to_string_pretty(&list)
+                        .map_err(|e| Failure::new(EXIT_RUNTIME, e.to_string()))?;
+                    let _ = writeln!(out, "{text}");
+                }
+                OutputFormat::Table => {
+                    let _ = writeln!(
+                        out,
+                        "{:<24} {:<10} {:<18} {:<6} {:<18} NAME",
+                        "ID", "STATUS", "KIND", "LEVEL", "USCC"
+                    );
+                    for i in &list {
+                        let _ = writeln!(
+                            out,
+                            "{:<24} {:<10} {:<18} {:<6} {:<18} {}",
+                            i.id,
+                            i.status.as_str(),
+                            i.kind.as_str(),
+                            i.level,
+                            i.uscc,
+                            i.name
+                        );
+                    }
+                    let _ = writeln!(out, "{} institution(s)", list.len());
+                }
+            }
+            Ok(())
+        }
+        InstitutionCommand::Show { id, format } => {
+            let inst = directory::get(&mut conn, &id)?;
+            match format {
+                OutputFormat::Json => {
+                    let text = serde_json::to_string_pretty(&inst)
+                        .map_err(|e| Failure::new(EXIT_RUNTIME, e.to_string()))?;
+                    println!("{text}");
+                }
+                OutputFormat::Table => {
+                    println!("id:                {}", inst.id);
+                    println!("name:              {}", inst.name);
+                    println!("status:            {}", inst.status.as_str());
+                    println!("kind / level:      {} / {}", inst.kind.as_str(), inst.level);
+                    println!("uscc:              {}", inst.uscc);
+                    println!("region:            {}", inst.region_code);
+                    println!(
+                        "endpoint:          {}",
+                        inst.endpoint_url.as_deref().unwrap_or("-")
+                    );
+                    println!("patient id system: {}", inst.patient_id_system);
+                    println!("scopes:            {}", inst.allowed_scopes.join(" "));
+                    println!("version:           {}", inst.version);
+                }
+            }
+            Ok(())
+        }
+        InstitutionCommand::Suspend { id } => {
+            let inst = directory::set_status(&mut conn, &id, InstitutionStatus::Suspended, None)?;
+            println!("{} is suspended (version {})", inst.id, inst.version);
+            Ok(())
+        }
+        InstitutionCommand::Activate { id } => {
+            let inst = directory::set_status(&mut conn, &id, InstitutionStatus::Active, None)?;
+            println!("{} is active (version {})", inst.id, inst.version);
+            Ok(())
+        }
+    }
+}
+
+fn read_file(path: &PathBuf) -> Result<String, Failure> {
+    std::fs::read_to_string(path).map_err(|e| {
+        Failure::new(
+            EXIT_REJECTED,
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })
+}
+
+fn spec_from_args(add: AddInstitution) -> Result<InstitutionSpec, Failure> {
+    if let Some(path) = &add.from_json {
+        let text = read_file(path)?;
+        let input: crate::routes::institutions::InstitutionInput =
+            crate::extract::parse_json(text.as_bytes()).map_err(|e| {
+                Failure::new(EXIT_REJECTED, format!("{}: {}", path.display(), e.message))
+            })?;
+        return Ok(input.into_spec());
+    }
+    let mut sm2_keys = Vec::new();
+    for entry in &add.sm2_keys {
+        let (kid, file) = entry.split_once('=').ok_or_else(|| {
+            Failure::new(
+                EXIT_REJECTED,
+                format!("--sm2-key {entry}: expected KID=PEMFILE"),
+            )
+        })?;
+        sm2_keys.push(Sm2Key {
+            kid: kid.to_string(),
+            pem: read_file(&PathBuf::from(file))?,
+        });
+    }
+    let jwks = match &add.jwks {
+        None => None,
+        Some(path) => Some(serde_json::from_str(&read_file(path)?).map_err(|e| {
+            Failure::new(EXIT_REJECTED, format!("{}: not JSON: {e}", path.display()))
+        })?),
+    };
+    Ok(InstitutionSpec {
+        id: add.id.unwrap_or_default(),
+        name: add.name.unwrap_or_default(),
+        uscc: add.uscc.unwrap_or_default(),
+        region_code: add.region_code.unwrap_or_default(),
+        level: add.level,
+        kind: add.kind,
+        endpoint_url: add.endpoint_url,
+        jwks,
+        sm2_keys,
+        patient_id_system: add.patient_id_system.unwrap_or_default(),
+        allowed_scopes: add.scopes,
+        require_sm_envelope: add.require_sm_envelope,
+    })
+}

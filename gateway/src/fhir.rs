@@ -1,0 +1,132 @@
+//! FHIR R4 representations the gateway emits (views over registry data) and shared FHIR helpers.
+
+use serde_json::{Value, json};
+use yiqiao_registry::directory::{Institution, InstitutionKind};
+
+pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+pub const FHIR_VERSION: &str = "4.0.1";
+
+/// Identifier system of the unified social credit code (统一社会信用代码, GB 32100).
+/// No national FHIR URI is mandated; this project-defined URI is documented in docs/fhir.md.
+pub const USCC_SYSTEM: &str = "https://yiqiao.health/fhir/sid/uscc";
+/// Identifier system of Yiqiao institution ids.
+pub const INSTITUTION_ID_SYSTEM: &str = "https://yiqiao.health/fhir/sid/institution";
+/// Code system of administrative division codes (GB/T 2260).
+pub const REGION_CODE_SYSTEM: &str = "https://yiqiao.health/fhir/sid/gbt2260";
+/// Code systems defined by Yiqiao.
+pub const INSTITUTION_KIND_SYSTEM: &str = "https://yiqiao.health/fhir/CodeSystem/institution-kind";
+pub const HOSPITAL_LEVEL_SYSTEM: &str = "https://yiqiao.health/fhir/CodeSystem/hospital-level";
+
+fn kind_display(kind: InstitutionKind) -> &'static str {
+    match kind {
+        InstitutionKind::Hospital => "Hospital (医院)",
+        InstitutionKind::InternetHospital => "Internet-hospital platform (互联网医院平台)",
+        InstitutionKind::PublicHealth => "Public-health body (公共卫生机构)",
+        InstitutionKind::RegionalPlatform => "Regional platform (区域平台)",
+    }
+}
+
+/// HL7 organization-type code for a kind.
+fn hl7_org_type(kind: InstitutionKind) -> (&'static str, &'static str) {
+    match kind {
+        InstitutionKind::Hospital => ("prov", "Healthcare Provider"),
+        InstitutionKind::InternetHospital => ("prov", "Healthcare Provider"),
+        InstitutionKind::PublicHealth => ("govt", "Government"),
+        InstitutionKind::RegionalPlatform => ("other", "Other"),
+    }
+}
+
+/// The directory entry as a FHIR `Organization`.
+pub fn organization(inst: &Institution) -> Value {
+    let (hl7_code, hl7_display) = hl7_org_type(inst.kind);
+    let mut org = json!({
+        "resourceType": "Organization",
+        "id": inst.id.as_str(),
+        "meta": {
+            "versionId": inst.version.to_string(),
+            "lastUpdated": format!("{}Z", inst.updated_at.format("%Y-%m-%dT%H:%M:%S%.3f")),
+        },
+        "identifier": [
+            { "use": "official", "system": USCC_SYSTEM, "value": inst.uscc },
+            { "use": "usual", "system": INSTITUTION_ID_SYSTEM, "value": inst.id.as_str() },
+        ],
+        "active": inst.is_active(),
+        "type": [{
+            "coding": [
+                { "system": "http://terminology.hl7.org/CodeSystem/organization-type", "code": hl7_code, "display": hl7_display },
+                { "system": INSTITUTION_KIND_SYSTEM, "code": inst.kind.as_str(), "display": kind_display(inst.kind) },
+                { "system": HOSPITAL_LEVEL_SYSTEM, "code": inst.level },
+            ]
+        }],
+        "name": inst.name,
+        "address": [{
+            "extension": [{
+                "url": "https://yiqiao.health/fhir/StructureDefinition/region-code",
+                "valueCoding": { "system": REGION_CODE_SYSTEM, "code": inst.region_code },
+            }],
+            "country": "CN",
+        }],
+    });
+    if inst.endpoint_url.is_some() {
+        org["endpoint"] = json!([{ "reference": format!("Endpoint/{}", inst.id) }]);
+    }
+    org
+}
+
+/// The institution's FHIR endpoint as a FHIR `Endpoint`, if it registered one.
+pub fn endpoint(inst: &Institution) -> Option<Value> {
+    let address = inst.endpoint_url.as_ref()?;
+    Some(json!({
+        "resourceType": "Endpoint",
+        "id": inst.id.as_str(),
+        "meta": { "versionId": inst.version.to_string() },
+        "status": if inst.is_active() { "active" } else { "suspended" },
+        "connectionType": {
+            "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
+            "code": "hl7-fhir-rest",
+        },
+        "name": format!("{} FHIR R4", inst.name),
+        "managingOrganization": { "reference": format!("Organization/{}", inst.id) },
+        "payloadType": [{ "coding": [{ "system": "http://hl7.org/fhir/resource-types", "code": "any" }] }],
+        "payloadMimeType": if inst.require_sm_envelope {
+            json!(["application/yiqiao-sm-envelope+json"])
+        } else {
+            json!(["application/fhir+json", "application/yiqiao-sm-envelope+json"])
+        },
+        "address": address,
+    }))
+}
+
+/// A searchset Bundle with a self link and optional next link.
+pub fn searchset(
+    base: &str,
+    self_url: &str,
+    next_url: Option<String>,
+    total: Option<i64>,
+    resources: Vec<Value>,
+) -> Value {
+    let mut links = vec![json!({ "relation": "self", "url": self_url })];
+    if let Some(next) = next_url {
+        links.push(json!({ "relation": "next", "url": next }));
+    }
+    let entries: Vec<Value> = resources
+        .into_iter()
+        .map(|r| {
+            let full_url = match (r["resourceType"].as_str(), r["id"].as_str()) {
+                (Some(t), Some(id)) => Value::String(format!("{base}/fhir/{t}/{id}")),
+                _ => Value::Null,
+            };
+            json!({ "fullUrl": full_url, "resource": r, "search": { "mode": "match" } })
+        })
+        .collect();
+    let mut bundle = json!({
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "link": links,
+        "entry": entries,
+    });
+    if let Some(total) = total {
+        bundle["total"] = json!(total);
+    }
+    bundle
+}

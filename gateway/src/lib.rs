@@ -1,0 +1,17 @@
+//! The Yiqiao gateway: HTTP (actix-web), authentication, federation and the command line.
+//! Only this crate knows HTTP; storage is `yiqiao_registry`, policy is `yiqiao_consent`.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod extract;
+pub mod fhir;
+pub mod metrics;
+pub mod middleware;
+pub mod routes;
+pub mod state;
+pub mod telemetry;
+
+pub use app::Application;
+pub use config::Settings;

@@ -1,0 +1,80 @@
+//! `/metadata`: the FHIR CapabilityStatement, built from [`IMPLEMENTED`] — the one list of what
+//! the gateway really serves. A test requests every interaction listed here.
+
+use actix_web::{HttpResponse, web};
+use serde_json::{Value, json};
+
+use crate::fhir;
+use crate::state::AppState;
+
+/// A FHIR resource type the gateway serves, with its interactions and search parameters.
+pub struct ResourceCapability {
+    pub resource: &'static str,
+    pub interactions: &'static [&'static str],
+    /// (name, FHIR search param type)
+    pub search_params: &'static [(&'static str, &'static str)],
+    pub documentation: &'static str,
+}
+
+pub const IMPLEMENTED: &[ResourceCapability] = &[
+    ResourceCapability {
+        resource: "Organization",
+        interactions: &["read", "search-type"],
+        search_params: &[
+            ("name", "string"),
+            ("identifier", "token"),
+            ("active", "token"),
+            ("type", "token"),
+        ],
+        documentation: "Member institutions of the region (WS/T 790.7 institution registry).",
+    },
+    ResourceCapability {
+        resource: "Endpoint",
+        interactions: &["read", "search-type"],
+        search_params: &[
+            ("organization", "reference"),
+            ("status", "token"),
+            ("name", "string"),
+        ],
+        documentation: "FHIR endpoints of member institutions.",
+    },
+];
+
+pub fn capability_statement(base_url: &str) -> Value {
+    let resources: Vec<Value> = IMPLEMENTED
+        .iter()
+        .map(|cap| {
+            let mut params: Vec<Value> = cap
+                .search_params
+                .iter()
+                .map(|(name, kind)| json!({ "name": name, "type": kind }))
+                .collect();
+            params.push(json!({ "name": "_count", "type": "number" }));
+            json!({
+                "type": cap.resource,
+                "documentation": cap.documentation,
+                "interaction": cap.interactions.iter().map(|i| json!({ "code": i })).collect::<Vec<_>>(),
+                "searchParam": params,
+            })
+        })
+        .collect();
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-29",
+        "kind": "instance",
+        "software": { "name": "Yiqiao (医桥)", "version": env!("CARGO_PKG_VERSION") },
+        "implementation": { "description": "Yiqiao regional health information exchange gateway", "url": format!("{base_url}/fhir") },
+        "fhirVersion": fhir::FHIR_VERSION,
+        "format": ["application/fhir+json", "json"],
+        "rest": [{ "mode": "server", "resource": resources }],
+    })
+}
+
+/// The FHIR CapabilityStatement (at `/metadata` and `/fhir/metadata`).
+#[utoipa::path(get, path = "/metadata", tag = "fhir", responses((status = 200, description = "CapabilityStatement")))]
+pub async fn metadata(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type(fhir::FHIR_JSON)
+        .json(capability_statement(&state.base_url))
+}

@@ -1,0 +1,54 @@
+//! HTTP routes: one module per resource; the route table is in [`crate::app::routes`].
+
+pub mod directory;
+pub mod docs;
+pub mod institutions;
+pub mod metadata;
+pub mod ops;
+
+use std::collections::HashMap;
+
+use crate::error::ApiError;
+
+/// Reject query parameters a handler does not know (a typo must not silently widen a search).
+pub fn check_params(query: &HashMap<String, String>, known: &[&str]) -> Result<(), ApiError> {
+    let mut unknown: Vec<&str> = query
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !known.contains(k))
+        .collect();
+    unknown.sort_unstable();
+    match unknown.first() {
+        None => Ok(()),
+        Some(first) => Err(ApiError::invalid_param(
+            first,
+            format!("unknown parameter; supported: {}", known.join(", ")),
+        )),
+    }
+}
+
+/// `_count` (1..=max, default) and `_offset` (≥ 0) paging parameters.
+pub fn paging(
+    query: &HashMap<String, String>,
+    default: i64,
+    max: i64,
+) -> Result<(i64, i64), ApiError> {
+    let count = match query.get("_count") {
+        None => default,
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid_param("_count", format!("must be an integer from 1 to {max}"))
+            })?,
+    };
+    let offset =
+        match query.get("_offset") {
+            None => 0,
+            Some(raw) => raw.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+                ApiError::invalid_param("_offset", "must be a non-negative integer")
+            })?,
+        };
+    Ok((count, offset))
+}

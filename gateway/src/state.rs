@@ -1,0 +1,69 @@
+//! Shared state handed to every handler. Nothing here is state that two replicas could
+//! disagree on: the database and Redis hold all of that.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::Span;
+use yiqiao_registry::Store;
+use yiqiao_registry::store::DbConn;
+
+use crate::config::Settings;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub store: Store,
+    pub redis: Option<redis::Client>,
+    pub metrics: Metrics,
+    /// Externally visible base URL, without trailing slash.
+    pub base_url: Arc<str>,
+}
+
+impl AppState {
+    /// Run database work on the blocking pool (never on an actix worker thread), keeping the
+    /// tracing span. Waiting for a connection is bounded by `database.acquire_timeout_ms`;
+    /// an exhausted pool becomes 503 with Retry-After.
+    pub async fn db<T, E, F>(&self, work: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(&mut DbConn) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: Into<ApiError> + Send + 'static,
+    {
+        let store = self.store.clone();
+        let span = Span::current();
+        actix_web::web::block(move || {
+            let _entered = span.enter();
+            let mut conn = store.conn().map_err(ApiError::from)?;
+            work(&mut conn).map_err(Into::into)
+        })
+        .await?
+    }
+
+    /// Is Redis reachable within its timeout? `None` when Redis is not configured.
+    pub async fn redis_ping(&self) -> Option<Result<(), String>> {
+        let client = self.redis.as_ref()?;
+        let timeout = Duration::from_millis(self.settings.redis.timeout_ms);
+        let attempt = async {
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| e.to_string())?;
+            let pong: String = redis::cmd("PING")
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            if pong == "PONG" {
+                Ok(())
+            } else {
+                Err(format!("unexpected reply {pong}"))
+            }
+        };
+        Some(match tokio::time::timeout(timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+        })
+    }
+}

@@ -1,0 +1,354 @@
+//! Storage: one diesel code path over SQLite (embedded default) and PostgreSQL (production).
+//!
+//! Invariants:
+//! - The backend is chosen from the URL scheme ([`Backend::from_url`]), never by trying to connect.
+//! - Every SQLite connection runs with WAL, a busy timeout and foreign keys on.
+//! - Migrations for each backend are embedded in the binary and applied by [`Store::migrate`].
+//! - All functions here are synchronous; callers on an async runtime run them on a blocking pool.
+
+pub mod schema;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::r2d2::{self, ManageConnection, PooledConnection};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+
+/// Migrations for SQLite, embedded at build time.
+pub const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations/sqlite");
+/// Migrations for PostgreSQL, embedded at build time.
+pub const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations/postgres");
+
+/// A connection to either backend. Built explicitly by [`ConnectionFactory`], never through
+/// `establish` (which would try the backends in turn).
+#[derive(diesel::MultiConnection)]
+pub enum DbConn {
+    Postgresql(diesel::PgConnection),
+    Sqlite(diesel::SqliteConnection),
+}
+
+/// The storage backend, decided by the database URL's scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// `postgres://` or `postgresql://` → PostgreSQL; `sqlite://PATH`, `file:PATH` or a plain path
+    /// → SQLite. Anything else with a scheme (e.g. `mysql://`) is an error.
+    pub fn from_url(url: &str) -> Result<Backend, StoreError> {
+        let lower = url.to_ascii_lowercase();
+        if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else if lower.starts_with("sqlite:")
+            || lower.starts_with("file:")
+            || !lower.contains("://")
+        {
+            Ok(Backend::Sqlite)
+        } else {
+            Err(StoreError::UnsupportedUrl(redact_url(url)))
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+/// Replace the password of a URL with `***` so it can be logged or shown.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// The SQLite file path of a `sqlite://`/`file:` URL or a plain path.
+fn sqlite_path(url: &str) -> &str {
+    url.strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .or_else(|| url.strip_prefix("file:"))
+        .unwrap_or(url)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("unsupported database URL {0}: use postgres://… or sqlite://PATH")]
+    UnsupportedUrl(String),
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("no database connection free within {0:?}")]
+    PoolTimeout(Duration),
+    #[error("migration failed: {0}")]
+    Migration(String),
+    #[error("not found")]
+    NotFound,
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("database error: {0}")]
+    Query(#[from] diesel::result::Error),
+}
+
+impl StoreError {
+    /// Map a diesel error, turning unique violations into [`StoreError::Conflict`].
+    pub fn from_diesel(err: diesel::result::Error) -> StoreError {
+        use diesel::result::{DatabaseErrorKind, Error};
+        match err {
+            Error::NotFound => StoreError::NotFound,
+            Error::DatabaseError(DatabaseErrorKind::UniqueViolation, info) => {
+                StoreError::Conflict(info.message().to_string())
+            }
+            other => StoreError::Query(other),
+        }
+    }
+}
+
+/// Settings the store needs; the gateway fills them from its configuration.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub url: String,
+    pub pool_size: u32,
+    pub min_idle: Option<u32>,
+    /// How long a caller waits for a free connection before [`StoreError::PoolTimeout`].
+    pub acquire_timeout: Duration,
+    /// PostgreSQL: connect timeout and per-statement timeout.
+    pub connect_timeout: Duration,
+    pub statement_timeout: Duration,
+    /// SQLite: how long a writer waits for the lock.
+    pub sqlite_busy_timeout: Duration,
+}
+
+/// r2d2 connection manager that builds the backend named by the URL.
+#[derive(Debug, Clone)]
+pub struct ConnectionFactory {
+    backend: Backend,
+    url: String,
+    busy_timeout: Duration,
+    connect_timeout: Duration,
+    statement_timeout: Duration,
+}
+
+impl ConnectionFactory {
+    fn pg_url(&self) -> String {
+        // libpq accepts connect_timeout and options as URL parameters.
+        let sep = if self.url.contains('?') { '&' } else { '?' };
+        let mut url = self.url.clone();
+        if !url.contains("connect_timeout=") {
+            url.push(sep);
+            url.push_str(&format!(
+                "connect_timeout={}",
+                self.connect_timeout.as_secs().max(1)
+            ));
+        }
+        url
+    }
+}
+
+impl ManageConnection for ConnectionFactory {
+    type Connection = DbConn;
+    type Error = r2d2::Error;
+
+    fn connect(&self) -> Result<DbConn, r2d2::Error> {
+        match self.backend {
+            Backend::Postgres => {
+                let mut conn = diesel::PgConnection::establish(&self.pg_url())
+                    .map_err(r2d2::Error::ConnectionError)?;
+                conn.batch_execute(&format!(
+                    "SET statement_timeout = {}; SET TIME ZONE 'UTC';",
+                    self.statement_timeout.as_millis()
+                ))
+                .map_err(r2d2::Error::QueryError)?;
+                Ok(DbConn::Postgresql(conn))
+            }
+            Backend::Sqlite => {
+                let mut conn = diesel::SqliteConnection::establish(sqlite_path(&self.url))
+                    .map_err(r2d2::Error::ConnectionError)?;
+                conn.batch_execute(&format!(
+                    "PRAGMA busy_timeout = {}; PRAGMA journal_mode = WAL; \
+                     PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+                    self.busy_timeout.as_millis()
+                ))
+                .map_err(r2d2::Error::QueryError)?;
+                Ok(DbConn::Sqlite(conn))
+            }
+        }
+    }
+
+    fn is_valid(&self, conn: &mut DbConn) -> Result<(), r2d2::Error> {
+        conn.batch_execute("SELECT 1")
+            .map_err(r2d2::Error::QueryError)
+    }
+
+    fn has_broken(&self, _conn: &mut DbConn) -> bool {
+        false
+    }
+}
+
+pub type Pool = r2d2::Pool<ConnectionFactory>;
+pub type Conn = PooledConnection<ConnectionFactory>;
+
+/// The storage handle: a connection pool over one backend. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    backend: Backend,
+    acquire_timeout: Duration,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Pool usage for metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolState {
+    pub size: u32,
+    pub idle: u32,
+    pub max: u32,
+}
+
+impl Store {
+    /// Build the pool. Does not wait for the database: a store on an unreachable
+    /// PostgreSQL is created and reports unavailability on use (readiness turns 503).
+    pub fn open(opts: &StoreOptions) -> Result<Store, StoreError> {
+        let backend = Backend::from_url(&opts.url)?;
+        if backend == Backend::Sqlite {
+            let path = Path::new(sqlite_path(&opts.url));
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+            }
+        }
+        let factory = ConnectionFactory {
+            backend,
+            url: opts.url.clone(),
+            busy_timeout: opts.sqlite_busy_timeout,
+            connect_timeout: opts.connect_timeout,
+            statement_timeout: opts.statement_timeout,
+        };
+        let pool = r2d2::Pool::builder()
+            .max_size(opts.pool_size.max(1))
+            .min_idle(opts.min_idle)
+            .connection_timeout(opts.acquire_timeout)
+            .test_on_check_out(true)
+            .build_unchecked(factory);
+        Ok(Store {
+            pool,
+            backend,
+            acquire_timeout: opts.acquire_timeout,
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// A pooled connection, or [`StoreError::PoolTimeout`] when none is free in time.
+    pub fn conn(&self) -> Result<Conn, StoreError> {
+        self.conn_within(self.acquire_timeout)
+    }
+
+    pub fn conn_within(&self, timeout: Duration) -> Result<Conn, StoreError> {
+        let state = self.pool.state();
+        match self.pool.get_timeout(timeout) {
+            Ok(conn) => Ok(conn),
+            // All connections checked out and busy: the pool is exhausted.
+            Err(_) if state.idle_connections == 0 && state.connections >= self.pool.max_size() => {
+                Err(StoreError::PoolTimeout(timeout))
+            }
+            Err(err) => Err(StoreError::Unavailable(err.to_string())),
+        }
+    }
+
+    pub fn pool_state(&self) -> PoolState {
+        let s = self.pool.state();
+        PoolState {
+            size: s.connections,
+            idle: s.idle_connections,
+            max: self.pool.max_size(),
+        }
+    }
+
+    /// Apply pending migrations; returns the versions applied.
+    pub fn migrate(&self) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn()?;
+        let applied = match &mut *conn {
+            DbConn::Postgresql(pg) => pg.run_pending_migrations(POSTGRES_MIGRATIONS),
+            DbConn::Sqlite(lite) => lite.run_pending_migrations(SQLITE_MIGRATIONS),
+        }
+        .map_err(|e| StoreError::Migration(e.to_string()))?;
+        Ok(applied.iter().map(|v| v.to_string()).collect())
+    }
+
+    /// Round-trip to the database within `timeout` (readiness probe).
+    pub fn ping(&self, timeout: Duration) -> Result<(), StoreError> {
+        let mut conn = self.conn_within(timeout)?;
+        conn.batch_execute("SELECT 1")
+            .map_err(StoreError::from_diesel)
+    }
+}
+
+/// The current UTC time truncated to microseconds, the precision both backends keep.
+pub fn now_utc() -> chrono::NaiveDateTime {
+    use chrono::{SubsecRound, Utc};
+    Utc::now().naive_utc().trunc_subsecs(6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_is_chosen_from_the_scheme() {
+        assert_eq!(
+            Backend::from_url("postgres://u@h/db").ok(),
+            Some(Backend::Postgres)
+        );
+        assert_eq!(
+            Backend::from_url("postgresql://u@h/db").ok(),
+            Some(Backend::Postgres)
+        );
+        assert_eq!(
+            Backend::from_url("sqlite://data/y.db").ok(),
+            Some(Backend::Sqlite)
+        );
+        assert_eq!(
+            Backend::from_url("./data/yiqiao.db").ok(),
+            Some(Backend::Sqlite)
+        );
+        assert!(matches!(
+            Backend::from_url("mysql://h/db"),
+            Err(StoreError::UnsupportedUrl(_))
+        ));
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+    }
+}

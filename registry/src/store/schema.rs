@@ -1,0 +1,23 @@
+//! Portable diesel schema: only column types that SQLite and PostgreSQL share.
+//! Keep in step with `migrations/{sqlite,postgres}` (a test compares both trees).
+
+diesel::table! {
+    institutions (id) {
+        id -> Text,
+        name -> Text,
+        uscc -> Text,
+        region_code -> Text,
+        level -> Text,
+        kind -> Text,
+        endpoint_url -> Nullable<Text>,
+        jwks -> Text,
+        sm2_keys -> Text,
+        patient_id_system -> Text,
+        allowed_scopes -> Text,
+        require_sm_envelope -> Bool,
+        status -> Text,
+        version -> BigInt,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}

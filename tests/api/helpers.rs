@@ -1,0 +1,372 @@
+//! Test harness: per-test databases, an in-process gateway, a TCP proxy that can cut a
+//! dependency off and bring it back.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use diesel::{Connection, PgConnection, RunQueryDsl};
+use serde_json::{Value, json};
+use tokio::io::copy_bidirectional;
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+use yiqiao_gateway::config::{Secret, Settings};
+use yiqiao_gateway::{Application, state::AppState};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Run each listed `async fn name(backend: Backend)` as two tests, one per backend.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { super::$name($crate::helpers::Backend::Sqlite).await } )*
+        }
+        mod postgres {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { super::$name($crate::helpers::Backend::Postgres).await } )*
+        }
+    };
+}
+
+/// The PostgreSQL server for tests. Never skipped: unreachable means the test fails.
+pub fn pg_admin_url() -> String {
+    std::env::var("YIQIAO_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("YIQIAO_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Replace the database name of a PostgreSQL URL (keeping any query string).
+pub fn with_database(url: &str, db: &str) -> String {
+    let mut parsed = url::Url::parse(url).expect("YIQIAO_TEST_DATABASE_URL is not a URL");
+    parsed.set_path(&format!("/{db}"));
+    parsed.to_string()
+}
+
+/// A database of this test's own: a fresh PostgreSQL database (dropped at the end) or a SQLite
+/// file in a fresh directory.
+pub struct TestDb {
+    pub url: String,
+    pg_name: Option<String>,
+    _dir: Option<TempDir>,
+}
+
+impl TestDb {
+    pub fn new(backend: Backend) -> TestDb {
+        match backend {
+            Backend::Sqlite => {
+                let dir = TempDir::new();
+                let url = format!("sqlite://{}", dir.path.join("yiqiao.db").display());
+                TestDb {
+                    url,
+                    pg_name: None,
+                    _dir: Some(dir),
+                }
+            }
+            Backend::Postgres => {
+                let name = format!("yq_t_{}", uuid::Uuid::new_v4().simple());
+                let admin = pg_admin_url();
+                let mut conn = PgConnection::establish(&admin)
+                    .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is unreachable: {e}"));
+                diesel::sql_query(format!("CREATE DATABASE {name}"))
+                    .execute(&mut conn)
+                    .unwrap();
+                TestDb {
+                    url: with_database(&admin, &name),
+                    pg_name: Some(name),
+                    _dir: None,
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some(name) = &self.pg_name
+            && let Ok(mut conn) = PgConnection::establish(&pg_admin_url())
+        {
+            let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut conn);
+        }
+    }
+}
+
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let path =
+            std::env::temp_dir().join(format!("yiqiao-test-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Settings for a test server on port 0 over `db_url`.
+pub fn test_settings(db_url: &str) -> Settings {
+    let mut s = Settings::default();
+    s.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    s.admin_token = Secret::new(ADMIN_TOKEN);
+    s.database.url = Secret::new(db_url);
+    s.database.pool_size = 4;
+    s.database.acquire_timeout_ms = 1000;
+    s.database.connect_timeout_ms = 1000;
+    s.http.workers = 2;
+    s.http.max_body_bytes = 64 * 1024;
+    s.http.shutdown_timeout_secs = 1;
+    s
+}
+
+/// A running gateway with its own database.
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub state: AppState,
+    /// Owns the test database (dropped with the app).
+    _db: TestDb,
+    server: actix_web::dev::ServerHandle,
+}
+
+impl TestApp {
+    pub async fn spawn(backend: Backend) -> TestApp {
+        Self::spawn_with(backend, |_| {}).await
+    }
+
+    pub async fn spawn_with(backend: Backend, adjust: impl FnOnce(&mut Settings)) -> TestApp {
+        let db = TestDb::new(backend);
+        let mut settings = test_settings(&db.url);
+        adjust(&mut settings);
+        Self::spawn_on(db, settings).await
+    }
+
+    pub async fn spawn_on(db: TestDb, settings: Settings) -> TestApp {
+        let listener = TcpListener::bind(settings.listen).unwrap();
+        let app = Application::build_with_listener(settings, listener)
+            .await
+            .expect("gateway failed to start");
+        let base = format!("http://127.0.0.1:{}", app.port());
+        let state = app.state().clone();
+        let server = app.handle();
+        tokio::spawn(app.into_server());
+        TestApp {
+            base,
+            client: reqwest::Client::new(),
+            state,
+            _db: db,
+            server,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.unwrap()
+    }
+
+    pub async fn admin_get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn admin_post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn admin_put(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .put(self.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Number of institutions stored, read through the admin API.
+    pub async fn institution_count(&self) -> usize {
+        let resp = self.admin_get("/admin/institutions?_count=1000").await;
+        assert_eq!(resp.status(), 200);
+        let body: Value = resp.json().await.unwrap();
+        body["items"].as_array().unwrap().len()
+    }
+
+    pub async fn stop(self) {
+        self.server.stop(true).await;
+    }
+}
+
+/// A registrable institution; `n` varies the unique fields.
+pub fn institution(n: u32) -> Value {
+    json!({
+        "id": format!("hosp-{n:03}"),
+        "name": format!("第{n}人民医院"),
+        "uscc": uscc(n),
+        "region_code": "350100",
+        "level": "3A",
+        "kind": "hospital",
+        "endpoint_url": format!("https://his-{n}.example/fhir"),
+        "patient_id_system": format!("urn:oid:2.16.156.10011.1.99.{n}"),
+        "allowed_scopes": ["system/Patient.rs", "system/Observation.rs"],
+    })
+}
+
+/// A valid unified social credit code derived from `n` (GB 32100 check character).
+pub fn uscc(n: u32) -> String {
+    const CHARS: &[u8] = b"0123456789ABCDEFGHJKLMNPQRTUWXY";
+    const W: [u32; 17] = [
+        1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28,
+    ];
+    let body = format!("91350100M{n:08}");
+    let sum: u32 = body
+        .bytes()
+        .zip(W)
+        .map(|(b, w)| CHARS.iter().position(|c| *c == b).unwrap() as u32 * w)
+        .sum();
+    let check = CHARS[((31 - sum % 31) % 31) as usize] as char;
+    format!("{body}{check}")
+}
+
+/// Assert a response is an OperationOutcome with the given status and error code; returns it.
+pub async fn assert_outcome(resp: reqwest::Response, status: u16, code: &str) -> Value {
+    let got = resp.status().as_u16();
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let has_request_id = resp.headers().contains_key("x-request-id");
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    assert_eq!(got, status, "status; body {body}");
+    assert!(ct.starts_with("application/fhir+json"), "content-type {ct}");
+    assert!(has_request_id, "X-Request-Id missing");
+    assert_eq!(body["resourceType"], "OperationOutcome", "{body}");
+    let issue = &body["issue"][0];
+    assert_eq!(issue["severity"], "error");
+    assert_eq!(issue["details"]["coding"][0]["code"], code, "{body}");
+    assert!(
+        issue["details"]["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty())
+    );
+    assert!(
+        issue["diagnostics"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("request id ")),
+        "{body}"
+    );
+    body
+}
+
+/// A TCP proxy in front of a real service that a test can take down and bring back.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let (up2, conns2) = (up.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if !up2.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        let _ = copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                conns2.lock().await.push(task);
+            }
+        });
+        Proxy {
+            addr,
+            up,
+            conns,
+            accept,
+        }
+    }
+
+    /// Cut every open connection and refuse new ones.
+    pub async fn down(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for task in self.conns.lock().await.drain(..) {
+            task.abort();
+        }
+    }
+
+    pub fn up(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Host and port of a service URL.
+pub fn socket_of(url: &str) -> SocketAddr {
+    let parsed = url::Url::parse(url).unwrap();
+    let host = parsed.host_str().unwrap();
+    let port = parsed
+        .port_or_known_default()
+        .unwrap_or(match parsed.scheme() {
+            "redis" => 6379,
+            _ => 5432,
+        });
+    use std::net::ToSocketAddrs;
+    (host, port).to_socket_addrs().unwrap().next().unwrap()
+}
+
+/// The URL with host and port replaced by the proxy's.
+pub fn via_proxy(url: &str, proxy: &Proxy) -> String {
+    let mut parsed = url::Url::parse(url).unwrap();
+    parsed.set_host(Some("127.0.0.1")).unwrap();
+    parsed.set_port(Some(proxy.addr.port())).unwrap();
+    parsed.to_string()
+}

@@ -1,0 +1,14 @@
+//! Integration tests: the real server on port 0, a real HTTP client, and every storage test on
+//! both SQLite and PostgreSQL (`YIQIAO_TEST_DATABASE_URL`, default the local `test` database).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::field_reassign_with_default
+)]
+
+mod helpers;
+
+mod errors;
+mod institutions;
+mod migrations;
+mod ops;

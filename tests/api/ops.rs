@@ -1,0 +1,181 @@
+//! Health, readiness (with a dependency going away and coming back), metrics, metadata, OpenAPI.
+
+use serde_json::Value;
+
+use crate::helpers::{
+    Backend, Proxy, TestApp, TestDb, assert_outcome, institution, redis_url, socket_of,
+    test_settings, via_proxy,
+};
+use crate::on_both_backends;
+
+on_both_backends!(health_metrics_and_capability_statement);
+
+async fn health_metrics_and_capability_statement(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let health: Value = app.get("/healthz").await.json().await.unwrap();
+    assert_eq!(health["status"], "alive");
+    let ready = app.get("/readyz").await;
+    assert_eq!(ready.status(), 200);
+    let ready: Value = ready.json().await.unwrap();
+    assert_eq!(ready["checks"]["database"]["status"], "ok");
+    assert_eq!(
+        ready["checks"]["database"]["backend"],
+        if backend == Backend::Sqlite {
+            "sqlite"
+        } else {
+            "postgres"
+        }
+    );
+    assert_eq!(ready["checks"]["redis"]["status"], "not configured");
+
+    app.admin_post("/admin/institutions", &institution(1)).await;
+    app.get("/fhir/Organization/hosp-001").await;
+    app.get("/fhir/Organization/none").await;
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("yiqiao_http_requests_total{method=\"GET\",route=\"/fhir/Organization/{id}\",status=\"200\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("yiqiao_http_requests_total{method=\"GET\",route=\"/fhir/Organization/{id}\",status=\"404\"} 1"));
+    assert!(metrics.contains(
+        "yiqiao_http_requests_total{method=\"POST\",route=\"/admin/institutions\",status=\"201\"} 1"
+    ));
+    assert!(metrics.contains("yiqiao_http_request_duration_seconds_bucket{method=\"GET\",route=\"/fhir/Organization/{id}\""));
+    assert!(metrics.contains("yiqiao_db_pool_connections{state=\"in_use\"}"));
+
+    // The CapabilityStatement lists only what is served: every listed interaction answers.
+    let cap: Value = app.get("/metadata").await.json().await.unwrap();
+    assert_eq!(cap["resourceType"], "CapabilityStatement");
+    assert_eq!(cap["fhirVersion"], "4.0.1");
+    let resources = cap["rest"][0]["resource"].as_array().unwrap();
+    assert!(!resources.is_empty());
+    for res in resources {
+        let ty = res["type"].as_str().unwrap();
+        for interaction in res["interaction"].as_array().unwrap() {
+            let path = match interaction["code"].as_str().unwrap() {
+                "read" => format!("/fhir/{ty}/hosp-001"),
+                "search-type" => format!("/fhir/{ty}"),
+                other => panic!("interaction {other} listed but not tested"),
+            };
+            let resp = app.get(&path).await;
+            assert_eq!(resp.status(), 200, "{path} listed in CapabilityStatement");
+        }
+        for param in res["searchParam"].as_array().unwrap() {
+            let name = param["name"].as_str().unwrap();
+            let value = match param["type"].as_str().unwrap() {
+                "number" => "5",
+                "reference" => "Organization/hosp-001",
+                _ if name == "active" => "true",
+                _ if name == "type" => "hospital",
+                _ if name == "status" => "active",
+                _ => "x",
+            };
+            let resp = app.get(&format!("/fhir/{ty}?{name}={value}")).await;
+            assert_eq!(
+                resp.status(),
+                200,
+                "searchParam {name} of {ty} listed but rejected"
+            );
+        }
+    }
+    let fhir_meta: Value = app.get("/fhir/metadata").await.json().await.unwrap();
+    assert_eq!(fhir_meta, cap);
+    app.stop().await;
+}
+
+/// `/readyz` turns 503 when PostgreSQL becomes unreachable and 200 again when it returns,
+/// without a restart. The database is reached through a proxy the test cuts and restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_postgres_down_and_back() {
+    let db = TestDb::new(Backend::Postgres);
+    let proxy = Proxy::start(socket_of(&db.url)).await;
+    let url = via_proxy(&db.url, &proxy);
+    let mut settings = test_settings(&url);
+    settings.database.acquire_timeout_ms = 500;
+    let app = TestApp::spawn_on(db, settings).await;
+    assert_eq!(app.get("/readyz").await.status(), 200);
+    assert_eq!(app.get("/fhir/Organization").await.status(), 200);
+
+    proxy.down().await;
+    let resp = app.get("/readyz").await;
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["checks"]["database"]["status"], "unreachable");
+    // Data requests fail clearly too, not hang.
+    let started = std::time::Instant::now();
+    let resp = app.get("/fhir/Organization").await;
+    assert_eq!(resp.status(), 503);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_outcome(resp, 503, "unavailable").await;
+
+    proxy.up();
+    let mut ready = false;
+    for _ in 0..50 {
+        if app.get("/readyz").await.status() == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ready, "/readyz did not recover after PostgreSQL returned");
+    assert_eq!(app.get("/fhir/Organization").await.status(), 200);
+    app.stop().await;
+}
+
+/// With Redis configured, `/readyz` also needs Redis, and recovers when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_redis_down_and_back() {
+    let proxy = Proxy::start(socket_of(&redis_url())).await;
+    let url = via_proxy(&redis_url(), &proxy);
+    let app = TestApp::spawn_with(Backend::Sqlite, |s| {
+        s.redis.url = yiqiao_gateway::config::Secret::new(url);
+        s.redis.timeout_ms = 500;
+    })
+    .await;
+    let body: Value = app.get("/readyz").await.json().await.unwrap();
+    assert_eq!(body["checks"]["redis"]["status"], "ok", "{body}");
+    proxy.down().await;
+    let resp = app.get("/readyz").await;
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["checks"]["redis"]["status"], "unreachable");
+    proxy.up();
+    assert_eq!(app.get("/readyz").await.status(), 200);
+    app.stop().await;
+}
+
+/// The committed OpenAPI document matches what the binary serves. Regenerate with
+/// `UPDATE_OPENAPI=1 cargo test -p yiqiao --test api openapi`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_document_is_committed_and_served() {
+    let generated = yiqiao_gateway::routes::docs::openapi_json();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../openapi/yiqiao.json");
+    if std::env::var_os("UPDATE_OPENAPI").is_some() {
+        std::fs::write(&path, format!("{generated}\n")).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert_eq!(
+        committed.trim_end(),
+        generated,
+        "openapi/yiqiao.json is stale: rerun with UPDATE_OPENAPI=1"
+    );
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let served: Value = app.get("/openapi.json").await.json().await.unwrap();
+    assert_eq!(served, serde_json::from_str::<Value>(&generated).unwrap());
+    for path in ["/admin/institutions", "/fhir/Organization/{id}", "/readyz"] {
+        assert!(
+            served["paths"].get(path).is_some(),
+            "{path} missing from OpenAPI"
+        );
+    }
+    let page = app.get("/docs").await.text().await.unwrap();
+    assert!(
+        page.contains("/docs/redoc.standalone.js") && !page.contains("https://"),
+        "docs page must not load from the internet"
+    );
+    let js = app.get("/docs/redoc.standalone.js").await;
+    assert_eq!(js.status(), 200);
+    assert!(js.bytes().await.unwrap().len() > 500_000);
+    app.stop().await;
+}
