@@ -54,6 +54,15 @@ pub enum Command {
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
     },
+    /// Run the gateway on the embedded default with a demo region registered, and print a walkthrough.
+    Demo {
+        /// Number of member institutions in the demo region.
+        #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u32).range(3..=1000))]
+        institutions: u32,
+        /// Listen address (overrides `listen` and YIQIAO_LISTEN).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+    },
     /// Apply pending database migrations and exit.
     Migrate,
     /// Manage the institution directory.
@@ -151,7 +160,7 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn new(code: u8, message: impl Into<String>) -> Failure {
+    pub fn new(code: u8, message: impl Into<String>) -> Failure {
         Failure {
             code,
             message: message.into(),
@@ -212,6 +221,15 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             }
             serve(settings)
         }
+        Command::Demo {
+            institutions,
+            listen,
+        } => {
+            if let Some(addr) = listen {
+                settings.listen = addr;
+            }
+            crate::demo::run(settings, institutions)
+        }
         Command::Migrate => {
             let store = Store::open(&settings.store_options())?;
             let applied = store
@@ -257,7 +275,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-fn serve(settings: Settings) -> Result<(), Failure> {
+pub fn serve(settings: Settings) -> Result<(), Failure> {
     crate::telemetry::init(&settings.log);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

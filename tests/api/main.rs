@@ -8,6 +8,7 @@
 
 mod helpers;
 
+mod cli;
 mod errors;
 mod institutions;
 mod migrations;

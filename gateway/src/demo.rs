@@ -1,0 +1,214 @@
+//! `yiqiao demo`: the gateway on the embedded default with a demo region registered.
+//!
+//! Registers (idempotently) a demo region of member institutions — hospitals of several grades,
+//! an internet-hospital platform, a public-health body — each with its own SM2 key pair (private
+//! keys under `<data_dir>/demo/keys/`, for signing client assertions in the walkthrough), then
+//! serves and prints a short walkthrough.
+
+use std::path::Path;
+
+use yiqiao_registry::Store;
+use yiqiao_registry::directory::{self, InstitutionSpec, Sm2Key};
+
+use crate::cli::{EXIT_DATABASE, EXIT_REJECTED, EXIT_RUNTIME, Failure};
+use crate::config::{Secret, Settings};
+
+/// The demo region: Fuzhou (福州, administrative division 350100).
+const REGION: &str = "350100";
+const DISTRICTS: [&str; 6] = ["鼓楼区", "台江区", "仓山区", "晋安区", "马尾区", "长乐区"];
+
+/// One demo member (deterministic from its index).
+pub fn demo_institution(n: u32) -> (InstitutionSpec, &'static str) {
+    let (kind, level, name, scopes): (&str, &str, String, &[&str]) = match n {
+        1 => (
+            "regional_platform",
+            "unrated",
+            "福州市全民健康信息平台".into(),
+            &["system/*.rs"],
+        ),
+        2 => (
+            "public_health",
+            "unrated",
+            "福州市疾病预防控制中心".into(),
+            &[
+                "system/Patient.rs",
+                "system/Observation.rs",
+                "system/Condition.rs",
+            ],
+        ),
+        3 => (
+            "internet_hospital",
+            "unrated",
+            "榕城互联网医院".into(),
+            &[
+                "system/Patient.rs",
+                "system/Observation.rs",
+                "system/DocumentReference.rs",
+            ],
+        ),
+        _ => {
+            let level = ["3A", "3B", "2A", "2B", "1A"][(n as usize) % 5];
+            let district = DISTRICTS[(n as usize) % DISTRICTS.len()];
+            (
+                "hospital",
+                level,
+                format!("福州市{district}第{n}医院"),
+                &[
+                    "system/Patient.cruds",
+                    "system/Observation.rs",
+                    "system/Encounter.rs",
+                    "system/Condition.rs",
+                    "system/MedicationRequest.rs",
+                    "system/DiagnosticReport.rs",
+                    "system/DocumentReference.cruds",
+                    "system/Consent.cruds",
+                ],
+            )
+        }
+    };
+    let spec = InstitutionSpec {
+        id: format!("fz-{n:03}"),
+        name,
+        uscc: demo_uscc(n),
+        region_code: REGION.into(),
+        level: level.into(),
+        kind: kind.into(),
+        endpoint_url: None,
+        jwks: None,
+        sm2_keys: Vec::new(),
+        patient_id_system: format!("urn:oid:2.16.156.10011.1.99.350100.{n}"),
+        allowed_scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        require_sm_envelope: false,
+    };
+    (spec, kind)
+}
+
+/// A unified social credit code with a valid GB 32100 check character.
+fn demo_uscc(n: u32) -> String {
+    const CHARS: &[u8] = b"0123456789ABCDEFGHJKLMNPQRTUWXY";
+    const W: [u32; 17] = [
+        1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28,
+    ];
+    let body = format!("12350100M{n:08}");
+    let sum: u32 = body
+        .bytes()
+        .zip(W)
+        .map(|(b, w)| CHARS.iter().position(|c| *c == b).map_or(0, |p| p as u32) * w)
+        .sum();
+    let check = CHARS[((31 - sum % 31) % 31) as usize] as char;
+    format!("{body}{check}")
+}
+
+/// Register the demo region (skipping members already present). Returns (registered, existing).
+pub fn register_region(store: &Store, keys_dir: &Path, count: u32) -> Result<(u32, u32), Failure> {
+    std::fs::create_dir_all(keys_dir).map_err(|e| {
+        Failure::new(
+            EXIT_RUNTIME,
+            format!("cannot create {}: {e}", keys_dir.display()),
+        )
+    })?;
+    let mut conn = store.conn()?;
+    let (mut added, mut existing) = (0, 0);
+    for n in 1..=count {
+        let (mut spec, _) = demo_institution(n);
+        match directory::get(&mut conn, &spec.id) {
+            Ok(_) => {
+                existing += 1;
+                continue;
+            }
+            Err(directory::DirectoryError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let key = yiqiao_sm::Sm2PrivateKey::generate()
+            .map_err(|e| Failure::new(EXIT_RUNTIME, format!("SM2 key generation failed: {e}")))?;
+        let private_pem = key
+            .to_pkcs8_pem()
+            .map_err(|e| Failure::new(EXIT_RUNTIME, e.to_string()))?;
+        let public_pem = key
+            .public_key()
+            .to_spki_pem()
+            .map_err(|e| Failure::new(EXIT_RUNTIME, e.to_string()))?;
+        let path = keys_dir.join(format!("{}.sm2.pem", spec.id));
+        std::fs::write(&path, private_pem.as_bytes()).map_err(|e| {
+            Failure::new(
+                EXIT_RUNTIME,
+                format!("cannot write {}: {e}", path.display()),
+            )
+        })?;
+        spec.sm2_keys = vec![Sm2Key {
+            kid: format!("{}-sm2-1", spec.id),
+            pem: public_pem,
+        }];
+        let valid = directory::validate(&spec).map_err(|e| {
+            Failure::new(EXIT_REJECTED, format!("demo institution {}: {e}", spec.id))
+        })?;
+        directory::create(&mut conn, &valid)
+            .map_err(|e| Failure::new(EXIT_DATABASE, e.to_string()))?;
+        added += 1;
+    }
+    Ok((added, existing))
+}
+
+fn random_token() -> Result<String, Failure> {
+    let key = yiqiao_sm::random_sm4_key().map_err(|e| Failure::new(EXIT_RUNTIME, e.to_string()))?;
+    Ok(key.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+pub fn run(mut settings: Settings, institutions: u32) -> Result<(), Failure> {
+    if settings.database.url.expose().is_empty() {
+        let path = settings.data_dir.join("demo").join("yiqiao-demo.db");
+        settings.database.url = Secret::new(format!("sqlite://{}", path.display()));
+    }
+    if !settings.admin_token.is_set() {
+        settings.admin_token = Secret::new(random_token()?);
+    }
+    let store = Store::open(&settings.store_options())?;
+    store
+        .migrate()
+        .map_err(|e| Failure::new(EXIT_DATABASE, e.to_string()))?;
+    let keys_dir = settings.data_dir.join("demo").join("keys");
+    let (added, existing) = register_region(&store, &keys_dir, institutions)?;
+    let base = settings.public_base_url();
+    let token = settings.admin_token.expose().to_string();
+    println!(
+        "Yiqiao demo region: {} member institutions ({added} registered now, {existing} already present)",
+        added + existing
+    );
+    println!(
+        "  database:      {} ({})",
+        yiqiao_registry::store::redact_url(&settings.database_url()),
+        store.backend().name()
+    );
+    println!(
+        "  SM2 keys:      {}/<institution>.sm2.pem (demo only: private keys on disk)",
+        keys_dir.display()
+    );
+    println!();
+    println!("Walkthrough (in another terminal):");
+    println!("  curl -s {base}/readyz");
+    println!("  curl -s '{base}/fhir/Organization?_count=5'            # the directory as FHIR");
+    println!("  curl -s {base}/fhir/Organization/fz-004");
+    println!("  curl -s -H 'Authorization: Bearer {token}' {base}/admin/institutions");
+    println!(
+        "  curl -s -X POST -H 'Authorization: Bearer {token}' {base}/admin/institutions/fz-005/suspend"
+    );
+    println!("  open {base}/docs for the API reference; {base}/metrics for Prometheus");
+    println!();
+    println!("Admin token for this run: {token}   (set YIQIAO_ADMIN_TOKEN to choose one)");
+    println!("Stop with Ctrl-C.");
+    crate::cli::serve(settings)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn demo_institutions_are_valid() {
+        for n in 1..=40 {
+            let (spec, _) = demo_institution(n);
+            directory::validate(&spec).unwrap_or_else(|e| panic!("fz-{n:03}: {e}"));
+        }
+    }
+}

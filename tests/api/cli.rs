@@ -1,0 +1,195 @@
+//! The command line as scripts use it: exit codes, output, and the demo.
+
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+use crate::helpers::{Backend, TempDir, TestDb};
+
+fn yiqiao(dir: &TempDir, db_url: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_yiqiao"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("YIQIAO_DATA_DIR", &dir.path)
+        .env("YIQIAO_DATABASE_URL", db_url)
+        .current_dir(&dir.path);
+    cmd
+}
+
+fn run(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn cli_exit_codes(backend: Backend) {
+    let dir = TempDir::new();
+    let db = TestDb::new(backend);
+    let (code, out, _) = run(yiqiao(&dir, &db.url).arg("migrate"));
+    assert_eq!(code, 0);
+    assert!(out.contains("migration(s) applied"), "{out}");
+    let (code, out, _) = run(yiqiao(&dir, &db.url).arg("migrate"));
+    assert_eq!(code, 0);
+    assert!(out.contains("up to date"), "{out}");
+
+    let add = |extra: &[&str]| {
+        let mut cmd = yiqiao(&dir, &db.url);
+        cmd.args([
+            "institution",
+            "add",
+            "--id",
+            "hosp-cli",
+            "--name",
+            "命令行医院",
+            "--uscc",
+            "91350100M000100Y43",
+        ])
+        .args([
+            "--region-code",
+            "350100",
+            "--level",
+            "2A",
+            "--patient-id-system",
+            "urn:oid:1.2.3.4",
+        ])
+        .args(["--scope", "system/Patient.rs"])
+        .args(extra);
+        run(&mut cmd)
+    };
+    let (code, out, err) = add(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, err) = add(&[]);
+    assert_eq!(code, 6, "duplicate → rejected input: {err}");
+    assert!(err.contains("already registered"), "{err}");
+    let (code, _, err) = add(&["--kind", "pharmacy"]);
+    assert_eq!(code, 6, "{err}");
+    assert!(err.contains("kind"), "{err}");
+
+    let (code, out, _) = run(yiqiao(&dir, &db.url).args(["institution", "show", "hosp-cli"]));
+    assert_eq!(code, 0);
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["name"], "命令行医院");
+    assert_eq!(shown["status"], "active");
+    let (code, _, err) = run(yiqiao(&dir, &db.url).args(["institution", "show", "nope-1"]));
+    assert_eq!(code, 5, "{err}");
+    let (code, out, _) = run(yiqiao(&dir, &db.url).args(["institution", "suspend", "hosp-cli"]));
+    assert_eq!(code, 0);
+    assert!(out.contains("suspended"));
+    let (code, out, _) =
+        run(yiqiao(&dir, &db.url).args(["institution", "list", "--status", "suspended"]));
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("hosp-cli") && out.contains("1 institution(s)"),
+        "{out}"
+    );
+    let (code, _, _) = run(yiqiao(&dir, &db.url).args(["institution", "frobnicate"]));
+    assert_eq!(code, 2, "usage error");
+}
+
+#[test]
+fn cli_exit_codes_sqlite() {
+    cli_exit_codes(Backend::Sqlite);
+}
+
+#[test]
+fn cli_exit_codes_postgres() {
+    cli_exit_codes(Backend::Postgres);
+}
+
+#[test]
+fn config_show_masks_secrets_and_check_names_bad_keys() {
+    let dir = TempDir::new();
+    let file = dir.path.join("y.toml");
+    std::fs::write(
+        &file,
+        "admin_token = \"s3cret-admin\"\n[database]\nurl = \"postgres://u:pw-42@db/x\"\n",
+    )
+    .unwrap();
+    let (code, out, _) = run(yiqiao(&dir, "")
+        .args(["--config", file.to_str().unwrap(), "config", "show"])
+        .env_remove("YIQIAO_DATABASE_URL"));
+    assert_eq!(code, 0);
+    assert!(
+        !out.contains("s3cret-admin") && !out.contains("pw-42"),
+        "{out}"
+    );
+    assert!(out.contains("postgres://u:***@db/x"), "{out}");
+    std::fs::write(&file, "[database]\npool_size = -1\n").unwrap();
+    let (code, _, err) = run(yiqiao(&dir, "")
+        .args(["--config", file.to_str().unwrap(), "config", "check"])
+        .env_remove("YIQIAO_DATABASE_URL"));
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("database.pool_size"), "{err}");
+    let (code, _, err) = run(yiqiao(&dir, "")
+        .args(["config", "check"])
+        .env("YIQIAO_LISTEN", "not-an-address"));
+    assert_eq!(code, 3);
+    assert!(err.contains("listen"), "{err}");
+    let (code, _, err) =
+        run(yiqiao(&dir, "").args(["--config", "/no/such/file.toml", "config", "check"]));
+    assert_eq!(code, 3);
+    assert!(err.contains("does not exist"), "{err}");
+}
+
+/// The README's main command: `yiqiao demo` serves a registered demo region on SQLite.
+#[test]
+fn demo_serves_a_registered_region() {
+    let dir = TempDir::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = yiqiao(&dir, "")
+        .env_remove("YIQIAO_DATABASE_URL")
+        .args([
+            "demo",
+            "--institutions",
+            "8",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::blocking_get_json;
+    let mut orgs = None;
+    for _ in 0..100 {
+        if let Ok(v) = client(&format!("{base}/fhir/Organization?_count=50")) {
+            orgs = Some(v);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let orgs = orgs.expect("demo did not serve");
+    assert_eq!(orgs["entry"].as_array().unwrap().len(), 8, "{orgs}");
+    assert!(stdout.contains("Walkthrough"), "{stdout}");
+    assert!(stdout.contains("8 member institutions"), "{stdout}");
+    assert!(dir.path.join("demo/keys/fz-004.sm2.pem").exists());
+    assert!(dir.path.join("demo/yiqiao-demo.db").exists());
+}
+
+mod reqwest {
+    /// A tiny blocking GET for process tests (the test itself is synchronous).
+    pub fn blocking_get_json(url: &str) -> Result<serde_json::Value, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let resp = ::reqwest::get(url).await.map_err(|e| e.to_string())?;
+            if !resp.status().is_success() {
+                return Err(resp.status().to_string());
+            }
+            resp.json().await.map_err(|e| e.to_string())
+        })
+    }
+}
