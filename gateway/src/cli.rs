@@ -204,8 +204,17 @@ fn load_settings(cli: &Cli) -> Result<Settings, Failure> {
     Settings::load(cli.config.as_deref()).map_err(|e| Failure::new(EXIT_CONFIG, e.to_string()))
 }
 
+/// Options for one-shot commands: a small pool that opens no connection in the background
+/// (r2d2 worker threads still connecting while the process exits can crash inside libpq/OpenSSL).
+fn cli_store_options(settings: &Settings) -> yiqiao_registry::StoreOptions {
+    let mut opts = settings.store_options();
+    opts.pool_size = 2;
+    opts.min_idle = Some(0);
+    opts
+}
+
 fn open_store(settings: &Settings) -> Result<Store, Failure> {
-    let store = Store::open(&settings.store_options())?;
+    let store = Store::open(&cli_store_options(settings))?;
     store
         .migrate()
         .map_err(|e| Failure::new(EXIT_DATABASE, e.to_string()))?;
@@ -231,7 +240,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             crate::demo::run(settings, institutions)
         }
         Command::Migrate => {
-            let store = Store::open(&settings.store_options())?;
+            let store = Store::open(&cli_store_options(&settings))?;
             let applied = store
                 .migrate()
                 .map_err(|e| Failure::new(EXIT_DATABASE, e.to_string()))?;
@@ -258,7 +267,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Config(ConfigCommand::Check { connect }) => {
             if connect {
-                let store = Store::open(&settings.store_options())?;
+                let store = Store::open(&cli_store_options(&settings))?;
                 store.ping(std::time::Duration::from_millis(
                     settings.database.acquire_timeout_ms,
                 ))?;
@@ -276,7 +285,8 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 pub fn serve(settings: Settings) -> Result<(), Failure> {
-    crate::telemetry::init(&settings.log);
+    let _telemetry = crate::telemetry::init(&settings.log, &settings.telemetry)
+        .map_err(|e| Failure::new(crate::cli::EXIT_CONFIG, e))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

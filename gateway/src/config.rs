@@ -63,6 +63,19 @@ pub struct Settings {
     pub redis: RedisSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
+    pub telemetry: TelemetrySettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// OpenTelemetry OTLP/HTTP collector base URL (e.g. `http://otel-collector:4318`); traces go
+    /// to `<url>/v1/traces`. Empty: no export.
+    pub otlp_endpoint: String,
+    /// `service.name` resource attribute.
+    pub service_name: String,
+    /// Share of traces exported, 0.0–1.0.
+    pub sample_ratio: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -152,6 +165,11 @@ impl Default for Settings {
                 format: LogFormat::Text,
                 level: "info".into(),
             },
+            telemetry: TelemetrySettings {
+                otlp_endpoint: String::new(),
+                service_name: "yiqiao".into(),
+                sample_ratio: 1.0,
+            },
         }
     }
 }
@@ -235,6 +253,20 @@ impl Settings {
                 _ => return bad("public_url", "must be an http(s) URL"),
             }
         }
+        if !(0.0..=1.0).contains(&self.telemetry.sample_ratio) {
+            return bad("telemetry.sample_ratio", "must be between 0.0 and 1.0");
+        }
+        if !self.telemetry.otlp_endpoint.is_empty() {
+            match url::Url::parse(&self.telemetry.otlp_endpoint) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                _ => {
+                    return bad(
+                        "telemetry.otlp_endpoint",
+                        "must be an http(s) URL such as http://collector:4318",
+                    );
+                }
+            }
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return bad("log.level", &e.to_string());
         }
@@ -263,7 +295,9 @@ impl Settings {
         yiqiao_registry::StoreOptions {
             url: self.database_url(),
             pool_size: self.database.pool_size,
-            min_idle: None,
+            // Keep a couple of warm connections; r2d2's default (min_idle = pool size) would open
+            // the whole pool in background threads at start.
+            min_idle: Some(self.database.pool_size.min(2)),
             acquire_timeout: Duration::from_millis(self.database.acquire_timeout_ms),
             connect_timeout: Duration::from_millis(self.database.connect_timeout_ms),
             statement_timeout: Duration::from_millis(self.database.statement_timeout_ms),

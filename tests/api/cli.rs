@@ -193,3 +193,126 @@ mod reqwest {
         })
     }
 }
+
+/// A minimal OTLP/HTTP receiver: records (path, content-type, body) of each POST.
+fn otlp_receiver() -> (u16, std::sync::mpsc::Receiver<(String, String, Vec<u8>)>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                loop {
+                    let mut request_line = String::new();
+                    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let path = request_line
+                        .split_whitespace()
+                        .nth(1)
+                        .unwrap_or_default()
+                        .to_string();
+                    let (mut len, mut ct) = (0usize, String::new());
+                    loop {
+                        let mut line = String::new();
+                        reader.read_line(&mut line).unwrap();
+                        let line = line.trim_end();
+                        if line.is_empty() {
+                            break;
+                        }
+                        let (name, value) = line.split_once(':').unwrap_or((line, ""));
+                        match name.to_ascii_lowercase().as_str() {
+                            "content-length" => len = value.trim().parse().unwrap_or(0),
+                            "content-type" => ct = value.trim().to_string(),
+                            _ => {}
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    reader.read_exact(&mut body).unwrap();
+                    let _ = tx.send((path, ct, body));
+                    let mut out = stream.try_clone().unwrap();
+                    let _ = out.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n");
+                }
+            });
+        }
+    });
+    (port, rx)
+}
+
+/// Traces reach an OpenTelemetry collector over OTLP/HTTP when configured (flushed at a graceful
+/// SIGTERM shutdown); JSON logs are one JSON object per line and carry no query string.
+#[test]
+fn otlp_export_json_logs_and_graceful_shutdown() {
+    let (otlp_port, spans) = otlp_receiver();
+    let dir = TempDir::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let db = format!("sqlite://{}/y.db", dir.path.display());
+    let child = yiqiao(&dir, &db)
+        .env(
+            "YIQIAO_TELEMETRY__OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{otlp_port}"),
+        )
+        .env("YIQIAO_TELEMETRY__SERVICE_NAME", "yiqiao-under-test")
+        .env("YIQIAO_LOG__FORMAT", "json")
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/fhir/Organization?name=%E5%BC%A0%E4%B8%89");
+    let mut served = false;
+    for _ in 0..100 {
+        if reqwest::blocking_get_json(&url).is_ok() {
+            served = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(served, "gateway did not serve");
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "graceful shutdown exits 0");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        let v: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v.get("level").is_some(), "{line}");
+    }
+    assert!(
+        stderr.contains("\"route\":\"/fhir/Organization\""),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("张三") && !stderr.contains("%E5%BC%A0"),
+        "query strings must not be logged"
+    );
+
+    let (path, ct, body) = spans
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("no OTLP export");
+    assert_eq!(path, "/v1/traces");
+    assert_eq!(ct, "application/x-protobuf");
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("yiqiao-under-test"),
+        "service.name missing from the export"
+    );
+    assert!(
+        text.contains("request"),
+        "request span missing from the export"
+    );
+    assert!(!text.contains("%E5%BC%A0"));
+}
