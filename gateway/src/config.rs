@@ -289,7 +289,10 @@ impl Settings {
             return bad("auth.ip_per_minute", "rate and burst must be positive");
         }
         if auth.institution_per_minute == 0 || auth.institution_burst == 0 {
-            return bad("auth.institution_per_minute", "rate and burst must be positive");
+            return bad(
+                "auth.institution_per_minute",
+                "rate and burst must be positive",
+            );
         }
         for (id, limit) in &auth.institution_limits {
             if limit.per_minute == 0 || limit.burst == 0 {

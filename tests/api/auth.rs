@@ -60,8 +60,8 @@ fn rsa_key() -> &'static RsaKey {
         ]);
         let private_pem = std::fs::read_to_string(path).unwrap();
         let public_pem = String::from_utf8(openssl(&["pkey", "-in", path, "-pubout"])).unwrap();
-        let modulus = String::from_utf8(openssl(&["rsa", "-in", path, "-noout", "-modulus"]))
-            .unwrap();
+        let modulus =
+            String::from_utf8(openssl(&["rsa", "-in", path, "-noout", "-modulus"])).unwrap();
         let n = hex::decode(modulus.trim().trim_start_matches("Modulus=")).unwrap();
         let jwk = json!({"kty": "RSA", "kid": "rs", "use": "sig", "n": B64.encode(n), "e": "AQAB"});
         RsaKey {
@@ -200,7 +200,11 @@ async fn assert_oauth_error(resp: reqwest::Response, status: u16, error: &str) -
     let body: Value = resp.json().await.unwrap_or(Value::Null);
     assert_eq!(got, status, "{body}");
     assert_eq!(body["error"], error, "{body}");
-    assert!(body["error_description"].as_str().is_some_and(|d| !d.is_empty()));
+    assert!(
+        body["error_description"]
+            .as_str()
+            .is_some_and(|d| !d.is_empty())
+    );
     assert_eq!(headers["cache-control"], "no-store");
     if error == "invalid_client" {
         assert!(headers.contains_key("www-authenticate"));
@@ -256,7 +260,12 @@ async fn tokens_for_every_algorithm(backend: Backend) {
                 .contains(&json!(alg))
         );
     }
-    let jwks: Value = app.get("/.well-known/jwks.json").await.json().await.unwrap();
+    let jwks: Value = app
+        .get("/.well-known/jwks.json")
+        .await
+        .json()
+        .await
+        .unwrap();
     let gateway_key = &jwks["keys"][0];
     assert_eq!(gateway_key["alg"], "ES256");
     assert!(gateway_key.get("d").is_none(), "private part published");
@@ -395,25 +404,133 @@ async fn rejected_assertions_yield_oauth_errors_and_audit_records(backend: Backe
 
     let cases: Vec<(&str, String, &str, u16, &str)> = vec![
         ("alg none", unsigned, scope, 401, "invalid_client"),
-        ("HS256 with the public key", hs256_with_public_key, scope, 401, "invalid_client"),
-        ("alg not matching the key type", rsa_key_under_es256_header, scope, 401, "invalid_client"),
-        ("expired", good(&with("exp", json!(now() - 3600))), scope, 400, "invalid_grant"),
-        ("exp too far ahead", good(&with("exp", json!(now() + 3600))), scope, 400, "invalid_grant"),
-        ("future nbf", good(&with("nbf", json!(now() + 600))), scope, 400, "invalid_grant"),
-        ("future iat", good(&with("iat", json!(now() + 600))), scope, 400, "invalid_grant"),
-        ("wrong aud", good(&with("aud", json!("https://elsewhere.example/token"))), scope, 400, "invalid_grant"),
-        ("sub differs from iss", good(&with("sub", json!("hosp-002"))), scope, 400, "invalid_grant"),
-        ("missing jti", good(&without("jti")), scope, 400, "invalid_grant"),
+        (
+            "HS256 with the public key",
+            hs256_with_public_key,
+            scope,
+            401,
+            "invalid_client",
+        ),
+        (
+            "alg not matching the key type",
+            rsa_key_under_es256_header,
+            scope,
+            401,
+            "invalid_client",
+        ),
+        (
+            "expired",
+            good(&with("exp", json!(now() - 3600))),
+            scope,
+            400,
+            "invalid_grant",
+        ),
+        (
+            "exp too far ahead",
+            good(&with("exp", json!(now() + 3600))),
+            scope,
+            400,
+            "invalid_grant",
+        ),
+        (
+            "future nbf",
+            good(&with("nbf", json!(now() + 600))),
+            scope,
+            400,
+            "invalid_grant",
+        ),
+        (
+            "future iat",
+            good(&with("iat", json!(now() + 600))),
+            scope,
+            400,
+            "invalid_grant",
+        ),
+        (
+            "wrong aud",
+            good(&with("aud", json!("https://elsewhere.example/token"))),
+            scope,
+            400,
+            "invalid_grant",
+        ),
+        (
+            "sub differs from iss",
+            good(&with("sub", json!("hosp-002"))),
+            scope,
+            400,
+            "invalid_grant",
+        ),
+        (
+            "missing jti",
+            good(&without("jti")),
+            scope,
+            400,
+            "invalid_grant",
+        ),
         ("replayed jti", replayed, scope, 400, "invalid_grant"),
-        ("unknown kid", keys.sign("ES256", "nope", &base()), scope, 401, "invalid_client"),
-        ("key of another institution", other.sign("ES256", "b-es256", &base()), scope, 401, "invalid_client"),
-        ("unknown client", good(&with("iss", json!("nobody"))), scope, 401, "invalid_client"),
-        ("suspended institution", suspended.sign("ES256", "c-es256", &claims(&app, "hosp-003")), scope, 401, "invalid_client"),
-        ("oversized assertion", oversized, scope, 400, "invalid_request"),
-        ("non-base64 assertion", "e30.!!!not-base64!!!.e30".into(), scope, 400, "invalid_request"),
-        ("not a JWS", "just-a-string".into(), scope, 400, "invalid_request"),
-        ("SM2 with another signer ID", other_signer_id, scope, 401, "invalid_client"),
-        ("scope not granted", good(&base()), "system/DocumentReference.rs", 400, "invalid_scope"),
+        (
+            "unknown kid",
+            keys.sign("ES256", "nope", &base()),
+            scope,
+            401,
+            "invalid_client",
+        ),
+        (
+            "key of another institution",
+            other.sign("ES256", "b-es256", &base()),
+            scope,
+            401,
+            "invalid_client",
+        ),
+        (
+            "unknown client",
+            good(&with("iss", json!("nobody"))),
+            scope,
+            401,
+            "invalid_client",
+        ),
+        (
+            "suspended institution",
+            suspended.sign("ES256", "c-es256", &claims(&app, "hosp-003")),
+            scope,
+            401,
+            "invalid_client",
+        ),
+        (
+            "oversized assertion",
+            oversized,
+            scope,
+            400,
+            "invalid_request",
+        ),
+        (
+            "non-base64 assertion",
+            "e30.!!!not-base64!!!.e30".into(),
+            scope,
+            400,
+            "invalid_request",
+        ),
+        (
+            "not a JWS",
+            "just-a-string".into(),
+            scope,
+            400,
+            "invalid_request",
+        ),
+        (
+            "SM2 with another signer ID",
+            other_signer_id,
+            scope,
+            401,
+            "invalid_client",
+        ),
+        (
+            "scope not granted",
+            good(&base()),
+            "system/DocumentReference.rs",
+            400,
+            "invalid_scope",
+        ),
     ];
     let mut expected_events = events(&app).len();
     for (name, assertion, scope, status, error) in cases {
@@ -425,7 +542,11 @@ async fn rejected_assertions_yield_oauth_errors_and_audit_records(backend: Backe
         let last = &recorded[0];
         assert_eq!(last.outcome, "failure", "{name}");
         assert_eq!(last.oauth_error.as_deref(), Some(error), "{name}");
-        assert_eq!(last.reason, body["error_description"].as_str().unwrap(), "{name}");
+        assert_eq!(
+            last.reason,
+            body["error_description"].as_str().unwrap(),
+            "{name}"
+        );
     }
 
     // Bad requests around the assertion.
@@ -444,8 +565,16 @@ async fn rejected_assertions_yield_oauth_errors_and_audit_records(backend: Backe
     };
     for (f, status, error) in [
         (form(None, "client_credentials"), 400, "invalid_request"),
-        (form(Some("FUN"), "client_credentials"), 400, "invalid_request"),
-        (form(Some("TREAT"), "password"), 400, "unsupported_grant_type"),
+        (
+            form(Some("FUN"), "client_credentials"),
+            400,
+            "invalid_request",
+        ),
+        (
+            form(Some("TREAT"), "password"),
+            400,
+            "unsupported_grant_type",
+        ),
     ] {
         let refs: Vec<(&str, &str)> = f.iter().map(|(k, v)| (*k, v.as_str())).collect();
         assert_oauth_error(request_token(&app, &refs).await, status, error).await;
@@ -478,7 +607,10 @@ async fn access_tokens_guard_routes(backend: Backend) {
         .send()
         .await
         .unwrap();
-    let challenge = resp.headers()["www-authenticate"].to_str().unwrap().to_string();
+    let challenge = resp.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string();
     assert!(challenge.contains("invalid_token"), "{challenge}");
     assert_outcome(resp, 401, "unauthenticated").await;
 
@@ -491,7 +623,10 @@ async fn access_tokens_guard_routes(backend: Backend) {
         .send()
         .await
         .unwrap();
-    let challenge = resp.headers()["www-authenticate"].to_str().unwrap().to_string();
+    let challenge = resp.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string();
     assert!(challenge.contains("insufficient_scope"), "{challenge}");
     let body = assert_outcome(resp, 403, "forbidden").await;
     assert!(body.to_string().contains("system/AuditEvent.r"), "{body}");
@@ -563,7 +698,11 @@ async fn token_endpoint_rate_limits(backend: Backend) {
     }
     let a = keys.sign("ES256", "es256", &claims(&app, "hosp-001"));
     let resp = token_with(&app, &a, "system/Patient.rs").await;
-    let retry: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=60).contains(&retry), "{retry}");
     assert_eq!(resp.headers()["ratelimit-limit"], "2");
     assert_eq!(resp.headers()["ratelimit-remaining"], "0");
@@ -571,7 +710,10 @@ async fn token_endpoint_rate_limits(backend: Backend) {
     // Another institution is not affected by hosp-001's limit…
     for _ in 0..2 {
         let a = other.sign("ES256", "b-es256", &claims(&app, "hosp-002"));
-        assert_eq!(token_with(&app, &a, "system/Patient.rs").await.status(), 200);
+        assert_eq!(
+            token_with(&app, &a, "system/Patient.rs").await.status(),
+            200
+        );
     }
     // …but the address is now over its burst of 5.
     let a = other.sign("ES256", "b-es256", &claims(&app, "hosp-002"));
@@ -620,7 +762,12 @@ async fn sm2_assertion_signed_by_gmssl_and_openssl(backend: Backend) {
         );
         let assertion = String::from_utf8(out.stdout).unwrap();
         let resp = token_with(&app, assertion.trim(), "system/Patient.rs").await;
-        assert_eq!(resp.status(), 200, "{signer}: {}", resp.text().await.unwrap());
+        assert_eq!(
+            resp.status(),
+            200,
+            "{signer}: {}",
+            resp.text().await.unwrap()
+        );
     }
     let recorded = events(&app);
     assert!(recorded.iter().all(|e| e.alg.as_deref() == Some("SM2SM3")));
@@ -700,7 +847,12 @@ async fn two_replicas_share_keys_replay_cache_and_rate_limit() {
     // Replay at the other replica.
     let resp = token_with(&b, &assertion, "system/AuditEvent.rs").await;
     let body = assert_oauth_error(resp, 400, "invalid_grant").await;
-    assert!(body["error_description"].as_str().unwrap().contains("used before"));
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("used before")
+    );
     // A token from replica a works at replica b.
     let resp = b
         .client
@@ -711,10 +863,17 @@ async fn two_replicas_share_keys_replay_cache_and_rate_limit() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let seen: Value = resp.json().await.unwrap();
-    assert_eq!(seen.as_array().unwrap().len(), 2, "both replicas audit to one table");
+    assert_eq!(
+        seen.as_array().unwrap().len(),
+        2,
+        "both replicas audit to one table"
+    );
     // Burst 3 for hosp-001 across both replicas: two used above, one more, then 429.
     let fresh = keys.sign("ES256", "es256", &crate::auth::claims(&a, "hosp-001"));
-    assert_eq!(token_with(&a, &fresh, "system/Patient.rs").await.status(), 200);
+    assert_eq!(
+        token_with(&a, &fresh, "system/Patient.rs").await.status(),
+        200
+    );
     let fresh = keys.sign("ES256", "es256", &crate::auth::claims(&a, "hosp-001"));
     let resp = token_with(&b, &fresh, "system/Patient.rs").await;
     assert!(resp.headers().contains_key("retry-after"));

@@ -46,7 +46,9 @@ pub struct SigningKeys {
 
 impl std::fmt::Debug for SigningKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SigningKeys").field("kid", &self.kid).finish()
+        f.debug_struct("SigningKeys")
+            .field("kid", &self.kid)
+            .finish()
     }
 }
 
@@ -77,8 +79,8 @@ impl SigningKeys {
                 )
                 .map_err(|_| anyhow::anyhow!("generated key does not load"))?;
                 let kid = format!("gw-{}", uuid::Uuid::new_v4().simple());
-                let jwk = public_jwk(&kid, pair.public_key().as_ref())
-                    .map_err(|e| anyhow::anyhow!(e))?;
+                let jwk =
+                    public_jwk(&kid, pair.public_key().as_ref()).map_err(|e| anyhow::anyhow!(e))?;
                 store::ensure_first_key(
                     conn,
                     &kid,
@@ -100,8 +102,9 @@ impl SigningKeys {
         let mut decoding = HashMap::new();
         let mut published = Vec::new();
         for row in all {
-            let jwk: Value = serde_json::from_str(&row.public_jwk)
-                .map_err(|_| anyhow::anyhow!("gateway_keys.public_jwk of {} is corrupt", row.kid))?;
+            let jwk: Value = serde_json::from_str(&row.public_jwk).map_err(|_| {
+                anyhow::anyhow!("gateway_keys.public_jwk of {} is corrupt", row.kid)
+            })?;
             let (Some(x), Some(y)) = (jwk["x"].as_str(), jwk["y"].as_str()) else {
                 anyhow::bail!("gateway_keys.public_jwk of {} lacks x/y", row.kid);
             };

@@ -138,18 +138,18 @@ struct Attempt {
         (status = 503, description = "Database or Redis unavailable"),
     )
 )]
-pub async fn token(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-    body: web::Bytes,
-) -> HttpResponse {
+pub async fn token(req: HttpRequest, state: web::Data<AppState>, body: web::Bytes) -> HttpResponse {
     let client_ip = req.peer_addr().map(|a| a.ip().to_string());
     let request_id = req.extensions().get::<RequestId>().map(|r| r.0.clone());
     let mut attempt = Attempt::default();
     let result = issue(&req, &state, &body, client_ip.as_deref(), &mut attempt).await;
     let (success, oauth_error, reason) = match &result {
         Ok((resp, _)) => (true, None, format!("issued scope {:?}", resp.scope)),
-        Err(e) => (false, Some(e.code.as_str().to_string()), e.description.clone()),
+        Err(e) => (
+            false,
+            Some(e.code.as_str().to_string()),
+            e.description.clone(),
+        ),
     };
     let event = NewAuthEvent {
         client_id: attempt.client_id,
@@ -289,7 +289,9 @@ async fn issue(
     if let Some(declared) = param("client_id")
         && declared != client_id
     {
-        return Err(OAuthError::client("client_id does not match the assertion's iss"));
+        return Err(OAuthError::client(
+            "client_id does not match the assertion's iss",
+        ));
     }
     let scope = param("scope").ok_or_else(|| OAuthError::request("scope is required"))?;
     let purpose = param(PURPOSE_PARAM).ok_or_else(|| {
@@ -301,14 +303,14 @@ async fn issue(
         OAuthError::request(format!("{PURPOSE_PARAM} {purpose:?} is not a known code"))
     })?;
 
-    let inst_limit = auth
-        .institution_limits
-        .get(&client_id)
-        .copied()
-        .unwrap_or(crate::config::RateLimit {
-            per_minute: auth.institution_per_minute,
-            burst: auth.institution_burst,
-        });
+    let inst_limit =
+        auth.institution_limits
+            .get(&client_id)
+            .copied()
+            .unwrap_or(crate::config::RateLimit {
+                per_minute: auth.institution_per_minute,
+                burst: auth.institution_burst,
+            });
     let verdict = state
         .auth
         .limits
@@ -328,7 +330,9 @@ async fn issue(
         .map_err(unavailable)?
         .ok_or_else(|| OAuthError::client(format!("client {client_id} is not registered")))?;
     if !institution.is_active() {
-        return Err(OAuthError::client(format!("client {client_id} is suspended")));
+        return Err(OAuthError::client(format!(
+            "client {client_id} is suspended"
+        )));
     }
     assertion::verify_signature(&parsed, &institution)?;
     let now = now_secs();

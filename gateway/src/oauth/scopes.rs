@@ -82,12 +82,26 @@ mod tests {
 
     #[test]
     fn only_the_intersection_is_granted() {
-        let allowed = s(&["system/Patient.rs", "system/Consent.cruds", "system/Observation.read"]);
+        let allowed = s(&[
+            "system/Patient.rs",
+            "system/Consent.cruds",
+            "system/Observation.read",
+        ]);
         assert_eq!(
-            intersect(&["system/Patient.cruds", "system/Consent.rs", "system/AuditEvent.rs"], &allowed),
+            intersect(
+                &[
+                    "system/Patient.cruds",
+                    "system/Consent.rs",
+                    "system/AuditEvent.rs"
+                ],
+                &allowed
+            ),
             s(&["system/Patient.rs", "system/Consent.rs"])
         );
-        assert_eq!(intersect(&["system/Observation.rs"], &allowed), s(&["system/Observation.rs"]));
+        assert_eq!(
+            intersect(&["system/Observation.rs"], &allowed),
+            s(&["system/Observation.rs"])
+        );
         assert!(intersect(&["system/AuditEvent.rs"], &allowed).is_empty());
         assert!(intersect(&["user/Patient.rs"], &allowed).is_empty());
         assert!(intersect(&["garbage", "system/Patient.x"], &allowed).is_empty());
@@ -101,6 +115,9 @@ mod tests {
             s(&["system/Patient.rs", "system/Observation.r"])
         );
         let all = s(&["system/*.rs"]);
-        assert_eq!(intersect(&["system/DocumentReference.rs"], &all), s(&["system/DocumentReference.rs"]));
+        assert_eq!(
+            intersect(&["system/DocumentReference.rs"], &all),
+            s(&["system/DocumentReference.rs"])
+        );
     }
 }
