@@ -11,6 +11,7 @@ use actix_web::{App, HttpRequest, middleware, web};
 use crate::config::Settings;
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Metrics;
+use crate::oauth;
 use crate::routes::{directory, docs, institutions, metadata, ops};
 use crate::state::AppState;
 
@@ -26,6 +27,15 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/openapi.json").route(web::get().to(docs::openapi)))
         .service(resource("/docs").route(web::get().to(docs::page)))
         .service(resource("/docs/redoc.standalone.js").route(web::get().to(docs::redoc_js)))
+        // Machine authentication (SMART Backend Services).
+        .service(resource("/oauth2/token").route(web::post().to(oauth::token)))
+        .service(resource("/oauth2/events").route(web::get().to(oauth::own_events)))
+        .service(resource("/oauth2/whoami").route(web::get().to(oauth::whoami)))
+        .service(resource("/.well-known/jwks.json").route(web::get().to(oauth::jwks)))
+        .service(
+            resource("/.well-known/smart-configuration")
+                .route(web::get().to(oauth::smart_configuration)),
+        )
         // Directory administration (admin credential).
         .service(
             resource("/admin/institutions")
@@ -110,12 +120,24 @@ impl Application {
         if settings.public_url.is_empty() {
             settings.listen = listener.local_addr()?;
         }
+        let key_store = store.clone();
+        let keys = tokio::task::spawn_blocking(move || {
+            let mut conn = key_store.conn()?;
+            oauth::keys::SigningKeys::load_or_create(&mut conn)
+        })
+        .await??;
+        let limits = oauth::limits::SharedLimits::new(
+            redis.clone(),
+            &settings.redis.key_prefix,
+            Duration::from_millis(settings.redis.timeout_ms),
+        );
         let state = AppState {
             base_url: settings.public_base_url().into(),
             settings: Arc::new(settings),
             store,
             redis,
             metrics: Metrics::new()?,
+            auth: Arc::new(oauth::AuthRuntime::new(keys, limits)),
         };
         let http = state.settings.http.clone();
         let data = web::Data::new(state.clone());

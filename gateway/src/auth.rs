@@ -6,15 +6,23 @@
 //!   institution (bulk loads, the demo). The institution must exist and be active; the caller
 //!   gets the institution's allowed scopes.
 //!
-//! Institution access tokens (SMART Backend Services) arrive with the authentication issue and
-//! produce the same `Caller`.
+//! - a gateway access token (`Authorization: Bearer <JWT>` from `POST /oauth2/token`, signed
+//!   by the gateway, docs/auth.md): the institution is read from the directory (cached at most
+//!   `auth.directory_cache_ttl_ms`) and must still be active; the scopes are the token's,
+//!   narrowed to what the directory still allows; the purpose of use comes from the token.
+//!
+//! [`Scoped<N>`] puts the scope a handler needs into its signature: `Scoped<PatientRead>`
+//! answers 403 OperationOutcome (and `WWW-Authenticate: Bearer error="insufficient_scope"`)
+//! when the scope is not granted.
 
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 
 use actix_web::dev::Payload;
 use actix_web::http::header::{self, HeaderName};
 use actix_web::{FromRequest, HttpRequest, web};
+use yiqiao_consent::Purpose;
 use yiqiao_registry::directory::{self, Institution};
 
 use crate::error::{ApiError, ErrorCode};
@@ -39,6 +47,8 @@ pub struct Caller {
     /// Granted SMART scopes (e.g. `system/Patient.rs`).
     pub scopes: Vec<String>,
     pub via: CallerVia,
+    /// Purpose of use bound to the access token (`None` for the admin-on-behalf path).
+    pub purpose: Option<Purpose>,
 }
 
 impl Caller {
@@ -96,6 +106,12 @@ impl FromRequest for Caller {
             .and_then(|v| v.to_str().ok())
             .map(String::from);
         let has_auth = req.headers().contains_key(header::AUTHORIZATION);
+        let bearer = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|v| v.trim().to_string());
         let state = req.app_data::<web::Data<AppState>>().cloned();
         Box::pin(async move {
             let state = state.ok_or_else(|| ApiError::internal("application state missing"))?;
@@ -105,6 +121,9 @@ impl FromRequest for Caller {
                     "an Authorization: Bearer credential is required",
                 )
                 .header(header::WWW_AUTHENTICATE, "Bearer realm=\"yiqiao\""));
+            }
+            if admin.is_err() && on_behalf.is_none() {
+                return from_access_token(&state, bearer.as_deref()).await;
             }
             admin?;
             let id = on_behalf.ok_or_else(|| {
@@ -137,6 +156,118 @@ impl FromRequest for Caller {
                 scopes: institution.allowed_scopes.clone(),
                 institution,
                 via: CallerVia::AdminOnBehalf,
+                purpose: None,
+            })
+        })
+    }
+}
+
+fn invalid_token(why: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::Unauthenticated,
+        format!("the access token is not valid: {why}"),
+    )
+    .header(
+        header::WWW_AUTHENTICATE,
+        format!("Bearer realm=\"yiqiao\", error=\"invalid_token\", error_description=\"{why}\""),
+    )
+}
+
+/// A gateway access token → Caller. No database read while the directory cache is fresh.
+async fn from_access_token(state: &AppState, bearer: Option<&str>) -> Result<Caller, ApiError> {
+    let token = bearer.ok_or_else(|| invalid_token("expected Authorization: Bearer <token>"))?;
+    let claims = state
+        .auth
+        .keys
+        .verify(token, &state.base_url)
+        .map_err(|why| invalid_token(&why))?;
+    let institution = crate::oauth::cached_institution(state, &claims.sub)
+        .await?
+        .ok_or_else(|| invalid_token("the institution is no longer registered"))?;
+    if !institution.is_active() {
+        return Err(invalid_token("the institution is suspended"));
+    }
+    let requested: Vec<&str> = claims.scope.split_whitespace().collect();
+    let scopes = crate::oauth::scopes::intersect(&requested, &institution.allowed_scopes);
+    Ok(Caller {
+        institution,
+        scopes,
+        via: CallerVia::AccessToken,
+        purpose: Purpose::from_code(&claims.purpose_of_use),
+    })
+}
+
+/// A scope a handler needs: `RESOURCE` and one SMART v2 permission (c, r, u, d, s).
+pub trait ScopeNeed: 'static {
+    const RESOURCE: &'static str;
+    const PERMISSION: char;
+}
+
+macro_rules! scope_needs {
+    ($($name:ident => ($resource:literal, $permission:literal),)*) => {
+        $(
+            #[doc = concat!("Needs `system/", $resource, ".", $permission, "`.")]
+            #[derive(Debug, Clone, Copy)]
+            pub struct $name;
+            impl ScopeNeed for $name {
+                const RESOURCE: &'static str = $resource;
+                const PERMISSION: char = $permission;
+            }
+        )*
+    };
+}
+
+scope_needs! {
+    PatientRead => ("Patient", 'r'),
+    PatientSearch => ("Patient", 's'),
+    DocumentReferenceRead => ("DocumentReference", 'r'),
+    DocumentReferenceSearch => ("DocumentReference", 's'),
+    ObservationRead => ("Observation", 'r'),
+    ObservationSearch => ("Observation", 's'),
+    ConsentCreate => ("Consent", 'c'),
+    ConsentRead => ("Consent", 'r'),
+    ConsentUpdate => ("Consent", 'u'),
+    ConsentDelete => ("Consent", 'd'),
+    ConsentSearch => ("Consent", 's'),
+    AuditEventRead => ("AuditEvent", 'r'),
+    AuditEventSearch => ("AuditEvent", 's'),
+}
+
+/// A [`Caller`] holding the scope `N` — the requirement is visible in the handler signature.
+#[derive(Debug, Clone)]
+pub struct Scoped<N: ScopeNeed> {
+    pub caller: Caller,
+    _need: PhantomData<N>,
+}
+
+impl<N: ScopeNeed> std::ops::Deref for Scoped<N> {
+    type Target = Caller;
+    fn deref(&self) -> &Caller {
+        &self.caller
+    }
+}
+
+impl<N: ScopeNeed> FromRequest for Scoped<N> {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Scoped<N>, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let caller = Caller::from_request(req, payload);
+        Box::pin(async move {
+            let caller = caller.await?;
+            caller.require(N::RESOURCE, N::PERMISSION).map_err(|e| {
+                e.header(
+                    header::WWW_AUTHENTICATE,
+                    format!(
+                        "Bearer realm=\"yiqiao\", error=\"insufficient_scope\", scope=\"system/{}.{}\"",
+                        N::RESOURCE,
+                        N::PERMISSION
+                    ),
+                )
+            })?;
+            Ok(Scoped {
+                caller,
+                _need: PhantomData,
             })
         })
     }

@@ -64,6 +64,7 @@ pub struct Settings {
     pub http: HttpSettings,
     pub log: LogSettings,
     pub telemetry: TelemetrySettings,
+    pub auth: AuthSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,6 +106,37 @@ pub struct RedisSettings {
     pub url: Secret,
     /// Timeout for a Redis round trip (readiness and shared state).
     pub timeout_ms: u64,
+    /// Prefix of every Redis key this gateway writes (replicas of one deployment share it).
+    pub key_prefix: String,
+}
+
+/// Machine authentication (SMART Backend Services token endpoint, access tokens).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Lifetime of issued access tokens, seconds (1–900).
+    pub access_token_ttl_secs: u64,
+    /// Tolerated clock difference for `exp`, `nbf`, `iat` of client assertions, seconds (0–300).
+    pub clock_skew_secs: u64,
+    /// How long a replica may use a cached directory entry when checking an access token,
+    /// milliseconds: the bound on how late a suspension takes effect (0 = read every request).
+    pub directory_cache_ttl_ms: u64,
+    /// Token-endpoint requests per minute from one client IP, and the burst above that rate.
+    pub ip_per_minute: u32,
+    pub ip_burst: u32,
+    /// Token-endpoint requests per minute per institution (unless overridden), and burst.
+    pub institution_per_minute: u32,
+    pub institution_burst: u32,
+    /// Per-institution overrides: `[auth.institution_limits.hosp-001] per_minute = 10, burst = 2`.
+    pub institution_limits: std::collections::BTreeMap<String, RateLimit>,
+}
+
+/// A rate and burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_minute: u32,
+    pub burst: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -154,6 +186,7 @@ impl Default for Settings {
             redis: RedisSettings {
                 url: Secret::default(),
                 timeout_ms: 1000,
+                key_prefix: "yiqiao:".into(),
             },
             http: HttpSettings {
                 max_body_bytes: 1024 * 1024,
@@ -169,6 +202,16 @@ impl Default for Settings {
                 otlp_endpoint: String::new(),
                 service_name: "yiqiao".into(),
                 sample_ratio: 1.0,
+            },
+            auth: AuthSettings {
+                access_token_ttl_secs: 300,
+                clock_skew_secs: 60,
+                directory_cache_ttl_ms: 2000,
+                ip_per_minute: 300,
+                ip_burst: 30,
+                institution_per_minute: 60,
+                institution_burst: 10,
+                institution_limits: Default::default(),
             },
         }
     }
@@ -265,6 +308,30 @@ impl Settings {
                         "must be an http(s) URL such as http://collector:4318",
                     );
                 }
+            }
+        }
+        let auth = &self.auth;
+        if !(1..=900).contains(&auth.access_token_ttl_secs) {
+            return bad("auth.access_token_ttl_secs", "must be between 1 and 900");
+        }
+        if auth.clock_skew_secs > 300 {
+            return bad("auth.clock_skew_secs", "must be at most 300");
+        }
+        if auth.ip_per_minute == 0 || auth.ip_burst == 0 {
+            return bad("auth.ip_per_minute", "rate and burst must be positive");
+        }
+        if auth.institution_per_minute == 0 || auth.institution_burst == 0 {
+            return bad(
+                "auth.institution_per_minute",
+                "rate and burst must be positive",
+            );
+        }
+        for (id, limit) in &auth.institution_limits {
+            if limit.per_minute == 0 || limit.burst == 0 {
+                return bad(
+                    &format!("auth.institution_limits.{id}"),
+                    "rate and burst must be positive",
+                );
             }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {

@@ -11,6 +11,7 @@ pub mod extract;
 pub mod fhir;
 pub mod metrics;
 pub mod middleware;
+pub mod oauth;
 pub mod routes;
 pub mod state;
 pub mod telemetry;

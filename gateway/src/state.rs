@@ -20,6 +20,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Externally visible base URL, without trailing slash.
     pub base_url: Arc<str>,
+    /// Signing keys, replay cache, rate limits (crate::oauth).
+    pub auth: Arc<crate::oauth::AuthRuntime>,
 }
 
 impl AppState {

@@ -286,6 +286,12 @@ pub fn validate(spec: &InstitutionSpec) -> Result<ValidSpec, ValidationError> {
         }
         validate_public_pem(&key.pem)
             .map_err(|m| ValidationError::new(format!("{field}.pem"), m))?;
+        yiqiao_sm::Sm2PublicKey::from_spki_pem(key.pem.trim()).map_err(|e| {
+            ValidationError::new(
+                format!("{field}.pem"),
+                format!("is not an SM2 public key: {e}"),
+            )
+        })?;
     }
     let patient_id_system = spec.patient_id_system.trim().to_string();
     validate_system_uri(&patient_id_system)?;
@@ -467,8 +473,8 @@ fn validate_jwks(jwks: Option<serde_json::Value>) -> Result<serde_json::Value, V
     Ok(jwks)
 }
 
-/// Structural check of an SPKI public key PEM. (Cryptographic parsing of the SM2 point is the
-/// gateway's, which owns the SM2 code.)
+/// Structural check of an SPKI public key PEM (the SM2 point itself is parsed by
+/// `yiqiao_sm::Sm2PublicKey::from_spki_pem` in [`validate`]).
 fn validate_public_pem(pem: &str) -> Result<(), String> {
     let body = pem
         .trim()

@@ -93,6 +93,18 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// A database owned by someone else (a second replica over the first one's database):
+    /// nothing is dropped with it.
+    pub fn shared(url: &str) -> TestDb {
+        TestDb {
+            url: url.to_string(),
+            pg_name: None,
+            _dir: None,
+        }
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let Some(name) = &self.pg_name

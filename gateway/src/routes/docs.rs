@@ -17,14 +17,19 @@ use crate::routes::{directory, institutions, metadata, ops};
         institutions::suspend, institutions::activate,
         directory::read_organization, directory::search_organizations,
         directory::read_endpoint, directory::search_endpoints,
+        crate::oauth::token, crate::oauth::jwks, crate::oauth::smart_configuration,
+        crate::oauth::own_events, crate::oauth::whoami,
     ),
     components(schemas(institutions::InstitutionInput, institutions::InstitutionView,
-                        institutions::InstitutionList, institutions::Sm2KeyInput)),
+                        institutions::InstitutionList, institutions::Sm2KeyInput,
+                        crate::oauth::TokenResponse, crate::oauth::AuthEventView,
+                        crate::oauth::WhoAmI)),
     modifiers(&SecurityAddon),
     tags(
         (name = "operations", description = "Health, readiness, metrics"),
         (name = "directory", description = "Institution directory administration"),
         (name = "fhir", description = "FHIR R4 API"),
+        (name = "auth", description = "Machine authentication (SMART Backend Services, docs/auth.md)"),
     )
 )]
 pub struct ApiDoc;
@@ -37,6 +42,15 @@ impl utoipa::Modify for SecurityAddon {
         components.add_security_scheme(
             "admin_token",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "access_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
         );
     }
 }

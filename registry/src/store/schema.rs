@@ -21,3 +21,30 @@ diesel::table! {
         updated_at -> Timestamp,
     }
 }
+
+diesel::table! {
+    auth_events (id) {
+        id -> Text,
+        occurred_at -> Timestamp,
+        client_id -> Nullable<Text>,
+        outcome -> Text,
+        oauth_error -> Nullable<Text>,
+        reason -> Text,
+        client_ip -> Nullable<Text>,
+        jti -> Nullable<Text>,
+        kid -> Nullable<Text>,
+        alg -> Nullable<Text>,
+        request_id -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    gateway_keys (kid) {
+        kid -> Text,
+        generation -> BigInt,
+        alg -> Text,
+        private_pkcs8 -> Text,
+        public_jwk -> Text,
+        created_at -> Timestamp,
+    }
+}
