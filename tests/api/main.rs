@@ -8,6 +8,7 @@
 
 mod helpers;
 
+mod empi;
 mod errors;
 mod institutions;
 mod migrations;

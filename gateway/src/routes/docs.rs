@@ -5,7 +5,7 @@ use actix_web::{HttpResponse, web};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use crate::routes::{directory, institutions, metadata, ops};
+use crate::routes::{directory, empi, institutions, metadata, ops, patients};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -17,14 +17,20 @@ use crate::routes::{directory, institutions, metadata, ops};
         institutions::suspend, institutions::activate,
         directory::read_organization, directory::search_organizations,
         directory::read_endpoint, directory::search_endpoints,
+        patients::create, patients::conditional_update, patients::read, patients::search,
+        patients::pix, patients::match_patient,
+        empi::read_person, empi::merge, empi::unmerge, empi::list_review, empi::review_link,
+        empi::review_keep_separate,
     ),
     components(schemas(institutions::InstitutionInput, institutions::InstitutionView,
-                        institutions::InstitutionList, institutions::Sm2KeyInput)),
+                        institutions::InstitutionList, institutions::Sm2KeyInput,
+                        empi::MergeInput, empi::ReviewInput)),
     modifiers(&SecurityAddon),
     tags(
         (name = "operations", description = "Health, readiness, metrics"),
         (name = "directory", description = "Institution directory administration"),
         (name = "fhir", description = "FHIR R4 API"),
+        (name = "empi", description = "Master patient index: Patient feed, PDQm, PIXm, $match, persons, review"),
     )
 )]
 pub struct ApiDoc;
