@@ -62,9 +62,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::put().to(patients::conditional_update)),
         )
         .service(resource("/fhir/Patient/$ihe-pix").route(web::get().to(patients::pix)))
-        .service(
-            resource("/fhir/Patient/$match").route(web::post().to(patients::match_patient)),
-        )
+        .service(resource("/fhir/Patient/$match").route(web::post().to(patients::match_patient)))
         .service(resource("/fhir/Patient/{id}").route(web::get().to(patients::read)))
         // EMPI administration (admin credential).
         .service(resource("/empi/persons/{id}").route(web::get().to(empi::read_person)))

@@ -339,8 +339,7 @@ fn mpi(settings: &Settings, cmd: MpiCommand) -> Result<(), Failure> {
             seed,
         } => {
             let ok = |p: f64| p > 0.0 && p < 1.0;
-            if !ok(link_posterior) || !ok(review_posterior) || review_posterior > link_posterior
-            {
+            if !ok(link_posterior) || !ok(review_posterior) || review_posterior > link_posterior {
                 return Err(Failure::new(
                     EXIT_REJECTED,
                     "posteriors must be in (0, 1) with review ≤ link",

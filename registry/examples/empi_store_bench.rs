@@ -12,8 +12,8 @@ use diesel::prelude::*;
 use yiqiao_registry::empi::evaluate::pairwise_quality;
 use yiqiao_registry::empi::store::{self as empi, Registration};
 use yiqiao_registry::empi::synth::{PopulationConfig, generate};
-use yiqiao_registry::store::schema::{empi_links, institutions};
 use yiqiao_registry::store::now_utc;
+use yiqiao_registry::store::schema::{empi_links, institutions};
 use yiqiao_registry::{Store, StoreOptions};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

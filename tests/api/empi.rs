@@ -362,7 +362,13 @@ async fn pdqm_filters(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(b["entry"].as_array().unwrap().len(), 1);
-    assert!(b["link"].as_array().unwrap().iter().any(|l| l["relation"] == "next"));
+    assert!(
+        b["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["relation"] == "next")
+    );
     assert_outcome(
         get_as(&app, 1, "/fhir/Patient?surname=x").await,
         400,
@@ -503,7 +509,13 @@ async fn match_scores_and_grades(backend: Backend) {
         "gender": "female",
         "birthDate": "1980-03-15",
     });
-    let resp = post_as(&app, 2, "/fhir/Patient/$match", &match_params(query.clone(), vec![])).await;
+    let resp = post_as(
+        &app,
+        2,
+        "/fhir/Patient/$match",
+        &match_params(query.clone(), vec![]),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     let bundle: Value = resp.json().await.unwrap();
     let entries = bundle["entry"].as_array().unwrap();
@@ -528,7 +540,15 @@ async fn match_scores_and_grades(backend: Backend) {
         .collect();
     assert_eq!(
         fields,
-        vec!["Name", "BirthDate", "Sex", "ResidentId", "OtherId", "Phone", "Address"]
+        vec![
+            "Name",
+            "BirthDate",
+            "Sex",
+            "ResidentId",
+            "OtherId",
+            "Phone",
+            "Address"
+        ]
     );
     // Scores are ordered; grades weaken with the score.
     let scores: Vec<f64> = entries
@@ -538,16 +558,24 @@ async fn match_scores_and_grades(backend: Backend) {
     assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
     // A weak query: name only; onlyCertainMatches drops everything uncertain.
     let weak = json!({ "resourceType": "Patient", "name": [{ "text": "王秀英" }], "birthDate": "1980-03-15" });
-    let all: Value = post_as(&app, 1, "/fhir/Patient/$match", &match_params(weak.clone(), vec![]))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let all: Value = post_as(
+        &app,
+        1,
+        "/fhir/Patient/$match",
+        &match_params(weak.clone(), vec![]),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     let certain: Value = post_as(
         &app,
         1,
         "/fhir/Patient/$match",
-        &match_params(weak, vec![json!({ "name": "onlyCertainMatches", "valueBoolean": true })]),
+        &match_params(
+            weak,
+            vec![json!({ "name": "onlyCertainMatches", "valueBoolean": true })],
+        ),
     )
     .await
     .json()
@@ -563,7 +591,10 @@ async fn match_scores_and_grades(backend: Backend) {
         &app,
         1,
         "/fhir/Patient/$match",
-        &match_params(query.clone(), vec![json!({ "name": "count", "valueInteger": 1 })]),
+        &match_params(
+            query.clone(),
+            vec![json!({ "name": "count", "valueInteger": 1 })],
+        ),
     )
     .await
     .json()
@@ -590,7 +621,13 @@ async fn match_scores_and_grades(backend: Backend) {
         "Parameters.parameter[1].valueInteger"
     );
     assert_outcome(
-        post_as(&app, 1, "/fhir/Patient/$match", &json!({ "resourceType": "Parameters", "parameter": [] })).await,
+        post_as(
+            &app,
+            1,
+            "/fhir/Patient/$match",
+            &json!({ "resourceType": "Parameters", "parameter": [] }),
+        )
+        .await,
         422,
         "validation-failed",
     )
@@ -635,7 +672,10 @@ async fn merge_unmerge_round_trip(backend: Backend) {
     let before = (person_state(&app, &pa).await, person_state(&app, &pb).await);
 
     let resp = app
-        .admin_post(&format!("/empi/persons/{pa}/$merge"), &json!({ "source": pb }))
+        .admin_post(
+            &format!("/empi/persons/{pa}/$merge"),
+            &json!({ "source": pb }),
+        )
         .await;
     assert_eq!(resp.status(), 200);
     let merged = person_state(&app, &pa).await;
@@ -649,23 +689,32 @@ async fn merge_unmerge_round_trip(backend: Backend) {
     assert!(params.to_string().contains("\"B2\""), "{params}");
     // A merged-away person cannot be merged again.
     assert_outcome(
-        app.admin_post(&format!("/empi/persons/{pa}/$merge"), &json!({ "source": pb }))
-            .await,
+        app.admin_post(
+            &format!("/empi/persons/{pa}/$merge"),
+            &json!({ "source": pb }),
+        )
+        .await,
         409,
         "conflict",
     )
     .await;
 
     let resp = app
-        .admin_post(&format!("/empi/persons/{pa}/$unmerge"), &json!({ "source": pb }))
+        .admin_post(
+            &format!("/empi/persons/{pa}/$unmerge"),
+            &json!({ "source": pb }),
+        )
         .await;
     assert_eq!(resp.status(), 200);
     let after = (person_state(&app, &pa).await, person_state(&app, &pb).await);
     assert_eq!(after, before, "unmerge restores exactly the state before");
     // Undone once only.
     assert_outcome(
-        app.admin_post(&format!("/empi/persons/{pa}/$unmerge"), &json!({ "source": pb }))
-            .await,
+        app.admin_post(
+            &format!("/empi/persons/{pa}/$unmerge"),
+            &json!({ "source": pb }),
+        )
+        .await,
         409,
         "conflict",
     )
@@ -685,8 +734,11 @@ async fn merge_unmerge_round_trip(backend: Backend) {
         .collect();
     assert!(kinds.ends_with(&["merge", "unmerge"]), "{kinds:?}");
     assert_outcome(
-        app.admin_post(&format!("/empi/persons/{pa}/$merge"), &json!({ "source": "nope" }))
-            .await,
+        app.admin_post(
+            &format!("/empi/persons/{pa}/$merge"),
+            &json!({ "source": "nope" }),
+        )
+        .await,
         404,
         "not-found",
     )
@@ -773,7 +825,10 @@ async fn manual_decisions_survive_reestimate(backend: Backend) {
     let (pa, pb) = (person_of(&a), person_of(&b));
     assert_ne!(pa, pb);
     let resp = app
-        .admin_post(&format!("/empi/persons/{pa}/$merge"), &json!({ "source": pb }))
+        .admin_post(
+            &format!("/empi/persons/{pa}/$merge"),
+            &json!({ "source": pb }),
+        )
         .await;
     assert_eq!(resp.status(), 200);
     // … and a review item between two near-identical records is kept separate.
@@ -868,8 +923,15 @@ async fn manual_decisions_survive_reestimate(backend: Backend) {
             .json()
             .await
             .unwrap();
-        let (ra, rb) = (item["record_a"].as_str().unwrap(), item["record_b"].as_str().unwrap());
-        let other = if ra == t2["id"].as_str().unwrap() { rb } else { ra };
+        let (ra, rb) = (
+            item["record_a"].as_str().unwrap(),
+            item["record_b"].as_str().unwrap(),
+        );
+        let other = if ra == t2["id"].as_str().unwrap() {
+            rb
+        } else {
+            ra
+        };
         let other: Value = get_as(&app, 1, &format!("/fhir/Patient/{other}"))
             .await
             .json()
@@ -877,7 +939,8 @@ async fn manual_decisions_survive_reestimate(backend: Backend) {
             .unwrap();
         assert_ne!(person_of(&t2), person_of(&other), "kept separate");
         assert_outcome(
-            app.admin_post(&format!("/empi/review/{id}/link"), &json!({})).await,
+            app.admin_post(&format!("/empi/review/{id}/link"), &json!({}))
+                .await,
             409,
             "conflict",
         )

@@ -75,13 +75,20 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
     let patient_id = created["id"].as_str().unwrap().to_string();
     for res in resources {
         let ty = res["type"].as_str().unwrap();
-        let read_id = if ty == "Patient" { patient_id.as_str() } else { "hosp-001" };
+        let read_id = if ty == "Patient" {
+            patient_id.as_str()
+        } else {
+            "hosp-001"
+        };
         for interaction in res["interaction"].as_array().unwrap() {
             let code = interaction["code"].as_str().unwrap();
             let req = match code {
                 "read" => app.client.get(app.url(&format!("/fhir/{ty}/{read_id}"))),
                 "search-type" => app.client.get(app.url(&format!("/fhir/{ty}"))),
-                "create" => app.client.post(app.url(&format!("/fhir/{ty}"))).json(&patient),
+                "create" => app
+                    .client
+                    .post(app.url(&format!("/fhir/{ty}")))
+                    .json(&patient),
                 "update" => app
                     .client
                     .put(app.url(&format!(
@@ -124,10 +131,13 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
                 _ if name == "gender" => "male",
                 _ => "x",
             };
-            let resp = as_member(app.client.get(app.url(&format!("/fhir/{ty}?{name}={value}"))))
-                .send()
-                .await
-                .unwrap();
+            let resp = as_member(
+                app.client
+                    .get(app.url(&format!("/fhir/{ty}?{name}={value}"))),
+            )
+            .send()
+            .await
+            .unwrap();
             assert_eq!(
                 resp.status(),
                 200,

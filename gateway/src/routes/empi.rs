@@ -131,7 +131,10 @@ pub async fn list_review(
 ) -> Result<HttpResponse, ApiError> {
     check_params(&query, &["status", "_count", "_offset"])?;
     let (count, offset) = paging(&query, 50, 500)?;
-    let status = query.get("status").cloned().unwrap_or_else(|| "open".into());
+    let status = query
+        .get("status")
+        .cloned()
+        .unwrap_or_else(|| "open".into());
     if !["open", "linked", "kept-separate"].contains(&status.as_str()) {
         return Err(ApiError::invalid_param(
             "status",
@@ -159,9 +162,7 @@ async fn resolve(
     note: Option<String>,
 ) -> Result<HttpResponse, ApiError> {
     let item = state
-        .db(move |conn| {
-            empi::resolve_review(conn, &id, decision, ADMIN_ACTOR, note.as_deref())
-        })
+        .db(move |conn| empi::resolve_review(conn, &id, decision, ADMIN_ACTOR, note.as_deref()))
         .await?;
     Ok(HttpResponse::Ok().json(item))
 }

@@ -66,7 +66,10 @@ fn map_patient(
     resident_system: &str,
 ) -> Result<MappedPatient, ApiError> {
     if patient.get("resourceType").and_then(Value::as_str) != Some("Patient") {
-        return Err(invalid("Patient.resourceType", "resourceType must be Patient"));
+        return Err(invalid(
+            "Patient.resourceType",
+            "resourceType must be Patient",
+        ));
     }
     // Name: the official one, else the first.
     let names = patient
@@ -129,11 +132,18 @@ fn map_patient(
                 .ok_or_else(|| invalid("Patient.birthDate", "birthDate must be a string"))?;
             match raw.len() {
                 // Partial dates (year, year-month) are kept in the resource, not matched on.
-                4 | 7 if raw.get(..4).is_some_and(|y| y.bytes().all(|b| b.is_ascii_digit())) => {
+                4 | 7
+                    if raw
+                        .get(..4)
+                        .is_some_and(|y| y.bytes().all(|b| b.is_ascii_digit())) =>
+                {
                     None
                 }
                 _ => Some(NaiveDate::parse_from_str(raw, "%Y-%m-%d").map_err(|_| {
-                    invalid("Patient.birthDate", "birthDate must be YYYY, YYYY-MM or YYYY-MM-DD")
+                    invalid(
+                        "Patient.birthDate",
+                        "birthDate must be YYYY, YYYY-MM or YYYY-MM-DD",
+                    )
                 })?),
             }
         }
@@ -452,9 +462,7 @@ pub async fn search(
         let (_, v) = split_token(t);
         f.phone = Some(normalise_phone(&v).unwrap_or(v));
     }
-    let mut found = state
-        .db(move |conn| empi::search_records(conn, &f))
-        .await?;
+    let mut found = state.db(move |conn| empi::search_records(conn, &f)).await?;
     let more = found.len() as i64 > count;
     found.truncate(count as usize);
     let (self_url, next) = crate::routes::directory::page_urls(&state, &req, offset, count, more);

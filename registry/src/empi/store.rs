@@ -32,8 +32,7 @@ use super::record::{PreparedRecord, RecordId, SourceRecord, prepare};
 use crate::store::schema::{
     empi_blocking_keys as keys_t, empi_events as events_t, empi_links as links_t,
     empi_parameters as params_t, empi_persons as persons_t, empi_quality_issues as issues_t,
-    empi_review_items as review_t, empi_source_records as records_t, empi_write_lock,
-    institutions,
+    empi_review_items as review_t, empi_source_records as records_t, empi_write_lock, institutions,
 };
 use crate::store::{DbConn, StoreError, now_utc};
 
@@ -110,7 +109,9 @@ impl From<diesel::result::Error> for EmpiError {
 }
 
 fn corrupt(what: impl std::fmt::Display) -> EmpiError {
-    EmpiError::Store(StoreError::Unavailable(format!("corrupt EMPI data: {what}")))
+    EmpiError::Store(StoreError::Unavailable(format!(
+        "corrupt EMPI data: {what}"
+    )))
 }
 
 /// How a link was decided.
@@ -603,7 +604,11 @@ fn set_link(
 fn kept_separate(conn: &mut DbConn, record: &str) -> Result<BTreeSet<String>, EmpiError> {
     let rows: Vec<(String, String)> = review_t::table
         .filter(review_t::status.eq("kept-separate"))
-        .filter(review_t::record_a.eq(record).or(review_t::record_b.eq(record)))
+        .filter(
+            review_t::record_a
+                .eq(record)
+                .or(review_t::record_b.eq(record)),
+        )
         .select((review_t::record_a, review_t::record_b))
         .load(conn)?;
     Ok(rows
@@ -612,12 +617,7 @@ fn kept_separate(conn: &mut DbConn, record: &str) -> Result<BTreeSet<String>, Em
         .collect())
 }
 
-fn queue_review(
-    conn: &mut DbConn,
-    a: &str,
-    b: &str,
-    score: &Score,
-) -> Result<(), EmpiError> {
+fn queue_review(conn: &mut DbConn, a: &str, b: &str, score: &Score) -> Result<(), EmpiError> {
     let (a, b) = pair(a, b);
     let exists: i64 = review_t::table
         .filter(review_t::record_a.eq(&a))
@@ -728,13 +728,11 @@ pub fn register(
                     .execute(conn)?;
                 // Open review items were about the old content.
                 diesel::delete(
-                    review_t::table
-                        .filter(review_t::status.eq("open"))
-                        .filter(
-                            review_t::record_a
-                                .eq(&row.id)
-                                .or(review_t::record_b.eq(&row.id)),
-                        ),
+                    review_t::table.filter(review_t::status.eq("open")).filter(
+                        review_t::record_a
+                            .eq(&row.id)
+                            .or(review_t::record_b.eq(&row.id)),
+                    ),
                 )
                 .execute(conn)?;
                 (row.id.clone(), RegistrationOutcome::Updated)
@@ -768,7 +766,10 @@ pub fn register(
             .map_err(ModelError::from)?;
         for issue in distinct_issues {
             diesel::insert_into(issues_t::table)
-                .values((issues_t::record_id.eq(&record_id), issues_t::issue.eq(issue)))
+                .values((
+                    issues_t::record_id.eq(&record_id),
+                    issues_t::issue.eq(issue),
+                ))
                 .execute(conn)?;
         }
         link_by_matcher(conn, &record_id, &prepared, &keys, actor)?;
@@ -802,9 +803,7 @@ fn link_by_matcher(
             .into_iter()
             .filter(|c| !separate.contains(&c.record.id) && c.record.link.is_some())
             .collect();
-    let best = candidates
-        .iter()
-        .find(|c| c.decision == Decision::AutoLink);
+    let best = candidates.iter().find(|c| c.decision == Decision::AutoLink);
     let current_person = current.as_ref().map(|l| l.person_id.clone());
     let target = match best {
         Some(c) => c
@@ -820,7 +819,14 @@ fn link_by_matcher(
         (None, _) => (new_person(conn)?, None),
     };
     if current_person.as_deref() != Some(person.as_str()) || current.is_none() {
-        set_link(conn, record_id, &person, score.as_ref(), DecidedBy::Auto, actor)?;
+        set_link(
+            conn,
+            record_id,
+            &person,
+            score.as_ref(),
+            DecidedBy::Auto,
+            actor,
+        )?;
         touch_person(conn, &person, "active")?;
         if let Some(old) = current_person.as_deref().filter(|old| *old != person) {
             if linked_count(conn, old)? == 0 {
@@ -874,10 +880,7 @@ fn like_escape(s: &str) -> String {
 }
 
 /// Source records matching a filter, ordered by id.
-pub fn search_records(
-    conn: &mut DbConn,
-    f: &RecordFilter,
-) -> Result<Vec<StoredRecord>, EmpiError> {
+pub fn search_records(conn: &mut DbConn, f: &RecordFilter) -> Result<Vec<StoredRecord>, EmpiError> {
     let mut q = records_t::table.select(records_t::id).into_boxed();
     if let Some(v) = &f.family {
         q = q.filter(
@@ -1025,8 +1028,18 @@ pub fn golden_record(person: &Person) -> GoldenRecord {
         .iter()
         .filter(|(r, _)| !r.record.name.trim().is_empty())
         .max_by(|a, b| {
-            let la = level_rank(person.institution_levels.get(&a.0.institution_id).map_or("", String::as_str));
-            let lb = level_rank(person.institution_levels.get(&b.0.institution_id).map_or("", String::as_str));
+            let la = level_rank(
+                person
+                    .institution_levels
+                    .get(&a.0.institution_id)
+                    .map_or("", String::as_str),
+            );
+            let lb = level_rank(
+                person
+                    .institution_levels
+                    .get(&b.0.institution_id)
+                    .map_or("", String::as_str),
+            );
             la.cmp(&lb).then(a.0.updated_at.cmp(&b.0.updated_at))
         });
     GoldenRecord {
@@ -1058,7 +1071,10 @@ struct MergeLineage {
 }
 
 fn lock_persons(conn: &mut DbConn, persons: &[&str]) -> Result<(), EmpiError> {
-    lock(conn, &persons.iter().map(|p| format!("person:{p}")).collect())?;
+    lock(
+        conn,
+        &persons.iter().map(|p| format!("person:{p}")).collect(),
+    )?;
     let records: Vec<String> = links_t::table
         .filter(links_t::person_id.eq_any(persons))
         .select(links_t::record_id)
@@ -1067,7 +1083,10 @@ fn lock_persons(conn: &mut DbConn, persons: &[&str]) -> Result<(), EmpiError> {
         .filter(keys_t::record_id.eq_any(&records))
         .select(keys_t::key)
         .load(conn)?;
-    lock(conn, &keys.into_iter().map(|k| format!("key:{k}")).collect())
+    lock(
+        conn,
+        &keys.into_iter().map(|k| format!("key:{k}")).collect(),
+    )
 }
 
 fn person_status(conn: &mut DbConn, id: &str) -> Result<String, EmpiError> {
@@ -1190,10 +1209,8 @@ pub fn unmerge(
                     links_t::record_id.eq(&l.record_id),
                     links_t::person_id.eq(&l.person_id),
                     links_t::score.eq(l.score),
-                    links_t::explanation.eq(l
-                        .explanation
-                        .as_ref()
-                        .map(serde_json::Value::to_string)),
+                    links_t::explanation
+                        .eq(l.explanation.as_ref().map(serde_json::Value::to_string)),
                     links_t::decided_by.eq(l.decided_by.as_str()),
                     links_t::actor.eq(&l.actor),
                     links_t::decided_at.eq(l.decided_at),
@@ -1345,7 +1362,14 @@ pub fn resolve_review(
         let status = match decision {
             ReviewDecision::Link => {
                 if a.person_id != b.person_id {
-                    set_link(conn, &item.record_b, &a.person_id, None, DecidedBy::Manual, actor)?;
+                    set_link(
+                        conn,
+                        &item.record_b,
+                        &a.person_id,
+                        None,
+                        DecidedBy::Manual,
+                        actor,
+                    )?;
                     touch_person(conn, &a.person_id, "active")?;
                     if linked_count(conn, &b.person_id)? == 0 {
                         touch_person(conn, &b.person_id, "empty")?;
@@ -1498,7 +1522,10 @@ pub fn reestimate(
         }
     }
     let mut pairs: BTreeSet<(usize, usize)> = BTreeSet::new();
-    for members in blocks.values().filter(|m| m.len() <= super::evaluate::DEFAULT_MAX_BLOCK) {
+    for members in blocks
+        .values()
+        .filter(|m| m.len() <= super::evaluate::DEFAULT_MAX_BLOCK)
+    {
         for (x, a) in members.iter().enumerate() {
             for b in &members[x + 1..] {
                 pairs.insert(((*a).min(*b), (*a).max(*b)));
@@ -1524,8 +1551,7 @@ pub fn reestimate(
             ..EmOptions::default()
         },
     )?;
-    let prior =
-        super::fs::prior_from_candidates(params.prevalence, pairs.len(), prepared.len());
+    let prior = super::fs::prior_from_candidates(params.prevalence, pairs.len(), prepared.len());
     let model = StoredModel {
         thresholds: Thresholds::from_posterior(prior, link_posterior, review_posterior),
         prior,
