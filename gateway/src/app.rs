@@ -12,7 +12,7 @@ use crate::config::Settings;
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Metrics;
 use crate::oauth;
-use crate::routes::{directory, docs, institutions, metadata, ops};
+use crate::routes::{directory, docs, empi, institutions, metadata, ops, patients};
 use crate::state::AppState;
 
 /// All routes in one table. Each resource answers unknown methods with 405 + OperationOutcome.
@@ -63,7 +63,27 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             resource("/fhir/Organization/{id}").route(web::get().to(directory::read_organization)),
         )
         .service(resource("/fhir/Endpoint").route(web::get().to(directory::search_endpoints)))
-        .service(resource("/fhir/Endpoint/{id}").route(web::get().to(directory::read_endpoint)));
+        .service(resource("/fhir/Endpoint/{id}").route(web::get().to(directory::read_endpoint)))
+        // EMPI: FHIR Patient feed, PDQm, PIXm, $match (institutions).
+        .service(
+            resource("/fhir/Patient")
+                .route(web::get().to(patients::search))
+                .route(web::post().to(patients::create))
+                .route(web::put().to(patients::conditional_update)),
+        )
+        .service(resource("/fhir/Patient/$ihe-pix").route(web::get().to(patients::pix)))
+        .service(resource("/fhir/Patient/$match").route(web::post().to(patients::match_patient)))
+        .service(resource("/fhir/Patient/{id}").route(web::get().to(patients::read)))
+        // EMPI administration (admin credential).
+        .service(resource("/empi/persons/{id}").route(web::get().to(empi::read_person)))
+        .service(resource("/empi/persons/{id}/$merge").route(web::post().to(empi::merge)))
+        .service(resource("/empi/persons/{id}/$unmerge").route(web::post().to(empi::unmerge)))
+        .service(resource("/empi/review").route(web::get().to(empi::list_review)))
+        .service(resource("/empi/review/{id}/link").route(web::post().to(empi::review_link)))
+        .service(
+            resource("/empi/review/{id}/keep-separate")
+                .route(web::post().to(empi::review_keep_separate)),
+        );
 }
 
 fn resource(path: &str) -> actix_web::Resource {

@@ -71,6 +71,33 @@ pub enum Command {
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Master patient index: evaluation and parameter estimation.
+    #[command(subcommand)]
+    Mpi(MpiCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MpiCommand {
+    /// Link a synthetic population with the engine and print precision, recall, F1 and the
+    /// worst false and missed links (no database needed).
+    Evaluate {
+        #[arg(long, default_value_t = 100_000)]
+        records: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// EM over the stored candidate pairs → a new stored parameter version. Existing links
+    /// (and every manual decision) are left as they are.
+    Reestimate {
+        /// Posterior match probability for automatic links.
+        #[arg(long, default_value_t = 0.999)]
+        link_posterior: f64,
+        /// Posterior match probability for review.
+        #[arg(long, default_value_t = 0.5)]
+        review_posterior: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -281,6 +308,88 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Institution(cmd) => institution(&settings, *cmd),
+        Command::Mpi(cmd) => mpi(&settings, cmd),
+    }
+}
+
+fn mpi(settings: &Settings, cmd: MpiCommand) -> Result<(), Failure> {
+    use yiqiao_registry::empi::evaluate::{EvaluationConfig, evaluate};
+    use yiqiao_registry::empi::store as empi;
+    match cmd {
+        MpiCommand::Evaluate { records, seed } => {
+            if records < 2 {
+                return Err(Failure::new(EXIT_REJECTED, "--records must be at least 2"));
+            }
+            let report = evaluate(&EvaluationConfig::new(records, seed))
+                .map_err(|e| Failure::new(EXIT_RUNTIME, e.to_string()))?;
+            println!(
+                "records {}  persons {}  candidate pairs {}  blocking recall {:.5}",
+                report.records, report.persons, report.candidate_pairs, report.blocking_recall
+            );
+            println!(
+                "auto-links {}  reviews {}  thresholds auto-link {:.2} review {:.2}",
+                report.auto_links,
+                report.reviews,
+                report.thresholds.auto_link,
+                report.thresholds.review
+            );
+            println!(
+                "precision {:.5}  recall {:.5}  F1 {:.5}",
+                report.precision, report.recall, report.f1
+            );
+            for (title, list) in [
+                ("worst false links", &report.worst_false_links),
+                ("worst missed links", &report.worst_missed_links),
+            ] {
+                println!("{title}:");
+                for p in list {
+                    let fields: Vec<String> = p
+                        .score
+                        .explanation
+                        .iter()
+                        .map(|w| format!("{:?}={:?}({:+.1})", w.field, w.level, w.weight))
+                        .collect();
+                    println!(
+                        "  {} / {}: {:.1} [{}]",
+                        p.name_a,
+                        p.name_b,
+                        p.score.total,
+                        fields.join(" ")
+                    );
+                }
+            }
+            Ok(())
+        }
+        MpiCommand::Reestimate {
+            link_posterior,
+            review_posterior,
+            seed,
+        } => {
+            let ok = |p: f64| p > 0.0 && p < 1.0;
+            if !ok(link_posterior) || !ok(review_posterior) || review_posterior > link_posterior {
+                return Err(Failure::new(
+                    EXIT_REJECTED,
+                    "posteriors must be in (0, 1) with review ≤ link",
+                ));
+            }
+            let store = open_store(settings)?;
+            let mut conn = store.conn()?;
+            let done = empi::reestimate(&mut conn, link_posterior, review_posterior, seed)
+                .map_err(|e| match e {
+                    empi::EmpiError::Model(m) => Failure::new(EXIT_REJECTED, m.to_string()),
+                    other => Failure::new(EXIT_DATABASE, other.to_string()),
+                })?;
+            println!(
+                "stored match parameters version {} (EM on {} candidate pairs of {} records); \
+                 thresholds auto-link {:.2} review {:.2}",
+                done.version,
+                done.candidate_pairs,
+                done.records,
+                done.model.thresholds.auto_link,
+                done.model.thresholds.review
+            );
+            Ok(())
+        }
     }
 }
 

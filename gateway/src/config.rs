@@ -65,6 +65,24 @@ pub struct Settings {
     pub log: LogSettings,
     pub telemetry: TelemetrySettings,
     pub auth: AuthSettings,
+    #[serde(default)]
+    pub empi: EmpiSettings,
+}
+
+/// Enterprise master patient index.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmpiSettings {
+    /// Identifier system of the resident ID number (居民身份证号码) in FHIR Patients.
+    pub resident_id_system: String,
+}
+
+impl Default for EmpiSettings {
+    fn default() -> EmpiSettings {
+        EmpiSettings {
+            resident_id_system: "urn:oid:2.16.156.10011.1.1".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -213,6 +231,7 @@ impl Default for Settings {
                 institution_burst: 10,
                 institution_limits: Default::default(),
             },
+            empi: EmpiSettings::default(),
         }
     }
 }

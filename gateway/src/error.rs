@@ -223,6 +223,21 @@ impl From<yiqiao_registry::directory::DirectoryError> for ApiError {
     }
 }
 
+impl From<yiqiao_registry::empi::store::EmpiError> for ApiError {
+    fn from(err: yiqiao_registry::empi::store::EmpiError) -> ApiError {
+        use yiqiao_registry::empi::store::EmpiError as E;
+        match err {
+            E::NotFound(what) => ApiError::not_found(format!("{what} not found")),
+            E::Invalid { field, message } => {
+                ApiError::new(ErrorCode::ValidationFailed, message).field(field)
+            }
+            E::Conflict(message) => ApiError::new(ErrorCode::Conflict, message),
+            E::Model(m) => ApiError::internal(m),
+            E::Store(s) => s.into(),
+        }
+    }
+}
+
 impl From<tokio::task::JoinError> for ApiError {
     fn from(err: tokio::task::JoinError) -> ApiError {
         ApiError::internal(format!("blocking task failed: {err}"))

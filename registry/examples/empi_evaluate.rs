@@ -1,15 +1,21 @@
 //! Evaluate EMPI linkage quality on a synthetic population.
 //!
-//! `cargo run --release -p yiqiao-registry --example empi_evaluate -- [records] [seed]`
+//! `cargo run --release -p yiqiao-registry --example empi_evaluate -- [records] [seed] [params.json]`
+//!
+//! With a third argument, the EM-estimated parameters and the thresholds are written there
+//! as the JSON the identity store loads ([`StoredModel`]); this is how
+//! `registry/src/empi/default_model.json` is produced.
 
 use std::time::Instant;
 
 use yiqiao_registry::empi::evaluate::{EvaluationConfig, evaluate};
+use yiqiao_registry::empi::store::StoredModel;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let records: usize = args.next().map_or(Ok(100_000), |a| a.parse())?;
     let seed: u64 = args.next().map_or(Ok(1), |a| a.parse())?;
+    let out = args.next();
     let config = EvaluationConfig::new(records, seed);
     let started = Instant::now();
     let report = evaluate(&config)?;
@@ -74,6 +80,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 fields.join(" ")
             );
         }
+    }
+    if let Some(path) = out {
+        let model = StoredModel {
+            parameters: report.parameters.clone(),
+            thresholds: report.thresholds,
+            prior: yiqiao_registry::empi::fs::prior_from_candidates(
+                report.parameters.prevalence,
+                report.candidate_pairs,
+                report.records,
+            ),
+            source: format!(
+                "EM on {} synthetic records (seed {seed}), u from random pairs",
+                report.records
+            ),
+        };
+        std::fs::write(&path, model.to_json()?)?;
+        println!("parameters written to {path}");
     }
     Ok(())
 }

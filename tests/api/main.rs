@@ -10,6 +10,7 @@ mod helpers;
 
 mod auth;
 mod cli;
+mod empi;
 mod errors;
 mod institutions;
 mod migrations;

@@ -49,28 +49,95 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
     assert_eq!(cap["fhirVersion"], "4.0.1");
     let resources = cap["rest"][0]["resource"].as_array().unwrap();
     assert!(!resources.is_empty());
+    // Patient needs a caller with Patient scopes and a registered patient.
+    let mut member = institution(2);
+    member["allowed_scopes"] = serde_json::json!(["system/Patient.cruds"]);
+    app.admin_post("/admin/institutions", &member).await;
+    let patient = serde_json::json!({
+        "resourceType": "Patient",
+        "identifier": [{ "system": "urn:oid:2.16.156.10011.1.99.2", "value": "MR-1" }],
+        "name": [{ "text": "张伟" }],
+        "gender": "male",
+        "birthDate": "1980-03-15",
+    });
+    let as_member = |req: reqwest::RequestBuilder| {
+        req.bearer_auth(crate::helpers::ADMIN_TOKEN)
+            .header("X-On-Behalf-Of", "hosp-002")
+    };
+    let created: Value = as_member(app.client.post(app.url("/fhir/Patient")))
+        .json(&patient)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let patient_id = created["id"].as_str().unwrap().to_string();
     for res in resources {
         let ty = res["type"].as_str().unwrap();
+        let read_id = if ty == "Patient" {
+            patient_id.as_str()
+        } else {
+            "hosp-001"
+        };
         for interaction in res["interaction"].as_array().unwrap() {
-            let path = match interaction["code"].as_str().unwrap() {
-                "read" => format!("/fhir/{ty}/hosp-001"),
-                "search-type" => format!("/fhir/{ty}"),
+            let code = interaction["code"].as_str().unwrap();
+            let req = match code {
+                "read" => app.client.get(app.url(&format!("/fhir/{ty}/{read_id}"))),
+                "search-type" => app.client.get(app.url(&format!("/fhir/{ty}"))),
+                "create" => app
+                    .client
+                    .post(app.url(&format!("/fhir/{ty}")))
+                    .json(&patient),
+                "update" => app
+                    .client
+                    .put(app.url(&format!(
+                        "/fhir/{ty}?identifier=urn:oid:2.16.156.10011.1.99.2|MR-1"
+                    )))
+                    .json(&patient),
                 other => panic!("interaction {other} listed but not tested"),
             };
-            let resp = app.get(&path).await;
-            assert_eq!(resp.status(), 200, "{path} listed in CapabilityStatement");
+            let resp = as_member(req).send().await.unwrap();
+            assert!(
+                resp.status().is_success(),
+                "{code} on {ty} listed in CapabilityStatement: {}",
+                resp.status()
+            );
+        }
+        for op in res["operation"].as_array().into_iter().flatten() {
+            let req = match op["name"].as_str().unwrap() {
+                "ihe-pix" => app.client.get(app.url(
+                    "/fhir/Patient/$ihe-pix?sourceIdentifier=urn:oid:2.16.156.10011.1.99.2|MR-1",
+                )),
+                "match" => app
+                    .client
+                    .post(app.url("/fhir/Patient/$match"))
+                    .json(&serde_json::json!({ "resourceType": "Parameters",
+                        "parameter": [{ "name": "resource", "resource": patient }] })),
+                other => panic!("operation {other} listed but not tested"),
+            };
+            let resp = as_member(req).send().await.unwrap();
+            assert_eq!(resp.status(), 200, "operation {op} listed but rejected");
         }
         for param in res["searchParam"].as_array().unwrap() {
             let name = param["name"].as_str().unwrap();
             let value = match param["type"].as_str().unwrap() {
                 "number" => "5",
                 "reference" => "Organization/hosp-001",
+                "date" => "1980-03-15",
                 _ if name == "active" => "true",
                 _ if name == "type" => "hospital",
                 _ if name == "status" => "active",
+                _ if name == "gender" => "male",
                 _ => "x",
             };
-            let resp = app.get(&format!("/fhir/{ty}?{name}={value}")).await;
+            let resp = as_member(
+                app.client
+                    .get(app.url(&format!("/fhir/{ty}?{name}={value}"))),
+            )
+            .send()
+            .await
+            .unwrap();
             assert_eq!(
                 resp.status(),
                 200,

@@ -111,7 +111,7 @@ fn identifier_query(raw: &str) -> Result<IdentifierQuery, ApiError> {
     }
 }
 
-fn page_urls(
+pub(crate) fn page_urls(
     state: &AppState,
     req: &HttpRequest,
     offset: i64,

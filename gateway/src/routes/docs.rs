@@ -5,7 +5,7 @@ use actix_web::{HttpResponse, web};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use crate::routes::{directory, institutions, metadata, ops};
+use crate::routes::{directory, empi, institutions, metadata, ops, patients};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -19,17 +19,22 @@ use crate::routes::{directory, institutions, metadata, ops};
         directory::read_endpoint, directory::search_endpoints,
         crate::oauth::token, crate::oauth::jwks, crate::oauth::smart_configuration,
         crate::oauth::own_events, crate::oauth::whoami,
+        patients::create, patients::conditional_update, patients::read, patients::search,
+        patients::pix, patients::match_patient,
+        empi::read_person, empi::merge, empi::unmerge, empi::list_review, empi::review_link,
+        empi::review_keep_separate,
     ),
     components(schemas(institutions::InstitutionInput, institutions::InstitutionView,
                         institutions::InstitutionList, institutions::Sm2KeyInput,
                         crate::oauth::TokenResponse, crate::oauth::AuthEventView,
-                        crate::oauth::WhoAmI)),
+                        crate::oauth::WhoAmI, empi::MergeInput, empi::ReviewInput)),
     modifiers(&SecurityAddon),
     tags(
         (name = "operations", description = "Health, readiness, metrics"),
         (name = "directory", description = "Institution directory administration"),
         (name = "fhir", description = "FHIR R4 API"),
         (name = "auth", description = "Machine authentication (SMART Backend Services, docs/auth.md)"),
+        (name = "empi", description = "Master patient index: Patient feed, PDQm, PIXm, $match, persons, review"),
     )
 )]
 pub struct ApiDoc;

@@ -14,6 +14,8 @@ pub struct ResourceCapability {
     /// (name, FHIR search param type)
     pub search_params: &'static [(&'static str, &'static str)],
     pub documentation: &'static str,
+    /// Type-level operations (name, canonical OperationDefinition).
+    pub operations: &'static [(&'static str, &'static str)],
 }
 
 pub const IMPLEMENTED: &[ResourceCapability] = &[
@@ -27,6 +29,7 @@ pub const IMPLEMENTED: &[ResourceCapability] = &[
             ("type", "token"),
         ],
         documentation: "Member institutions of the region (WS/T 790.7 institution registry).",
+        operations: &[],
     },
     ResourceCapability {
         resource: "Endpoint",
@@ -37,6 +40,31 @@ pub const IMPLEMENTED: &[ResourceCapability] = &[
             ("name", "string"),
         ],
         documentation: "FHIR endpoints of member institutions.",
+        operations: &[],
+    },
+    ResourceCapability {
+        resource: "Patient",
+        interactions: &["read", "search-type", "create", "update"],
+        search_params: &[
+            ("family", "string"),
+            ("given", "string"),
+            ("name", "string"),
+            ("birthdate", "date"),
+            ("gender", "token"),
+            ("identifier", "token"),
+            ("telecom", "token"),
+        ],
+        documentation: "EMPI source records (what each institution registered; PDQm returns these, each with the enterprise-person extension). create and conditional update (?identifier=system|value) are the registration feed; operations $ihe-pix (PIXm) and $match.",
+        operations: &[
+            (
+                "ihe-pix",
+                "https://profiles.ihe.net/ITI/PIXm/OperationDefinition/IHE.PIXm.pix",
+            ),
+            (
+                "match",
+                "http://hl7.org/fhir/OperationDefinition/Patient-match",
+            ),
+        ],
     },
 ];
 
@@ -50,12 +78,20 @@ pub fn capability_statement(base_url: &str) -> Value {
                 .map(|(name, kind)| json!({ "name": name, "type": kind }))
                 .collect();
             params.push(json!({ "name": "_count", "type": "number" }));
-            json!({
+            let mut res = json!({
                 "type": cap.resource,
                 "documentation": cap.documentation,
                 "interaction": cap.interactions.iter().map(|i| json!({ "code": i })).collect::<Vec<_>>(),
                 "searchParam": params,
-            })
+            });
+            if !cap.operations.is_empty() {
+                res["operation"] = cap
+                    .operations
+                    .iter()
+                    .map(|(name, definition)| json!({ "name": name, "definition": definition }))
+                    .collect();
+            }
+            res
         })
         .collect();
     json!({

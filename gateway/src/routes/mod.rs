@@ -2,9 +2,11 @@
 
 pub mod directory;
 pub mod docs;
+pub mod empi;
 pub mod institutions;
 pub mod metadata;
 pub mod ops;
+pub mod patients;
 
 use std::collections::HashMap;
 

@@ -14,4 +14,5 @@ pub mod fs;
 pub mod ident;
 pub mod normalize;
 pub mod record;
+pub mod store;
 pub mod synth;

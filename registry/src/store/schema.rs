@@ -48,3 +48,106 @@ diesel::table! {
         created_at -> Timestamp,
     }
 }
+
+diesel::table! {
+    empi_persons (id) {
+        id -> Text,
+        status -> Text,
+        merged_into -> Nullable<Text>,
+        version -> BigInt,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    empi_source_records (id) {
+        id -> Text,
+        institution_id -> Text,
+        id_system -> Text,
+        id_value -> Text,
+        name_search -> Text,
+        family -> Text,
+        given -> Text,
+        sex -> Nullable<Text>,
+        birth_date -> Nullable<Text>,
+        resident_id -> Nullable<Text>,
+        phone -> Nullable<Text>,
+        record_json -> Text,
+        resource -> Text,
+        version -> BigInt,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    empi_links (record_id) {
+        record_id -> Text,
+        person_id -> Text,
+        score -> Nullable<Double>,
+        explanation -> Nullable<Text>,
+        decided_by -> Text,
+        actor -> Text,
+        decided_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    empi_blocking_keys (record_id, key) {
+        record_id -> Text,
+        key -> Text,
+    }
+}
+
+diesel::table! {
+    empi_review_items (id) {
+        id -> Text,
+        record_a -> Text,
+        record_b -> Text,
+        score -> Double,
+        explanation -> Text,
+        status -> Text,
+        resolver -> Nullable<Text>,
+        note -> Nullable<Text>,
+        created_at -> Timestamp,
+        resolved_at -> Nullable<Timestamp>,
+    }
+}
+
+diesel::table! {
+    empi_parameters (version) {
+        version -> BigInt,
+        model -> Text,
+        source -> Text,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    empi_quality_issues (record_id, issue) {
+        record_id -> Text,
+        issue -> Text,
+    }
+}
+
+diesel::table! {
+    empi_events (id) {
+        id -> Text,
+        kind -> Text,
+        person_id -> Nullable<Text>,
+        other_person_id -> Nullable<Text>,
+        record_id -> Nullable<Text>,
+        actor -> Text,
+        detail -> Text,
+        created_at -> Timestamp,
+        notified_at -> Nullable<Timestamp>,
+    }
+}
+
+diesel::table! {
+    empi_write_lock (id) {
+        id -> Integer,
+        counter -> BigInt,
+    }
+}

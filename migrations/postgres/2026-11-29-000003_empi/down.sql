@@ -1,0 +1,9 @@
+DROP TABLE empi_write_lock;
+DROP TABLE empi_events;
+DROP TABLE empi_quality_issues;
+DROP TABLE empi_parameters;
+DROP TABLE empi_review_items;
+DROP TABLE empi_blocking_keys;
+DROP TABLE empi_links;
+DROP TABLE empi_source_records;
+DROP TABLE empi_persons;

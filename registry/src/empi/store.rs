@@ -1,0 +1,1572 @@
+//! Identity store: source records, enterprise persons, links with their evidence, blocking
+//! keys, the review queue, stored match parameters and the event log (`empi_*` tables).
+//!
+//! Invariants:
+//! - Every write ([`register`], [`merge`], [`unmerge`], [`resolve_review`]) is one transaction:
+//!   on error nothing is stored.
+//! - Writers that can create or move links are serialised where they could race: on SQLite
+//!   the transaction's first statement writes `empi_write_lock` (so it holds the write lock
+//!   from the start, like `BEGIN IMMEDIATE`); on PostgreSQL it takes transaction-scoped
+//!   advisory locks on the identifier, then on the record's blocking keys in sorted order
+//!   (persons first for merges), so two institutions registering the same person at the same
+//!   moment end with one enterprise person and no deadlock.
+//! - Links decided `manual` or `merge` are never changed by the matcher; pairs a steward kept
+//!   separate are never linked automatically.
+//! - Registration is idempotent on (identifier system, value): the same content creates
+//!   nothing; changed content updates the record and re-matches it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use chrono::{NaiveDate, NaiveDateTime};
+use diesel::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::blocking::blocking_keys;
+use super::compare::{ComparisonVector, compare};
+use super::fs::{
+    Decision, EmOptions, MatchParameters, ModelError, Score, Thresholds, estimate,
+    estimate_u_from_random_pairs,
+};
+use super::ident::Sex;
+use super::record::{PreparedRecord, RecordId, SourceRecord, prepare};
+use crate::store::schema::{
+    empi_blocking_keys as keys_t, empi_events as events_t, empi_links as links_t,
+    empi_parameters as params_t, empi_persons as persons_t, empi_quality_issues as issues_t,
+    empi_review_items as review_t, empi_source_records as records_t, empi_write_lock, institutions,
+};
+use crate::store::{DbConn, StoreError, now_utc};
+
+/// The EM-estimated model shipped with the binary, used until `yiqiao mpi reestimate` stores
+/// one. Produced by `cargo run --release -p yiqiao-registry --example empi_evaluate -- 100000
+/// 1 registry/src/empi/default_model.json`; no weight in it is set by hand.
+const DEFAULT_MODEL: &str = include_str!("default_model.json");
+
+/// Most candidate records scored for one registration or `$match`.
+pub const MAX_CANDIDATES: i64 = 1_000;
+
+/// Match parameters with the thresholds and prior they were estimated with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredModel {
+    pub parameters: MatchParameters,
+    pub thresholds: Thresholds,
+    /// Prior match probability of a random record pair (for posterior probabilities).
+    pub prior: f64,
+    /// How it was obtained.
+    pub source: String,
+}
+
+impl StoredModel {
+    pub fn to_json(&self) -> Result<String, ModelError> {
+        Ok(serde_json::to_string_pretty(self)?)
+    }
+
+    pub fn from_json(json: &str) -> Result<StoredModel, ModelError> {
+        let mut model: StoredModel = serde_json::from_str(json)?;
+        // Re-check the fields and levels against this engine.
+        model.parameters = MatchParameters::from_json(&serde_json::to_string(&model.parameters)?)?;
+        Ok(model)
+    }
+
+    /// The model shipped with the binary.
+    pub fn shipped() -> Result<StoredModel, ModelError> {
+        StoredModel::from_json(DEFAULT_MODEL)
+    }
+
+    /// Posterior match probability of a score.
+    pub fn posterior(&self, total: f64) -> f64 {
+        let prior = self.prior.clamp(1e-15, 1.0 - 1e-15);
+        let odds = (prior / (1.0 - prior)) * total.exp2();
+        if odds.is_infinite() {
+            1.0
+        } else {
+            odds / (1.0 + odds)
+        }
+    }
+}
+
+/// Errors of the identity store.
+#[derive(Debug, thiserror::Error)]
+pub enum EmpiError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("match model: {0}")]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<diesel::result::Error> for EmpiError {
+    fn from(err: diesel::result::Error) -> EmpiError {
+        EmpiError::Store(StoreError::from_diesel(err))
+    }
+}
+
+fn corrupt(what: impl std::fmt::Display) -> EmpiError {
+    EmpiError::Store(StoreError::Unavailable(format!(
+        "corrupt EMPI data: {what}"
+    )))
+}
+
+/// How a link was decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecidedBy {
+    Auto,
+    Manual,
+    Merge,
+}
+
+impl DecidedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecidedBy::Auto => "auto",
+            DecidedBy::Manual => "manual",
+            DecidedBy::Merge => "merge",
+        }
+    }
+
+    fn parse(raw: &str) -> Result<DecidedBy, EmpiError> {
+        match raw {
+            "auto" => Ok(DecidedBy::Auto),
+            "manual" => Ok(DecidedBy::Manual),
+            "merge" => Ok(DecidedBy::Merge),
+            other => Err(corrupt(format!("decided_by {other}"))),
+        }
+    }
+}
+
+/// A registration as an entry point (FHIR, import) hands it over.
+#[derive(Clone, Debug)]
+pub struct Registration {
+    pub institution_id: String,
+    /// The institution's patient identifier (system, value): the idempotency key.
+    pub id_system: String,
+    pub id_value: String,
+    /// Demographics for matching (its `institution` must be `institution_id`).
+    pub record: SourceRecord,
+    /// Search columns as sent (HumanName.family / given).
+    pub family: String,
+    pub given: String,
+    /// The resource as received (stored verbatim).
+    pub resource: serde_json::Value,
+}
+
+/// What a registration did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistrationOutcome {
+    Created,
+    Updated,
+    Unchanged,
+}
+
+/// A link of a source record to an enterprise person.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Link {
+    pub record_id: String,
+    pub person_id: String,
+    pub score: Option<f64>,
+    pub explanation: Option<serde_json::Value>,
+    pub decided_by: DecidedBy,
+    pub actor: String,
+    pub decided_at: NaiveDateTime,
+}
+
+/// A stored source record with its link.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredRecord {
+    pub id: String,
+    pub institution_id: String,
+    pub id_system: String,
+    pub id_value: String,
+    pub record: SourceRecord,
+    pub resource: serde_json::Value,
+    pub version: i64,
+    pub created_at: NaiveDateTime,
+    pub updated_at: NaiveDateTime,
+    pub link: Option<Link>,
+}
+
+/// The result of [`register`].
+#[derive(Clone, Debug)]
+pub struct Registered {
+    pub outcome: RegistrationOutcome,
+    pub record: StoredRecord,
+    pub issues: Vec<super::ident::DataQualityIssue>,
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = records_t)]
+struct RecordRow {
+    id: String,
+    institution_id: String,
+    id_system: String,
+    id_value: String,
+    record_json: String,
+    resource: String,
+    version: i64,
+    created_at: NaiveDateTime,
+    updated_at: NaiveDateTime,
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = links_t)]
+struct LinkRow {
+    record_id: String,
+    person_id: String,
+    score: Option<f64>,
+    explanation: Option<String>,
+    decided_by: String,
+    actor: String,
+    decided_at: NaiveDateTime,
+}
+
+impl LinkRow {
+    fn into_link(self) -> Result<Link, EmpiError> {
+        Ok(Link {
+            decided_by: DecidedBy::parse(&self.decided_by)?,
+            explanation: self
+                .explanation
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(corrupt)?,
+            record_id: self.record_id,
+            person_id: self.person_id,
+            score: self.score,
+            actor: self.actor,
+            decided_at: self.decided_at,
+        })
+    }
+}
+
+impl RecordRow {
+    fn into_stored(self, link: Option<Link>) -> Result<StoredRecord, EmpiError> {
+        Ok(StoredRecord {
+            record: serde_json::from_str(&self.record_json).map_err(corrupt)?,
+            resource: serde_json::from_str(&self.resource).map_err(corrupt)?,
+            id: self.id,
+            institution_id: self.institution_id,
+            id_system: self.id_system,
+            id_value: self.id_value,
+            version: self.version,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            link,
+        })
+    }
+}
+
+fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// FNV-1a 64 (stable across builds and machines; advisory lock keys).
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Serialise writers that may create or move links (see the module invariants). `keys`
+/// are lock names (`id:…`, blocking keys, `person:…`); each call locks them in sorted order.
+fn lock(conn: &mut DbConn, names: &BTreeSet<String>) -> Result<(), EmpiError> {
+    match conn {
+        DbConn::Postgresql(pg) => {
+            let mut hashes: Vec<i64> = names
+                .iter()
+                .map(|n| i64::from_ne_bytes(fnv1a(n.as_bytes()).to_ne_bytes()))
+                .collect();
+            hashes.sort_unstable();
+            hashes.dedup();
+            for h in hashes {
+                diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
+                    .bind::<diesel::sql_types::BigInt, _>(h)
+                    .execute(pg)?;
+            }
+            Ok(())
+        }
+        DbConn::Sqlite(_) => Ok(()),
+    }
+}
+
+/// Run `f` in a transaction that holds the EMPI write lock from its first statement.
+fn write_transaction<T>(
+    conn: &mut DbConn,
+    f: impl FnOnce(&mut DbConn) -> Result<T, EmpiError>,
+) -> Result<T, EmpiError> {
+    conn.transaction(|conn| {
+        if matches!(conn, DbConn::Sqlite(_)) {
+            diesel::update(empi_write_lock::table)
+                .set(empi_write_lock::counter.eq(empi_write_lock::counter + 1))
+                .execute(conn)?;
+        }
+        f(conn)
+    })
+}
+
+/// The current model: the latest stored one, or the shipped one (version 0).
+pub fn current_model(conn: &mut DbConn) -> Result<(i64, StoredModel), EmpiError> {
+    let row: Option<(i64, String)> = params_t::table
+        .order(params_t::version.desc())
+        .select((params_t::version, params_t::model))
+        .first(conn)
+        .optional()?;
+    match row {
+        Some((version, json)) => Ok((version, StoredModel::from_json(&json)?)),
+        None => Ok((0, StoredModel::shipped()?)),
+    }
+}
+
+/// Store a new model version; returns the version.
+pub fn store_model(conn: &mut DbConn, model: &StoredModel) -> Result<i64, EmpiError> {
+    let json = model.to_json()?;
+    conn.transaction(|conn| {
+        let max: Option<i64> = params_t::table
+            .select(diesel::dsl::max(params_t::version))
+            .first(conn)?;
+        let version = max.unwrap_or(0) + 1;
+        diesel::insert_into(params_t::table)
+            .values((
+                params_t::version.eq(version),
+                params_t::model.eq(&json),
+                params_t::source.eq(&model.source),
+                params_t::created_at.eq(now_utc()),
+            ))
+            .execute(conn)?;
+        Ok(version)
+    })
+}
+
+fn load_link(conn: &mut DbConn, record_id: &str) -> Result<Option<Link>, EmpiError> {
+    links_t::table
+        .find(record_id)
+        .select(LinkRow::as_select())
+        .first(conn)
+        .optional()?
+        .map(LinkRow::into_link)
+        .transpose()
+}
+
+/// One source record by id.
+pub fn get_record(conn: &mut DbConn, id: &str) -> Result<StoredRecord, EmpiError> {
+    let row = records_t::table
+        .find(id)
+        .select(RecordRow::as_select())
+        .first(conn)
+        .optional()?
+        .ok_or_else(|| EmpiError::NotFound(format!("Patient/{id}")))?;
+    let link = load_link(conn, id)?;
+    row.into_stored(link)
+}
+
+/// The source record registered under an institution identifier.
+pub fn find_by_identifier(
+    conn: &mut DbConn,
+    system: &str,
+    value: &str,
+) -> Result<Option<StoredRecord>, EmpiError> {
+    let row = records_t::table
+        .filter(records_t::id_system.eq(system))
+        .filter(records_t::id_value.eq(value))
+        .select(RecordRow::as_select())
+        .first(conn)
+        .optional()?;
+    match row {
+        None => Ok(None),
+        Some(row) => {
+            let link = load_link(conn, &row.id)?;
+            Ok(Some(row.into_stored(link)?))
+        }
+    }
+}
+
+fn load_records(conn: &mut DbConn, ids: &[String]) -> Result<Vec<StoredRecord>, EmpiError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<RecordRow> = records_t::table
+        .filter(records_t::id.eq_any(ids))
+        .select(RecordRow::as_select())
+        .load(conn)?;
+    let links: Vec<LinkRow> = links_t::table
+        .filter(links_t::record_id.eq_any(ids))
+        .select(LinkRow::as_select())
+        .load(conn)?;
+    let mut links: HashMap<String, Link> = links
+        .into_iter()
+        .map(|l| l.into_link().map(|l| (l.record_id.clone(), l)))
+        .collect::<Result<_, _>>()?;
+    let mut out: Vec<StoredRecord> = rows
+        .into_iter()
+        .map(|r| {
+            let link = links.remove(&r.id);
+            r.into_stored(link)
+        })
+        .collect::<Result<_, _>>()?;
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
+/// The source records linked to a person, oldest first.
+pub fn records_of_person(
+    conn: &mut DbConn,
+    person_id: &str,
+) -> Result<Vec<StoredRecord>, EmpiError> {
+    let ids: Vec<String> = links_t::table
+        .filter(links_t::person_id.eq(person_id))
+        .select(links_t::record_id)
+        .load(conn)?;
+    load_records(conn, &ids)
+}
+
+/// One candidate of a record, scored.
+#[derive(Clone, Debug)]
+pub struct ScoredCandidate {
+    pub record: StoredRecord,
+    pub score: Score,
+    pub vector: ComparisonVector,
+    pub decision: Decision,
+    pub posterior: f64,
+}
+
+/// Records sharing a blocking key with `prepared`, scored with `model`, best first.
+fn scored_candidates(
+    conn: &mut DbConn,
+    prepared: &PreparedRecord,
+    keys: &[String],
+    exclude: Option<&str>,
+    model: &StoredModel,
+) -> Result<Vec<ScoredCandidate>, EmpiError> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut query = keys_t::table
+        .filter(keys_t::key.eq_any(keys))
+        .select(keys_t::record_id)
+        .distinct()
+        .limit(MAX_CANDIDATES)
+        .into_boxed();
+    if let Some(ex) = exclude {
+        query = query.filter(keys_t::record_id.ne(ex.to_string()));
+    }
+    let ids: Vec<String> = query.load(conn)?;
+    let records = load_records(conn, &ids)?;
+    let mut out: Vec<ScoredCandidate> = records
+        .into_iter()
+        .map(|r| {
+            let other = prepare(&r.record);
+            let vector = compare(prepared, &other);
+            let score = model.parameters.score(&vector);
+            let decision = model.thresholds.decide_pair(score.total, &vector);
+            let posterior = model.posterior(score.total);
+            ScoredCandidate {
+                record: r,
+                score,
+                vector,
+                decision,
+                posterior,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        b.score
+            .total
+            .total_cmp(&a.score.total)
+            .then(a.record.id.cmp(&b.record.id))
+    });
+    Ok(out)
+}
+
+/// Score a record against the index without storing anything (`$match`).
+pub fn match_record(
+    conn: &mut DbConn,
+    record: &SourceRecord,
+) -> Result<Vec<ScoredCandidate>, EmpiError> {
+    let (_, model) = current_model(conn)?;
+    let prepared = prepare(record);
+    let keys = blocking_keys(&prepared);
+    scored_candidates(conn, &prepared, &keys, None, &model)
+}
+
+fn sex_str(s: Option<Sex>) -> Option<&'static str> {
+    s.map(|s| match s {
+        Sex::Male => "male",
+        Sex::Female => "female",
+    })
+}
+
+fn search_text(raw: &str) -> String {
+    super::normalize::normalise_name(raw).full.to_lowercase()
+}
+
+fn pair(a: &str, b: &str) -> (String, String) {
+    if a <= b {
+        (a.to_string(), b.to_string())
+    } else {
+        (b.to_string(), a.to_string())
+    }
+}
+
+fn record_event(
+    conn: &mut DbConn,
+    kind: &str,
+    person: Option<&str>,
+    other_person: Option<&str>,
+    record: Option<&str>,
+    actor: &str,
+    detail: serde_json::Value,
+) -> Result<String, EmpiError> {
+    let id = new_id();
+    diesel::insert_into(events_t::table)
+        .values((
+            events_t::id.eq(&id),
+            events_t::kind.eq(kind),
+            events_t::person_id.eq(person),
+            events_t::other_person_id.eq(other_person),
+            events_t::record_id.eq(record),
+            events_t::actor.eq(actor),
+            events_t::detail.eq(detail.to_string()),
+            events_t::created_at.eq(now_utc()),
+        ))
+        .execute(conn)?;
+    Ok(id)
+}
+
+fn new_person(conn: &mut DbConn) -> Result<String, EmpiError> {
+    let id = new_id();
+    let now = now_utc();
+    diesel::insert_into(persons_t::table)
+        .values((
+            persons_t::id.eq(&id),
+            persons_t::status.eq("active"),
+            persons_t::version.eq(1i64),
+            persons_t::created_at.eq(now),
+            persons_t::updated_at.eq(now),
+        ))
+        .execute(conn)?;
+    Ok(id)
+}
+
+fn touch_person(conn: &mut DbConn, id: &str, status: &str) -> Result<(), EmpiError> {
+    diesel::update(persons_t::table.find(id))
+        .set((
+            persons_t::status.eq(status),
+            persons_t::version.eq(persons_t::version + 1),
+            persons_t::updated_at.eq(now_utc()),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+fn linked_count(conn: &mut DbConn, person: &str) -> Result<i64, EmpiError> {
+    Ok(links_t::table
+        .filter(links_t::person_id.eq(person))
+        .count()
+        .get_result(conn)?)
+}
+
+fn set_link(
+    conn: &mut DbConn,
+    record: &str,
+    person: &str,
+    score: Option<&Score>,
+    decided_by: DecidedBy,
+    actor: &str,
+) -> Result<(), EmpiError> {
+    let explanation = score
+        .map(|s| serde_json::to_string(&s.explanation))
+        .transpose()
+        .map_err(ModelError::from)?;
+    diesel::delete(links_t::table.find(record)).execute(conn)?;
+    diesel::insert_into(links_t::table)
+        .values((
+            links_t::record_id.eq(record),
+            links_t::person_id.eq(person),
+            links_t::score.eq(score.map(|s| s.total)),
+            links_t::explanation.eq(explanation),
+            links_t::decided_by.eq(decided_by.as_str()),
+            links_t::actor.eq(actor),
+            links_t::decided_at.eq(now_utc()),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Pairs a steward kept separate that involve `record`.
+fn kept_separate(conn: &mut DbConn, record: &str) -> Result<BTreeSet<String>, EmpiError> {
+    let rows: Vec<(String, String)> = review_t::table
+        .filter(review_t::status.eq("kept-separate"))
+        .filter(
+            review_t::record_a
+                .eq(record)
+                .or(review_t::record_b.eq(record)),
+        )
+        .select((review_t::record_a, review_t::record_b))
+        .load(conn)?;
+    Ok(rows
+        .into_iter()
+        .map(|(a, b)| if a == record { b } else { a })
+        .collect())
+}
+
+fn queue_review(conn: &mut DbConn, a: &str, b: &str, score: &Score) -> Result<(), EmpiError> {
+    let (a, b) = pair(a, b);
+    let exists: i64 = review_t::table
+        .filter(review_t::record_a.eq(&a))
+        .filter(review_t::record_b.eq(&b))
+        .count()
+        .get_result(conn)?;
+    if exists > 0 {
+        return Ok(());
+    }
+    diesel::insert_into(review_t::table)
+        .values((
+            review_t::id.eq(new_id()),
+            review_t::record_a.eq(&a),
+            review_t::record_b.eq(&b),
+            review_t::score.eq(score.total),
+            review_t::explanation
+                .eq(serde_json::to_string(&score.explanation).map_err(ModelError::from)?),
+            review_t::status.eq("open"),
+            review_t::created_at.eq(now_utc()),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Register (or update) a source record and link it, in one transaction.
+pub fn register(
+    conn: &mut DbConn,
+    reg: &Registration,
+    actor: &str,
+) -> Result<Registered, EmpiError> {
+    if reg.record.institution != reg.institution_id {
+        return Err(EmpiError::Invalid {
+            field: "institution",
+            message: "the record's institution must be the registering institution".into(),
+        });
+    }
+    let prepared = prepare(&reg.record);
+    let keys = blocking_keys(&prepared);
+    let record_json = serde_json::to_string(&reg.record).map_err(ModelError::from)?;
+    let resource = reg.resource.to_string();
+    let issues = prepared.issues.clone();
+    write_transaction(conn, |conn| {
+        lock(
+            conn,
+            &BTreeSet::from([format!("id:{}|{}", reg.id_system, reg.id_value)]),
+        )?;
+        let existing = records_t::table
+            .filter(records_t::id_system.eq(&reg.id_system))
+            .filter(records_t::id_value.eq(&reg.id_value))
+            .select(RecordRow::as_select())
+            .first(conn)
+            .optional()?;
+        let old_keys: Vec<String> = match &existing {
+            Some(row) => keys_t::table
+                .filter(keys_t::record_id.eq(&row.id))
+                .select(keys_t::key)
+                .load(conn)?,
+            None => Vec::new(),
+        };
+        if let Some(row) = &existing {
+            if row.institution_id != reg.institution_id {
+                return Err(EmpiError::Conflict(
+                    "the identifier is registered by another institution".into(),
+                ));
+            }
+            if row.record_json == record_json && row.resource == resource {
+                let id = row.id.clone();
+                return Ok(Registered {
+                    outcome: RegistrationOutcome::Unchanged,
+                    record: get_record(conn, &id)?,
+                    issues: issues.clone(),
+                });
+            }
+        }
+        let mut names: BTreeSet<String> = keys.iter().map(|k| format!("key:{k}")).collect();
+        names.extend(old_keys.iter().map(|k| format!("key:{k}")));
+        lock(conn, &names)?;
+
+        let now = now_utc();
+        let first_phone = prepared.phones.first().cloned();
+        let columns = (
+            records_t::name_search.eq(format!(
+                "{} {}",
+                search_text(&reg.record.name),
+                prepared.name.romanised
+            )),
+            records_t::family.eq(search_text(&reg.family)),
+            records_t::given.eq(search_text(&reg.given)),
+            records_t::sex.eq(sex_str(reg.record.sex)),
+            records_t::birth_date.eq(reg.record.birth_date.map(|d| d.to_string())),
+            records_t::resident_id.eq(prepared.resident_id.as_ref().map(|r| r.number.clone())),
+            records_t::phone.eq(first_phone),
+            records_t::record_json.eq(&record_json),
+            records_t::resource.eq(&resource),
+        );
+        let (record_id, outcome) = match &existing {
+            Some(row) => {
+                diesel::update(records_t::table.find(&row.id))
+                    .set((
+                        columns,
+                        records_t::version.eq(row.version + 1),
+                        records_t::updated_at.eq(now),
+                    ))
+                    .execute(conn)?;
+                diesel::delete(keys_t::table.filter(keys_t::record_id.eq(&row.id)))
+                    .execute(conn)?;
+                diesel::delete(issues_t::table.filter(issues_t::record_id.eq(&row.id)))
+                    .execute(conn)?;
+                // Open review items were about the old content.
+                diesel::delete(
+                    review_t::table.filter(review_t::status.eq("open")).filter(
+                        review_t::record_a
+                            .eq(&row.id)
+                            .or(review_t::record_b.eq(&row.id)),
+                    ),
+                )
+                .execute(conn)?;
+                (row.id.clone(), RegistrationOutcome::Updated)
+            }
+            None => {
+                let id = new_id();
+                diesel::insert_into(records_t::table)
+                    .values((
+                        records_t::id.eq(&id),
+                        records_t::institution_id.eq(&reg.institution_id),
+                        records_t::id_system.eq(&reg.id_system),
+                        records_t::id_value.eq(&reg.id_value),
+                        columns,
+                        records_t::version.eq(1i64),
+                        records_t::created_at.eq(now),
+                        records_t::updated_at.eq(now),
+                    ))
+                    .execute(conn)?;
+                (id, RegistrationOutcome::Created)
+            }
+        };
+        for key in &keys {
+            diesel::insert_into(keys_t::table)
+                .values((keys_t::record_id.eq(&record_id), keys_t::key.eq(key)))
+                .execute(conn)?;
+        }
+        let distinct_issues: BTreeSet<String> = issues
+            .iter()
+            .map(serde_json::to_string)
+            .collect::<Result<_, _>>()
+            .map_err(ModelError::from)?;
+        for issue in distinct_issues {
+            diesel::insert_into(issues_t::table)
+                .values((
+                    issues_t::record_id.eq(&record_id),
+                    issues_t::issue.eq(issue),
+                ))
+                .execute(conn)?;
+        }
+        link_by_matcher(conn, &record_id, &prepared, &keys, actor)?;
+        Ok(Registered {
+            outcome,
+            record: get_record(conn, &record_id)?,
+            issues: issues.clone(),
+        })
+    })
+}
+
+/// Decide the person of a (new or changed) record; manual and merge links are kept.
+fn link_by_matcher(
+    conn: &mut DbConn,
+    record_id: &str,
+    prepared: &PreparedRecord,
+    keys: &[String],
+    actor: &str,
+) -> Result<(), EmpiError> {
+    let current = load_link(conn, record_id)?;
+    if current
+        .as_ref()
+        .is_some_and(|l| l.decided_by != DecidedBy::Auto)
+    {
+        return Ok(());
+    }
+    let (_, model) = current_model(conn)?;
+    let separate = kept_separate(conn, record_id)?;
+    let candidates: Vec<ScoredCandidate> =
+        scored_candidates(conn, prepared, keys, Some(record_id), &model)?
+            .into_iter()
+            .filter(|c| !separate.contains(&c.record.id) && c.record.link.is_some())
+            .collect();
+    let best = candidates.iter().find(|c| c.decision == Decision::AutoLink);
+    let current_person = current.as_ref().map(|l| l.person_id.clone());
+    let target = match best {
+        Some(c) => c
+            .record
+            .link
+            .as_ref()
+            .map(|l| (l.person_id.clone(), Some(c.score.clone()))),
+        None => None,
+    };
+    let (person, score) = match (target, &current_person) {
+        (Some((p, s)), _) => (p, s),
+        (None, Some(p)) if linked_count(conn, p)? <= 1 => (p.clone(), None),
+        (None, _) => (new_person(conn)?, None),
+    };
+    if current_person.as_deref() != Some(person.as_str()) || current.is_none() {
+        set_link(
+            conn,
+            record_id,
+            &person,
+            score.as_ref(),
+            DecidedBy::Auto,
+            actor,
+        )?;
+        touch_person(conn, &person, "active")?;
+        if let Some(old) = current_person.as_deref().filter(|old| *old != person) {
+            if linked_count(conn, old)? == 0 {
+                touch_person(conn, old, "empty")?;
+            }
+        }
+        record_event(
+            conn,
+            if current.is_none() { "link" } else { "relink" },
+            Some(&person),
+            current_person.as_deref(),
+            Some(record_id),
+            actor,
+            serde_json::json!({ "decided_by": "auto", "score": score.as_ref().map(|s| s.total) }),
+        )?;
+    } else if let Some(s) = &score {
+        // Same person, fresher evidence.
+        set_link(conn, record_id, &person, Some(s), DecidedBy::Auto, actor)?;
+    }
+    for c in &candidates {
+        let other_person = c.record.link.as_ref().map(|l| l.person_id.as_str());
+        if other_person != Some(person.as_str()) && c.decision != Decision::NonMatch {
+            queue_review(conn, record_id, &c.record.id, &c.score)?;
+        }
+    }
+    Ok(())
+}
+
+/// Search filters of PDQm (all optional, combined with AND).
+#[derive(Clone, Debug, Default)]
+pub struct RecordFilter {
+    pub family: Option<String>,
+    pub given: Option<String>,
+    /// Matches the name (Han or Latin) or its romanised (pinyin) form, by substring.
+    pub name: Option<String>,
+    pub birth_date: Option<NaiveDate>,
+    pub sex: Option<Sex>,
+    /// Normalised resident ID number.
+    pub resident_id: Option<String>,
+    /// (system, value) of an institution identifier; system `None` matches any.
+    pub identifier: Option<(Option<String>, String)>,
+    pub phone: Option<String>,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+fn like_escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_")
+}
+
+/// Source records matching a filter, ordered by id.
+pub fn search_records(conn: &mut DbConn, f: &RecordFilter) -> Result<Vec<StoredRecord>, EmpiError> {
+    let mut q = records_t::table.select(records_t::id).into_boxed();
+    if let Some(v) = &f.family {
+        q = q.filter(
+            records_t::family
+                .like(format!("{}%", like_escape(&search_text(v))))
+                .escape('\\'),
+        );
+    }
+    if let Some(v) = &f.given {
+        q = q.filter(
+            records_t::given
+                .like(format!("{}%", like_escape(&search_text(v))))
+                .escape('\\'),
+        );
+    }
+    if let Some(v) = &f.name {
+        let pattern = format!("%{}%", like_escape(&search_text(v)));
+        q = q.filter(records_t::name_search.like(pattern).escape('\\'));
+    }
+    if let Some(d) = f.birth_date {
+        q = q.filter(records_t::birth_date.eq(d.to_string()));
+    }
+    if let Some(s) = sex_str(f.sex) {
+        q = q.filter(records_t::sex.eq(s));
+    }
+    if let Some(r) = &f.resident_id {
+        q = q.filter(records_t::resident_id.eq(r.clone()));
+    }
+    if let Some((system, value)) = &f.identifier {
+        q = q.filter(records_t::id_value.eq(value.clone()));
+        if let Some(system) = system {
+            q = q.filter(records_t::id_system.eq(system.clone()));
+        }
+    }
+    if let Some(p) = &f.phone {
+        q = q.filter(records_t::phone.eq(p.clone()));
+    }
+    let limit = if f.limit <= 0 { 100 } else { f.limit.min(1000) };
+    let ids: Vec<String> = q
+        .order(records_t::id.asc())
+        .limit(limit)
+        .offset(f.offset.max(0))
+        .load(conn)?;
+    load_records(conn, &ids)
+}
+
+/// An enterprise person with its linked records.
+#[derive(Clone, Debug)]
+pub struct Person {
+    pub id: String,
+    pub status: String,
+    pub merged_into: Option<String>,
+    pub version: i64,
+    pub records: Vec<StoredRecord>,
+    /// Institution level (e.g. `3A`) of each record's institution, by institution id.
+    pub institution_levels: BTreeMap<String, String>,
+}
+
+pub fn get_person(conn: &mut DbConn, id: &str) -> Result<Person, EmpiError> {
+    let (pid, status, merged_into, version): (String, String, Option<String>, i64) =
+        persons_t::table
+            .find(id)
+            .select((
+                persons_t::id,
+                persons_t::status,
+                persons_t::merged_into,
+                persons_t::version,
+            ))
+            .first(conn)
+            .optional()?
+            .ok_or_else(|| EmpiError::NotFound(format!("person {id}")))?;
+    let records = records_of_person(conn, id)?;
+    let inst_ids: Vec<String> = records.iter().map(|r| r.institution_id.clone()).collect();
+    let institution_levels = institutions::table
+        .filter(institutions::id.eq_any(&inst_ids))
+        .select((institutions::id, institutions::level))
+        .load::<(String, String)>(conn)?
+        .into_iter()
+        .collect();
+    Ok(Person {
+        id: pid,
+        status,
+        merged_into,
+        version,
+        records,
+        institution_levels,
+    })
+}
+
+/// Golden record of a person, by the survivorship rules in docs/empi.md.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GoldenRecord {
+    pub name: Option<String>,
+    pub name_from: Option<String>,
+    pub sex: Option<Sex>,
+    pub birth_date: Option<NaiveDate>,
+    pub resident_id: Option<String>,
+    pub phone: Option<String>,
+    pub address: Option<String>,
+}
+
+/// Rank of an institution level: `3A` (三级甲等) highest; unrated lowest.
+fn level_rank(level: &str) -> (u8, u8) {
+    let mut chars = level.chars();
+    let grade = chars.next().and_then(|c| c.to_digit(10)).unwrap_or(0);
+    let class = match chars.next() {
+        Some('A') => 3,
+        Some('B') => 2,
+        Some('C') => 1,
+        _ => 0,
+    };
+    (u8::try_from(grade).unwrap_or(0), class)
+}
+
+/// Survivorship: the trusted resident ID held by most records (ties: most recent); sex and
+/// birth date from that ID when present, else from the most recent record that has them;
+/// name from the highest-level institution's most recent record; phone and address from the
+/// most recent record that has them.
+pub fn golden_record(person: &Person) -> GoldenRecord {
+    let mut recent: Vec<(&StoredRecord, PreparedRecord)> = person
+        .records
+        .iter()
+        .map(|r| (r, prepare(&r.record)))
+        .collect();
+    recent.sort_by(|a, b| b.0.updated_at.cmp(&a.0.updated_at));
+    let mut ids: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for (i, (_, p)) in recent.iter().enumerate() {
+        if let Some(r) = p.resident_id.as_ref().filter(|r| r.trusted) {
+            let e = ids.entry(r.number.clone()).or_insert((0, i));
+            e.0 += 1;
+        }
+    }
+    let resident = ids
+        .iter()
+        .max_by(|a, b| a.1.0.cmp(&b.1.0).then(b.1.1.cmp(&a.1.1)))
+        .map(|(n, _)| n.clone());
+    let id_info = resident.as_ref().and_then(|n| {
+        recent
+            .iter()
+            .filter_map(|(_, p)| p.resident_id.as_ref())
+            .find(|r| &r.number == n)
+            .cloned()
+    });
+    let named = recent
+        .iter()
+        .filter(|(r, _)| !r.record.name.trim().is_empty())
+        .max_by(|a, b| {
+            let la = level_rank(
+                person
+                    .institution_levels
+                    .get(&a.0.institution_id)
+                    .map_or("", String::as_str),
+            );
+            let lb = level_rank(
+                person
+                    .institution_levels
+                    .get(&b.0.institution_id)
+                    .map_or("", String::as_str),
+            );
+            la.cmp(&lb).then(a.0.updated_at.cmp(&b.0.updated_at))
+        });
+    GoldenRecord {
+        name: named.map(|(r, _)| r.record.name.clone()),
+        name_from: named.map(|(r, _)| r.id.clone()),
+        sex: id_info
+            .as_ref()
+            .and_then(|r| r.sex)
+            .or_else(|| recent.iter().find_map(|(r, _)| r.record.sex)),
+        birth_date: id_info
+            .as_ref()
+            .and_then(|r| r.birth_date)
+            .or_else(|| recent.iter().find_map(|(r, _)| r.record.birth_date)),
+        resident_id: resident,
+        phone: recent.iter().find_map(|(_, p)| p.phones.first().cloned()),
+        address: recent
+            .iter()
+            .find_map(|(_, p)| p.address.as_ref().map(|a| a.full.clone())),
+    }
+}
+
+/// Lineage stored with a merge event, enough to undo it exactly.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct MergeLineage {
+    target: String,
+    source: String,
+    source_status: String,
+    moved: Vec<Link>,
+}
+
+fn lock_persons(conn: &mut DbConn, persons: &[&str]) -> Result<(), EmpiError> {
+    lock(
+        conn,
+        &persons.iter().map(|p| format!("person:{p}")).collect(),
+    )?;
+    let records: Vec<String> = links_t::table
+        .filter(links_t::person_id.eq_any(persons))
+        .select(links_t::record_id)
+        .load(conn)?;
+    let keys: Vec<String> = keys_t::table
+        .filter(keys_t::record_id.eq_any(&records))
+        .select(keys_t::key)
+        .load(conn)?;
+    lock(
+        conn,
+        &keys.into_iter().map(|k| format!("key:{k}")).collect(),
+    )
+}
+
+fn person_status(conn: &mut DbConn, id: &str) -> Result<String, EmpiError> {
+    persons_t::table
+        .find(id)
+        .select(persons_t::status)
+        .first(conn)
+        .optional()?
+        .ok_or_else(|| EmpiError::NotFound(format!("person {id}")))
+}
+
+/// Merge person `source` into `target`: every record of `source` is linked to `target`
+/// (decided_by merge). Returns the merge event id.
+pub fn merge(
+    conn: &mut DbConn,
+    target: &str,
+    source: &str,
+    actor: &str,
+) -> Result<String, EmpiError> {
+    if target == source {
+        return Err(EmpiError::Invalid {
+            field: "source",
+            message: "cannot merge a person into itself".into(),
+        });
+    }
+    write_transaction(conn, |conn| {
+        lock_persons(conn, &[target, source])?;
+        let target_status = person_status(conn, target)?;
+        let source_status = person_status(conn, source)?;
+        if target_status == "merged" || source_status == "merged" {
+            return Err(EmpiError::Conflict(
+                "a person that was merged away cannot take part in a merge".into(),
+            ));
+        }
+        let moved: Vec<Link> = links_t::table
+            .filter(links_t::person_id.eq(source))
+            .select(LinkRow::as_select())
+            .order(links_t::record_id.asc())
+            .load(conn)?
+            .into_iter()
+            .map(LinkRow::into_link)
+            .collect::<Result<_, _>>()?;
+        for l in &moved {
+            set_link(conn, &l.record_id, target, None, DecidedBy::Merge, actor)?;
+        }
+        diesel::update(persons_t::table.find(source))
+            .set((
+                persons_t::status.eq("merged"),
+                persons_t::merged_into.eq(Some(target)),
+                persons_t::version.eq(persons_t::version + 1),
+                persons_t::updated_at.eq(now_utc()),
+            ))
+            .execute(conn)?;
+        touch_person(conn, target, "active")?;
+        let lineage = MergeLineage {
+            target: target.into(),
+            source: source.into(),
+            source_status,
+            moved,
+        };
+        record_event(
+            conn,
+            "merge",
+            Some(target),
+            Some(source),
+            None,
+            actor,
+            serde_json::to_value(&lineage).map_err(ModelError::from)?,
+        )
+    })
+}
+
+/// Undo the latest merge of `source` into `target`, restoring every moved link exactly
+/// (person, score, explanation, decided_by, actor, time). Refused when a moved record has
+/// been relinked since.
+pub fn unmerge(
+    conn: &mut DbConn,
+    target: &str,
+    source: &str,
+    actor: &str,
+) -> Result<String, EmpiError> {
+    write_transaction(conn, |conn| {
+        lock_persons(conn, &[target, source])?;
+        let event: Option<(String, String)> = events_t::table
+            .filter(events_t::kind.eq("merge"))
+            .filter(events_t::person_id.eq(target))
+            .filter(events_t::other_person_id.eq(source))
+            .order(events_t::id.desc())
+            .select((events_t::id, events_t::detail))
+            .first(conn)
+            .optional()?;
+        let Some((event_id, detail)) = event else {
+            return Err(EmpiError::NotFound(format!(
+                "merge of person {source} into {target}"
+            )));
+        };
+        let undone: i64 = events_t::table
+            .filter(events_t::kind.eq("unmerge"))
+            .filter(events_t::detail.like(format!("%\"merge_event\":\"{event_id}\"%")))
+            .count()
+            .get_result(conn)?;
+        if undone > 0 || person_status(conn, source)? != "merged" {
+            return Err(EmpiError::Conflict("that merge was already undone".into()));
+        }
+        let lineage: MergeLineage = serde_json::from_str(&detail).map_err(corrupt)?;
+        for l in &lineage.moved {
+            let now = load_link(conn, &l.record_id)?;
+            if now
+                .as_ref()
+                .is_none_or(|n| n.person_id != target || n.decided_by != DecidedBy::Merge)
+            {
+                return Err(EmpiError::Conflict(format!(
+                    "record {} was relinked after the merge; resolve it manually",
+                    l.record_id
+                )));
+            }
+            diesel::delete(links_t::table.find(&l.record_id)).execute(conn)?;
+            diesel::insert_into(links_t::table)
+                .values((
+                    links_t::record_id.eq(&l.record_id),
+                    links_t::person_id.eq(&l.person_id),
+                    links_t::score.eq(l.score),
+                    links_t::explanation
+                        .eq(l.explanation.as_ref().map(serde_json::Value::to_string)),
+                    links_t::decided_by.eq(l.decided_by.as_str()),
+                    links_t::actor.eq(&l.actor),
+                    links_t::decided_at.eq(l.decided_at),
+                ))
+                .execute(conn)?;
+        }
+        diesel::update(persons_t::table.find(source))
+            .set((
+                persons_t::status.eq(&lineage.source_status),
+                persons_t::merged_into.eq(None::<String>),
+                persons_t::version.eq(persons_t::version + 1),
+                persons_t::updated_at.eq(now_utc()),
+            ))
+            .execute(conn)?;
+        touch_person(conn, target, "active")?;
+        record_event(
+            conn,
+            "unmerge",
+            Some(target),
+            Some(source),
+            None,
+            actor,
+            serde_json::json!({ "merge_event": event_id }),
+        )
+    })
+}
+
+/// A review queue item.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReviewItem {
+    pub id: String,
+    pub record_a: String,
+    pub record_b: String,
+    pub score: f64,
+    pub explanation: serde_json::Value,
+    pub status: String,
+    pub resolver: Option<String>,
+    pub note: Option<String>,
+    pub created_at: NaiveDateTime,
+    pub resolved_at: Option<NaiveDateTime>,
+}
+
+type ReviewRow = (
+    String,
+    String,
+    String,
+    f64,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    NaiveDateTime,
+    Option<NaiveDateTime>,
+);
+
+fn review_item(r: ReviewRow) -> Result<ReviewItem, EmpiError> {
+    Ok(ReviewItem {
+        id: r.0,
+        record_a: r.1,
+        record_b: r.2,
+        score: r.3,
+        explanation: serde_json::from_str(&r.4).map_err(corrupt)?,
+        status: r.5,
+        resolver: r.6,
+        note: r.7,
+        created_at: r.8,
+        resolved_at: r.9,
+    })
+}
+
+const REVIEW_COLUMNS: (
+    review_t::id,
+    review_t::record_a,
+    review_t::record_b,
+    review_t::score,
+    review_t::explanation,
+    review_t::status,
+    review_t::resolver,
+    review_t::note,
+    review_t::created_at,
+    review_t::resolved_at,
+) = (
+    review_t::id,
+    review_t::record_a,
+    review_t::record_b,
+    review_t::score,
+    review_t::explanation,
+    review_t::status,
+    review_t::resolver,
+    review_t::note,
+    review_t::created_at,
+    review_t::resolved_at,
+);
+
+/// Review items with a status (`open`, `linked`, `kept-separate`), oldest first.
+pub fn list_review(
+    conn: &mut DbConn,
+    status: &str,
+    limit: i64,
+    offset: i64,
+) -> Result<Vec<ReviewItem>, EmpiError> {
+    review_t::table
+        .filter(review_t::status.eq(status))
+        .order(review_t::id.asc())
+        .limit(limit)
+        .offset(offset)
+        .select(REVIEW_COLUMNS)
+        .load::<ReviewRow>(conn)?
+        .into_iter()
+        .map(review_item)
+        .collect()
+}
+
+/// A steward's decision on a review item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReviewDecision {
+    /// Same person: record_b is linked (manual) to record_a's person.
+    Link,
+    /// Different persons: never linked automatically.
+    KeepSeparate,
+}
+
+pub fn resolve_review(
+    conn: &mut DbConn,
+    id: &str,
+    decision: ReviewDecision,
+    actor: &str,
+    note: Option<&str>,
+) -> Result<ReviewItem, EmpiError> {
+    write_transaction(conn, |conn| {
+        let item = review_t::table
+            .find(id)
+            .select(REVIEW_COLUMNS)
+            .first::<ReviewRow>(conn)
+            .optional()?
+            .ok_or_else(|| EmpiError::NotFound(format!("review item {id}")))
+            .and_then(review_item)?;
+        if item.status != "open" {
+            return Err(EmpiError::Conflict(format!(
+                "review item is already {}",
+                item.status
+            )));
+        }
+        let a = load_link(conn, &item.record_a)?
+            .ok_or_else(|| corrupt("review record without link"))?;
+        let b = load_link(conn, &item.record_b)?
+            .ok_or_else(|| corrupt("review record without link"))?;
+        lock_persons(conn, &[&a.person_id, &b.person_id])?;
+        let status = match decision {
+            ReviewDecision::Link => {
+                if a.person_id != b.person_id {
+                    set_link(
+                        conn,
+                        &item.record_b,
+                        &a.person_id,
+                        None,
+                        DecidedBy::Manual,
+                        actor,
+                    )?;
+                    touch_person(conn, &a.person_id, "active")?;
+                    if linked_count(conn, &b.person_id)? == 0 {
+                        touch_person(conn, &b.person_id, "empty")?;
+                    }
+                }
+                record_event(
+                    conn,
+                    "link",
+                    Some(&a.person_id),
+                    Some(&b.person_id),
+                    Some(&item.record_b),
+                    actor,
+                    serde_json::json!({ "decided_by": "manual", "review": id }),
+                )?;
+                "linked"
+            }
+            ReviewDecision::KeepSeparate => {
+                // The pair is excluded from automatic linking from now on; when the matcher
+                // had linked them, record_b gets a person of its own (a manual decision).
+                if a.person_id == b.person_id {
+                    let p = new_person(conn)?;
+                    set_link(conn, &item.record_b, &p, None, DecidedBy::Manual, actor)?;
+                }
+                record_event(
+                    conn,
+                    "keep-separate",
+                    Some(&a.person_id),
+                    Some(&b.person_id),
+                    Some(&item.record_b),
+                    actor,
+                    serde_json::json!({ "review": id }),
+                )?;
+                "kept-separate"
+            }
+        };
+        diesel::update(review_t::table.find(id))
+            .set((
+                review_t::status.eq(status),
+                review_t::resolver.eq(actor),
+                review_t::note.eq(note),
+                review_t::resolved_at.eq(Some(now_utc())),
+            ))
+            .execute(conn)?;
+        review_t::table
+            .find(id)
+            .select(REVIEW_COLUMNS)
+            .first::<ReviewRow>(conn)
+            .map_err(EmpiError::from)
+            .and_then(review_item)
+    })
+}
+
+/// An event of the log, oldest first.
+#[derive(Clone, Debug, Serialize)]
+pub struct EmpiEvent {
+    pub id: String,
+    pub kind: String,
+    pub person_id: Option<String>,
+    pub other_person_id: Option<String>,
+    pub record_id: Option<String>,
+    pub actor: String,
+    pub detail: serde_json::Value,
+    pub created_at: NaiveDateTime,
+}
+
+/// Events that involve a person (as either side).
+pub fn events_of_person(conn: &mut DbConn, person: &str) -> Result<Vec<EmpiEvent>, EmpiError> {
+    type Row = (
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        String,
+        String,
+        NaiveDateTime,
+    );
+    let rows: Vec<Row> = events_t::table
+        .filter(
+            events_t::person_id
+                .eq(person)
+                .or(events_t::other_person_id.eq(person)),
+        )
+        .order(events_t::id.asc())
+        .select((
+            events_t::id,
+            events_t::kind,
+            events_t::person_id,
+            events_t::other_person_id,
+            events_t::record_id,
+            events_t::actor,
+            events_t::detail,
+            events_t::created_at,
+        ))
+        .load(conn)?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(EmpiEvent {
+                detail: serde_json::from_str(&r.6).map_err(corrupt)?,
+                id: r.0,
+                kind: r.1,
+                person_id: r.2,
+                other_person_id: r.3,
+                record_id: r.4,
+                actor: r.5,
+                created_at: r.7,
+            })
+        })
+        .collect()
+}
+
+/// Outcome of [`reestimate`].
+#[derive(Clone, Debug, Serialize)]
+pub struct Reestimation {
+    pub version: i64,
+    pub records: usize,
+    pub candidate_pairs: usize,
+    pub model: StoredModel,
+}
+
+/// EM over the stored candidate pairs (records sharing a blocking key), u from random
+/// record pairs; stores a new model version. Links are not touched: the new parameters apply
+/// to later registrations, and manual decisions are never revisited.
+pub fn reestimate(
+    conn: &mut DbConn,
+    link_posterior: f64,
+    review_posterior: f64,
+    seed: u64,
+) -> Result<Reestimation, EmpiError> {
+    let rows: Vec<(String, String)> = records_t::table
+        .select((records_t::id, records_t::record_json))
+        .order(records_t::id.asc())
+        .load(conn)?;
+    let mut index: HashMap<String, usize> = HashMap::with_capacity(rows.len());
+    let mut prepared = Vec::with_capacity(rows.len());
+    for (i, (id, json)) in rows.iter().enumerate() {
+        let mut r: SourceRecord = serde_json::from_str(json).map_err(corrupt)?;
+        r.record_id = RecordId(i as u64);
+        prepared.push(prepare(&r));
+        index.insert(id.clone(), i);
+    }
+    let keys: Vec<(String, String)> = keys_t::table
+        .select((keys_t::key, keys_t::record_id))
+        .order(keys_t::key.asc())
+        .load(conn)?;
+    let mut blocks: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (k, r) in &keys {
+        if let Some(i) = index.get(r) {
+            blocks.entry(k.as_str()).or_default().push(*i);
+        }
+    }
+    let mut pairs: BTreeSet<(usize, usize)> = BTreeSet::new();
+    for members in blocks
+        .values()
+        .filter(|m| m.len() <= super::evaluate::DEFAULT_MAX_BLOCK)
+    {
+        for (x, a) in members.iter().enumerate() {
+            for b in &members[x + 1..] {
+                pairs.insert(((*a).min(*b), (*a).max(*b)));
+            }
+        }
+    }
+    let vectors: Vec<ComparisonVector> = pairs
+        .iter()
+        .map(|(a, b)| compare(&prepared[*a], &prepared[*b]))
+        .collect();
+    let random = super::evaluate::random_pairs(prepared.len(), 200_000, seed);
+    let start = estimate_u_from_random_pairs(
+        random
+            .iter()
+            .map(|(a, b)| compare(&prepared[*a], &prepared[*b])),
+        MatchParameters::starting_values(),
+    );
+    let params = estimate(
+        vectors.iter().copied(),
+        start,
+        EmOptions {
+            fix_u: true,
+            ..EmOptions::default()
+        },
+    )?;
+    let prior = super::fs::prior_from_candidates(params.prevalence, pairs.len(), prepared.len());
+    let model = StoredModel {
+        thresholds: Thresholds::from_posterior(prior, link_posterior, review_posterior),
+        prior,
+        parameters: params,
+        source: format!(
+            "EM on {} stored candidate pairs of {} records",
+            pairs.len(),
+            prepared.len()
+        ),
+    };
+    let version = store_model(conn, &model)?;
+    Ok(Reestimation {
+        version,
+        records: prepared.len(),
+        candidate_pairs: pairs.len(),
+        model,
+    })
+}
