@@ -63,6 +63,28 @@ pub struct Settings {
     pub redis: RedisSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
+    pub audit: AuditSettings,
+}
+
+/// The tamper-evident audit trail (docs/audit.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSettings {
+    /// PEM file (PKCS#8) of the SM2 key that signs checkpoints and exports. Empty: the file
+    /// `<data_dir>/audit-signing-key.pem`, generated on first start. Replicas must share one key.
+    pub signing_key_file: String,
+    /// Sign a checkpoint at least every this many records.
+    pub checkpoint_every: u64,
+    /// …and at this interval when records were added since the last checkpoint.
+    pub checkpoint_interval_secs: u64,
+    /// Most records committed in one transaction (group commit).
+    pub batch_max: usize,
+    /// Records waiting for the writer before callers queue.
+    pub queue_capacity: usize,
+    /// How long a request waits for its record to be durable before answering 503.
+    pub write_timeout_ms: u64,
+    /// Name of this replica in AuditEvent.source. Empty: $HOSTNAME, else "gateway".
+    pub replica_id: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -151,6 +173,15 @@ impl Default for Settings {
             log: LogSettings {
                 format: LogFormat::Text,
                 level: "info".into(),
+            },
+            audit: AuditSettings {
+                signing_key_file: String::new(),
+                checkpoint_every: 1000,
+                checkpoint_interval_secs: 60,
+                batch_max: 2000,
+                queue_capacity: 65536,
+                write_timeout_ms: 5000,
+                replica_id: String::new(),
             },
         }
     }

@@ -20,6 +20,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Externally visible base URL, without trailing slash.
     pub base_url: Arc<str>,
+    /// The audit recorder (fail closed; see crate::audit).
+    pub auditor: crate::audit::Auditor,
 }
 
 impl AppState {

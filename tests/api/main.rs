@@ -8,6 +8,7 @@
 
 mod helpers;
 
+mod audit;
 mod errors;
 mod institutions;
 mod migrations;
