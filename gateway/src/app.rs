@@ -151,7 +151,14 @@ impl Application {
             &settings.redis.key_prefix,
             Duration::from_millis(settings.redis.timeout_ms),
         );
+        let audit_key = crate::audit::load_signing_key(&settings, true)?;
+        let signer = Arc::new(
+            yiqiao_registry::audit::AuditSigner::new(&audit_key)
+                .map_err(|e| anyhow::anyhow!("audit key: {e}"))?,
+        );
+        let auditor = crate::audit::Auditor::start(store.clone(), signer, &settings);
         let state = AppState {
+            auditor,
             base_url: settings.public_base_url().into(),
             settings: Arc::new(settings),
             store,

@@ -8,6 +8,7 @@
 //! - 4 database unavailable or migration failed
 //! - 5 not found
 //! - 6 rejected input (validation failed, duplicate, version conflict)
+//! - 7 audit verification failed (the first broken position and what is wrong are printed)
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -28,6 +29,7 @@ pub const EXIT_CONFIG: u8 = 3;
 pub const EXIT_DATABASE: u8 = 4;
 pub const EXIT_NOT_FOUND: u8 = 5;
 pub const EXIT_REJECTED: u8 = 6;
+pub const EXIT_TAMPERED: u8 = 7;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,7 +38,7 @@ pub const EXIT_REJECTED: u8 = 6;
     about = "Yiqiao (医桥) regional health information exchange gateway",
     long_about = "Yiqiao links a region's hospitals: institution directory, master patient index, consent, \
 federated queries and a tamper-evident audit trail.\n\nExit codes: 0 ok, 1 runtime failure, 2 usage, \
-3 configuration, 4 database, 5 not found, 6 rejected input."
+3 configuration, 4 database, 5 not found, 6 rejected input, 7 audit verification failed."
 )]
 pub struct Cli {
     /// TOML configuration file (defaults < file < YIQIAO_* environment).
@@ -74,6 +76,9 @@ pub enum Command {
     /// Master patient index: evaluation and parameter estimation.
     #[command(subcommand)]
     Mpi(MpiCommand),
+    /// Verify and export the tamper-evident audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -97,6 +102,43 @@ pub enum MpiCommand {
         review_posterior: f64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Verify the hash chain and checkpoints in the database (exit 7 naming the first broken
+    /// position and what is wrong).
+    Verify {
+        /// First position (a number) or time (RFC 3339, e.g. 2026-11-29T00:00:00Z).
+        #[arg(long, value_name = "SEQ|TIME")]
+        from: Option<String>,
+        /// Last position or time.
+        #[arg(long, value_name = "SEQ|TIME")]
+        to: Option<String>,
+        /// Verify checkpoints with this SM2 public key (PEM) instead of the configured key.
+        #[arg(long, value_name = "PEM")]
+        public_key: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a signed bundle of records and checkpoints for offline verification.
+    Export {
+        #[arg(long, value_name = "SEQ|TIME")]
+        from: Option<String>,
+        #[arg(long, value_name = "SEQ|TIME")]
+        to: Option<String>,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Verify an exported bundle offline with only the gateway's public key (no database).
+    VerifyExport {
+        file: PathBuf,
+        #[arg(long, value_name = "PEM")]
+        public_key: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -309,6 +351,156 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Institution(cmd) => institution(&settings, *cmd),
         Command::Mpi(cmd) => mpi(&settings, cmd),
+        Command::Audit(cmd) => audit(&settings, cmd),
+    }
+}
+
+fn read_public_key(path: &PathBuf) -> Result<yiqiao_sm::Sm2PublicKey, Failure> {
+    yiqiao_sm::Sm2PublicKey::from_spki_pem(&read_file(path)?).map_err(|e| {
+        Failure::new(
+            EXIT_REJECTED,
+            format!("{}: not an SM2 public key PEM: {e}", path.display()),
+        )
+    })
+}
+
+fn audit_signer(settings: &Settings) -> Result<yiqiao_registry::audit::AuditSigner, Failure> {
+    let key = crate::audit::load_signing_key(settings, false)
+        .map_err(|e| Failure::new(EXIT_CONFIG, e.to_string()))?;
+    yiqiao_registry::audit::AuditSigner::new(&key)
+        .map_err(|e| Failure::new(EXIT_CONFIG, format!("audit key: {e}")))
+}
+
+/// A position, or a time resolved to the first (`from`) or last (`to`) position recorded then.
+fn audit_position(
+    conn: &mut yiqiao_registry::store::DbConn,
+    raw: Option<&str>,
+    is_from: bool,
+) -> Result<Option<i64>, Failure> {
+    let Some(raw) = raw else { return Ok(None) };
+    if let Ok(seq) = raw.parse::<i64>() {
+        return Ok(Some(seq));
+    }
+    let t = chrono::DateTime::parse_from_rfc3339(raw)
+        .map_err(|_| {
+            Failure::new(
+                EXIT_REJECTED,
+                format!("{raw}: expected a position or an RFC 3339 time"),
+            )
+        })?
+        .naive_utc();
+    let found = if is_from {
+        yiqiao_registry::audit::seq_at_or_after(conn, t)?
+    } else {
+        yiqiao_registry::audit::seq_at_or_before(conn, t)?
+    };
+    // Nothing recorded in range: an empty range.
+    Ok(Some(found.unwrap_or(if is_from { i64::MAX } else { 0 })))
+}
+
+fn print_report(report: &yiqiao_registry::audit::Report, json: bool) -> Result<(), Failure> {
+    if json {
+        let text = serde_json::to_string_pretty(report)
+            .map_err(|e| Failure::new(EXIT_RUNTIME, e.to_string()))?;
+        println!("{text}");
+    }
+    match report.first_problem() {
+        None => {
+            if !json {
+                println!(
+                    "audit chain OK: positions {}..{} ({} records, {} checkpoints verified)",
+                    report.first_seq.map_or("-".into(), |s| s.to_string()),
+                    report.last_seq.map_or("-".into(), |s| s.to_string()),
+                    report.records,
+                    report.checkpoints
+                );
+            }
+            Ok(())
+        }
+        Some(first) => {
+            for p in report.problems.iter().skip(1).take(20) {
+                eprintln!("  also at {}: {}: {}", p.seq, p.kind.as_str(), p.detail);
+            }
+            Err(Failure::new(
+                EXIT_TAMPERED,
+                format!(
+                    "audit verification FAILED at position {}: {}: {} ({} problem(s))",
+                    first.seq,
+                    first.kind.as_str(),
+                    first.detail,
+                    report.problems.len()
+                ),
+            ))
+        }
+    }
+}
+
+fn audit(settings: &Settings, cmd: AuditCommand) -> Result<(), Failure> {
+    match cmd {
+        AuditCommand::VerifyExport {
+            file,
+            public_key,
+            json,
+        } => {
+            let key = read_public_key(&public_key)?;
+            let bundle: yiqiao_registry::audit::export::Bundle =
+                serde_json::from_str(&read_file(&file)?).map_err(|e| {
+                    Failure::new(
+                        EXIT_TAMPERED,
+                        format!("{}: not an audit export bundle: {e}", file.display()),
+                    )
+                })?;
+            print_report(
+                &yiqiao_registry::audit::export::verify_bundle(&bundle, &key),
+                json,
+            )
+        }
+        AuditCommand::Verify {
+            from,
+            to,
+            public_key,
+            json,
+        } => {
+            let key = match &public_key {
+                Some(path) => read_public_key(path)?,
+                None => audit_signer(settings)?.public_key().clone(),
+            };
+            let store = open_store(settings)?;
+            let mut conn = store.conn()?;
+            let from = audit_position(&mut conn, from.as_deref(), true)?;
+            let to = audit_position(&mut conn, to.as_deref(), false)?;
+            let report = yiqiao_registry::audit::verify_db(&mut conn, from, to, &key)?;
+            print_report(&report, json)
+        }
+        AuditCommand::Export { from, to, out } => {
+            let signer = audit_signer(settings)?;
+            let store = open_store(settings)?;
+            let mut conn = store.conn()?;
+            let from = audit_position(&mut conn, from.as_deref(), true)?;
+            let to = audit_position(&mut conn, to.as_deref(), false)?;
+            let bundle = yiqiao_registry::audit::export::export(&mut conn, from, to, &signer)
+                .map_err(|e| match e {
+                    yiqiao_registry::audit::export::ExportError::Empty(..) => {
+                        Failure::new(EXIT_NOT_FOUND, e.to_string())
+                    }
+                    yiqiao_registry::audit::export::ExportError::Store(s) => s.into(),
+                    other => Failure::new(EXIT_RUNTIME, other.to_string()),
+                })?;
+            let text = serde_json::to_string_pretty(&bundle)
+                .map_err(|e| Failure::new(EXIT_RUNTIME, e.to_string()))?;
+            std::fs::write(&out, text).map_err(|e| {
+                Failure::new(EXIT_RUNTIME, format!("cannot write {}: {e}", out.display()))
+            })?;
+            println!(
+                "exported positions {}..{} ({} records, {} checkpoints) to {}",
+                bundle.records.first().map_or(0, |r| r.seq),
+                bundle.records.last().map_or(0, |r| r.seq),
+                bundle.records.len(),
+                bundle.checkpoints.len(),
+                out.display()
+            );
+            Ok(())
+        }
     }
 }
 

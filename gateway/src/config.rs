@@ -67,6 +67,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     #[serde(default)]
     pub empi: EmpiSettings,
+    pub audit: AuditSettings,
 }
 
 /// Enterprise master patient index.
@@ -95,6 +96,27 @@ pub struct TelemetrySettings {
     pub service_name: String,
     /// Share of traces exported, 0.0–1.0.
     pub sample_ratio: f64,
+}
+
+/// The tamper-evident audit trail (docs/audit.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSettings {
+    /// PEM file (PKCS#8) of the SM2 key that signs checkpoints and exports. Empty: the file
+    /// `<data_dir>/audit-signing-key.pem`, generated on first start. Replicas must share one key.
+    pub signing_key_file: String,
+    /// Sign a checkpoint at least every this many records.
+    pub checkpoint_every: u64,
+    /// …and at this interval when records were added since the last checkpoint.
+    pub checkpoint_interval_secs: u64,
+    /// Most records committed in one transaction (group commit).
+    pub batch_max: usize,
+    /// Records waiting for the writer before callers queue.
+    pub queue_capacity: usize,
+    /// How long a request waits for its record to be durable before answering 503.
+    pub write_timeout_ms: u64,
+    /// Name of this replica in AuditEvent.source. Empty: $HOSTNAME, else "gateway".
+    pub replica_id: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -232,6 +254,15 @@ impl Default for Settings {
                 institution_limits: Default::default(),
             },
             empi: EmpiSettings::default(),
+            audit: AuditSettings {
+                signing_key_file: String::new(),
+                checkpoint_every: 1000,
+                checkpoint_interval_secs: 60,
+                batch_max: 2000,
+                queue_capacity: 65536,
+                write_timeout_ms: 5000,
+                replica_id: String::new(),
+            },
         }
     }
 }

@@ -51,6 +51,7 @@ error_codes! {
     RateLimited => ("rate-limited", 429, "throttled", "Too many requests; retry after the given delay."),
     Internal => ("internal", 500, "exception", "An internal error; quote the request id to the operators."),
     Unavailable => ("unavailable", 503, "transient", "A dependency (database, Redis) is unavailable; retry later."),
+    AuditUnavailable => ("audit-unavailable", 503, "transient", "The audit record of the request could not be made durable, so no data was released; retry later."),
     PoolExhausted => ("pool-exhausted", 503, "transient", "All database connections are busy; retry after the given delay."),
 }
 

@@ -2,6 +2,7 @@
 //! Only this crate knows HTTP; storage is `yiqiao_registry`, policy is `yiqiao_consent`.
 
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;

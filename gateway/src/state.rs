@@ -22,6 +22,8 @@ pub struct AppState {
     pub base_url: Arc<str>,
     /// Signing keys, replay cache, rate limits (crate::oauth).
     pub auth: Arc<crate::oauth::AuthRuntime>,
+    /// The audit recorder (fail closed; see crate::audit).
+    pub auditor: crate::audit::Auditor,
 }
 
 impl AppState {

@@ -3,6 +3,7 @@
 //!
 //! This crate knows nothing of HTTP.
 
+pub mod audit;
 pub mod auth;
 pub mod directory;
 pub mod empi;

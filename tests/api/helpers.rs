@@ -64,6 +64,15 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// Another handle on a database owned elsewhere (a second replica); dropping it keeps the database.
+    pub fn shared(url: &str) -> TestDb {
+        TestDb {
+            url: url.to_string(),
+            pg_name: None,
+            _dir: None,
+        }
+    }
+
     pub fn new(backend: Backend) -> TestDb {
         match backend {
             Backend::Sqlite => {
@@ -89,18 +98,6 @@ impl TestDb {
                     _dir: None,
                 }
             }
-        }
-    }
-}
-
-impl TestDb {
-    /// A database owned by someone else (a second replica over the first one's database):
-    /// nothing is dropped with it.
-    pub fn shared(url: &str) -> TestDb {
-        TestDb {
-            url: url.to_string(),
-            pg_name: None,
-            _dir: None,
         }
     }
 }
@@ -147,7 +144,27 @@ pub fn test_settings(db_url: &str) -> Settings {
     s.http.workers = 2;
     s.http.max_body_bytes = 64 * 1024;
     s.http.shutdown_timeout_secs = 1;
+    s.audit.signing_key_file = test_audit_key().0.display().to_string();
     s
+}
+
+/// One SM2 audit checkpoint key per test process (every replica of every test shares it):
+/// (private key PEM file, public key PEM file).
+pub fn test_audit_key() -> &'static (PathBuf, PathBuf) {
+    static KEY: std::sync::OnceLock<(PathBuf, PathBuf)> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!(
+            "yiqiao-audit-key-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = yiqiao_sm::Sm2PrivateKey::generate().unwrap();
+        let private = dir.join("audit-key.pem");
+        let public = dir.join("audit-key.pub.pem");
+        std::fs::write(&private, key.to_pkcs8_pem().unwrap().as_bytes()).unwrap();
+        std::fs::write(&public, key.public_key().to_spki_pem().unwrap()).unwrap();
+        (private, public)
+    })
 }
 
 /// A running gateway with its own database.

@@ -24,6 +24,10 @@ pub async fn read_organization(
 ) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
     let inst = state.db(move |conn| directory::get(conn, &id)).await?;
+    let event = state
+        .auditor
+        .read_event(format!("Organization/{}", inst.id));
+    state.auditor.record(event).await?;
     Ok(fhir_ok(fhir::organization(&inst)))
 }
 
@@ -38,9 +42,12 @@ pub async fn read_endpoint(
     let id = id.into_inner();
     let lookup = id.clone();
     let inst = state.db(move |conn| directory::get(conn, &lookup)).await?;
-    fhir::endpoint(&inst)
-        .map(fhir_ok)
-        .ok_or_else(|| ApiError::not_found(format!("institution {id} has no registered endpoint")))
+    let body = fhir::endpoint(&inst).ok_or_else(|| {
+        ApiError::not_found(format!("institution {id} has no registered endpoint"))
+    })?;
+    let event = state.auditor.read_event(format!("Endpoint/{}", inst.id));
+    state.auditor.record(event).await?;
+    Ok(fhir_ok(body))
 }
 
 /// Common filters of Organization and Endpoint searches.
@@ -174,6 +181,12 @@ async fn search(
     found.truncate(count as usize);
     let resources: Vec<serde_json::Value> = found.iter().filter_map(view).collect();
     let (self_url, next) = page_urls(&state, &req, offset, count, more);
+    let query_text = match req.query_string() {
+        "" => req.path().to_string(),
+        q => format!("{}?{q}", req.path()),
+    };
+    let event = state.auditor.search_event(query_text);
+    state.auditor.record(event).await?;
     Ok(fhir_ok(fhir::searchset(
         &state.base_url,
         &self_url,

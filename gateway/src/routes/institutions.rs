@@ -192,6 +192,10 @@ pub async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let spec = directory::validate(&input.into_spec())?;
     let created = state.db(move |conn| directory::create(conn, &spec)).await?;
+    let event = state
+        .auditor
+        .admin_event("create", "C", format!("Organization/{}", created.id));
+    state.auditor.record(event).await?;
     tracing::info!(institution = %created.id, "institution registered");
     let location = format!("/admin/institutions/{}", created.id);
     let mut resp = with_etag(actix_web::http::StatusCode::CREATED, created);
@@ -298,6 +302,10 @@ pub async fn update(
     let updated = state
         .db(move |conn| directory::update(conn, &spec, expected))
         .await?;
+    let event = state
+        .auditor
+        .admin_event("update", "U", format!("Organization/{}", updated.id));
+    state.auditor.record(event).await?;
     tracing::info!(institution = %updated.id, version = updated.version, "institution updated");
     Ok(with_etag(actix_web::http::StatusCode::OK, updated))
 }
@@ -312,6 +320,10 @@ async fn set_status(
     let inst = state
         .db(move |conn| directory::set_status(conn, &id, status, expected))
         .await?;
+    let event = state
+        .auditor
+        .admin_event("update", "U", format!("Organization/{}", inst.id));
+    state.auditor.record(event).await?;
     tracing::info!(institution = %inst.id, status = status.as_str(), "institution status set");
     Ok(with_etag(actix_web::http::StatusCode::OK, inst))
 }

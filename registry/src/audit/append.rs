@@ -1,0 +1,291 @@
+//! Appending to the chain: one transaction per batch (group commit), the chain head row locked
+//! for the whole transaction so positions are dense across replicas.
+
+use chrono::NaiveDateTime;
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+
+use super::{AuditEvent, AuditSigner, CheckpointRecord, chain_hash};
+use crate::store::schema::{audit_chain_head, audit_checkpoints, audit_events};
+use crate::store::{DbConn, StoreError, now_utc};
+
+/// An event with its canonical resource text computed (outside the transaction).
+#[derive(Debug, Clone)]
+pub struct PreparedEvent {
+    pub event: AuditEvent,
+    pub resource: String,
+}
+
+impl PreparedEvent {
+    pub fn new(event: AuditEvent) -> PreparedEvent {
+        let resource = event.canonical_resource();
+        PreparedEvent { event, resource }
+    }
+}
+
+/// Where an event landed in the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub seq: i64,
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct AppendOptions {
+    /// Sign a checkpoint when at least this many records follow the last one.
+    pub checkpoint_every: i64,
+    /// Sign a checkpoint of the head if any record follows the last checkpoint (timer).
+    pub force_checkpoint: bool,
+}
+
+#[derive(Debug, Clone, Queryable)]
+pub(super) struct HeadRow {
+    #[allow(dead_code)]
+    pub id: i32,
+    pub head_seq: i64,
+    pub head_hash: String,
+    pub checkpoint_seq: i64,
+    #[allow(dead_code)]
+    pub updated_at: NaiveDateTime,
+}
+
+#[derive(Debug, Clone, Insertable, Queryable)]
+#[diesel(table_name = audit_events)]
+#[diesel(treat_none_as_default_value = false)]
+pub(super) struct EventRow {
+    pub seq: i64,
+    pub event_id: String,
+    pub recorded_at: NaiveDateTime,
+    pub type_code: String,
+    pub subtype_code: String,
+    pub outcome: String,
+    pub agent_institution: Option<String>,
+    pub agent_user: Option<String>,
+    pub purpose_of_use: Option<String>,
+    pub patient_id: Option<String>,
+    pub consent_decision: Option<String>,
+    pub request_id: Option<String>,
+    pub source_replica: String,
+    pub resource: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+impl EventRow {
+    fn new(seq: i64, p: &PreparedEvent, prev_hash: String, hash: String) -> EventRow {
+        let e = &p.event;
+        EventRow {
+            seq,
+            event_id: e.event_id.clone(),
+            recorded_at: e.recorded_at,
+            type_code: e.type_code.clone(),
+            subtype_code: e.subtype_code.clone(),
+            outcome: e.outcome.clone(),
+            agent_institution: e.agent_institution.clone(),
+            agent_user: e.agent_user.clone(),
+            purpose_of_use: e.purpose_of_use.clone(),
+            patient_id: e.patient_id.clone(),
+            consent_decision: e.consent_decision.clone(),
+            request_id: e.request_id.clone(),
+            source_replica: e.source_replica.clone(),
+            resource: p.resource.clone(),
+            prev_hash,
+            hash,
+        }
+    }
+
+    #[cfg(test)]
+    pub fn for_test(p: &PreparedEvent) -> EventRow {
+        EventRow::new(1, p, String::new(), String::new())
+    }
+
+    /// The indexed columns as stored.
+    pub fn index(&self) -> IndexColumns {
+        IndexColumns {
+            event_id: Some(self.event_id.clone()),
+            recorded: Some(super::format_time(&self.recorded_at)),
+            type_code: Some(self.type_code.clone()),
+            subtype_code: Some(self.subtype_code.clone()),
+            outcome: Some(self.outcome.clone()),
+            agent_institution: self.agent_institution.clone(),
+            agent_user: self.agent_user.clone(),
+            purpose_of_use: self.purpose_of_use.clone(),
+            patient_id: self.patient_id.clone(),
+            consent_decision: self.consent_decision.clone(),
+            request_id: self.request_id.clone(),
+            source_replica: Some(self.source_replica.clone()),
+        }
+    }
+}
+
+/// The values the indexed columns must repeat from the hashed resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct IndexColumns {
+    event_id: Option<String>,
+    recorded: Option<String>,
+    type_code: Option<String>,
+    subtype_code: Option<String>,
+    outcome: Option<String>,
+    agent_institution: Option<String>,
+    agent_user: Option<String>,
+    purpose_of_use: Option<String>,
+    patient_id: Option<String>,
+    consent_decision: Option<String>,
+    request_id: Option<String>,
+    source_replica: Option<String>,
+}
+
+impl IndexColumns {
+    /// Read the indexed values out of an AuditEvent resource (the shape `to_resource` writes).
+    pub fn of_resource(v: &serde_json::Value) -> IndexColumns {
+        let s = |v: &serde_json::Value| v.as_str().map(str::to_string);
+        let requestor = &v["agent"][0];
+        let patient = v["entity"]
+            .as_array()
+            .and_then(|es| es.iter().find(|e| e["role"]["code"] == "1"))
+            .and_then(|e| s(&e["what"]["identifier"]["value"]));
+        let ext = |url: &str| {
+            v["extension"]
+                .as_array()
+                .and_then(|xs| xs.iter().find(|x| x["url"] == url))
+                .cloned()
+        };
+        let consent = ext(super::EXT_CONSENT).and_then(|x| {
+            x["extension"]
+                .as_array()
+                .and_then(|xs| xs.iter().find(|i| i["url"] == "decision"))
+                .and_then(|i| s(&i["valueCode"]))
+        });
+        IndexColumns {
+            event_id: s(&v["id"]),
+            recorded: s(&v["recorded"]),
+            type_code: s(&v["type"]["code"]),
+            subtype_code: s(&v["subtype"][0]["code"]),
+            outcome: s(&v["outcome"]),
+            agent_institution: s(&requestor["who"]["identifier"]["value"]),
+            agent_user: s(&requestor["altId"]),
+            purpose_of_use: s(&requestor["purposeOfUse"][0]["coding"][0]["code"]),
+            patient_id: patient,
+            consent_decision: consent,
+            request_id: ext(super::EXT_REQUEST_ID).and_then(|x| s(&x["valueString"])),
+            source_replica: s(&v["source"]["observer"]["display"]),
+        }
+    }
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = audit_checkpoints)]
+struct CheckpointRow<'a> {
+    seq: i64,
+    head_hash: &'a str,
+    signed_at: NaiveDateTime,
+    key_id: &'a str,
+    signature: &'a str,
+}
+
+/// Rows per INSERT statement (PostgreSQL allows 65535 bind parameters; 20 columns per row).
+const INSERT_CHUNK: usize = 1000;
+
+/// The current chain head `(head_seq, head_hash, checkpoint_seq)`, without locking.
+pub fn chain_head(conn: &mut DbConn) -> Result<(i64, String, i64), StoreError> {
+    let head: HeadRow = audit_chain_head::table
+        .find(1)
+        .first(conn)
+        .map_err(StoreError::from_diesel)?;
+    Ok((head.head_seq, head.head_hash, head.checkpoint_seq))
+}
+
+/// Is a timed checkpoint worth taking (records after the last checkpoint)?
+pub fn checkpoint_due(conn: &mut DbConn) -> Result<bool, StoreError> {
+    let (seq, _, cp) = chain_head(conn)?;
+    Ok(seq > cp)
+}
+
+macro_rules! append_body {
+    ($tx:expr, $head:expr, $batch:expr, $signer:expr, $opts:expr) => {{
+        let head: HeadRow = $head;
+        let mut seq = head.head_seq;
+        let mut prev = head.head_hash;
+        let mut rows = Vec::with_capacity($batch.len());
+        let mut out = Vec::with_capacity($batch.len());
+        for p in $batch {
+            seq += 1;
+            let hash = chain_hash(&prev, &p.resource);
+            out.push(Appended {
+                seq,
+                hash: hash.clone(),
+            });
+            rows.push(EventRow::new(
+                seq,
+                p,
+                std::mem::replace(&mut prev, hash.clone()),
+                hash,
+            ));
+        }
+        for chunk in rows.chunks(INSERT_CHUNK) {
+            diesel::insert_into(audit_events::table)
+                .values(chunk)
+                .execute($tx)?;
+        }
+        let mut checkpoint_seq = head.checkpoint_seq;
+        if seq > checkpoint_seq
+            && ($opts.force_checkpoint || seq - checkpoint_seq >= $opts.checkpoint_every)
+        {
+            let cp: CheckpointRecord = $signer
+                .checkpoint(seq, &prev, now_utc())
+                .map_err(|e| diesel::result::Error::QueryBuilderError(Box::new(e)))?;
+            let signed_at =
+                chrono::NaiveDateTime::parse_from_str(&cp.signed_at, "%Y-%m-%dT%H:%M:%S%.6fZ")
+                    .map_err(|e| diesel::result::Error::QueryBuilderError(Box::new(e)))?;
+            diesel::insert_into(audit_checkpoints::table)
+                .values(CheckpointRow {
+                    seq,
+                    head_hash: &cp.head_hash,
+                    signed_at,
+                    key_id: &cp.key_id,
+                    signature: &cp.signature,
+                })
+                .execute($tx)?;
+            checkpoint_seq = seq;
+        }
+        if seq != head.head_seq || checkpoint_seq != head.checkpoint_seq {
+            diesel::update(audit_chain_head::table.find(1))
+                .set((
+                    audit_chain_head::head_seq.eq(seq),
+                    audit_chain_head::head_hash.eq(&prev),
+                    audit_chain_head::checkpoint_seq.eq(checkpoint_seq),
+                    audit_chain_head::updated_at.eq(now_utc()),
+                ))
+                .execute($tx)?;
+        }
+        Ok(out)
+    }};
+}
+
+/// Append `batch` in one transaction: lock the chain head, insert the records with dense
+/// positions, sign a checkpoint if due, move the head. Durable when this returns `Ok`
+/// (PostgreSQL commit; SQLite commit with `synchronous = FULL`).
+pub fn append_batch(
+    conn: &mut DbConn,
+    batch: &[PreparedEvent],
+    signer: &AuditSigner,
+    opts: AppendOptions,
+) -> Result<Vec<Appended>, StoreError> {
+    match conn {
+        DbConn::Postgresql(pg) => pg
+            .transaction::<_, diesel::result::Error, _>(|tx| {
+                let head: HeadRow = audit_chain_head::table.find(1).for_update().first(tx)?;
+                append_body!(tx, head, batch, signer, opts)
+            })
+            .map_err(StoreError::from_diesel),
+        DbConn::Sqlite(lite) => {
+            lite.batch_execute("PRAGMA synchronous = FULL")
+                .map_err(StoreError::from_diesel)?;
+            lite.immediate_transaction::<_, diesel::result::Error, _>(|tx| {
+                let head: HeadRow = audit_chain_head::table.find(1).first(tx)?;
+                append_body!(tx, head, batch, signer, opts)
+            })
+            .map_err(StoreError::from_diesel)
+        }
+    }
+}
