@@ -115,6 +115,24 @@ impl Auditor {
         e
     }
 
+    /// Attribute `event` to an authenticated member institution (agent, purpose of use) and,
+    /// when known, to an enterprise patient.
+    pub fn by_caller(
+        &self,
+        mut event: AuditEvent,
+        caller: &crate::auth::Caller,
+        patient: Option<String>,
+    ) -> AuditEvent {
+        event.agent_institution = Some(caller.institution.id.to_string());
+        event.purpose_of_use = caller.purpose.map(|p| p.code().to_string());
+        if matches!(caller.via, crate::auth::CallerVia::AdminOnBehalf) {
+            event.agent_user = Some("admin-token".into());
+            event.agent_role = Some("admin".into());
+        }
+        event.patient_id = patient;
+        event
+    }
+
     /// Record `event` durably; the caller must not send data before this returns `Ok`.
     pub async fn record(&self, event: AuditEvent) -> Result<AuditReceipt, ApiError> {
         let (done, wait) = oneshot::channel();

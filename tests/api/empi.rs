@@ -960,4 +960,67 @@ on_both_backends!(
     merge_unmerge_round_trip,
     concurrent_registrations_make_one_person_each,
     manual_decisions_survive_reestimate,
+    patient_data_exits_are_audited,
 );
+
+#[derive(diesel::QueryableByName)]
+struct AuditRow {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    subtype_code: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    patient_id: Option<String>,
+}
+
+/// Every Patient exit (registration, read, PDQm, PIXm, `$match`) leaves an audit record naming
+/// the requesting institution, before the data is sent.
+async fn patient_data_exits_are_audited(backend: Backend) {
+    use diesel::RunQueryDsl;
+    let app = app_with_institutions(backend, 2).await;
+    let stored = register(&app, 1, "MRN-A1", &wang(Some(rid("1980-03-15", 12)))).await;
+    let person = person_of(&stored);
+    let id = stored["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        get_as(&app, 2, &format!("/fhir/Patient/{id}"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        get_as(&app, 2, "/fhir/Patient?family=%E7%8E%8B")
+            .await
+            .status(),
+        200
+    );
+    let pix = format!(
+        "/fhir/Patient/$ihe-pix?sourceIdentifier={}|MRN-A1",
+        system(1)
+    );
+    assert_eq!(get_as(&app, 2, &pix).await.status(), 200);
+    let m = match_params(patient(2, "MRN-B1", &wang(None)), vec![]);
+    assert_eq!(
+        post_as(&app, 2, "/fhir/Patient/$match", &m).await.status(),
+        200
+    );
+
+    let store = app.state.store.clone();
+    let by_inst2 = inst_id(2);
+    let rows: Vec<AuditRow> = tokio::task::spawn_blocking(move || {
+        let mut conn = store.conn().unwrap();
+        diesel::sql_query(format!(
+            "SELECT subtype_code, patient_id FROM audit_events WHERE agent_institution = '{by_inst2}' ORDER BY seq"
+        ))
+        .load(&mut *conn)
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    let kinds: Vec<&str> = rows.iter().map(|r| r.subtype_code.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["read", "search-type", "operation", "search-type"],
+        "{kinds:?}"
+    );
+    assert_eq!(rows[0].patient_id.as_deref(), Some(person.as_str()));
+    assert_eq!(rows[2].patient_id.as_deref(), Some(person.as_str()));
+    app.stop().await;
+}

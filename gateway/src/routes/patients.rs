@@ -318,6 +318,23 @@ async fn register_patient(
         RegistrationOutcome::Created => actix_web::http::StatusCode::CREATED,
         _ => actix_web::http::StatusCode::OK,
     };
+    let interaction = if status == actix_web::http::StatusCode::CREATED {
+        ("create", "C")
+    } else {
+        ("update", "U")
+    };
+    let mut event = state.auditor.rest_event(interaction.0, interaction.1);
+    event
+        .entities
+        .push(yiqiao_registry::audit::EntityRef::resource(format!(
+            "Patient/{}",
+            done.record.id
+        )));
+    let person = done.record.link.as_ref().map(|l| l.person_id.clone());
+    state
+        .auditor
+        .record(state.auditor.by_caller(event, &caller, person))
+        .await?;
     let location = format!("{}/fhir/Patient/{}", state.base_url, done.record.id);
     let mut resp = fhir_response(status, patient_view(&done.record));
     if let Ok(v) = header::HeaderValue::from_str(&location) {
@@ -393,6 +410,12 @@ pub async fn read(
     caller.require("Patient", 'r')?;
     let id = id.into_inner();
     let r = state.db(move |conn| empi::get_record(conn, &id)).await?;
+    let person = r.link.as_ref().map(|l| l.person_id.clone());
+    let event = state.auditor.read_event(format!("Patient/{}", r.id));
+    state
+        .auditor
+        .record(state.auditor.by_caller(event, &caller, person))
+        .await?;
     Ok(fhir_response(
         actix_web::http::StatusCode::OK,
         patient_view(&r),
@@ -466,6 +489,13 @@ pub async fn search(
     let more = found.len() as i64 > count;
     found.truncate(count as usize);
     let (self_url, next) = crate::routes::directory::page_urls(&state, &req, offset, count, more);
+    let event = state
+        .auditor
+        .search_event(format!("{}?{}", req.path(), req.query_string()));
+    state
+        .auditor
+        .record(state.auditor.by_caller(event, &caller, None))
+        .await?;
     let resources = found.iter().map(patient_view).collect();
     Ok(fhir_response(
         actix_web::http::StatusCode::OK,
@@ -539,6 +569,18 @@ pub async fn pix(
     {
         params.push(json!({ "name": "targetIdentifier", "valueIdentifier": { "system": EMPI_SYSTEM, "value": l.person_id } }));
     }
+    let mut event = state.auditor.rest_event("operation", "E");
+    event
+        .entities
+        .push(yiqiao_registry::audit::EntityRef::resource(format!(
+            "Patient/{}",
+            source.id
+        )));
+    let person = source.link.as_ref().map(|l| l.person_id.clone());
+    state
+        .auditor
+        .record(state.auditor.by_caller(event, &caller, person))
+        .await?;
     Ok(fhir_response(
         actix_web::http::StatusCode::OK,
         json!({ "resourceType": "Parameters", "parameter": params }),
@@ -628,6 +670,11 @@ pub async fn match_patient(
     )?;
     let candidates = state
         .db(move |conn| empi::match_record(conn, &mapped.record))
+        .await?;
+    let event = state.auditor.search_event("Patient/$match".into());
+    state
+        .auditor
+        .record(state.auditor.by_caller(event, &caller, None))
         .await?;
     // Best record per enterprise person.
     let mut seen = BTreeSet::new();
