@@ -828,10 +828,10 @@ fn link_by_matcher(
             actor,
         )?;
         touch_person(conn, &person, "active")?;
-        if let Some(old) = current_person.as_deref().filter(|old| *old != person) {
-            if linked_count(conn, old)? == 0 {
-                touch_person(conn, old, "empty")?;
-            }
+        if let Some(old) = current_person.as_deref().filter(|old| *old != person)
+            && linked_count(conn, old)? == 0
+        {
+            touch_person(conn, old, "empty")?;
         }
         record_event(
             conn,
@@ -1005,7 +1005,7 @@ pub fn golden_record(person: &Person) -> GoldenRecord {
         .iter()
         .map(|r| (r, prepare(&r.record)))
         .collect();
-    recent.sort_by(|a, b| b.0.updated_at.cmp(&a.0.updated_at));
+    recent.sort_by_key(|r| std::cmp::Reverse(r.0.updated_at));
     let mut ids: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for (i, (_, p)) in recent.iter().enumerate() {
         if let Some(r) = p.resident_id.as_ref().filter(|r| r.trusted) {
