@@ -28,9 +28,9 @@ run() { # NAME URL
 
 target/release/examples/bare_actix 127.0.0.1:18090 & wait_up http://127.0.0.1:18090/fhir/Organization/hosp-001
 register "sqlite://$work/y.db"
-YIQIAO_DATABASE_URL="sqlite://$work/y.db" YIQIAO_LOG__LEVEL=warn "$bin" serve --listen 127.0.0.1:18091 & wait_up http://127.0.0.1:18091/fhir/Organization/hosp-001
+YIQIAO_DATA_DIR="$work" YIQIAO_DATABASE_URL="sqlite://$work/y.db" YIQIAO_LOG__LEVEL=warn "$bin" serve --listen 127.0.0.1:18091 & wait_up http://127.0.0.1:18091/fhir/Organization/hosp-001
 register "$pg_url"
-YIQIAO_DATABASE_URL="$pg_url" YIQIAO_LOG__LEVEL=warn "$bin" serve --listen 127.0.0.1:18092 & wait_up http://127.0.0.1:18092/fhir/Organization/hosp-001
+YIQIAO_DATA_DIR="$work" YIQIAO_DATABASE_URL="$pg_url" YIQIAO_LOG__LEVEL=warn "$bin" serve --listen 127.0.0.1:18092 & wait_up http://127.0.0.1:18092/fhir/Organization/hosp-001
 
 echo "wrk -t2 -c$conns -d${secs}s, GET /fhir/Organization/hosp-001, $(nproc) cores"
 run "bare actix-web route (baseline)" http://127.0.0.1:18090/fhir/Organization/hosp-001
