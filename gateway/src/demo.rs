@@ -85,17 +85,8 @@ pub fn demo_institution(n: u32) -> (InstitutionSpec, &'static str) {
 
 /// A unified social credit code with a valid GB 32100 check character.
 fn demo_uscc(n: u32) -> String {
-    const CHARS: &[u8] = b"0123456789ABCDEFGHJKLMNPQRTUWXY";
-    const W: [u32; 17] = [
-        1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28,
-    ];
     let body = format!("12350100M{n:08}");
-    let sum: u32 = body
-        .bytes()
-        .zip(W)
-        .map(|(b, w)| CHARS.iter().position(|c| *c == b).map_or(0, |p| p as u32) * w)
-        .sum();
-    let check = CHARS[((31 - sum % 31) % 31) as usize] as char;
+    let check = directory::uscc_check_character(&body).unwrap_or('0');
     format!("{body}{check}")
 }
 

@@ -328,27 +328,29 @@ const USCC_WEIGHTS: [u32; 17] = [
     1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28,
 ];
 
+/// The GB 32100 check character for the first 17 characters of a unified social credit code,
+/// or `None` when they are not 17 characters of the code alphabet.
+pub fn uscc_check_character(first17: &str) -> Option<char> {
+    let values: Option<Vec<u32>> = first17
+        .bytes()
+        .map(|b| USCC_CHARS.iter().position(|c| *c == b).map(|p| p as u32))
+        .collect();
+    let values = values.filter(|v| v.len() == 17)?;
+    let sum: u32 = values.iter().zip(USCC_WEIGHTS).map(|(v, w)| v * w).sum();
+    Some(USCC_CHARS[((31 - sum % 31) % 31) as usize] as char)
+}
+
 /// Unified social credit code (GB 32100-2015): 18 characters from a 31-character alphabet,
 /// the last a MOD 31 check character.
 pub fn validate_uscc(code: &str) -> Result<(), ValidationError> {
-    let bytes = code.as_bytes();
-    let values: Option<Vec<u32>> = bytes
-        .iter()
-        .map(|b| USCC_CHARS.iter().position(|c| c == b).map(|p| p as u32))
-        .collect();
-    let Some(values) = values.filter(|v| v.len() == 18) else {
+    let well_formed = code.len() == 18 && code.bytes().all(|b| USCC_CHARS.contains(&b));
+    if !well_formed {
         return Err(ValidationError::new(
             "uscc",
             "must be 18 characters of 0-9 and A-Z without I, O, Z, S, V (GB 32100)",
         ));
-    };
-    let sum: u32 = values[..17]
-        .iter()
-        .zip(USCC_WEIGHTS)
-        .map(|(v, w)| v * w)
-        .sum();
-    let check = (31 - sum % 31) % 31;
-    if values[17] != check {
+    }
+    if uscc_check_character(&code[..17]) != code[17..].chars().next() {
         return Err(ValidationError::new(
             "uscc",
             "check character does not match (GB 32100)",

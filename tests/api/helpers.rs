@@ -274,17 +274,8 @@ pub fn institution(n: u32) -> Value {
 
 /// A valid unified social credit code derived from `n` (GB 32100 check character).
 pub fn uscc(n: u32) -> String {
-    const CHARS: &[u8] = b"0123456789ABCDEFGHJKLMNPQRTUWXY";
-    const W: [u32; 17] = [
-        1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28,
-    ];
     let body = format!("91350100M{n:08}");
-    let sum: u32 = body
-        .bytes()
-        .zip(W)
-        .map(|(b, w)| CHARS.iter().position(|c| *c == b).unwrap() as u32 * w)
-        .sum();
-    let check = CHARS[((31 - sum % 31) % 31) as usize] as char;
+    let check = yiqiao_registry::directory::uscc_check_character(&body).unwrap();
     format!("{body}{check}")
 }
 
