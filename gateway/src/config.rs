@@ -59,6 +59,10 @@ pub struct Settings {
     /// Bearer credential for the admin API until people log in through OpenID Connect.
     /// Empty disables the admin API.
     pub admin_token: Secret,
+    /// Bearer credential with the auditor role (read-only: audit events, alerts, reports) for
+    /// operators' jobs such as a SIEM export, beside people who log in. Empty disables it.
+    #[serde(default)]
+    pub auditor_token: Secret,
     pub database: DatabaseSettings,
     pub redis: RedisSettings,
     pub http: HttpSettings,
@@ -214,6 +218,7 @@ impl Default for Settings {
             data_dir: PathBuf::from("./data"),
             public_url: String::new(),
             admin_token: Secret::default(),
+            auditor_token: Secret::default(),
             database: DatabaseSettings {
                 url: Secret::default(),
                 pool_size: 16,

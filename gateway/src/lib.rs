@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod middleware;
 pub mod oauth;
 pub mod routes;
+pub mod staff;
 pub mod state;
 pub mod telemetry;
 

@@ -1,0 +1,192 @@
+//! People and operators: the [`Staff`] extractor and role guards.
+//!
+//! MLPS level 3 wants administration, audit and security duties separated, so a credential
+//! carries roles, and a handler states the role it needs in its signature:
+//! `RequireRole<Auditor>` answers 401 (no or unknown credential) or 403 (credential without the
+//! role) as an OperationOutcome before the handler runs.
+//!
+//! Credentials accepted:
+//! - the admin credential (`admin_token`): role admin only;
+//! - the auditor credential (`auditor_token`): role auditor only (operators' jobs, e.g. a SIEM
+//!   export).
+//!
+//! People who log in through OpenID Connect get their roles from configured ID-token claims
+//! (docs/auth.md); that path plugs into [`Staff::authenticate`].
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+
+use actix_web::dev::Payload;
+use actix_web::http::header;
+use actix_web::{FromRequest, HttpRequest, web};
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+
+use crate::error::{ApiError, ErrorCode};
+use crate::state::AppState;
+
+/// Gateway roles for people and operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Manages institutions, configuration and the EMPI review queue.
+    Admin,
+    /// Reads the audit trail, alerts and reports; changes nothing but alert acknowledgements.
+    Auditor,
+    /// Manages security policy (consent rules, keys); reviews break-the-glass.
+    SecurityOfficer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Auditor => "auditor",
+            Role::SecurityOfficer => "security-officer",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "auditor" => Some(Role::Auditor),
+            "security-officer" => Some(Role::SecurityOfficer),
+            _ => None,
+        }
+    }
+}
+
+/// How a staff member proved who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StaffVia {
+    /// A static operator credential from the configuration.
+    OperatorToken,
+    /// An OpenID Connect login (session cookie or bearer token).
+    OpenIdConnect,
+}
+
+/// An authenticated person or operator and their roles.
+#[derive(Debug, Clone, Serialize)]
+pub struct Staff {
+    /// Stable subject: `operator:admin`, `operator:auditor`, or `<issuer>#<sub>` for people.
+    pub subject: String,
+    /// Display name when known.
+    pub name: Option<String>,
+    pub roles: Vec<Role>,
+    pub via: StaffVia,
+}
+
+impl Staff {
+    pub fn has(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+
+    /// Authenticate the request's credential. `Ok(None)`: no credential was presented.
+    pub fn authenticate(req: &HttpRequest) -> Result<Option<Staff>, ApiError> {
+        let state = req
+            .app_data::<web::Data<AppState>>()
+            .ok_or_else(|| ApiError::internal("application state missing"))?;
+        let Some(presented) = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+        else {
+            return Ok(None);
+        };
+        let operators = [
+            (state.settings.admin_token.expose(), Role::Admin),
+            (state.settings.auditor_token.expose(), Role::Auditor),
+        ];
+        for (expected, role) in operators {
+            if !expected.is_empty() && bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
+                return Ok(Some(Staff {
+                    subject: format!("operator:{}", role.as_str()),
+                    name: None,
+                    roles: vec![role],
+                    via: StaffVia::OperatorToken,
+                }));
+            }
+        }
+        Err(unauthenticated("the credential is not valid"))
+    }
+}
+
+fn unauthenticated(msg: &str) -> ApiError {
+    ApiError::new(ErrorCode::Unauthenticated, msg)
+        .header(header::WWW_AUTHENTICATE, "Bearer realm=\"yiqiao-staff\"")
+}
+
+/// A role a handler requires (marker types below).
+pub trait RoleNeed {
+    const ROLE: Role;
+}
+
+macro_rules! role_need {
+    ($($name:ident => $role:expr),* $(,)?) => {
+        $(
+            #[doc = concat!("Marker: the `", stringify!($name), "` role.")]
+            #[derive(Debug)]
+            pub struct $name;
+            impl RoleNeed for $name {
+                const ROLE: Role = $role;
+            }
+        )*
+    };
+}
+
+role_need!(Admin => Role::Admin, Auditor => Role::Auditor, SecurityOfficer => Role::SecurityOfficer);
+
+/// A staff member holding role `R`.
+#[derive(Debug)]
+pub struct RequireRole<R: RoleNeed> {
+    pub staff: Staff,
+    _role: PhantomData<R>,
+}
+
+impl<R: RoleNeed> std::ops::Deref for RequireRole<R> {
+    type Target = Staff;
+    fn deref(&self) -> &Staff {
+        &self.staff
+    }
+}
+
+impl<R: RoleNeed + 'static> FromRequest for RequireRole<R> {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let result = Staff::authenticate(req).and_then(|staff| {
+            let staff = staff.ok_or_else(|| {
+                unauthenticated(&format!(
+                    "this API needs a credential with the {} role: Authorization: Bearer <token>",
+                    R::ROLE.as_str()
+                ))
+            })?;
+            if staff.has(R::ROLE) {
+                Ok(RequireRole {
+                    staff,
+                    _role: PhantomData,
+                })
+            } else {
+                Err(ApiError::new(
+                    ErrorCode::Forbidden,
+                    format!(
+                        "the {} role is required; {} holds {}",
+                        R::ROLE.as_str(),
+                        staff.subject,
+                        staff
+                            .roles
+                            .iter()
+                            .map(|r| r.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ))
+            }
+        });
+        Box::pin(std::future::ready(result))
+    }
+}
