@@ -36,7 +36,13 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             resource("/.well-known/smart-configuration")
                 .route(web::get().to(oauth::smart_configuration)),
         )
-        // Directory administration (admin credential).
+        // People's login (OpenID Connect) and staff sessions.
+        .service(resource("/login").route(web::get().to(crate::oidc::login)))
+        .service(resource("/login/callback").route(web::get().to(crate::oidc::callback)))
+        .service(resource("/login/token").route(web::post().to(crate::oidc::bearer_token)))
+        .service(resource("/login/whoami").route(web::get().to(crate::oidc::whoami)))
+        .service(resource("/logout").route(web::post().to(crate::oidc::logout)))
+        // Directory administration (admin role).
         .service(
             resource("/admin/institutions")
                 .route(web::get().to(institutions::list))
@@ -74,7 +80,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/fhir/Patient/$ihe-pix").route(web::get().to(patients::pix)))
         .service(resource("/fhir/Patient/$match").route(web::post().to(patients::match_patient)))
         .service(resource("/fhir/Patient/{id}").route(web::get().to(patients::read)))
-        // EMPI administration (admin credential).
+        // EMPI administration (admin role).
         .service(resource("/empi/persons/{id}").route(web::get().to(empi::read_person)))
         .service(resource("/empi/persons/{id}/$merge").route(web::post().to(empi::merge)))
         .service(resource("/empi/persons/{id}/$unmerge").route(web::post().to(empi::unmerge)))
@@ -157,6 +163,7 @@ impl Application {
                 .map_err(|e| anyhow::anyhow!("audit key: {e}"))?,
         );
         let auditor = crate::audit::Auditor::start(store.clone(), signer, &settings);
+        let failure_rate = settings.auth.failure_log_per_minute;
         let state = AppState {
             auditor,
             base_url: settings.public_base_url().into(),
@@ -164,7 +171,8 @@ impl Application {
             store,
             redis,
             metrics: Metrics::new()?,
-            auth: Arc::new(oauth::AuthRuntime::new(keys, limits)),
+            auth: Arc::new(oauth::AuthRuntime::new(keys, limits, failure_rate)),
+            oidc: Arc::new(crate::oidc::OidcRuntime::default()),
         };
         let http = state.settings.http.clone();
         let data = web::Data::new(state.clone());

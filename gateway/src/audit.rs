@@ -99,11 +99,17 @@ impl Auditor {
         e
     }
 
-    /// A change made with the admin credential.
-    pub fn admin_event(&self, interaction: &str, action: &str, reference: String) -> AuditEvent {
+    /// A change made by a staff member (operator token or a person logged in).
+    pub fn admin_event(
+        &self,
+        staff: &crate::staff::Staff,
+        interaction: &str,
+        action: &str,
+        reference: String,
+    ) -> AuditEvent {
         let mut e = self.rest_event(interaction, action);
-        e.agent_user = Some("admin-token".into());
-        e.agent_role = Some("admin".into());
+        e.agent_user = Some(staff.subject.clone());
+        e.agent_role = Some(crate::oidc::roles_text(&staff.roles));
         e.entities.push(EntityRef::resource(reference));
         e
     }

@@ -21,8 +21,9 @@ use std::pin::Pin;
 
 use actix_web::dev::Payload;
 use actix_web::http::header::{self, HeaderName};
-use actix_web::{FromRequest, HttpRequest, web};
+use actix_web::{FromRequest, HttpMessage, HttpRequest, web};
 use yiqiao_consent::Purpose;
+use yiqiao_registry::auth::NewAuthEvent;
 use yiqiao_registry::directory::{self, Institution};
 
 use crate::error::{ApiError, ErrorCode};
@@ -113,6 +114,11 @@ impl FromRequest for Caller {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(|v| v.trim().to_string());
         let state = req.app_data::<web::Data<AppState>>().cloned();
+        let client_ip = req.peer_addr().map(|a| a.ip().to_string());
+        let request_id = req
+            .extensions()
+            .get::<crate::middleware::RequestId>()
+            .map(|r| r.0.clone());
         Box::pin(async move {
             let state = state.ok_or_else(|| ApiError::internal("application state missing"))?;
             if !has_auth {
@@ -123,7 +129,30 @@ impl FromRequest for Caller {
                 .header(header::WWW_AUTHENTICATE, "Bearer realm=\"yiqiao\""));
             }
             if admin.is_err() && on_behalf.is_none() {
-                return from_access_token(&state, bearer.as_deref()).await;
+                let result = from_access_token(&state, bearer.as_deref()).await;
+                if let Err(refused) = &result
+                    && matches!(refused.code, ErrorCode::Unauthenticated)
+                {
+                    let event = NewAuthEvent {
+                        client_id: None,
+                        success: false,
+                        oauth_error: Some("invalid_token".into()),
+                        reason: format!(
+                            "API call refused: {}{}",
+                            refused.message,
+                            claimed_subject(bearer.as_deref())
+                                .map(|s| format!(" (claimed sub {s:?})"))
+                                .unwrap_or_default()
+                        ),
+                        client_ip,
+                        jti: None,
+                        kid: None,
+                        alg: Some("bearer".into()),
+                        request_id,
+                    };
+                    state.auth.failures.record(&state, event).await;
+                }
+                return result;
             }
             admin?;
             let id = on_behalf.ok_or_else(|| {
@@ -171,6 +200,20 @@ fn invalid_token(why: &str) -> ApiError {
         header::WWW_AUTHENTICATE,
         format!("Bearer realm=\"yiqiao\", error=\"invalid_token\", error_description=\"{why}\""),
     )
+}
+
+/// The `sub` a presented JWT claims, unverified (for the failure record only).
+fn claimed_subject(token: Option<&str>) -> Option<String> {
+    use base64::Engine;
+    let payload = token?.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    value
+        .get("sub")?
+        .as_str()
+        .map(|s| s.chars().take(128).collect())
 }
 
 /// A gateway access token → Caller. No database read while the directory cache is fresh.

@@ -72,6 +72,59 @@ pub struct Settings {
     #[serde(default)]
     pub empi: EmpiSettings,
     pub audit: AuditSettings,
+    #[serde(default)]
+    pub oidc: OidcSettings,
+}
+
+/// People's login through OpenID Connect (docs/auth.md, "People").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcSettings {
+    /// Issuer URL of the OpenID provider (discovery at `<issuer>/.well-known/openid-configuration`).
+    /// Empty: people cannot log in (`/login` answers 404); operator tokens still work.
+    pub issuer_url: String,
+    /// Client id registered at the provider.
+    pub client_id: String,
+    /// Client secret (client_secret_basic at the provider's token endpoint).
+    pub client_secret: Secret,
+    /// Redirect URL registered at the provider. Empty: `<public_url>/login/callback`.
+    pub redirect_url: String,
+    /// Scopes requested besides `openid` (e.g. `profile`, or a scope that releases the roles).
+    pub scopes: Vec<String>,
+    /// ID-token claim carrying the person's groups or roles (a string or an array of strings);
+    /// a dotted path reaches into objects (`realm_access.roles`).
+    pub role_claim: String,
+    /// Claim value → gateway roles (`admin`, `auditor`, `security-officer`), e.g.
+    /// `"yiqiao-admins" = ["admin"]`. Values not listed grant nothing; a person without any
+    /// gateway role cannot log in.
+    pub role_map: std::collections::BTreeMap<String, Vec<String>>,
+    /// Lifetime of a browser session (absolute, from login), seconds.
+    pub session_ttl_secs: u64,
+    /// Lifetime of a staff bearer token from `POST /login/token`, seconds (never past the
+    /// session it comes from).
+    pub bearer_ttl_secs: u64,
+    /// Mark cookies `Secure` (HTTPS only). Turn off only for tests on plain http.
+    pub cookie_secure: bool,
+    /// Timeout of each request to the provider (discovery, JWKS, token endpoint), ms.
+    pub http_timeout_ms: u64,
+}
+
+impl Default for OidcSettings {
+    fn default() -> OidcSettings {
+        OidcSettings {
+            issuer_url: String::new(),
+            client_id: String::new(),
+            client_secret: Secret::default(),
+            redirect_url: String::new(),
+            scopes: vec!["profile".into()],
+            role_claim: "roles".into(),
+            role_map: Default::default(),
+            session_ttl_secs: 8 * 3600,
+            bearer_ttl_secs: 3600,
+            cookie_secure: true,
+            http_timeout_ms: 5000,
+        }
+    }
 }
 
 /// Enterprise master patient index.
@@ -173,6 +226,10 @@ pub struct AuthSettings {
     pub institution_burst: u32,
     /// Per-institution overrides: `[auth.institution_limits.hosp-001] per_minute = 10, burst = 2`.
     pub institution_limits: std::collections::BTreeMap<String, RateLimit>,
+    /// API calls refused for a bad, expired or forged access token (and failed staff logins)
+    /// written to `auth_events` per minute by one replica; more are counted and summarised in
+    /// the next row, so a flood cannot fill the disk.
+    pub failure_log_per_minute: u32,
 }
 
 /// A rate and burst.
@@ -257,8 +314,10 @@ impl Default for Settings {
                 institution_per_minute: 60,
                 institution_burst: 10,
                 institution_limits: Default::default(),
+                failure_log_per_minute: 60,
             },
             empi: EmpiSettings::default(),
+            oidc: OidcSettings::default(),
             audit: AuditSettings {
                 signing_key_file: String::new(),
                 checkpoint_every: 1000,
@@ -388,6 +447,38 @@ impl Settings {
                     "rate and burst must be positive",
                 );
             }
+        }
+        let oidc = &self.oidc;
+        if !oidc.issuer_url.is_empty() {
+            match url::Url::parse(&oidc.issuer_url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                _ => return bad("oidc.issuer_url", "must be an http(s) URL"),
+            }
+            if oidc.client_id.is_empty() {
+                return bad("oidc.client_id", "is required when oidc.issuer_url is set");
+            }
+            if oidc.role_claim.is_empty() {
+                return bad("oidc.role_claim", "is required when oidc.issuer_url is set");
+            }
+        }
+        if !oidc.redirect_url.is_empty() && url::Url::parse(&oidc.redirect_url).is_err() {
+            return bad("oidc.redirect_url", "must be a URL");
+        }
+        for (value, roles) in &oidc.role_map {
+            for role in roles {
+                if crate::staff::Role::parse(role).is_none() {
+                    return bad(
+                        &format!("oidc.role_map.{value}"),
+                        &format!("unknown role {role:?} (admin, auditor, security-officer)"),
+                    );
+                }
+            }
+        }
+        if oidc.session_ttl_secs == 0 || oidc.bearer_ttl_secs == 0 || oidc.http_timeout_ms == 0 {
+            return bad(
+                "oidc.session_ttl_secs",
+                "session_ttl_secs, bearer_ttl_secs and http_timeout_ms must be positive",
+            );
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return bad("log.level", &e.to_string());

@@ -4,6 +4,7 @@
 pub mod app;
 pub mod audit;
 pub mod auth;
+pub mod authlog;
 pub mod cli;
 pub mod config;
 pub mod demo;
@@ -13,6 +14,7 @@ pub mod fhir;
 pub mod metrics;
 pub mod middleware;
 pub mod oauth;
+pub mod oidc;
 pub mod routes;
 pub mod staff;
 pub mod state;

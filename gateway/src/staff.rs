@@ -10,8 +10,13 @@
 //! - the auditor credential (`auditor_token`): role auditor only (operators' jobs, e.g. a SIEM
 //!   export).
 //!
-//! People who log in through OpenID Connect get their roles from configured ID-token claims
-//! (docs/auth.md); that path plugs into [`Staff::authenticate`].
+//! - a person logged in through OpenID Connect (crate::oidc): the `yiqiao_session` cookie of a
+//!   browser session, or `Authorization: Bearer yqs_…` (a staff bearer token from
+//!   `POST /login/token`); roles from the configured ID-token claim, stored with the session.
+//!
+//! A request authenticated by the session cookie with an unsafe method (POST, PUT, DELETE…)
+//! must not carry an `Origin` other than the gateway's own (cross-site request forgery; the
+//! cookie is also `SameSite=Lax`).
 
 use std::future::Future;
 use std::marker::PhantomData;
@@ -76,6 +81,9 @@ pub struct Staff {
     pub name: Option<String>,
     pub roles: Vec<Role>,
     pub via: StaffVia,
+    /// SHA-256 of the session token when authenticated by a session (logout ends it).
+    #[serde(skip)]
+    pub session_hash: Option<String>,
 }
 
 impl Staff {
@@ -84,34 +92,89 @@ impl Staff {
     }
 
     /// Authenticate the request's credential. `Ok(None)`: no credential was presented.
-    pub fn authenticate(req: &HttpRequest) -> Result<Option<Staff>, ApiError> {
+    pub async fn authenticate(req: &HttpRequest) -> Result<Option<Staff>, ApiError> {
         let state = req
             .app_data::<web::Data<AppState>>()
-            .ok_or_else(|| ApiError::internal("application state missing"))?;
-        let Some(presented) = req
+            .ok_or_else(|| ApiError::internal("application state missing"))?
+            .clone();
+        let presented = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-        else {
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if let Some(presented) = presented {
+            let operators = [
+                (state.settings.admin_token.expose(), Role::Admin),
+                (state.settings.auditor_token.expose(), Role::Auditor),
+            ];
+            for (expected, role) in operators {
+                if !expected.is_empty()
+                    && bool::from(presented.as_bytes().ct_eq(expected.as_bytes()))
+                {
+                    return Ok(Some(Staff {
+                        subject: format!("operator:{}", role.as_str()),
+                        name: None,
+                        roles: vec![role],
+                        via: StaffVia::OperatorToken,
+                        session_hash: None,
+                    }));
+                }
+            }
+            if presented.starts_with(crate::oidc::TOKEN_PREFIX) {
+                return match session(&state, presented, "bearer").await? {
+                    Some(staff) => Ok(Some(staff)),
+                    None => Err(unauthenticated(
+                        "the staff bearer token is not valid (expired, ended by logout or unknown)",
+                    )),
+                };
+            }
+            return Err(unauthenticated("the credential is not valid"));
+        }
+        let Some(cookie) = crate::oidc::request_cookie(req, crate::oidc::SESSION_COOKIE) else {
             return Ok(None);
         };
-        let operators = [
-            (state.settings.admin_token.expose(), Role::Admin),
-            (state.settings.auditor_token.expose(), Role::Auditor),
-        ];
-        for (expected, role) in operators {
-            if !expected.is_empty() && bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
-                return Ok(Some(Staff {
-                    subject: format!("operator:{}", role.as_str()),
-                    name: None,
-                    roles: vec![role],
-                    via: StaffVia::OperatorToken,
-                }));
+        let staff = session(&state, &cookie, "cookie").await?.ok_or_else(|| {
+            unauthenticated("the session has expired or was ended; log in again at /login")
+        })?;
+        if !req.method().is_safe() {
+            let origin = req
+                .headers()
+                .get(header::ORIGIN)
+                .and_then(|v| v.to_str().ok());
+            if let Some(origin) = origin
+                && origin.trim_end_matches('/') != state.base_url.as_ref()
+            {
+                return Err(ApiError::new(
+                    ErrorCode::Forbidden,
+                    format!("a session request from origin {origin} is refused (cross-site)"),
+                ));
             }
         }
-        Err(unauthenticated("the credential is not valid"))
+        Ok(Some(staff))
     }
+}
+
+/// The unexpired session of `kind` for `token`.
+async fn session(
+    state: &AppState,
+    token: &str,
+    kind: &'static str,
+) -> Result<Option<Staff>, ApiError> {
+    if !token.starts_with(crate::oidc::TOKEN_PREFIX) || token.len() > 128 {
+        return Ok(None);
+    }
+    let hash = crate::oidc::token_hash(token);
+    let lookup = hash.clone();
+    let found = state
+        .db(move |conn| yiqiao_registry::staff::find_session(conn, &lookup, kind))
+        .await?;
+    Ok(found.map(|s| Staff {
+        roles: s.roles.split_whitespace().filter_map(Role::parse).collect(),
+        subject: s.subject,
+        name: s.name,
+        via: StaffVia::OpenIdConnect,
+        session_hash: Some(hash),
+    }))
 }
 
 fn unauthenticated(msg: &str) -> ApiError {
@@ -158,7 +221,9 @@ impl<R: RoleNeed + 'static> FromRequest for RequireRole<R> {
     type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let result = Staff::authenticate(req).and_then(|staff| {
+        let req = req.clone();
+        Box::pin(async move {
+            let staff = Staff::authenticate(&req).await?;
             let staff = staff.ok_or_else(|| {
                 unauthenticated(&format!(
                     "this API needs a credential with the {} role: Authorization: Bearer <token>",
@@ -186,7 +251,6 @@ impl<R: RoleNeed + 'static> FromRequest for RequireRole<R> {
                     ),
                 ))
             }
-        });
-        Box::pin(std::future::ready(result))
+        })
     }
 }

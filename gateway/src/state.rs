@@ -24,6 +24,8 @@ pub struct AppState {
     pub auth: Arc<crate::oauth::AuthRuntime>,
     /// The audit recorder (fail closed; see crate::audit).
     pub auditor: crate::audit::Auditor,
+    /// People's login: the discovered OpenID provider (crate::oidc).
+    pub oidc: Arc<crate::oidc::OidcRuntime>,
 }
 
 impl AppState {

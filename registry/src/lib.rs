@@ -7,6 +7,7 @@ pub mod audit;
 pub mod auth;
 pub mod directory;
 pub mod empi;
+pub mod staff;
 pub mod store;
 
 pub use store::{Backend, Store, StoreError, StoreOptions};

@@ -907,7 +907,7 @@ async fn manual_decisions_survive_reestimate(backend: Backend) {
         assert_eq!(resp.status(), 200);
         let resolved: Value = resp.json().await.unwrap();
         assert_eq!(resolved["status"], "kept-separate");
-        assert_eq!(resolved["resolver"], "admin");
+        assert_eq!(resolved["resolver"], "operator:admin");
         let mut again = patient(
             2,
             "T2",

@@ -52,14 +52,21 @@ pub const SCOPES_SUPPORTED: [&str; 5] = [
 pub struct AuthRuntime {
     pub keys: SigningKeys,
     pub limits: SharedLimits,
+    /// Rate-limited writer of authentication failures (crate::authlog).
+    pub failures: crate::authlog::FailureLog,
     directory_cache: Mutex<HashMap<String, (Instant, Institution)>>,
 }
 
 impl AuthRuntime {
-    pub fn new(keys: SigningKeys, limits: SharedLimits) -> AuthRuntime {
+    pub fn new(
+        keys: SigningKeys,
+        limits: SharedLimits,
+        failure_log_per_minute: u32,
+    ) -> AuthRuntime {
         AuthRuntime {
             keys,
             limits,
+            failures: crate::authlog::FailureLog::new(failure_log_per_minute),
             directory_cache: Mutex::new(HashMap::new()),
         }
     }
@@ -303,22 +310,6 @@ async fn issue(
         OAuthError::request(format!("{PURPOSE_PARAM} {purpose:?} is not a known code"))
     })?;
 
-    let inst_limit =
-        auth.institution_limits
-            .get(&client_id)
-            .copied()
-            .unwrap_or(crate::config::RateLimit {
-                per_minute: auth.institution_per_minute,
-                burst: auth.institution_burst,
-            });
-    let verdict = state
-        .auth
-        .limits
-        .check("client", &client_id, inst_limit)
-        .await
-        .map_err(unavailable)?;
-    let headers = limited(verdict, "for this client")?;
-
     let lookup = client_id.clone();
     let institution = state
         .db(move |conn| match directory::get(conn, &lookup) {
@@ -335,6 +326,25 @@ async fn issue(
         )));
     }
     assertion::verify_signature(&parsed, &institution)?;
+    // The per-institution limit counts only requests signed by the institution's key: keyed by
+    // a claimed `iss` before the signature check, anyone could spend another institution's
+    // budget. Unsigned floods are bounded by the per-address limit above.
+    let inst_limit =
+        auth.institution_limits
+            .get(&client_id)
+            .copied()
+            .unwrap_or(crate::config::RateLimit {
+                per_minute: auth.institution_per_minute,
+                burst: auth.institution_burst,
+            });
+    let verdict = state
+        .auth
+        .limits
+        .check("client", &client_id, inst_limit)
+        .await
+        .map_err(unavailable)?;
+    let headers = limited(verdict, "for this client")?;
+
     let now = now_secs();
     let skew = i64::try_from(auth.clock_skew_secs).unwrap_or(60);
     let token_url = format!("{}{TOKEN_PATH}", state.base_url);

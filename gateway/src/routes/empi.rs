@@ -1,4 +1,4 @@
-//! EMPI administration (admin credential for now): enterprise persons with their golden
+//! EMPI administration (admin role: `RequireRole<Admin>`): enterprise persons with their golden
 //! record, merge / unmerge, and the review queue. Every change is written to `empi_events`.
 
 use std::collections::HashMap;
@@ -10,11 +10,10 @@ use utoipa::ToSchema;
 use yiqiao_registry::empi::store::{self as empi, ReviewDecision};
 
 use crate::error::ApiError;
-use crate::extract::{AdminAuth, ValidJson};
+use crate::extract::ValidJson;
 use crate::routes::{check_params, paging};
+use crate::staff::{Admin, RequireRole};
 use crate::state::AppState;
-
-const ADMIN_ACTOR: &str = "admin";
 
 fn ts(t: chrono::NaiveDateTime) -> String {
     format!("{}Z", t.format("%Y-%m-%dT%H:%M:%S%.6f"))
@@ -26,7 +25,7 @@ fn ts(t: chrono::NaiveDateTime) -> String {
     params(("id" = String, Path)),
     responses((status = 200, description = "Person with golden record, links and events"), (status = 404, description = "OperationOutcome")))]
 pub async fn read_person(
-    _admin: AdminAuth,
+    _admin: RequireRole<Admin>,
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
@@ -87,15 +86,16 @@ pub struct MergeInput {
     request_body = MergeInput,
     responses((status = 200, description = "Merged; the merge event id"), (status = 404, description = "OperationOutcome"), (status = 409, description = "OperationOutcome")))]
 pub async fn merge(
-    _admin: AdminAuth,
+    admin: RequireRole<Admin>,
     state: web::Data<AppState>,
     id: web::Path<String>,
     body: ValidJson<MergeInput>,
 ) -> Result<HttpResponse, ApiError> {
     let target = id.into_inner();
     let source = body.0.source;
+    let actor = admin.subject.clone();
     let event = state
-        .db(move |conn| empi::merge(conn, &target, &source, ADMIN_ACTOR))
+        .db(move |conn| empi::merge(conn, &target, &source, &actor))
         .await?;
     Ok(HttpResponse::Ok().json(json!({ "event": event })))
 }
@@ -106,15 +106,16 @@ pub async fn merge(
     request_body = MergeInput,
     responses((status = 200, description = "Unmerged; the unmerge event id"), (status = 404, description = "OperationOutcome"), (status = 409, description = "OperationOutcome")))]
 pub async fn unmerge(
-    _admin: AdminAuth,
+    admin: RequireRole<Admin>,
     state: web::Data<AppState>,
     id: web::Path<String>,
     body: ValidJson<MergeInput>,
 ) -> Result<HttpResponse, ApiError> {
     let target = id.into_inner();
     let source = body.0.source;
+    let actor = admin.subject.clone();
     let event = state
-        .db(move |conn| empi::unmerge(conn, &target, &source, ADMIN_ACTOR))
+        .db(move |conn| empi::unmerge(conn, &target, &source, &actor))
         .await?;
     Ok(HttpResponse::Ok().json(json!({ "event": event })))
 }
@@ -125,7 +126,7 @@ pub async fn unmerge(
         ("_count" = Option<i64>, Query), ("_offset" = Option<i64>, Query)),
     responses((status = 200, description = "Review items")))]
 pub async fn list_review(
-    _admin: AdminAuth,
+    _admin: RequireRole<Admin>,
     state: web::Data<AppState>,
     query: web::Query<HashMap<String, String>>,
 ) -> Result<HttpResponse, ApiError> {
@@ -156,13 +157,14 @@ pub struct ReviewInput {
 }
 
 async fn resolve(
+    actor: String,
     state: web::Data<AppState>,
     id: String,
     decision: ReviewDecision,
     note: Option<String>,
 ) -> Result<HttpResponse, ApiError> {
     let item = state
-        .db(move |conn| empi::resolve_review(conn, &id, decision, ADMIN_ACTOR, note.as_deref()))
+        .db(move |conn| empi::resolve_review(conn, &id, decision, &actor, note.as_deref()))
         .await?;
     Ok(HttpResponse::Ok().json(item))
 }
@@ -172,12 +174,19 @@ async fn resolve(
     params(("id" = String, Path)), request_body = ReviewInput,
     responses((status = 200, description = "The resolved item"), (status = 409, description = "Already resolved")))]
 pub async fn review_link(
-    _admin: AdminAuth,
+    admin: RequireRole<Admin>,
     state: web::Data<AppState>,
     id: web::Path<String>,
     body: ValidJson<ReviewInput>,
 ) -> Result<HttpResponse, ApiError> {
-    resolve(state, id.into_inner(), ReviewDecision::Link, body.0.note).await
+    resolve(
+        admin.staff.subject,
+        state,
+        id.into_inner(),
+        ReviewDecision::Link,
+        body.0.note,
+    )
+    .await
 }
 
 /// Different persons: the pair is never linked automatically.
@@ -185,12 +194,13 @@ pub async fn review_link(
     params(("id" = String, Path)), request_body = ReviewInput,
     responses((status = 200, description = "The resolved item"), (status = 409, description = "Already resolved")))]
 pub async fn review_keep_separate(
-    _admin: AdminAuth,
+    admin: RequireRole<Admin>,
     state: web::Data<AppState>,
     id: web::Path<String>,
     body: ValidJson<ReviewInput>,
 ) -> Result<HttpResponse, ApiError> {
     resolve(
+        admin.staff.subject,
         state,
         id.into_inner(),
         ReviewDecision::KeepSeparate,

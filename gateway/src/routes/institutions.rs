@@ -12,8 +12,9 @@ use yiqiao_registry::directory::{
 };
 
 use crate::error::{ApiError, ErrorCode};
-use crate::extract::{AdminAuth, ValidJson};
+use crate::extract::ValidJson;
 use crate::routes::{check_params, paging};
+use crate::staff::{Admin, RequireRole};
 use crate::state::AppState;
 
 /// An institution as registered by an administrator.
@@ -186,15 +187,18 @@ fn if_match(req: &HttpRequest) -> Result<Option<i64>, ApiError> {
     ),
     security(("admin_token" = [])))]
 pub async fn create(
-    _admin: AdminAuth,
+    admin: RequireRole<Admin>,
     state: web::Data<AppState>,
     ValidJson(input): ValidJson<InstitutionInput>,
 ) -> Result<HttpResponse, ApiError> {
     let spec = directory::validate(&input.into_spec())?;
     let created = state.db(move |conn| directory::create(conn, &spec)).await?;
-    let event = state
-        .auditor
-        .admin_event("create", "C", format!("Organization/{}", created.id));
+    let event = state.auditor.admin_event(
+        &admin,
+        "create",
+        "C",
+        format!("Organization/{}", created.id),
+    );
     state.auditor.record(event).await?;
     tracing::info!(institution = %created.id, "institution registered");
     let location = format!("/admin/institutions/{}", created.id);
@@ -211,7 +215,7 @@ pub async fn create(
     responses((status = 200, body = InstitutionView), (status = 404, description = "No such institution")),
     security(("admin_token" = [])))]
 pub async fn read(
-    _admin: AdminAuth,
+    _admin: RequireRole<Admin>,
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
@@ -232,7 +236,7 @@ pub async fn read(
     responses((status = 200, body = InstitutionList)),
     security(("admin_token" = [])))]
 pub async fn list(
-    _admin: AdminAuth,
+    _admin: RequireRole<Admin>,
     state: web::Data<AppState>,
     query: web::Query<HashMap<String, String>>,
 ) -> Result<HttpResponse, ApiError> {
@@ -283,7 +287,7 @@ pub async fn list(
     responses((status = 200, body = InstitutionView), (status = 404), (status = 409), (status = 412, description = "Version mismatch"), (status = 422)),
     security(("admin_token" = [])))]
 pub async fn update(
-    _admin: AdminAuth,
+    admin: RequireRole<Admin>,
     state: web::Data<AppState>,
     req: HttpRequest,
     id: web::Path<String>,
@@ -302,15 +306,19 @@ pub async fn update(
     let updated = state
         .db(move |conn| directory::update(conn, &spec, expected))
         .await?;
-    let event = state
-        .auditor
-        .admin_event("update", "U", format!("Organization/{}", updated.id));
+    let event = state.auditor.admin_event(
+        &admin,
+        "update",
+        "U",
+        format!("Organization/{}", updated.id),
+    );
     state.auditor.record(event).await?;
     tracing::info!(institution = %updated.id, version = updated.version, "institution updated");
     Ok(with_etag(actix_web::http::StatusCode::OK, updated))
 }
 
 async fn set_status(
+    staff: &crate::staff::Staff,
     state: web::Data<AppState>,
     req: HttpRequest,
     id: String,
@@ -320,9 +328,10 @@ async fn set_status(
     let inst = state
         .db(move |conn| directory::set_status(conn, &id, status, expected))
         .await?;
-    let event = state
-        .auditor
-        .admin_event("update", "U", format!("Organization/{}", inst.id));
+    let event =
+        state
+            .auditor
+            .admin_event(&staff, "update", "U", format!("Organization/{}", inst.id));
     state.auditor.record(event).await?;
     tracing::info!(institution = %inst.id, status = status.as_str(), "institution status set");
     Ok(with_etag(actix_web::http::StatusCode::OK, inst))
@@ -334,12 +343,19 @@ async fn set_status(
     responses((status = 200, body = InstitutionView), (status = 404)),
     security(("admin_token" = [])))]
 pub async fn suspend(
-    _admin: AdminAuth,
+    admin: RequireRole<Admin>,
     state: web::Data<AppState>,
     req: HttpRequest,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    set_status(state, req, id.into_inner(), InstitutionStatus::Suspended).await
+    set_status(
+        &admin,
+        state,
+        req,
+        id.into_inner(),
+        InstitutionStatus::Suspended,
+    )
+    .await
 }
 
 /// Reactivate a suspended institution. Idempotent.
@@ -348,10 +364,17 @@ pub async fn suspend(
     responses((status = 200, body = InstitutionView), (status = 404)),
     security(("admin_token" = [])))]
 pub async fn activate(
-    _admin: AdminAuth,
+    admin: RequireRole<Admin>,
     state: web::Data<AppState>,
     req: HttpRequest,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    set_status(state, req, id.into_inner(), InstitutionStatus::Active).await
+    set_status(
+        &admin,
+        state,
+        req,
+        id.into_inner(),
+        InstitutionStatus::Active,
+    )
+    .await
 }

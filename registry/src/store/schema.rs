@@ -192,3 +192,27 @@ diesel::table! {
         updated_at -> Timestamp,
     }
 }
+
+diesel::table! {
+    oidc_logins (state_hash) {
+        state_hash -> Text,
+        nonce -> Text,
+        pkce_verifier -> Text,
+        return_to -> Text,
+        created_at -> Timestamp,
+        expires_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    staff_sessions (id_hash) {
+        id_hash -> Text,
+        kind -> Text,
+        parent_hash -> Nullable<Text>,
+        subject -> Text,
+        name -> Nullable<Text>,
+        roles -> Text,
+        created_at -> Timestamp,
+        expires_at -> Timestamp,
+    }
+}

@@ -1,0 +1,2 @@
+DROP TABLE staff_sessions;
+DROP TABLE oidc_logins;
