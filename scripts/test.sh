@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run Yiqiao's whole test suite on a fresh machine.
 #
-# Installs what the tests need (Python packages for the interop tests, OpenSSL's CLI), makes sure
+# Installs what the tests need (Python packages for the interop tests, OpenSSL's CLI, the npm
+# oidc-provider for the login tests), makes sure
 # PostgreSQL and Redis are running (starting them if they are down), then runs every test on both
 # storage backends. Fails loudly — never skips — when a service cannot be reached.
 #
@@ -28,6 +29,10 @@ fi
 
 say "installing Python packages for the interoperability tests (tests/requirements.txt)"
 python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+
+say "installing the OpenID Connect provider for the login tests (tests/oidc, npm ci)"
+command -v node >/dev/null 2>&1 || { echo "FATAL: Node.js (node, npm) is required for the login tests" >&2; exit 1; }
+npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error
 
 pg_host=$(python3 -c 'import sys,urllib.parse as u; p=u.urlparse(sys.argv[1]); print(p.hostname or "127.0.0.1", p.port or 5432)' "$YIQIAO_TEST_DATABASE_URL")
 read -r PGH PGP <<<"$pg_host"

@@ -290,6 +290,8 @@ pub struct CallbackQuery {
     state: Option<String>,
     error: Option<String>,
     error_description: Option<String>,
+    /// RFC 9207: the provider that sent the browser back (checked when present).
+    iss: Option<String>,
 }
 
 /// Where a login failed, for the record and the answer.
@@ -399,6 +401,13 @@ async fn complete_login(
                 .unwrap_or("no description")
         )));
     }
+    if let Some(iss) = &query.iss
+        && iss.trim_end_matches('/') != state.settings.oidc.issuer_url.trim_end_matches('/')
+    {
+        return Err(unauth(format!(
+            "the response comes from issuer {iss}, not the configured one"
+        )));
+    }
     let (Some(code), Some(returned_state)) = (query.code.as_deref(), query.state.as_deref()) else {
         return Err(failure(
             ErrorCode::InvalidParameter,
@@ -499,6 +508,7 @@ async fn complete_login(
             roles,
             via: StaffVia::OpenIdConnect,
             session_hash: None,
+            session_kind: None,
         },
         token,
         pending.return_to,
@@ -521,7 +531,16 @@ fn describe_token_error<RE: std::error::Error + 'static>(
                     .unwrap_or_default()
             )
         }
-        other => other.to_string(),
+        other => {
+            // The whole chain: "Request failed" alone says nothing.
+            let mut text = other.to_string();
+            let mut source = std::error::Error::source(other);
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            text
+        }
     }
 }
 
@@ -595,7 +614,7 @@ pub async fn bearer_token(
             "log in at /login first (session cookie)",
         )
     })?;
-    let (StaffVia::OpenIdConnect, Some(parent)) = (staff.via, staff.session_hash.clone()) else {
+    let (Some("cookie"), Some(parent)) = (staff.session_kind, staff.session_hash.clone()) else {
         return Err(ApiError::new(
             ErrorCode::Forbidden,
             "only a browser session (cookie) can be exchanged for a staff bearer token",

@@ -84,6 +84,9 @@ pub struct Staff {
     /// SHA-256 of the session token when authenticated by a session (logout ends it).
     #[serde(skip)]
     pub session_hash: Option<String>,
+    /// `cookie` (browser session) or `bearer` (staff bearer token) when from a session.
+    #[serde(skip)]
+    pub session_kind: Option<&'static str>,
 }
 
 impl Staff {
@@ -117,6 +120,7 @@ impl Staff {
                         roles: vec![role],
                         via: StaffVia::OperatorToken,
                         session_hash: None,
+                        session_kind: None,
                     }));
                 }
             }
@@ -174,6 +178,7 @@ async fn session(
         name: s.name,
         via: StaffVia::OpenIdConnect,
         session_hash: Some(hash),
+        session_kind: Some(kind),
     }))
 }
 

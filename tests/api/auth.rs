@@ -798,6 +798,125 @@ async fn sm2_registration_must_be_an_sm2_key(backend: Backend) {
     app.stop().await;
 }
 
+/// The per-institution limit counts only requests signed by the institution: assertions that
+/// merely claim `iss` = hosp-001 (signed with another key) cannot spend hosp-001's budget.
+async fn forged_assertions_do_not_spend_an_institutions_limit(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| {
+        s.auth.ip_burst = 10_000;
+        s.auth.institution_limits.insert(
+            "hosp-001".into(),
+            RateLimit {
+                per_minute: 1,
+                burst: 2,
+            },
+        );
+    })
+    .await;
+    let keys = ClientKeys::new("");
+    let attacker = ClientKeys::new("");
+    register(&app, &keys.registration(1, "")).await;
+    for _ in 0..5 {
+        let forged = attacker.sign("ES256", "es256", &claims(&app, "hosp-001"));
+        let resp = token_with(&app, &forged, "system/Patient.rs").await;
+        assert_oauth_error(resp, 401, "invalid_client").await;
+    }
+    // hosp-001 still has its whole burst…
+    for _ in 0..2 {
+        let a = keys.sign("ES256", "es256", &claims(&app, "hosp-001"));
+        assert_eq!(
+            token_with(&app, &a, "system/Patient.rs").await.status(),
+            200
+        );
+    }
+    // …and its limit still holds.
+    let a = keys.sign("ES256", "es256", &claims(&app, "hosp-001"));
+    let resp = token_with(&app, &a, "system/Patient.rs").await;
+    assert_oauth_error(resp, 429, "rate_limited").await;
+    app.stop().await;
+}
+
+/// API calls with a bad, expired or forged access token are written to auth_events, at most
+/// `auth.failure_log_per_minute` per replica and minute; the rest are counted and the next
+/// row says how many were left out, so every refusal is accounted for.
+async fn refused_api_calls_are_logged_within_a_budget(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| {
+        generous(s);
+        s.auth.failure_log_per_minute = 30;
+    })
+    .await;
+    let keys = ClientKeys::new("");
+    register(&app, &keys.registration(1, "")).await;
+    let call = |token: String| {
+        app.client
+            .get(app.url("/oauth2/events"))
+            .bearer_auth(token)
+            .send()
+    };
+    // Expired (signed by the gateway itself), forged (signature altered), garbage.
+    let now = now();
+    let expired = app
+        .state
+        .auth
+        .keys
+        .sign(&yiqiao_gateway::oauth::keys::AccessClaims {
+            iss: app.state.base_url.to_string(),
+            sub: "hosp-001".into(),
+            aud: app.state.base_url.to_string(),
+            client_id: "hosp-001".into(),
+            exp: now - 120,
+            iat: now - 420,
+            jti: "expired-1".into(),
+            scope: "system/AuditEvent.rs".into(),
+            purpose_of_use: "TREAT".into(),
+        })
+        .unwrap();
+    assert_outcome(call(expired).await.unwrap(), 401, "unauthenticated").await;
+    let mut forged = access_token(&app, &keys, "system/AuditEvent.rs").await;
+    let last = forged.pop().unwrap();
+    forged.push(if last == 'A' { 'B' } else { 'A' });
+    assert_outcome(call(forged).await.unwrap(), 401, "unauthenticated").await;
+    let refused_rows = |app: &TestApp| -> Vec<AuthEvent> {
+        events(app)
+            .into_iter()
+            .filter(|e| e.oauth_error.as_deref() == Some("invalid_token"))
+            .collect()
+    };
+    let rows = refused_rows(&app);
+    assert_eq!(rows.len(), 2);
+    assert!(
+        rows.iter()
+            .any(|e| e.reason.contains("expired") && e.reason.contains("hosp-001"))
+    );
+    assert!(rows.iter().any(|e| e.reason.contains("does not verify")));
+    assert!(
+        rows.iter()
+            .all(|e| e.client_ip.is_some() && e.outcome == "failure")
+    );
+    // A flood: 40 more; the budget (30 a minute) is spent, the rest only counted.
+    for i in 0..40 {
+        assert_eq!(call(format!("garbage-{i}")).await.unwrap().status(), 401);
+    }
+    assert!(refused_rows(&app).len() < 42, "the flood was written whole");
+    assert!(app.state.auth.failures.suppressed() > 0);
+    // After the budget refills (one row per 2 s), the next row reports what was left out.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    assert_eq!(call("garbage-last".into()).await.unwrap().status(), 401);
+    let rows = refused_rows(&app);
+    let left_out: u64 = rows
+        .iter()
+        .filter_map(|e| e.reason.split("(+").nth(1))
+        .filter_map(|rest| rest.split(' ').next())
+        .map(|n| n.parse::<u64>().unwrap())
+        .sum();
+    assert!(left_out > 0, "{rows:?}");
+    assert_eq!(
+        rows.len() as u64 + left_out,
+        43,
+        "every refusal accounted for"
+    );
+    app.stop().await;
+}
+
 crate::on_both_backends!(
     tokens_for_every_algorithm,
     rejected_assertions_yield_oauth_errors_and_audit_records,
@@ -805,6 +924,8 @@ crate::on_both_backends!(
     token_endpoint_rate_limits,
     sm2_assertion_signed_by_gmssl_and_openssl,
     sm2_registration_must_be_an_sm2_key,
+    forged_assertions_do_not_spend_an_institutions_limit,
+    refused_api_calls_are_logged_within_a_budget,
 );
 
 /// Two gateway replicas over one PostgreSQL database and one Redis: same signing key, a token
