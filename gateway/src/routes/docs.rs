@@ -23,17 +23,21 @@ use crate::routes::{directory, empi, institutions, metadata, ops, patients};
         patients::pix, patients::match_patient,
         empi::read_person, empi::merge, empi::unmerge, empi::list_review, empi::review_link,
         empi::review_keep_separate,
+        crate::oidc::login, crate::oidc::callback, crate::oidc::bearer_token,
+        crate::oidc::logout, crate::oidc::whoami,
     ),
     components(schemas(institutions::InstitutionInput, institutions::InstitutionView,
                         institutions::InstitutionList, institutions::Sm2KeyInput,
                         crate::oauth::TokenResponse, crate::oauth::AuthEventView,
-                        crate::oauth::WhoAmI, empi::MergeInput, empi::ReviewInput)),
+                        crate::oauth::WhoAmI, empi::MergeInput, empi::ReviewInput,
+                        crate::oidc::StaffToken, crate::oidc::StaffView)),
     modifiers(&SecurityAddon),
     tags(
         (name = "operations", description = "Health, readiness, metrics"),
         (name = "directory", description = "Institution directory administration"),
         (name = "fhir", description = "FHIR R4 API"),
         (name = "auth", description = "Machine authentication (SMART Backend Services, docs/auth.md)"),
+        (name = "staff", description = "People's login (OpenID Connect), staff sessions and tokens (docs/auth.md)"),
         (name = "empi", description = "Master patient index: Patient feed, PDQm, PIXm, $match, persons, review"),
     )
 )]
