@@ -331,7 +331,7 @@ async fn set_status(
     let event =
         state
             .auditor
-            .admin_event(&staff, "update", "U", format!("Organization/{}", inst.id));
+            .admin_event(staff, "update", "U", format!("Organization/{}", inst.id));
     state.auditor.record(event).await?;
     tracing::info!(institution = %inst.id, status = status.as_str(), "institution status set");
     Ok(with_etag(actix_web::http::StatusCode::OK, inst))
