@@ -34,8 +34,8 @@ fn main() {
     let (out, aud, n) = (&args[1], &args[2], args[3].parse::<usize>().unwrap());
     let rng = SystemRandom::new();
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-    let es = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
-        .unwrap();
+    let es =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
     let point = es.public_key().as_ref();
     let sm2 = yiqiao_sm::Sm2PrivateKey::generate().unwrap();
     let sm2_signer = sm2.signing_key(yiqiao_sm::DEFAULT_SIGNER_ID).unwrap();
@@ -54,17 +54,29 @@ fn main() {
         json!({"iss": "hosp-bench", "sub": "hosp-bench", "aud": aud, "iat": now,
                "exp": now + 290, "jti": uuid::Uuid::new_v4().to_string()})
     };
-    let mut es_file = std::io::BufWriter::new(std::fs::File::create(format!("{out}/es256.txt")).unwrap());
-    let header = B64.encode(json!({"alg": "ES256", "kid": "bench-es256", "typ": "JWT"}).to_string());
+    let mut es_file =
+        std::io::BufWriter::new(std::fs::File::create(format!("{out}/es256.txt")).unwrap());
+    let header =
+        B64.encode(json!({"alg": "ES256", "kid": "bench-es256", "typ": "JWT"}).to_string());
     for _ in 0..n {
         let input = format!("{header}.{}", B64.encode(claims().to_string()));
         let sig = es.sign(&rng, input.as_bytes()).unwrap();
-        writeln!(es_file, "{}", form(&format!("{input}.{}", B64.encode(sig.as_ref())))).unwrap();
+        writeln!(
+            es_file,
+            "{}",
+            form(&format!("{input}.{}", B64.encode(sig.as_ref())))
+        )
+        .unwrap();
     }
-    let mut sm_file = std::io::BufWriter::new(std::fs::File::create(format!("{out}/sm2.txt")).unwrap());
+    let mut sm_file =
+        std::io::BufWriter::new(std::fs::File::create(format!("{out}/sm2.txt")).unwrap());
     for _ in 0..n {
-        let token = yiqiao_sm::sign_jws(&json!({"typ": "JWT", "kid": "bench-sm2"}), &claims(), &sm2_signer)
-            .unwrap();
+        let token = yiqiao_sm::sign_jws(
+            &json!({"typ": "JWT", "kid": "bench-sm2"}),
+            &claims(),
+            &sm2_signer,
+        )
+        .unwrap();
         writeln!(sm_file, "{}", form(&token)).unwrap();
     }
 }

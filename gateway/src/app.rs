@@ -58,6 +58,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::post().to(institutions::suspend)),
         )
         .service(
+            resource("/admin/institutions/{id}/client-certificate")
+                .route(web::put().to(crate::mtls::bind))
+                .route(web::delete().to(crate::mtls::unbind)),
+        )
+        .service(
             resource("/admin/institutions/{id}/activate")
                 .route(web::post().to(institutions::activate)),
         )
@@ -191,9 +196,17 @@ impl Application {
                 .configure(routes)
                 .default_service(web::to(unknown_route))
         })
+        .on_connect(crate::mtls::on_connect)
         .keep_alive(Duration::from_secs(http.keep_alive_secs))
         .shutdown_timeout(http.shutdown_timeout_secs)
         .listen(listener)?;
+        if !state.settings.mtls.listen.is_empty() {
+            let tls = crate::mtls::server_config(&state.settings.mtls)?;
+            let addr = &state.settings.mtls.listen;
+            let tls_listener = TcpListener::bind(addr)
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (mtls.listen): {e}"))?;
+            server = server.listen_rustls_0_23(tls_listener, tls)?;
+        }
         if http.workers > 0 {
             server = server.workers(http.workers);
         }

@@ -115,6 +115,7 @@ impl FromRequest for Caller {
             .map(|v| v.trim().to_string());
         let state = req.app_data::<web::Data<AppState>>().cloned();
         let client_ip = req.peer_addr().map(|a| a.ip().to_string());
+        let client_cert = crate::mtls::presented(req);
         let request_id = req
             .extensions()
             .get::<crate::middleware::RequestId>()
@@ -129,7 +130,7 @@ impl FromRequest for Caller {
                 .header(header::WWW_AUTHENTICATE, "Bearer realm=\"yiqiao\""));
             }
             if admin.is_err() && on_behalf.is_none() {
-                let result = from_access_token(&state, bearer.as_deref()).await;
+                let result = from_access_token(&state, bearer.as_deref(), client_cert).await;
                 if let Err(refused) = &result
                     && matches!(refused.code, ErrorCode::Unauthenticated)
                 {
@@ -217,13 +218,29 @@ fn claimed_subject(token: Option<&str>) -> Option<String> {
 }
 
 /// A gateway access token → Caller. No database read while the directory cache is fresh.
-async fn from_access_token(state: &AppState, bearer: Option<&str>) -> Result<Caller, ApiError> {
+async fn from_access_token(
+    state: &AppState,
+    bearer: Option<&str>,
+    client_cert: Option<crate::mtls::ClientCert>,
+) -> Result<Caller, ApiError> {
     let token = bearer.ok_or_else(|| invalid_token("expected Authorization: Bearer <token>"))?;
     let claims = state
         .auth
         .keys
         .verify(token, &state.base_url)
         .map_err(|why| invalid_token(&why))?;
+    // A certificate-bound token (RFC 8705) is valid only with that certificate.
+    if let Some(bound) = claims
+        .cnf
+        .as_ref()
+        .and_then(|c| c.get("x5t#S256"))
+        .and_then(|v| v.as_str())
+        && client_cert.map(|c| c.x5t_s256()).as_deref() != Some(bound)
+    {
+        return Err(invalid_token(
+            "the token is bound to a client certificate this connection did not present",
+        ));
+    }
     let institution = crate::oauth::cached_institution(state, &claims.sub)
         .await?
         .ok_or_else(|| invalid_token("the institution is no longer registered"))?;

@@ -74,6 +74,23 @@ pub struct Settings {
     pub audit: AuditSettings,
     #[serde(default)]
     pub oidc: OidcSettings,
+    #[serde(default)]
+    pub mtls: MtlsSettings,
+}
+
+/// A second listener with TLS that asks institutions for client certificates (mutual TLS,
+/// docs/auth.md). Institutions bound to a certificate must use it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtlsSettings {
+    /// Address of the TLS listener (e.g. `0.0.0.0:8443`). Empty: no mutual TLS.
+    pub listen: String,
+    /// PEM file with the server certificate chain.
+    pub cert_file: String,
+    /// PEM file with the server's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+    /// PEM file with the CA certificates that issue institutions' client certificates.
+    pub client_ca_file: String,
 }
 
 /// People's login through OpenID Connect (docs/auth.md, "People").
@@ -318,6 +335,7 @@ impl Default for Settings {
             },
             empi: EmpiSettings::default(),
             oidc: OidcSettings::default(),
+            mtls: MtlsSettings::default(),
             audit: AuditSettings {
                 signing_key_file: String::new(),
                 checkpoint_every: 1000,
@@ -445,6 +463,21 @@ impl Settings {
                 return bad(
                     &format!("auth.institution_limits.{id}"),
                     "rate and burst must be positive",
+                );
+            }
+        }
+        let mtls = &self.mtls;
+        if !mtls.listen.is_empty() {
+            if mtls.listen.parse::<SocketAddr>().is_err() {
+                return bad("mtls.listen", "must be an address such as 0.0.0.0:8443");
+            }
+            if mtls.cert_file.is_empty()
+                || mtls.key_file.is_empty()
+                || mtls.client_ca_file.is_empty()
+            {
+                return bad(
+                    "mtls.cert_file",
+                    "cert_file, key_file and client_ca_file are required with mtls.listen",
                 );
             }
         }

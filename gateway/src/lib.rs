@@ -13,6 +13,7 @@ pub mod extract;
 pub mod fhir;
 pub mod metrics;
 pub mod middleware;
+pub mod mtls;
 pub mod oauth;
 pub mod oidc;
 pub mod routes;

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod auth;
 pub mod directory;
 pub mod empi;
+pub mod mtls;
 pub mod staff;
 pub mod store;
 

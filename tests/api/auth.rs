@@ -868,6 +868,7 @@ async fn refused_api_calls_are_logged_within_a_budget(backend: Backend) {
             jti: "expired-1".into(),
             scope: "system/AuditEvent.rs".into(),
             purpose_of_use: "TREAT".into(),
+            cnf: None,
         })
         .unwrap();
     assert_outcome(call(expired).await.unwrap(), 401, "unauthenticated").await;
@@ -917,6 +918,221 @@ async fn refused_api_calls_are_logged_within_a_budget(backend: Backend) {
     app.stop().await;
 }
 
+/// A CA, the gateway's TLS server certificate and two client certificates (rcgen), as PEM
+/// files in `dir`: (ca.pem, server.pem, server.key, [(client cert PEM, key PEM, SHA-256 hex)]).
+fn tls_material(dir: &Path) -> Vec<(String, String, String)> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Yiqiao test institutions CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let mut server =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()]).unwrap();
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server_cert = server.signed_by(&server_key, &issuer).unwrap();
+    std::fs::write(dir.join("server.pem"), server_cert.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
+    (0..2)
+        .map(|i| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params
+                .distinguished_name
+                .push(DnType::CommonName, format!("hosp-00{} client {i}", i + 1));
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            let fingerprint: String = ring::digest::digest(&ring::digest::SHA256, cert.der())
+                .as_ref()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            (cert.pem(), key.serialize_pem(), fingerprint)
+        })
+        .collect()
+}
+
+/// Mutual TLS with real certificates: an institution bound to its client certificate gets a
+/// token only over the mTLS listener with that certificate; the token is bound to it (RFC 8705)
+/// and refused on other connections.
+async fn mutual_tls_binds_an_institution_to_its_certificate(backend: Backend) {
+    let dir = TempDir::new();
+    let clients = tls_material(&dir.path);
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let app = TestApp::spawn_with(backend, |s| {
+        generous(s);
+        s.mtls.listen = format!("127.0.0.1:{tls_port}");
+        s.mtls.cert_file = dir.path.join("server.pem").display().to_string();
+        s.mtls.key_file = dir.path.join("server.key").display().to_string();
+        s.mtls.client_ca_file = dir.path.join("ca.pem").display().to_string();
+    })
+    .await;
+    let keys = ClientKeys::new("");
+    register(&app, &keys.registration(1, "")).await;
+    let ca =
+        reqwest::Certificate::from_pem(&std::fs::read(dir.path.join("ca.pem")).unwrap()).unwrap();
+    let tls_client = |client: Option<&(String, String, String)>| {
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca.clone());
+        if let Some((cert, key, _)) = client {
+            b = b.identity(reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap());
+        }
+        b.build().unwrap()
+    };
+    let tls_base = format!("https://127.0.0.1:{tls_port}");
+    let (own, other) = (tls_client(Some(&clients[0])), tls_client(Some(&clients[1])));
+    let token_over = |client: reqwest::Client, base: String| {
+        let assertion = keys.sign("ES256", "es256", &claims(&app, "hosp-001"));
+        async move {
+            client
+                .post(format!("{base}/oauth2/token"))
+                .form(&[
+                    ("grant_type", "client_credentials"),
+                    ("client_assertion_type", ASSERTION_TYPE),
+                    ("client_assertion", assertion.as_str()),
+                    ("scope", "system/AuditEvent.rs"),
+                    ("purpose_of_use", "TREAT"),
+                ])
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+
+    // Not bound yet: both listeners serve it, and its tokens carry no cnf.
+    let resp = token_over(own.clone(), tls_base.clone()).await;
+    assert_eq!(resp.status(), 200);
+    // Without a client certificate the TLS handshake fails.
+    let anonymous = tls_client(None);
+    assert!(
+        anonymous
+            .get(format!("{tls_base}/healthz"))
+            .send()
+            .await
+            .is_err()
+    );
+
+    // Bind hosp-001 to its certificate (fingerprint with colons, upper case).
+    let colons: Vec<String> = clients[0]
+        .2
+        .to_uppercase()
+        .as_bytes()
+        .chunks(2)
+        .map(|c| String::from_utf8(c.to_vec()).unwrap())
+        .collect();
+    let resp = app
+        .admin_put(
+            "/admin/institutions/hosp-001/client-certificate",
+            &json!({"sha256": colons.join(":")}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["sha256"], clients[0].2);
+    let resp = app
+        .admin_put(
+            "/admin/institutions/hosp-001/client-certificate",
+            &json!({"sha256": "abc"}),
+        )
+        .await;
+    assert_outcome(resp, 422, "validation-failed").await;
+    let resp = app
+        .admin_put(
+            "/admin/institutions/hosp-999/client-certificate",
+            &json!({"sha256": clients[0].2}),
+        )
+        .await;
+    assert_outcome(resp, 404, "not-found").await;
+
+    // Plain HTTP, or TLS with another (valid, same-CA) certificate: invalid_client.
+    let body = assert_oauth_error(
+        token_over(app.client.clone(), app.base.clone()).await,
+        401,
+        "invalid_client",
+    )
+    .await;
+    assert!(body.to_string().contains("requires mutual TLS"), "{body}");
+    let body = assert_oauth_error(
+        token_over(other.clone(), tls_base.clone()).await,
+        401,
+        "invalid_client",
+    )
+    .await;
+    assert!(
+        body.to_string().contains("registered client certificate"),
+        "{body}"
+    );
+
+    // Its own certificate: a token bound to the certificate.
+    let resp = token_over(own.clone(), tls_base.clone()).await;
+    assert_eq!(resp.status(), 200);
+    let token = resp.json::<Value>().await.unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let payload: Value =
+        serde_json::from_slice(&B64.decode(token.split('.').nth(1).unwrap()).unwrap()).unwrap();
+    let digest = hex::decode(&clients[0].2).unwrap();
+    assert_eq!(payload["cnf"]["x5t#S256"], B64.encode(digest));
+    let events_via = |client: reqwest::Client, base: String| {
+        let token = token.clone();
+        async move {
+            client
+                .get(format!("{base}/oauth2/events"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        events_via(own.clone(), tls_base.clone()).await.status(),
+        200
+    );
+    assert_outcome(
+        events_via(app.client.clone(), app.base.clone()).await,
+        401,
+        "unauthenticated",
+    )
+    .await;
+    assert_outcome(
+        events_via(other.clone(), tls_base.clone()).await,
+        401,
+        "unauthenticated",
+    )
+    .await;
+
+    // Unbound again: plain HTTP works for new tokens.
+    let resp = app
+        .client
+        .delete(app.url("/admin/institutions/hosp-001/client-certificate"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    assert_eq!(
+        token_over(app.client.clone(), app.base.clone())
+            .await
+            .status(),
+        200
+    );
+    app.stop().await;
+}
+
 crate::on_both_backends!(
     tokens_for_every_algorithm,
     rejected_assertions_yield_oauth_errors_and_audit_records,
@@ -926,6 +1142,7 @@ crate::on_both_backends!(
     sm2_registration_must_be_an_sm2_key,
     forged_assertions_do_not_spend_an_institutions_limit,
     refused_api_calls_are_logged_within_a_budget,
+    mutual_tls_binds_an_institution_to_its_certificate,
 );
 
 /// Two gateway replicas over one PostgreSQL database and one Redis: same signing key, a token

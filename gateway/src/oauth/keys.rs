@@ -35,6 +35,10 @@ pub struct AccessClaims {
     pub scope: String,
     /// HL7 v3 PurposeOfUse code (TREAT, ETREAT, …).
     pub purpose_of_use: String,
+    /// Confirmation (RFC 8705): `{"x5t#S256": …}` when the token is bound to the client
+    /// certificate of a mutual-TLS institution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<serde_json::Value>,
 }
 
 pub struct SigningKeys {

@@ -344,6 +344,28 @@ async fn issue(
         .await
         .map_err(unavailable)?;
     let headers = limited(verdict, "for this client")?;
+    // Mutual TLS: a bound institution must present its certificate on this connection.
+    let lookup = client_id.clone();
+    let bound = state
+        .db(move |conn| yiqiao_registry::mtls::bound_cert(conn, &lookup))
+        .await
+        .map_err(unavailable)?;
+    let cnf = match bound {
+        None => None,
+        Some(expected) => match crate::mtls::presented(req) {
+            Some(cert) if cert.hex() == expected => Some(json!({ "x5t#S256": cert.x5t_s256() })),
+            Some(_) => {
+                return Err(OAuthError::client(format!(
+                    "client {client_id} must present its registered client certificate; this one is not it"
+                )));
+            }
+            None => {
+                return Err(OAuthError::client(format!(
+                    "client {client_id} requires mutual TLS: connect to the mTLS listener with its registered client certificate"
+                )));
+            }
+        },
+    };
 
     let now = now_secs();
     let skew = i64::try_from(auth.clock_skew_secs).unwrap_or(60);
@@ -377,6 +399,7 @@ async fn issue(
         jti: uuid::Uuid::new_v4().to_string(),
         scope: granted.join(" "),
         purpose_of_use: purpose.code().to_string(),
+        cnf,
     };
     let token = state.auth.keys.sign(&claims).map_err(|e| {
         tracing::error!(error = %e, "cannot sign an access token");

@@ -216,3 +216,11 @@ diesel::table! {
         expires_at -> Timestamp,
     }
 }
+
+diesel::table! {
+    institution_client_certs (institution_id) {
+        institution_id -> Text,
+        sha256 -> Text,
+        bound_at -> Timestamp,
+    }
+}

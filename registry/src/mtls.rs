@@ -1,0 +1,41 @@
+//! Mutual TLS bindings: which client certificate (SHA-256 of its DER, lowercase hex) an
+//! institution must present. An institution without a row does not use mutual TLS.
+
+use diesel::prelude::*;
+
+use crate::store::schema::institution_client_certs as certs;
+use crate::store::{DbConn, StoreError, now_utc};
+
+/// Bind (or re-bind) `institution` to the certificate with this fingerprint.
+pub fn bind(conn: &mut DbConn, institution: &str, sha256: &str) -> Result<(), StoreError> {
+    conn.transaction(|conn| {
+        diesel::delete(certs::table.filter(certs::institution_id.eq(institution))).execute(conn)?;
+        diesel::insert_into(certs::table)
+            .values((
+                certs::institution_id.eq(institution),
+                certs::sha256.eq(sha256),
+                certs::bound_at.eq(now_utc()),
+            ))
+            .execute(conn)?;
+        Ok::<_, diesel::result::Error>(())
+    })
+    .map_err(StoreError::from_diesel)
+}
+
+/// Remove the binding; returns whether there was one.
+pub fn unbind(conn: &mut DbConn, institution: &str) -> Result<bool, StoreError> {
+    diesel::delete(certs::table.filter(certs::institution_id.eq(institution)))
+        .execute(conn)
+        .map(|n| n > 0)
+        .map_err(StoreError::from_diesel)
+}
+
+/// The fingerprint `institution` is bound to, if any.
+pub fn bound_cert(conn: &mut DbConn, institution: &str) -> Result<Option<String>, StoreError> {
+    certs::table
+        .filter(certs::institution_id.eq(institution))
+        .select(certs::sha256)
+        .first(conn)
+        .optional()
+        .map_err(StoreError::from_diesel)
+}
