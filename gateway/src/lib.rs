@@ -13,6 +13,7 @@ pub mod fhir;
 pub mod metrics;
 pub mod middleware;
 pub mod oauth;
+pub mod policy;
 pub mod routes;
 pub mod staff;
 pub mod state;

@@ -24,6 +24,8 @@ pub struct AppState {
     pub auth: Arc<crate::oauth::AuthRuntime>,
     /// The audit recorder (fail closed; see crate::audit).
     pub auditor: crate::audit::Auditor,
+    /// The consent enforcement point (crate::policy).
+    pub policy: Arc<crate::policy::Policy>,
 }
 
 impl AppState {
