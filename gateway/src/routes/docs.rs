@@ -5,7 +5,7 @@ use actix_web::{HttpResponse, web};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use crate::routes::{directory, empi, institutions, metadata, ops, patients};
+use crate::routes::{consent, directory, empi, institutions, metadata, ops, patients};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -23,11 +23,13 @@ use crate::routes::{directory, empi, institutions, metadata, ops, patients};
         patients::pix, patients::match_patient,
         empi::read_person, empi::merge, empi::unmerge, empi::list_review, empi::review_link,
         empi::review_keep_separate,
+        consent::create, consent::update, consent::read, consent::search, consent::evaluate,
     ),
     components(schemas(institutions::InstitutionInput, institutions::InstitutionView,
                         institutions::InstitutionList, institutions::Sm2KeyInput,
                         crate::oauth::TokenResponse, crate::oauth::AuthEventView,
-                        crate::oauth::WhoAmI, empi::MergeInput, empi::ReviewInput)),
+                        crate::oauth::WhoAmI, empi::MergeInput, empi::ReviewInput,
+                        consent::EvaluateInput, consent::EvaluateOutput)),
     modifiers(&SecurityAddon),
     tags(
         (name = "operations", description = "Health, readiness, metrics"),
@@ -35,6 +37,7 @@ use crate::routes::{directory, empi, institutions, metadata, ops, patients};
         (name = "fhir", description = "FHIR R4 API"),
         (name = "auth", description = "Machine authentication (SMART Backend Services, docs/auth.md)"),
         (name = "empi", description = "Master patient index: Patient feed, PDQm, PIXm, $match, persons, review"),
+        (name = "consent", description = "Patients' consents (FHIR Consent) and the policy simulator (docs/consent.md)"),
     )
 )]
 pub struct ApiDoc;
