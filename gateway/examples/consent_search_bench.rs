@@ -10,7 +10,11 @@
 //! alternating enforced / not enforced. Every request is fully served (database search, policy,
 //! durable audit record, JSON). Also times `state.policy.release` alone on the same 50
 //! records, in process.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::field_reassign_with_default
+)]
 
 use std::net::TcpListener;
 use std::time::Instant;
@@ -74,13 +78,12 @@ async fn main() {
     let (off, _) = start(plain).await;
     let client = reqwest::Client::new();
     for n in [1u32, 2] {
+        let uscc_body = format!("91350100M{n:08}");
+        let check = yiqiao_registry::directory::uscc_check_character(&uscc_body).unwrap();
+        let uscc = format!("{uscc_body}{check}");
         let body = json!({
             "id": format!("hosp-{n:03}"), "name": format!("第{n}人民医院"),
-            "uscc": {
-                let body = format!("91350100M{n:08}");
-                let check = yiqiao_registry::directory::uscc_check_character(&body).unwrap();
-                format!("{body}{check}")
-            },
+            "uscc": uscc,
             "region_code": "350100", "level": "3A", "kind": "hospital",
             "patient_id_system": format!("urn:oid:2.16.156.10011.1.99.{n}"),
             "allowed_scopes": ["system/Patient.cruds", "system/Consent.cruds"],

@@ -796,7 +796,7 @@ pub async fn match_patient(
                 "mode": "match",
                 "score": (c.posterior * 10_000.0).round() / 10_000.0,
                 "extension": [
-                    { "url": MATCH_GRADE_EXT, "valueCode": grade(&c) },
+                    { "url": MATCH_GRADE_EXT, "valueCode": grade(c) },
                     { "url": MATCH_EXPLANATION_EXT, "extension": explanation },
                 ],
             },
