@@ -86,6 +86,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::put().to(consent::update)),
         )
         .service(resource("/consent/$evaluate").route(web::post().to(consent::evaluate)))
+        .service(resource("/admin/agreements").route(web::get().to(consent::list_agreements)))
+        .service(resource("/admin/agreements/{id}").route(web::put().to(consent::put_agreement)))
         // EMPI administration (admin credential).
         .service(resource("/empi/persons/{id}").route(web::get().to(empi::read_person)))
         .service(resource("/empi/persons/{id}/$merge").route(web::post().to(empi::merge)))

@@ -714,7 +714,76 @@ async fn consent_api_and_simulator(backend: Backend) {
     app.stop().await;
 }
 
+/// Where hospitals need a data-sharing agreement, none means nothing is released; an agreement
+/// releases, and suspending it withholds again on the next request.
+async fn agreements_gate_hospitals(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| {
+        base_settings(s);
+        s.consent
+            .policy
+            .agreement_required_for
+            .insert(yiqiao_consent::InstitutionKind::Hospital);
+    })
+    .await;
+    let key = Sm2PrivateKey::generate().unwrap();
+    register_hospitals(&app, &key).await;
+    let (record, _) = register_patient(&app, &zhang(None)).await;
+    let get2 = || {
+        as_hosp(
+            &app,
+            2,
+            app.client.get(app.url(&format!("/fhir/Patient/{record}"))),
+        )
+    };
+    let o = assert_outcome(get2().send().await.unwrap(), 403, "consent-denied").await;
+    assert!(o.to_string().contains("agreement-required"), "{o}");
+    let mut agreement = json!({ "custodian": "hosp-001", "recipient": "hosp-002",
+        "purposes": ["TREAT"], "resource_types": ["Patient"], "status": "active" });
+    let resp = app.admin_put("/admin/agreements/dsa-1", &agreement).await;
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let (status, p) = read_as(&app, get2()).await;
+    assert_eq!(status, 200, "{p}");
+    agreement["status"] = json!("suspended");
+    let resp = app.admin_put("/admin/agreements/dsa-1", &agreement).await;
+    let view: Value = resp.json().await.unwrap();
+    assert_eq!(view["version"], 2);
+    assert_outcome(get2().send().await.unwrap(), 403, "consent-denied").await;
+    let list: Value = app
+        .admin_get("/admin/agreements")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list[0]["status"], "suspended");
+    agreement["recipient"] = json!("hosp-999");
+    let o = assert_outcome(
+        app.admin_put("/admin/agreements/dsa-2", &agreement).await,
+        422,
+        "validation-failed",
+    )
+    .await;
+    assert_eq!(o["issue"][0]["expression"][0], "recipient");
+    agreement["recipient"] = json!("hosp-002");
+    agreement["purposes"] = json!(["NOPE"]);
+    let o = assert_outcome(
+        app.admin_put("/admin/agreements/dsa-2", &agreement).await,
+        422,
+        "validation-failed",
+    )
+    .await;
+    assert_eq!(o["issue"][0]["expression"][0], "purposes[0]");
+    let resp = app
+        .client
+        .get(app.url("/admin/agreements"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    app.stop().await;
+}
+
 on_both_backends!(
+    agreements_gate_hospitals,
     consent_permits_and_revocation_reaches_the_other_replica,
     masking_by_purpose,
     sensitive_labels_deny_and_break_glass,

@@ -620,3 +620,157 @@ pub async fn evaluate(
     };
     Ok(HttpResponse::Ok().json(out))
 }
+
+/// A data-sharing agreement: the custodian shares data with the recipient.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgreementInput {
+    /// Institution holding the data (registered).
+    pub custodian: String,
+    /// Institution receiving the data (registered).
+    pub recipient: String,
+    /// Purposes covered (v3 ActReason codes); at least one.
+    pub purposes: Vec<String>,
+    /// FHIR resource types covered; empty = all data.
+    #[serde(default)]
+    pub resource_types: Vec<String>,
+    /// First instant in force (RFC 3339); absent = open.
+    pub start: Option<String>,
+    /// Last instant in force (RFC 3339); absent = open.
+    pub end: Option<String>,
+    /// active | suspended | terminated
+    pub status: String,
+}
+
+/// An agreement as stored.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AgreementView {
+    pub id: String,
+    pub custodian: String,
+    pub recipient: String,
+    pub purposes: Vec<String>,
+    pub resource_types: Vec<String>,
+    pub start: Option<String>,
+    pub end: Option<String>,
+    pub status: String,
+    pub version: i64,
+}
+
+fn agreement_view(row: &store::StoredAgreement) -> AgreementView {
+    let classes: Vec<yiqiao_consent::DataClass> =
+        serde_json::from_str(&row.classes).unwrap_or_default();
+    AgreementView {
+        id: row.id.clone(),
+        custodian: row.custodian.clone(),
+        recipient: row.recipient.clone(),
+        purposes: serde_json::from_str(&row.purposes).unwrap_or_default(),
+        resource_types: classes.into_iter().map(|c| c.code).collect(),
+        start: row
+            .period_start
+            .map(|t| format!("{}Z", t.format("%Y-%m-%dT%H:%M:%S"))),
+        end: row
+            .period_end
+            .map(|t| format!("{}Z", t.format("%Y-%m-%dT%H:%M:%S"))),
+        status: row.status.clone(),
+        version: row.version,
+    }
+}
+
+fn instant(field: &str, raw: &Option<String>) -> Result<Option<chrono::NaiveDateTime>, ApiError> {
+    raw.as_ref()
+        .map(|r| {
+            DateTime::parse_from_rfc3339(r)
+                .map(|t| t.naive_utc())
+                .map_err(|e| invalid(field, format!("must be an RFC 3339 instant: {e}")))
+        })
+        .transpose()
+}
+
+/// Create or replace a data-sharing agreement (admin). Takes effect on the next request on
+/// every replica, like a consent change.
+#[utoipa::path(put, path = "/admin/agreements/{id}", tag = "consent",
+    params(("id" = String, Path)),
+    request_body = AgreementInput,
+    responses((status = 200, body = AgreementView), (status = 422, description = "OperationOutcome naming the field")),
+    security(("admin_token" = [])))]
+pub async fn put_agreement(
+    admin: crate::extract::AdminAuth,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    ValidJson(input): ValidJson<AgreementInput>,
+) -> Result<HttpResponse, ApiError> {
+    let _ = admin;
+    let id = id.into_inner();
+    if id.is_empty() || id.len() > 64 {
+        return Err(ApiError::invalid_param("id", "must be 1 to 64 characters"));
+    }
+    if input.purposes.is_empty() {
+        return Err(invalid("purposes", "at least one purpose is required"));
+    }
+    for (i, p) in input.purposes.iter().enumerate() {
+        if Purpose::from_code(p).is_none() {
+            return Err(invalid(
+                &format!("purposes[{i}]"),
+                format!(
+                    "`{p}` is not a purpose of use (TREAT, HPAYMT, HOPERAT, PUBHLTH, HRESCH, PATRQT, ETREAT)"
+                ),
+            ));
+        }
+    }
+    if !["active", "suspended", "terminated"].contains(&input.status.as_str()) {
+        return Err(invalid("status", "must be active, suspended or terminated"));
+    }
+    let classes: Vec<yiqiao_consent::DataClass> = input
+        .resource_types
+        .iter()
+        .map(yiqiao_consent::DataClass::resource_type)
+        .collect();
+    let write = store::AgreementWrite {
+        id: id.clone(),
+        custodian: input.custodian.clone(),
+        recipient: input.recipient.clone(),
+        purposes: serde_json::to_string(&input.purposes).map_err(ApiError::internal)?,
+        classes: serde_json::to_string(&classes).map_err(ApiError::internal)?,
+        period_start: instant("start", &input.start)?,
+        period_end: instant("end", &input.end)?,
+        status: input.status.clone(),
+    };
+    let (custodian, recipient) = (input.custodian.clone(), input.recipient.clone());
+    let row = state
+        .db(move |conn| -> Result<_, ApiError> {
+            for (field, inst) in [("custodian", &custodian), ("recipient", &recipient)] {
+                match yiqiao_registry::directory::get(conn, inst) {
+                    Ok(_) => {}
+                    Err(yiqiao_registry::directory::DirectoryError::NotFound(_)) => {
+                        return Err(invalid(
+                            field,
+                            format!("institution {inst} is not registered"),
+                        ));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(store::put_agreement(conn, &write)?)
+        })
+        .await?;
+    state.policy.changed(None).await;
+    let mut event = state
+        .auditor
+        .admin_event("update", "U", format!("Agreement/{}", row.id));
+    event.consent_decision = Some(format!("agreement-{}", row.status));
+    state.auditor.record(event).await?;
+    Ok(HttpResponse::Ok().json(agreement_view(&row)))
+}
+
+/// List data-sharing agreements (admin).
+#[utoipa::path(get, path = "/admin/agreements", tag = "consent",
+    responses((status = 200, body = Vec<AgreementView>)),
+    security(("admin_token" = [])))]
+pub async fn list_agreements(
+    admin: crate::extract::AdminAuth,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let _ = admin;
+    let rows = state.db(store::list_agreements).await?;
+    Ok(HttpResponse::Ok().json(rows.iter().map(agreement_view).collect::<Vec<_>>()))
+}
