@@ -108,6 +108,8 @@ impl Default for MaskingConfig {
                 ("birthDate", DateToYear),
                 ("photo", Suppress),
                 ("contact", Suppress),
+                // Extensions may carry linkable ids (e.g. the enterprise person id).
+                ("extension", Suppress),
             ]),
         }
     }

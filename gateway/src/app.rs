@@ -12,7 +12,7 @@ use crate::config::Settings;
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Metrics;
 use crate::oauth;
-use crate::routes::{directory, docs, empi, institutions, metadata, ops, patients};
+use crate::routes::{consent, directory, docs, empi, institutions, metadata, ops, patients};
 use crate::state::AppState;
 
 /// All routes in one table. Each resource answers unknown methods with 405 + OperationOutcome.
@@ -85,6 +85,20 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/fhir/Patient/$ihe-pix").route(web::get().to(patients::pix)))
         .service(resource("/fhir/Patient/$match").route(web::post().to(patients::match_patient)))
         .service(resource("/fhir/Patient/{id}").route(web::get().to(patients::read)))
+        // Consent (institutions record patients' decisions) and the policy simulator (staff).
+        .service(
+            resource("/fhir/Consent")
+                .route(web::get().to(consent::search))
+                .route(web::post().to(consent::create)),
+        )
+        .service(
+            resource("/fhir/Consent/{id}")
+                .route(web::get().to(consent::read))
+                .route(web::put().to(consent::update)),
+        )
+        .service(resource("/consent/$evaluate").route(web::post().to(consent::evaluate)))
+        .service(resource("/admin/agreements").route(web::get().to(consent::list_agreements)))
+        .service(resource("/admin/agreements/{id}").route(web::put().to(consent::put_agreement)))
         // EMPI administration (admin role).
         .service(resource("/empi/persons/{id}").route(web::get().to(empi::read_person)))
         .service(resource("/empi/persons/{id}/$merge").route(web::post().to(empi::merge)))
@@ -169,7 +183,13 @@ impl Application {
         );
         let auditor = crate::audit::Auditor::start(store.clone(), signer, &settings);
         let failure_rate = settings.auth.failure_log_per_minute;
+        let policy = Arc::new(crate::policy::Policy::new(
+            &settings,
+            store.clone(),
+            redis.clone(),
+        )?);
         let state = AppState {
+            policy,
             auditor,
             base_url: settings.public_base_url().into(),
             settings: Arc::new(settings),

@@ -76,6 +76,9 @@ pub struct Settings {
     pub oidc: OidcSettings,
     #[serde(default)]
     pub mtls: MtlsSettings,
+    /// Consent and access policy (docs/consent.md).
+    #[serde(default)]
+    pub consent: ConsentSettings,
 }
 
 /// A second listener with TLS that asks institutions for client certificates (mutual TLS,
@@ -140,6 +143,43 @@ impl Default for OidcSettings {
             bearer_ttl_secs: 3600,
             cookie_secure: true,
             http_timeout_ms: 5000,
+        }
+    }
+}
+
+/// Consent and access-policy enforcement (docs/consent.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsentSettings {
+    /// Enforce policy decisions at every exit. `false` releases everything unmasked and is meant
+    /// only for measuring what enforcement costs; never in production.
+    pub enforce: bool,
+    /// Purpose of use (HL7 v3 ActReason code) assumed when the credential carries none
+    /// (the admin credential acting on behalf of an institution).
+    pub default_purpose: String,
+    /// Hex-encoded key (at least 16 bytes) for pseudonyms (HMAC-SM3). Empty: releases that must
+    /// be pseudonymised (research) are withheld. Replicas must share one key.
+    pub pseudonym_key: Secret,
+    /// Most patients whose consents one replica caches; when full the cache starts over.
+    pub cache_max_patients: usize,
+    /// With Redis: longest a replica trusts the Redis change counter alone before it also reads
+    /// the database counter (bounds staleness if a writer could not reach Redis), milliseconds.
+    pub cache_max_age_ms: u64,
+    /// The policy rules (`[consent.policy]`, see docs/consent.md): default_mode, default_purposes,
+    /// purposes_by_kind, break_glass_kinds, sensitive_categories,
+    /// explicit_permit_confidentiality, agreement_required_for, masking.
+    pub policy: yiqiao_consent::PolicyConfig,
+}
+
+impl Default for ConsentSettings {
+    fn default() -> ConsentSettings {
+        ConsentSettings {
+            enforce: true,
+            default_purpose: "TREAT".into(),
+            pseudonym_key: Secret::default(),
+            cache_max_patients: 200_000,
+            cache_max_age_ms: 5000,
+            policy: yiqiao_consent::PolicyConfig::default(),
         }
     }
 }
@@ -345,6 +385,7 @@ impl Default for Settings {
                 write_timeout_ms: 5000,
                 replica_id: String::new(),
             },
+            consent: ConsentSettings::default(),
         }
     }
 }
@@ -512,6 +553,30 @@ impl Settings {
                 "oidc.session_ttl_secs",
                 "session_ttl_secs, bearer_ttl_secs and http_timeout_ms must be positive",
             );
+        }
+        let consent = &self.consent;
+        if yiqiao_consent::Purpose::from_code(&consent.default_purpose).is_none() {
+            return bad(
+                "consent.default_purpose",
+                "must be an HL7 v3 ActReason code: TREAT, ETREAT, HPAYMT, HOPERAT, PUBHLTH, HRESCH or PATRQT",
+            );
+        }
+        if consent.pseudonym_key.is_set() {
+            match hex::decode(consent.pseudonym_key.expose()) {
+                Ok(k) if k.len() >= yiqiao_consent::PseudonymKey::MIN_LEN => {}
+                _ => {
+                    return bad(
+                        "consent.pseudonym_key",
+                        "must be at least 16 bytes, hex-encoded",
+                    );
+                }
+            }
+        }
+        if consent.cache_max_patients == 0 {
+            return bad("consent.cache_max_patients", "must be positive");
+        }
+        if let Err(e) = consent.policy.validate() {
+            return bad("consent.policy", &e.to_string());
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return bad("log.level", &e.to_string());

@@ -43,6 +43,7 @@ error_codes! {
     NotFound => ("not-found", 404, "not-found", "No such resource."),
     UnknownRoute => ("unknown-route", 404, "not-supported", "No such endpoint."),
     MethodNotAllowed => ("method-not-allowed", 405, "not-supported", "The endpoint does not support this HTTP method."),
+    ConsentDenied => ("consent-denied", 403, "suppressed", "The patient's consent or the access policy does not permit releasing this data to the caller for the stated purpose; the reason names the rule."),
     Conflict => ("conflict", 409, "duplicate", "The request conflicts with stored data (e.g. a unique value already registered)."),
     VersionConflict => ("version-conflict", 412, "conflict", "If-Match names a version that is not the current one."),
     PayloadTooLarge => ("payload-too-large", 413, "too-costly", "The body is larger than the configured limit."),

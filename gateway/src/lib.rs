@@ -16,6 +16,7 @@ pub mod middleware;
 pub mod mtls;
 pub mod oauth;
 pub mod oidc;
+pub mod policy;
 pub mod routes;
 pub mod staff;
 pub mod state;

@@ -26,6 +26,8 @@ pub struct AppState {
     pub auditor: crate::audit::Auditor,
     /// People's login: the discovered OpenID provider (crate::oidc).
     pub oidc: Arc<crate::oidc::OidcRuntime>,
+    /// The consent enforcement point (crate::policy).
+    pub policy: Arc<crate::policy::Policy>,
 }
 
 impl AppState {

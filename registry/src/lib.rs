@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod consent;
 pub mod directory;
 pub mod empi;
 pub mod mtls;

@@ -51,7 +51,7 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
     assert!(!resources.is_empty());
     // Patient needs a caller with Patient scopes and a registered patient.
     let mut member = institution(2);
-    member["allowed_scopes"] = serde_json::json!(["system/Patient.cruds"]);
+    member["allowed_scopes"] = serde_json::json!(["system/Patient.cruds", "system/Consent.cruds"]);
     app.admin_post("/admin/institutions", &member).await;
     let patient = serde_json::json!({
         "resourceType": "Patient",
@@ -73,10 +73,30 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
         .await
         .unwrap();
     let patient_id = created["id"].as_str().unwrap().to_string();
+    // Consent needs a recorded consent about that patient.
+    let consent = serde_json::json!({
+        "resourceType": "Consent",
+        "status": "active",
+        "patient": { "reference": format!("Patient/{patient_id}") },
+        "provision": { "type": "permit" },
+    });
+    let recorded: Value = as_member(app.client.post(app.url("/fhir/Consent")))
+        .json(&consent)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let consent_id = recorded["id"].as_str().unwrap().to_string();
+    let mut consent_update = recorded.clone();
+    consent_update["status"] = serde_json::json!("inactive");
     for res in resources {
         let ty = res["type"].as_str().unwrap();
         let read_id = if ty == "Patient" {
             patient_id.as_str()
+        } else if ty == "Consent" {
+            consent_id.as_str()
         } else {
             "hosp-001"
         };
@@ -85,6 +105,13 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
             let req = match code {
                 "read" => app.client.get(app.url(&format!("/fhir/{ty}/{read_id}"))),
                 "search-type" => app.client.get(app.url(&format!("/fhir/{ty}"))),
+                "create" if ty == "Consent" => {
+                    app.client.post(app.url("/fhir/Consent")).json(&consent)
+                }
+                "update" if ty == "Consent" => app
+                    .client
+                    .put(app.url(&format!("/fhir/Consent/{consent_id}")))
+                    .json(&consent_update),
                 "create" => app
                     .client
                     .post(app.url(&format!("/fhir/{ty}")))
@@ -123,6 +150,7 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
             let name = param["name"].as_str().unwrap();
             let value = match param["type"].as_str().unwrap() {
                 "number" => "5",
+                "reference" if name == "patient" => &format!("Patient/{patient_id}"),
                 "reference" => "Organization/hosp-001",
                 "date" => "1980-03-15",
                 _ if name == "active" => "true",

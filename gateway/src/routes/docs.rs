@@ -5,7 +5,7 @@ use actix_web::{HttpResponse, web};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use crate::routes::{directory, empi, institutions, metadata, ops, patients};
+use crate::routes::{consent, directory, empi, institutions, metadata, ops, patients};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -25,13 +25,17 @@ use crate::routes::{directory, empi, institutions, metadata, ops, patients};
         empi::review_keep_separate,
         crate::oidc::login, crate::oidc::callback, crate::oidc::bearer_token,
         crate::oidc::logout, crate::oidc::whoami, crate::mtls::bind, crate::mtls::unbind,
+        consent::create, consent::update, consent::read, consent::search, consent::evaluate,
+        consent::put_agreement, consent::list_agreements,
     ),
     components(schemas(institutions::InstitutionInput, institutions::InstitutionView,
                         institutions::InstitutionList, institutions::Sm2KeyInput,
                         crate::oauth::TokenResponse, crate::oauth::AuthEventView,
                         crate::oauth::WhoAmI, empi::MergeInput, empi::ReviewInput,
                         crate::oidc::StaffToken, crate::oidc::StaffView,
-                        crate::mtls::ClientCertBinding)),
+                        crate::mtls::ClientCertBinding,
+                        consent::EvaluateInput, consent::EvaluateOutput,
+                        consent::AgreementInput, consent::AgreementView)),
     modifiers(&SecurityAddon),
     tags(
         (name = "operations", description = "Health, readiness, metrics"),
@@ -40,6 +44,7 @@ use crate::routes::{directory, empi, institutions, metadata, ops, patients};
         (name = "auth", description = "Machine authentication (SMART Backend Services, docs/auth.md)"),
         (name = "staff", description = "People's login (OpenID Connect), staff sessions and tokens (docs/auth.md)"),
         (name = "empi", description = "Master patient index: Patient feed, PDQm, PIXm, $match, persons, review"),
+        (name = "consent", description = "Patients' consents (FHIR Consent) and the policy simulator (docs/consent.md)"),
     )
 )]
 pub struct ApiDoc;

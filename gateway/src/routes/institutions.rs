@@ -161,7 +161,7 @@ fn with_etag(status: actix_web::http::StatusCode, inst: Institution) -> HttpResp
 }
 
 /// `If-Match: W/"3"` or `"3"` → Some(3).
-fn if_match(req: &HttpRequest) -> Result<Option<i64>, ApiError> {
+pub(crate) fn if_match(req: &HttpRequest) -> Result<Option<i64>, ApiError> {
     let Some(raw) = req.headers().get(header::IF_MATCH) else {
         return Ok(None);
     };

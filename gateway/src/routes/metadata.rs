@@ -66,6 +66,13 @@ pub const IMPLEMENTED: &[ResourceCapability] = &[
             ),
         ],
     },
+    ResourceCapability {
+        resource: "Consent",
+        interactions: &["read", "search-type", "create", "update"],
+        search_params: &[("patient", "reference"), ("status", "token")],
+        documentation: "Patients' privacy consents (one provision: permit or deny, by actor institution, purpose, data class, security label and period), recorded by member institutions; patient is a Patient source record or enterprise person. Enforced at every Patient exit; revoking (status inactive) takes effect on the next request on every replica. docs/consent.md.",
+        operations: &[],
+    },
 ];
 
 pub fn capability_statement(base_url: &str) -> Value {

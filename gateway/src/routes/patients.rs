@@ -22,6 +22,7 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ErrorCode};
 use crate::extract::ValidJson;
 use crate::fhir;
+use crate::policy::{Candidate, Released};
 use crate::routes::{check_params, paging};
 use crate::state::AppState;
 
@@ -254,10 +255,15 @@ pub fn patient_view(r: &StoredRecord) -> Value {
         p = json!({ "resourceType": "Patient" });
     }
     p["id"] = json!(r.id);
+    // Security labels the institution set are kept: the consent policy decides on them.
+    let security = p.pointer("/meta/security").cloned();
     p["meta"] = json!({
         "versionId": r.version.to_string(),
         "lastUpdated": format!("{}Z", r.updated_at.format("%Y-%m-%dT%H:%M:%S%.6f")),
     });
+    if let Some(security) = security {
+        p["meta"]["security"] = security;
+    }
     let mut ext: Vec<Value> = p
         .get("extension")
         .and_then(Value::as_array)
@@ -272,6 +278,15 @@ pub fn patient_view(r: &StoredRecord) -> Value {
     }
     p["extension"] = json!(ext);
     p
+}
+
+/// A stored record as a policy candidate (custodian = the registering institution).
+fn candidate(r: &StoredRecord) -> Candidate {
+    Candidate {
+        custodian: r.institution_id.clone(),
+        patient: r.link.as_ref().map(|l| l.person_id.clone()),
+        resource: patient_view(r),
+    }
 }
 
 fn actor_of(caller: &Caller) -> String {
@@ -405,21 +420,52 @@ pub async fn conditional_update(
 pub async fn read(
     state: web::Data<AppState>,
     caller: Caller,
+    req: HttpRequest,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require("Patient", 'r')?;
     let id = id.into_inner();
     let r = state.db(move |conn| empi::get_record(conn, &id)).await?;
     let person = r.link.as_ref().map(|l| l.person_id.clone());
-    let event = state.auditor.read_event(format!("Patient/{}", r.id));
+    let ask = state.policy.ask(&caller, &req);
+    let mut released = state
+        .policy
+        .release(
+            &caller,
+            &ask,
+            vec![Candidate {
+                custodian: r.institution_id.clone(),
+                patient: person.clone(),
+                resource: patient_view(&r),
+            }],
+        )
+        .await?;
+    let mut event = state.auditor.read_event(format!("Patient/{}", r.id));
+    released.annotate(&mut event);
+    if released.kept.is_empty() {
+        event.outcome = yiqiao_registry::audit::outcome::MINOR_FAILURE.into();
+    }
     state
         .auditor
         .record(state.auditor.by_caller(event, &caller, person))
         .await?;
-    Ok(fhir_response(
-        actix_web::http::StatusCode::OK,
-        patient_view(&r),
-    ))
+    match released.kept.pop() {
+        Some((_, resource)) => Ok(fhir_response(actix_web::http::StatusCode::OK, resource)),
+        None => Err(denied(&released)),
+    }
+}
+
+/// 403 `consent-denied` naming the rule that withheld the (single) resource.
+fn denied(released: &Released) -> ApiError {
+    let (rule, reason) = released
+        .withheld
+        .first()
+        .map(|w| (w.rule.as_str(), w.reason.as_str()))
+        .unwrap_or(("consent", "withheld by the access policy"));
+    ApiError::new(
+        ErrorCode::ConsentDenied,
+        format!("withheld by the access policy (rule {rule}): {reason}"),
+    )
 }
 
 const SEARCH_PARAMS: [&str; 9] = [
@@ -489,14 +535,21 @@ pub async fn search(
     let more = found.len() as i64 > count;
     found.truncate(count as usize);
     let (self_url, next) = crate::routes::directory::page_urls(&state, &req, offset, count, more);
-    let event = state
+    // Paging is over the stored records; records the policy withholds leave gaps in a page.
+    let ask = state.policy.ask(&caller, &req);
+    let released = state
+        .policy
+        .release(&caller, &ask, found.iter().map(candidate).collect())
+        .await?;
+    let mut event = state
         .auditor
         .search_event(format!("{}?{}", req.path(), req.query_string()));
+    released.annotate(&mut event);
     state
         .auditor
         .record(state.auditor.by_caller(event, &caller, None))
         .await?;
-    let resources = found.iter().map(patient_view).collect();
+    let resources = released.kept.into_iter().map(|(_, r)| r).collect();
     Ok(fhir_response(
         actix_web::http::StatusCode::OK,
         fhir::searchset(&state.base_url, &self_url, next, None, resources),
@@ -512,6 +565,7 @@ pub async fn search(
 pub async fn pix(
     state: web::Data<AppState>,
     caller: Caller,
+    req: HttpRequest,
     query: web::Query<HashMap<String, String>>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require("Patient", 'r')?;
@@ -556,18 +610,42 @@ pub async fn pix(
         })
         .await?;
     let wanted = |s: &str| targets.as_ref().is_none_or(|t| t.contains(s));
+    // Each answer is a record of some institution: the source (whose release carries the
+    // enterprise id) and every wanted target, each decided and masked by the policy.
+    let person = source.link.as_ref().map(|l| l.person_id.clone());
+    let mut listed: Vec<&StoredRecord> = vec![&source];
+    listed.extend(
+        records
+            .iter()
+            .filter(|r| r.id != source.id && wanted(&r.id_system)),
+    );
+    let candidates = listed
+        .iter()
+        .map(|r| Candidate {
+            custodian: r.institution_id.clone(),
+            patient: person.clone(),
+            resource: json!({ "resourceType": "Patient", "id": r.id,
+                "identifier": [{ "system": r.id_system, "value": r.id_value }] }),
+        })
+        .collect();
+    let ask = state.policy.ask(&caller, &req);
+    let released = state.policy.release(&caller, &ask, candidates).await?;
     let mut params = Vec::new();
-    for r in records.iter().filter(|r| r.id != source.id) {
-        if !wanted(&r.id_system) {
+    for (index, resource) in &released.kept {
+        if *index == 0 {
+            if let Some(l) = &source.link
+                && wanted(EMPI_SYSTEM)
+            {
+                params.push(json!({ "name": "targetIdentifier", "valueIdentifier": { "system": EMPI_SYSTEM, "value": l.person_id } }));
+            }
             continue;
         }
-        params.push(json!({ "name": "targetIdentifier", "valueIdentifier": { "system": r.id_system, "value": r.id_value } }));
-        params.push(json!({ "name": "targetId", "valueReference": { "reference": format!("Patient/{}", r.id) } }));
-    }
-    if let Some(l) = &source.link
-        && wanted(EMPI_SYSTEM)
-    {
-        params.push(json!({ "name": "targetIdentifier", "valueIdentifier": { "system": EMPI_SYSTEM, "value": l.person_id } }));
+        if let Some(identifier) = resource.pointer("/identifier/0") {
+            params.push(json!({ "name": "targetIdentifier", "valueIdentifier": identifier }));
+        }
+        if let Some(id) = resource.get("id").and_then(Value::as_str) {
+            params.push(json!({ "name": "targetId", "valueReference": { "reference": format!("Patient/{id}") } }));
+        }
     }
     let mut event = state.auditor.rest_event("operation", "E");
     event
@@ -576,7 +654,7 @@ pub async fn pix(
             "Patient/{}",
             source.id
         )));
-    let person = source.link.as_ref().map(|l| l.person_id.clone());
+    released.annotate(&mut event);
     state
         .auditor
         .record(state.auditor.by_caller(event, &caller, person))
@@ -603,6 +681,7 @@ fn grade(c: &ScoredCandidate) -> &'static str {
 pub async fn match_patient(
     state: web::Data<AppState>,
     caller: Caller,
+    req: HttpRequest,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require("Patient", 's')?;
@@ -671,15 +750,26 @@ pub async fn match_patient(
     let candidates = state
         .db(move |conn| empi::match_record(conn, &mapped.record))
         .await?;
-    let event = state.auditor.search_event("Patient/$match".into());
+    let ask = state.policy.ask(&caller, &req);
+    let released = state
+        .policy
+        .release(
+            &caller,
+            &ask,
+            candidates.iter().map(|c| candidate(&c.record)).collect(),
+        )
+        .await?;
+    let mut event = state.auditor.search_event("Patient/$match".into());
+    released.annotate(&mut event);
     state
         .auditor
         .record(state.auditor.by_caller(event, &caller, None))
         .await?;
-    // Best record per enterprise person.
+    // Best released record per enterprise person.
     let mut seen = BTreeSet::new();
     let mut entries = Vec::new();
-    for c in candidates {
+    for (index, resource) in released.kept {
+        let c = &candidates[index];
         let person = c.record.link.as_ref().map(|l| l.person_id.clone());
         if !seen.insert(person.unwrap_or_else(|| c.record.id.clone())) {
             continue;
@@ -700,13 +790,13 @@ pub async fn match_patient(
             })
             .collect();
         entries.push(json!({
-            "fullUrl": format!("{}/fhir/Patient/{}", state.base_url, c.record.id),
-            "resource": patient_view(&c.record),
+            "fullUrl": format!("{}/fhir/Patient/{}", state.base_url, resource["id"].as_str().unwrap_or_default()),
+            "resource": resource,
             "search": {
                 "mode": "match",
                 "score": (c.posterior * 10_000.0).round() / 10_000.0,
                 "extension": [
-                    { "url": MATCH_GRADE_EXT, "valueCode": grade(&c) },
+                    { "url": MATCH_GRADE_EXT, "valueCode": grade(c) },
                     { "url": MATCH_EXPLANATION_EXT, "extension": explanation },
                 ],
             },

@@ -224,3 +224,54 @@ diesel::table! {
         bound_at -> Timestamp,
     }
 }
+
+diesel::table! {
+    consents (id) {
+        id -> Text,
+        version -> BigInt,
+        patient_id -> Text,
+        status -> Text,
+        provision -> Text,
+        period_start -> Nullable<Timestamp>,
+        period_end -> Nullable<Timestamp>,
+        recorded_by -> Text,
+        resource -> Text,
+        change_seq -> BigInt,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    consent_history (id, version) {
+        id -> Text,
+        version -> BigInt,
+        status -> Text,
+        resource -> Text,
+        changed_by -> Text,
+        changed_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    data_sharing_agreements (id) {
+        id -> Text,
+        custodian -> Text,
+        recipient -> Text,
+        purposes -> Text,
+        classes -> Text,
+        period_start -> Nullable<Timestamp>,
+        period_end -> Nullable<Timestamp>,
+        status -> Text,
+        version -> BigInt,
+        change_seq -> BigInt,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    consent_change_seq (id) {
+        id -> Integer,
+        seq -> BigInt,
+    }
+}

@@ -1,0 +1,820 @@
+//! The gateway's consent enforcement point (issue 5, docs/consent.md).
+//!
+//! [`Policy`] (at `state.policy`) wraps the pure engine of `yiqiao_consent` with the things the
+//! engine leaves to its caller: the clock, the patients' consents and the data-sharing
+//! agreements read from the database, a per-replica cache of them, and cache invalidation
+//! across replicas.
+//!
+//! ## What other modules call
+//!
+//! ```ignore
+//! let ask = state.policy.ask(&caller, &req);          // purpose + break-the-glass reason
+//! // One decision:
+//! let decision = state.policy.decide(&caller, &ask, "person-id", "hosp-001",
+//!                                    &DataItem::resource("Patient")).await?;
+//! // Filter and mask a list of (custodian, enterprise patient, FHIR resource):
+//! let released = state.policy.release(&caller, &ask, candidates).await?;
+//! released.annotate(&mut audit_event);                // decision + reasons into the audit
+//! state.auditor.record(audit_event).await?;
+//! // released.kept: (input index, masked resource); released.withheld: what and why.
+//! ```
+//!
+//! - **Purpose of use**: the access token's `purpose_of_use` (`caller.purpose`). When the
+//!   credential carries none (the admin credential with `X-On-Behalf-Of`), the configured
+//!   `consent.default_purpose` (default `TREAT`).
+//! - **Break-the-glass**: purpose `ETREAT` plus the header [`BREAK_GLASS_HEADER`]
+//!   (`X-Break-Glass-Reason: <free text>`). Without the header the engine denies
+//!   (`break-glass-reason-missing`); with it the access is permitted (for configured kinds) and
+//!   flagged for review in the audit record.
+//! - **Data labels**: a resource's `meta.security` codings in the v3 Confidentiality and
+//!   ActCode systems become the [`DataItem`]'s confidentiality and sensitivity
+//!   ([`data_item_of`]); its class is its resource type.
+//! - **Encounters**: the gateway keeps no encounters yet, so internet hospitals are permitted
+//!   only through a consent naming them.
+//!
+//! ## Freshness across replicas
+//!
+//! Every consent or agreement write increments one database counter in the same transaction
+//! (`registry::consent`). A replica remembers the counter it last saw and, before deciding,
+//! asks the database which patients changed since then; their cached consents are dropped.
+//! - Without Redis this counter is read from the database on every request (one single-row
+//!   read), so a revocation committed before the next request starts is always seen.
+//! - With Redis, a writer increments the Redis key `<prefix>consent:version` after its commit
+//!   and before it answers; readers compare that key (one `GET`) with the value they last saw
+//!   and only read the database counter when it moved, when Redis cannot be reached, or when
+//!   the last database read is older than `consent.cache_max_age_ms` (the bound on staleness if
+//!   a writer could not reach Redis).
+//!
+//! Fail closed: a stored consent that cannot be read, or masking that cannot be done, never
+//! lets data through unmasked — the request fails or the resource is withheld.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix_web::HttpRequest;
+use chrono::{DateTime, Utc};
+use redis::aio::ConnectionManager;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::OnceCell;
+use yiqiao_consent::{
+    AccessRequest, Agreement, AgreementId, AgreementStatus, AgreementStore, Confidentiality,
+    Consent, ConsentId, ConsentStatus, DataClass, DataItem, Decision, Effect, InstitutionId,
+    InstitutionKind, Obligation, PatientId, Period, PolicyEngine, PseudonymKey, Pseudonymiser,
+    Purpose, Requester, Sensitivity, apply_obligations, consent_from_fhir,
+};
+use yiqiao_registry::Store;
+use yiqiao_registry::audit::AuditEvent;
+use yiqiao_registry::consent::{self as store, StoredAgreement, StoredConsent};
+use yiqiao_registry::directory;
+
+use crate::auth::Caller;
+use crate::config::Settings;
+use crate::error::ApiError;
+
+/// Header stating the reason for break-the-glass access (purpose `ETREAT`).
+pub const BREAK_GLASS_HEADER: &str = "x-break-glass-reason";
+/// Longest break-the-glass reason kept (characters).
+const MAX_REASON_CHARS: usize = 500;
+
+/// Why a caller asks: purpose of use and, for break-the-glass, the stated reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ask {
+    pub purpose: Purpose,
+    pub break_glass_reason: Option<String>,
+}
+
+/// One resource on its way out: who holds it, whose it is, and the resource itself.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// Custodian institution id (the institution that registered the data).
+    pub custodian: String,
+    /// Enterprise person id; `None` for data not linked to a person (no consent can name it).
+    pub patient: Option<String>,
+    pub resource: Value,
+}
+
+/// A resource that was not released, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Withheld {
+    /// Index in the input list.
+    pub index: usize,
+    pub custodian: String,
+    pub patient: Option<String>,
+    /// Rule id (stable, see `yiqiao_consent::RuleId`), or `masking-failed`.
+    pub rule: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consent: Option<String>,
+    pub reason: String,
+}
+
+/// The result of [`Policy::release`].
+#[derive(Debug, Default)]
+pub struct Released {
+    /// (index in the input, resource after masking), in input order.
+    pub kept: Vec<(usize, Value)>,
+    pub withheld: Vec<Withheld>,
+    /// One audit entry per candidate (decision and reasons).
+    reasons: Vec<Value>,
+    /// Whether enforcement was switched off (`consent.enforce = false`).
+    unenforced: bool,
+}
+
+impl Released {
+    /// Withheld counts by rule id.
+    pub fn withheld_by_rule(&self) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for w in &self.withheld {
+            *out.entry(w.rule.clone()).or_insert(0) += 1;
+        }
+        out
+    }
+
+    /// `permit` (all released), `deny` (none), `partial`, or `none` (nothing to decide).
+    pub fn summary(&self) -> &'static str {
+        match (self.kept.is_empty(), self.withheld.is_empty()) {
+            _ if self.unenforced => "not-enforced",
+            (true, true) => "none",
+            (false, true) => "permit",
+            (true, false) => "deny",
+            (false, false) => "partial",
+        }
+    }
+
+    /// Put the decision and its reasons (rule ids, consent and agreement ids) into an audit event.
+    pub fn annotate(&self, event: &mut AuditEvent) {
+        event.consent_decision = Some(self.summary().to_string());
+        event.consent_reasons = Some(Value::Array(self.reasons.clone()));
+    }
+}
+
+/// The audit form of one decision.
+pub fn decision_reasons(decision: &Decision) -> Value {
+    let obligations: Vec<&str> = decision
+        .obligations
+        .iter()
+        .map(|o| match o {
+            Obligation::Mask { .. } => "mask",
+            Obligation::Pseudonymise { .. } => "pseudonymise",
+            Obligation::FlagForReview { .. } => "flag-for-review",
+        })
+        .collect();
+    let mut v = json!({
+        "effect": match decision.effect { Effect::Permit => "permit", Effect::Deny => "deny" },
+        "rule": decision.decided_by.rule.as_str(),
+        "reason": decision.decided_by.text,
+    });
+    if let Some(c) = &decision.decided_by.consent {
+        v["consent"] = json!(c.as_str());
+    }
+    if let Some(a) = &decision.decided_by.agreement {
+        v["agreement"] = json!(a.as_str());
+    }
+    if !obligations.is_empty() {
+        v["obligations"] = json!(obligations);
+    }
+    let notes: Vec<Value> = decision
+        .notes
+        .iter()
+        .map(|n| {
+            let mut note = json!({ "rule": n.rule.as_str() });
+            if let Some(c) = &n.consent {
+                note["consent"] = json!(c.as_str());
+            }
+            if let Some(a) = &n.agreement {
+                note["agreement"] = json!(a.as_str());
+            }
+            note
+        })
+        .collect();
+    if !notes.is_empty() {
+        v["notes"] = Value::Array(notes);
+    }
+    v
+}
+
+/// Put one decision into an audit event.
+pub fn annotate_decision(event: &mut AuditEvent, decision: &Decision) {
+    event.consent_decision = Some(
+        match decision.effect {
+            Effect::Permit => "permit",
+            Effect::Deny => "deny",
+        }
+        .to_string(),
+    );
+    event.consent_reasons = Some(json!([decision_reasons(decision)]));
+}
+
+/// The [`DataItem`] of a FHIR resource: its type, and the labels in `meta.security`.
+pub fn data_item_of(resource: &Value) -> DataItem {
+    let ty = resource
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or("Resource");
+    let mut item = DataItem::resource(ty);
+    for coding in resource
+        .pointer("/meta/security")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let system = coding.get("system").and_then(Value::as_str).unwrap_or("");
+        let code = coding.get("code").and_then(Value::as_str).unwrap_or("");
+        if system == yiqiao_consent::codes::CONFIDENTIALITY_SYSTEM {
+            if let Some(c) = Confidentiality::from_code(code)
+                && c > item.confidentiality
+            {
+                item.confidentiality = c;
+            }
+        } else if system == yiqiao_consent::codes::ACT_CODE_SYSTEM
+            && let Some(s) = Sensitivity::from_code(code)
+        {
+            item.sensitivities.insert(s);
+        }
+    }
+    item
+}
+
+/// The engine's kind for a directory kind.
+pub fn kind_of(kind: directory::InstitutionKind) -> InstitutionKind {
+    match kind {
+        directory::InstitutionKind::Hospital => InstitutionKind::Hospital,
+        directory::InstitutionKind::InternetHospital => InstitutionKind::InternetHospital,
+        directory::InstitutionKind::PublicHealth => InstitutionKind::PublicHealth,
+        directory::InstitutionKind::RegionalPlatform => InstitutionKind::RegionalPlatform,
+    }
+}
+
+/// The engine's consent from a stored row: the FHIR JSON, with id, patient (enterprise id)
+/// taken from the row's columns.
+pub fn consent_of(row: &StoredConsent) -> Result<Consent, String> {
+    let mut resource: Value = serde_json::from_str(&row.resource)
+        .map_err(|e| format!("stored consent {} is not JSON: {e}", row.id))?;
+    resource["id"] = json!(row.id);
+    resource["patient"] = json!({ "reference": format!("Patient/{}", row.patient_id) });
+    let mut consent = consent_from_fhir(&resource)
+        .map_err(|e| format!("stored consent {} cannot be read: {e}", row.id))?;
+    consent.id = ConsentId::new(row.id.clone());
+    consent.patient = PatientId::new(row.patient_id.clone());
+    Ok(consent)
+}
+
+fn to_utc(t: Option<chrono::NaiveDateTime>) -> Option<DateTime<Utc>> {
+    t.map(|t| t.and_utc())
+}
+
+/// The engine's agreement from a stored row.
+pub fn agreement_of(row: &StoredAgreement) -> Result<Agreement, String> {
+    let purposes: Vec<String> = serde_json::from_str(&row.purposes)
+        .map_err(|e| format!("agreement {}: purposes: {e}", row.id))?;
+    let classes: Vec<DataClass> = serde_json::from_str(&row.classes)
+        .map_err(|e| format!("agreement {}: classes: {e}", row.id))?;
+    Ok(Agreement {
+        id: AgreementId::new(row.id.clone()),
+        custodian: InstitutionId::new(row.custodian.clone()),
+        recipient: InstitutionId::new(row.recipient.clone()),
+        purposes: purposes
+            .iter()
+            .map(|p| {
+                Purpose::from_code(p).ok_or_else(|| format!("agreement {}: purpose {p}", row.id))
+            })
+            .collect::<Result<_, _>>()?,
+        classes,
+        period: Period {
+            start: to_utc(row.period_start),
+            end: to_utc(row.period_end),
+        },
+        status: match row.status.as_str() {
+            "active" => AgreementStatus::Active,
+            "suspended" => AgreementStatus::Suspended,
+            _ => AgreementStatus::Terminated,
+        },
+    })
+}
+
+struct Cache {
+    /// Database change counter the cache reflects.
+    seq: i64,
+    /// Redis counter seen at the last database read (None: not read or Redis unavailable).
+    marker: Option<i64>,
+    synced_at: Option<Instant>,
+    patients: HashMap<String, Arc<Vec<Consent>>>,
+    agreements: Option<Arc<AgreementStore>>,
+}
+
+/// The enforcement point; see the module docs.
+pub struct Policy {
+    engine: PolicyEngine,
+    enforce: bool,
+    default_purpose: Purpose,
+    key: Option<PseudonymKey>,
+    store: Store,
+    redis: Option<redis::Client>,
+    redis_conn: OnceCell<ConnectionManager>,
+    version_key: String,
+    timeout: Duration,
+    max_age: Duration,
+    max_patients: usize,
+    cache: Mutex<Cache>,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("enforce", &self.enforce)
+            .field("redis", &self.redis.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Policy {
+    pub fn new(
+        settings: &Settings,
+        store: Store,
+        redis: Option<redis::Client>,
+    ) -> anyhow::Result<Policy> {
+        let c = &settings.consent;
+        let engine = PolicyEngine::new(c.policy.clone())
+            .map_err(|e| anyhow::anyhow!("consent.policy: {e}"))?;
+        let default_purpose = Purpose::from_code(&c.default_purpose)
+            .ok_or_else(|| anyhow::anyhow!("consent.default_purpose: unknown purpose"))?;
+        let key = if c.pseudonym_key.is_set() {
+            let bytes = hex::decode(c.pseudonym_key.expose())
+                .map_err(|e| anyhow::anyhow!("consent.pseudonym_key: {e}"))?;
+            Some(
+                PseudonymKey::new(bytes)
+                    .map_err(|e| anyhow::anyhow!("consent.pseudonym_key: {e}"))?,
+            )
+        } else {
+            None
+        };
+        Ok(Policy {
+            engine,
+            enforce: c.enforce,
+            default_purpose,
+            key,
+            store,
+            redis,
+            redis_conn: OnceCell::new(),
+            version_key: format!("{}consent:version", settings.redis.key_prefix),
+            timeout: Duration::from_millis(settings.redis.timeout_ms.max(1)),
+            max_age: Duration::from_millis(c.cache_max_age_ms),
+            max_patients: c.cache_max_patients.max(1),
+            cache: Mutex::new(Cache {
+                seq: -1,
+                marker: None,
+                synced_at: None,
+                patients: HashMap::new(),
+                agreements: None,
+            }),
+        })
+    }
+
+    pub fn engine(&self) -> &PolicyEngine {
+        &self.engine
+    }
+
+    pub fn enforced(&self) -> bool {
+        self.enforce
+    }
+
+    /// The purpose and break-the-glass reason of a request (see the module docs).
+    pub fn ask(&self, caller: &Caller, req: &HttpRequest) -> Ask {
+        let break_glass_reason = req
+            .headers()
+            .get(BREAK_GLASS_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().chars().take(MAX_REASON_CHARS).collect::<String>())
+            .filter(|v| !v.is_empty());
+        Ask {
+            purpose: caller.purpose.unwrap_or(self.default_purpose),
+            break_glass_reason,
+        }
+    }
+
+    fn requester(caller: &Caller) -> Requester {
+        Requester::institution(
+            caller.institution.id.as_str(),
+            kind_of(caller.institution.kind),
+        )
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut yiqiao_registry::store::DbConn) -> Result<T, yiqiao_registry::StoreError>
+        + Send
+        + 'static,
+    ) -> Result<T, ApiError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = store.conn()?;
+            work(&mut conn)
+        })
+        .await?
+        .map_err(ApiError::from)
+    }
+
+    async fn redis(&self) -> Option<ConnectionManager> {
+        let client = self.redis.as_ref()?;
+        let conn = self
+            .redis_conn
+            .get_or_try_init(|| async {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(self.timeout)
+                    .set_response_timeout(self.timeout)
+                    .set_number_of_retries(1);
+                match tokio::time::timeout(
+                    self.timeout,
+                    ConnectionManager::new_with_config(client.clone(), config),
+                )
+                .await
+                {
+                    Ok(Ok(c)) => Ok(c),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("redis connect timed out".to_string()),
+                }
+            })
+            .await;
+        match conn {
+            Ok(c) => Some(c.clone()),
+            Err(e) => {
+                tracing::warn!(cause = %e, "consent cache: Redis unavailable, reading the database counter");
+                None
+            }
+        }
+    }
+
+    /// The Redis change counter; `None` without Redis or when it cannot be read.
+    async fn redis_marker(&self) -> Option<i64> {
+        let mut conn = self.redis().await?;
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(&self.version_key);
+        let get = cmd.query_async::<Option<i64>>(&mut conn);
+        match tokio::time::timeout(self.timeout, get).await {
+            Ok(Ok(v)) => Some(v.unwrap_or(0)),
+            Ok(Err(e)) => {
+                tracing::warn!(cause = %e, "consent cache: Redis GET failed");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// After a consent or agreement write has committed: tell the other replicas (Redis) and
+    /// drop this replica's cached entry. Call before answering the write.
+    pub async fn changed(&self, patient: Option<&str>) {
+        if let Ok(mut c) = self.cache.lock() {
+            match patient {
+                Some(p) => {
+                    c.patients.remove(p);
+                }
+                None => c.agreements = None,
+            }
+            c.synced_at = None;
+        }
+        if let Some(mut conn) = self.redis().await {
+            let mut cmd = redis::cmd("INCR");
+            cmd.arg(&self.version_key);
+            let incr = cmd.query_async::<i64>(&mut conn);
+            match tokio::time::timeout(self.timeout, incr).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(cause = %e, "consent change not announced in Redis; other replicas see it within consent.cache_max_age_ms")
+                }
+                Err(_) => tracing::error!(
+                    "consent change not announced in Redis (timeout); other replicas see it within consent.cache_max_age_ms"
+                ),
+            }
+        }
+    }
+
+    /// Bring the cache up to date with the database; returns the counter it reflects.
+    async fn sync(&self) -> Result<(i64, Arc<AgreementStore>), ApiError> {
+        let marker = self.redis_marker().await;
+        let since = {
+            let c = self.lock()?;
+            if let (Some(m), Some(seen), Some(at), Some(agreements)) =
+                (marker, c.marker, c.synced_at, &c.agreements)
+                && m == seen
+                && at.elapsed() < self.max_age
+            {
+                return Ok((c.seq, agreements.clone()));
+            }
+            c.seq
+        };
+        let (changes, agreements) = self
+            .blocking(move |conn| {
+                let changes = store::changes_since(conn, since.max(0))?;
+                Ok((changes, store::list_agreements(conn)?))
+            })
+            .await?;
+        let mut table = AgreementStore::new();
+        for row in &agreements {
+            table.upsert(agreement_of(row).map_err(ApiError::internal)?);
+        }
+        let table = Arc::new(table);
+        let mut c = self.lock()?;
+        if since < 0 {
+            c.patients.clear();
+        }
+        if changes.seq >= c.seq {
+            for p in &changes.patients {
+                c.patients.remove(p);
+            }
+            c.seq = changes.seq;
+            c.agreements = Some(table.clone());
+            c.marker = marker;
+            c.synced_at = Some(Instant::now());
+        }
+        Ok((changes.seq, table))
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Cache>, ApiError> {
+        self.cache
+            .lock()
+            .map_err(|_| ApiError::internal("consent cache lock poisoned"))
+    }
+
+    /// The consents of these patients (cached, else read), as of counter `seq`.
+    async fn consents_of(
+        &self,
+        patients: Vec<String>,
+        seq: i64,
+    ) -> Result<HashMap<String, Arc<Vec<Consent>>>, ApiError> {
+        let mut out = HashMap::new();
+        let mut missing = Vec::new();
+        {
+            let c = self.lock()?;
+            for p in patients {
+                match c.patients.get(&p) {
+                    Some(list) => {
+                        out.insert(p, list.clone());
+                    }
+                    None => missing.push(p),
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        let wanted = missing.clone();
+        let rows = self
+            .blocking(move |conn| store::for_patients(conn, &wanted))
+            .await?;
+        let mut loaded: HashMap<String, Vec<Consent>> =
+            missing.into_iter().map(|p| (p, Vec::new())).collect();
+        for row in &rows {
+            let consent = consent_of(row).map_err(ApiError::internal)?;
+            loaded
+                .entry(row.patient_id.clone())
+                .or_default()
+                .push(consent);
+        }
+        let mut c = self.lock()?;
+        // Only cache what was read at the counter the cache still reflects: a sync that ran
+        // meanwhile may have dropped these patients because they changed.
+        let cacheable = c.seq == seq;
+        for (p, list) in loaded {
+            let list = Arc::new(list);
+            if cacheable {
+                if c.patients.len() >= self.max_patients {
+                    c.patients.clear();
+                }
+                c.patients.insert(p.clone(), list.clone());
+            }
+            out.insert(p, list);
+        }
+        Ok(out)
+    }
+
+    /// Decide one request about `patient`'s data held by `custodian`.
+    pub async fn decide(
+        &self,
+        caller: &Caller,
+        ask: &Ask,
+        patient: &str,
+        custodian: &str,
+        data: &DataItem,
+    ) -> Result<Decision, ApiError> {
+        self.decide_at(caller, ask, patient, custodian, data, Utc::now())
+            .await
+    }
+
+    /// [`Policy::decide`] at a given instant (the policy simulator).
+    pub async fn decide_at(
+        &self,
+        caller: &Caller,
+        ask: &Ask,
+        patient: &str,
+        custodian: &str,
+        data: &DataItem,
+        at: DateTime<Utc>,
+    ) -> Result<Decision, ApiError> {
+        let requester = Self::requester(caller);
+        self.decide_for(&requester, ask, patient, custodian, data, at)
+            .await
+    }
+
+    /// A decision for any requester (the policy simulator names one without its credential).
+    pub async fn decide_for(
+        &self,
+        requester: &Requester,
+        ask: &Ask,
+        patient: &str,
+        custodian: &str,
+        data: &DataItem,
+        at: DateTime<Utc>,
+    ) -> Result<Decision, ApiError> {
+        let (seq, agreements) = self.sync().await?;
+        let consents = self.consents_of(vec![patient.to_string()], seq).await?;
+        let list = consents.get(patient).cloned().unwrap_or_default();
+        let patient = PatientId::new(patient);
+        let custodian = InstitutionId::new(custodian);
+        let request = AccessRequest {
+            requester,
+            purpose: ask.purpose,
+            patient: &patient,
+            custodian: &custodian,
+            data,
+            at,
+            break_glass_reason: ask.break_glass_reason.as_deref(),
+            encounters: &[],
+        };
+        Ok(self.engine.decide(
+            &request,
+            &list,
+            agreements.between(&custodian, &requester.institution),
+        ))
+    }
+
+    /// Decide each candidate, mask the permitted ones by their obligations, and say what was
+    /// withheld and why. Order is kept.
+    pub async fn release(
+        &self,
+        caller: &Caller,
+        ask: &Ask,
+        candidates: Vec<Candidate>,
+    ) -> Result<Released, ApiError> {
+        if !self.enforce {
+            return Ok(Released {
+                kept: candidates
+                    .into_iter()
+                    .map(|c| c.resource)
+                    .enumerate()
+                    .collect(),
+                unenforced: true,
+                ..Released::default()
+            });
+        }
+        let mut released = Released::default();
+        if candidates.is_empty() {
+            return Ok(released);
+        }
+        let requester = Self::requester(caller);
+        let own = caller.institution.id.as_str();
+        // The custodian's own data needs no consents (rule 1); read only the others'.
+        let patients: Vec<String> = candidates
+            .iter()
+            .filter(|c| c.custodian != own)
+            .filter_map(|c| c.patient.clone())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let (seq, agreements) = self.sync().await?;
+        let consents = if patients.is_empty() {
+            HashMap::new()
+        } else {
+            self.consents_of(patients, seq).await?
+        };
+        let pseudonymiser = self
+            .key
+            .as_ref()
+            .map(|k| Pseudonymiser::new(k, InstitutionId::new(own)));
+        let at = Utc::now();
+        let none: Vec<Consent> = Vec::new();
+        for (index, candidate) in candidates.into_iter().enumerate() {
+            let data = data_item_of(&candidate.resource);
+            // Unlinked data is keyed by nothing a consent could name.
+            let patient_key = candidate
+                .patient
+                .clone()
+                .unwrap_or_else(|| "(unlinked)".to_string());
+            let patient = PatientId::new(patient_key.clone());
+            let custodian = InstitutionId::new(candidate.custodian.clone());
+            let list = consents.get(&patient_key).map_or(&none, |l| l.as_ref());
+            let request = AccessRequest {
+                requester: &requester,
+                purpose: ask.purpose,
+                patient: &patient,
+                custodian: &custodian,
+                data: &data,
+                at,
+                break_glass_reason: ask.break_glass_reason.as_deref(),
+                encounters: &[],
+            };
+            let decision = self.engine.decide(
+                &request,
+                list,
+                agreements.between(&custodian, &requester.institution),
+            );
+            let mut reasons = decision_reasons(&decision);
+            reasons["custodian"] = json!(candidate.custodian);
+            if let Some(p) = &candidate.patient {
+                reasons["patient"] = json!(p);
+            }
+            if let Some(r) = resource_ref(&candidate.resource) {
+                reasons["resource"] = json!(r);
+            }
+            if decision.is_permit() {
+                let mut resource = candidate.resource;
+                match apply_obligations(
+                    &mut resource,
+                    &decision.obligations,
+                    pseudonymiser.as_ref(),
+                ) {
+                    Ok(()) => released.kept.push((index, resource)),
+                    Err(e) => {
+                        reasons["effect"] = json!("deny");
+                        reasons["masking_failed"] = json!(e.to_string());
+                        released.withheld.push(Withheld {
+                            index,
+                            custodian: candidate.custodian,
+                            patient: candidate.patient,
+                            rule: "masking-failed".into(),
+                            consent: None,
+                            reason: format!(
+                                "permitted with obligations that could not be met: {e}"
+                            ),
+                        });
+                    }
+                }
+            } else {
+                released.withheld.push(Withheld {
+                    index,
+                    custodian: candidate.custodian,
+                    patient: candidate.patient,
+                    rule: decision.decided_by.rule.as_str().to_string(),
+                    consent: decision
+                        .decided_by
+                        .consent
+                        .as_ref()
+                        .map(|c| c.as_str().to_string()),
+                    reason: decision.decided_by.text.clone(),
+                });
+            }
+            released.reasons.push(reasons);
+        }
+        Ok(released)
+    }
+
+    /// Mask one resource by a decision's obligations (for single-resource exits).
+    pub fn mask(
+        &self,
+        caller: &Caller,
+        decision: &Decision,
+        resource: &mut Value,
+    ) -> Result<(), ApiError> {
+        let pseudonymiser = self
+            .key
+            .as_ref()
+            .map(|k| Pseudonymiser::new(k, InstitutionId::new(caller.institution.id.as_str())));
+        apply_obligations(resource, &decision.obligations, pseudonymiser.as_ref()).map_err(|e| {
+            ApiError::new(
+                crate::error::ErrorCode::ConsentDenied,
+                format!(
+                    "the data may only be released with obligations that cannot be met here: {e}"
+                ),
+            )
+        })
+    }
+
+    /// The consents in force considered for `patient` (for the policy simulator's answer).
+    pub async fn consents_for(&self, patient: &str) -> Result<Vec<Consent>, ApiError> {
+        let (seq, _) = self.sync().await?;
+        let map = self.consents_of(vec![patient.to_string()], seq).await?;
+        Ok(map
+            .get(patient)
+            .map(|l| l.as_ref().clone())
+            .unwrap_or_default())
+    }
+}
+
+fn resource_ref(resource: &Value) -> Option<String> {
+    let ty = resource.get("resourceType")?.as_str()?;
+    let id = resource.get("id")?.as_str()?;
+    Some(format!("{ty}/{id}"))
+}
+
+/// Whether a consent status counts (`active`), for documentation in answers.
+pub fn status_code(status: ConsentStatus) -> &'static str {
+    match status {
+        ConsentStatus::Draft => "draft",
+        ConsentStatus::Proposed => "proposed",
+        ConsentStatus::Active => "active",
+        ConsentStatus::Rejected => "rejected",
+        ConsentStatus::Inactive => "inactive",
+        ConsentStatus::Revoked => "revoked",
+        ConsentStatus::EnteredInError => "entered-in-error",
+    }
+}
