@@ -492,7 +492,7 @@ impl Policy {
     /// Bring the cache up to date with the database; returns the counter it reflects.
     async fn sync(&self) -> Result<(i64, Arc<AgreementStore>), ApiError> {
         let marker = self.redis_marker().await;
-        let since = {
+        let (since, cached) = {
             let c = self.lock()?;
             if let (Some(m), Some(seen), Some(at), Some(agreements)) =
                 (marker, c.marker, c.synced_at, &c.agreements)
@@ -501,19 +501,33 @@ impl Policy {
             {
                 return Ok((c.seq, agreements.clone()));
             }
-            c.seq
+            (c.seq, c.agreements.clone())
         };
+        // One round trip: the counter, what changed, and the agreements only when they did.
+        let have_agreements = cached.is_some();
         let (changes, agreements) = self
             .blocking(move |conn| {
                 let changes = store::changes_since(conn, since.max(0))?;
-                Ok((changes, store::list_agreements(conn)?))
+                let reload = since < 0 || changes.agreements || !have_agreements;
+                let agreements = if reload {
+                    Some(store::list_agreements(conn)?)
+                } else {
+                    None
+                };
+                Ok((changes, agreements))
             })
             .await?;
-        let mut table = AgreementStore::new();
-        for row in &agreements {
-            table.upsert(agreement_of(row).map_err(ApiError::internal)?);
-        }
-        let table = Arc::new(table);
+        let table = match (agreements, cached) {
+            (Some(rows), _) => {
+                let mut table = AgreementStore::new();
+                for row in &rows {
+                    table.upsert(agreement_of(row).map_err(ApiError::internal)?);
+                }
+                Arc::new(table)
+            }
+            (None, Some(cached)) => cached,
+            (None, None) => Arc::new(AgreementStore::new()),
+        };
         let mut c = self.lock()?;
         if since < 0 {
             c.patients.clear();
