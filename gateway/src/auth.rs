@@ -21,7 +21,7 @@ use std::pin::Pin;
 
 use actix_web::dev::Payload;
 use actix_web::http::header::{self, HeaderName};
-use actix_web::{FromRequest, HttpRequest, web};
+use actix_web::{FromRequest, HttpMessage, HttpRequest, web};
 use yiqiao_consent::Purpose;
 use yiqiao_registry::directory::{self, Institution};
 
@@ -113,7 +113,8 @@ impl FromRequest for Caller {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(|v| v.trim().to_string());
         let state = req.app_data::<web::Data<AppState>>().cloned();
-        Box::pin(async move {
+        let http = req.clone();
+        let inner = async move {
             let state = state.ok_or_else(|| ApiError::internal("application state missing"))?;
             if !has_auth {
                 return Err(ApiError::new(
@@ -158,6 +159,18 @@ impl FromRequest for Caller {
                 via: CallerVia::AdminOnBehalf,
                 purpose: None,
             })
+        };
+        Box::pin(async move {
+            let caller = inner.await?;
+            // Attribution of a later refusal (e.g. a missing scope) in the audit trail.
+            let admin = caller.via == CallerVia::AdminOnBehalf;
+            http.extensions_mut().insert(crate::audit::AuditAgent {
+                institution: Some(caller.institution.id.to_string()),
+                user: admin.then(|| "admin-token".to_string()),
+                role: admin.then(|| "admin".to_string()),
+                purpose: caller.purpose.map(|p| p.code().to_string()),
+            });
+            Ok(caller)
         })
     }
 }

@@ -1,6 +1,7 @@
 //! The Yiqiao gateway: HTTP (actix-web), authentication, federation and the command line.
 //! Only this crate knows HTTP; storage is `yiqiao_registry`, policy is `yiqiao_consent`.
 
+pub mod alerting;
 pub mod app;
 pub mod audit;
 pub mod auth;
@@ -13,6 +14,7 @@ pub mod fhir;
 pub mod metrics;
 pub mod middleware;
 pub mod oauth;
+pub mod report;
 pub mod routes;
 pub mod staff;
 pub mod state;

@@ -19,7 +19,7 @@ use std::pin::Pin;
 
 use actix_web::dev::Payload;
 use actix_web::http::header;
-use actix_web::{FromRequest, HttpRequest, web};
+use actix_web::{FromRequest, HttpMessage, HttpRequest, web};
 use serde::Serialize;
 use subtle::ConstantTimeEq;
 
@@ -102,6 +102,12 @@ impl Staff {
         ];
         for (expected, role) in operators {
             if !expected.is_empty() && bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
+                req.extensions_mut().insert(crate::audit::AuditAgent {
+                    institution: None,
+                    user: Some(format!("operator:{}", role.as_str())),
+                    role: Some(role.as_str().to_string()),
+                    purpose: None,
+                });
                 return Ok(Some(Staff {
                     subject: format!("operator:{}", role.as_str()),
                     name: None,

@@ -5,7 +5,7 @@ use actix_web::{HttpResponse, web};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use crate::routes::{directory, empi, institutions, metadata, ops, patients};
+use crate::routes::{auditing, directory, empi, institutions, metadata, ops, patients};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -23,11 +23,15 @@ use crate::routes::{directory, empi, institutions, metadata, ops, patients};
         patients::pix, patients::match_patient,
         empi::read_person, empi::merge, empi::unmerge, empi::list_review, empi::review_link,
         empi::review_keep_separate,
+        auditing::search, auditing::read, auditing::list_alerts, auditing::ack_alert,
+        auditing::list_flags, auditing::put_flag, auditing::delete_flag,
     ),
     components(schemas(institutions::InstitutionInput, institutions::InstitutionView,
                         institutions::InstitutionList, institutions::Sm2KeyInput,
                         crate::oauth::TokenResponse, crate::oauth::AuthEventView,
-                        crate::oauth::WhoAmI, empi::MergeInput, empi::ReviewInput)),
+                        crate::oauth::WhoAmI, empi::MergeInput, empi::ReviewInput,
+                        auditing::AlertView, auditing::AlertList, auditing::NoteInput,
+                        auditing::FlagView)),
     modifiers(&SecurityAddon),
     tags(
         (name = "operations", description = "Health, readiness, metrics"),
@@ -35,6 +39,7 @@ use crate::routes::{directory, empi, institutions, metadata, ops, patients};
         (name = "fhir", description = "FHIR R4 API"),
         (name = "auth", description = "Machine authentication (SMART Backend Services, docs/auth.md)"),
         (name = "empi", description = "Master patient index: Patient feed, PDQm, PIXm, $match, persons, review"),
+        (name = "audit", description = "Auditors' workspace: AuditEvent search, who accessed a patient's records, anomaly alerts, flagged patients (docs/audit.md)"),
     )
 )]
 pub struct ApiDoc;
@@ -46,6 +51,10 @@ impl utoipa::Modify for SecurityAddon {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "admin_token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "auditor_token",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
         components.add_security_scheme(

@@ -7,6 +7,7 @@ use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
+use yiqiao_registry::audit::EntityRef;
 use yiqiao_registry::empi::store::{self as empi, ReviewDecision};
 
 use crate::error::ApiError;
@@ -94,8 +95,18 @@ pub async fn merge(
 ) -> Result<HttpResponse, ApiError> {
     let target = id.into_inner();
     let source = body.0.source;
+    let mut audit = state
+        .auditor
+        .admin_event("operation", "U", format!("Person/{target}"));
+    audit.patient_id = Some(target.clone());
+    audit
+        .entities
+        .push(EntityRef::query(format!("$merge source=Person/{source}")));
     let event = state
-        .db(move |conn| empi::merge(conn, &target, &source, ADMIN_ACTOR))
+        .auditor
+        .change(audit, move |conn, _| {
+            Ok(empi::merge(conn, &target, &source, ADMIN_ACTOR)?)
+        })
         .await?;
     Ok(HttpResponse::Ok().json(json!({ "event": event })))
 }
@@ -113,8 +124,18 @@ pub async fn unmerge(
 ) -> Result<HttpResponse, ApiError> {
     let target = id.into_inner();
     let source = body.0.source;
+    let mut audit = state
+        .auditor
+        .admin_event("operation", "U", format!("Person/{target}"));
+    audit.patient_id = Some(target.clone());
+    audit
+        .entities
+        .push(EntityRef::query(format!("$unmerge source=Person/{source}")));
     let event = state
-        .db(move |conn| empi::unmerge(conn, &target, &source, ADMIN_ACTOR))
+        .auditor
+        .change(audit, move |conn, _| {
+            Ok(empi::unmerge(conn, &target, &source, ADMIN_ACTOR)?)
+        })
         .await?;
     Ok(HttpResponse::Ok().json(json!({ "event": event })))
 }
@@ -161,8 +182,20 @@ async fn resolve(
     decision: ReviewDecision,
     note: Option<String>,
 ) -> Result<HttpResponse, ApiError> {
+    let audit = state
+        .auditor
+        .admin_event("update", "U", format!("EmpiReview/{id}"));
     let item = state
-        .db(move |conn| empi::resolve_review(conn, &id, decision, ADMIN_ACTOR, note.as_deref()))
+        .auditor
+        .change(audit, move |conn, _| {
+            Ok(empi::resolve_review(
+                conn,
+                &id,
+                decision,
+                ADMIN_ACTOR,
+                note.as_deref(),
+            )?)
+        })
         .await?;
     Ok(HttpResponse::Ok().json(item))
 }

@@ -1,5 +1,6 @@
 //! HTTP routes: one module per resource; the route table is in [`crate::app::routes`].
 
+pub mod auditing;
 pub mod directory;
 pub mod docs;
 pub mod empi;
