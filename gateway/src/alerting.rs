@@ -89,7 +89,7 @@ pub async fn scan_all(state: &AppState) -> Result<usize, String> {
 /// Deliver due alerts: at least once (a crash after the POST and before the result is stored
 /// repeats it; the receiver deduplicates by `id`), exponential back-off up to 5 minutes,
 /// `failed` after `alert_webhook_max_attempts`.
-async fn deliver(state: &AppState, client: &reqwest::Client) -> Result<(), String> {
+pub async fn deliver(state: &AppState, client: &reqwest::Client) -> Result<(), String> {
     let a = &state.settings.audit;
     let lease = ChronoDuration::milliseconds(a.alert_webhook_timeout_ms as i64 * 2 + 1000);
     let store = state.store.clone();

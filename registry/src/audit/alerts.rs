@@ -267,7 +267,8 @@ pub fn scan(conn: &mut DbConn, rules: &Rules, batch: i64) -> Result<ScanOutcome,
                 last_denial.insert(agent, e);
                 continue;
             }
-            let Some(patient) = &e.patient_id else {
+            // Data access by an institution (staff changes such as flagging are not accesses).
+            let (Some(patient), Some(_)) = (&e.patient_id, &e.agent_institution) else {
                 continue;
             };
             last_access.insert(agent.clone(), e);
