@@ -147,8 +147,8 @@ pub fn csv(d: &ReportData) -> String {
         row([
             "break-the-glass",
             &format_time(&e.recorded_at),
-            e.agent_institution.as_deref().unwrap_or("-"),
-            e.patient_id.as_deref().unwrap_or("-"),
+            e.agent_institution.as_deref().unwrap_or("none"),
+            e.patient_id.as_deref().unwrap_or("none"),
             &format!("{status}{}", if note.is_empty() { String::new() } else { format!(": {note}") }),
         ]);
     }

@@ -781,12 +781,29 @@ async fn anomaly_rules_raise_alerts_once(backend: Backend) {
     assert_outcome(ack("again").await.unwrap(), 409, "conflict").await;
     let open = alerts(&app, "?status=open&_count=500").await;
     assert!(open.iter().all(|a| a["id"] != id));
-    let acked = records(&app)
+    let about_alert: Vec<(String, String)> = records(&app)
         .await
-        .into_iter()
-        .find(|e| resource(e)["entity"].to_string().contains(&format!("AuditAlert/{id}")))
-        .expect("the acknowledgement is in the audit trail");
-    assert_eq!(acked.outcome, "0");
+        .iter()
+        .rev()
+        .map(resource)
+        .filter(|r| r["entity"].to_string().contains(&format!("AuditAlert/{id}")))
+        .map(|r| {
+            (
+                r["outcome"].as_str().unwrap().to_string(),
+                r["outcomeDesc"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(about_alert.len(), 2, "{about_alert:?}");
+    assert_eq!(
+        about_alert[0],
+        (
+            "0".to_string(),
+            "acknowledged: called the ward: treating physician".to_string()
+        )
+    );
+    assert_eq!(about_alert[1].0, "4", "the refused second acknowledgement");
+    assert!(about_alert[1].1.starts_with("conflict:"));
     // Webhook: the receiver failed the first delivery; every alert arrives, retried.
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -860,7 +877,7 @@ async fn compliance_report(backend: Backend) {
         "access,hosp-001,TREAT,success,4",
         "access,hosp-002,PUBHLTH,success,2",
         "access,hosp-002,ETREAT,success,1",
-        "access,unauthenticated,-,refused,1",
+        "access,unauthenticated,none,refused,1",
         "denials,total,,,1",
         "denials,unauthenticated,,,1",
         r#"verification,ok,,,"OK: positions 1..8 (8 records,"#,

@@ -236,7 +236,7 @@ pub fn summarise(
             let institution = inst.unwrap_or_else(|| "unauthenticated".into());
             let key = AccessKey {
                 institution: institution.clone(),
-                purpose: purpose.clone().unwrap_or_else(|| "-".into()),
+                purpose: purpose.clone().unwrap_or_else(|| "none".into()),
                 decision: decision.unwrap_or_else(|| {
                     if refused { "refused" } else { "success" }.to_string()
                 }),
