@@ -123,10 +123,11 @@ pub async fn deliver(state: &AppState, client: &reqwest::Client) -> Result<(), S
             tracing::warn!(alert = %alert.id, outcome = ?sent.as_ref().map(|r| r.status()).map_err(|e| e.to_string()), "alert webhook delivery failed");
         }
         let attempts = alert.webhook_attempts + 1;
-        let retry_at = (!delivered && (attempts as u32) < a.alert_webhook_max_attempts).then(|| {
-            let backoff = 2i64.saturating_pow(attempts as u32).min(300);
-            yiqiao_registry::store::now_utc() + ChronoDuration::seconds(backoff)
-        });
+        let retry_at =
+            (!delivered && (attempts as u32) < a.alert_webhook_max_attempts).then(|| {
+                let backoff = 2i64.saturating_pow(attempts as u32).min(300);
+                yiqiao_registry::store::now_utc() + ChronoDuration::seconds(backoff)
+            });
         let store = state.store.clone();
         let id = alert.id.clone();
         tokio::task::spawn_blocking(move || {

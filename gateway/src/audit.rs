@@ -216,11 +216,7 @@ impl Auditor {
         if event.outcome == outcome::SUCCESS {
             event.outcome = outcome::MINOR_FAILURE.into();
         }
-        if self
-            .refusals
-            .try_send(PreparedEvent::new(event))
-            .is_err()
-        {
+        if self.refusals.try_send(PreparedEvent::new(event)).is_err() {
             self.not_itemised.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -241,21 +237,24 @@ impl Auditor {
         let span = tracing::Span::current();
         let result = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
-            let mut conn = store.conn().map_err(|e| Err(ApiError::from(e)))?;
+            let mut conn = store.conn().map_err(|e| Box::new(Err(ApiError::from(e))))?;
             append_with(&mut conn, &signer, opts, move |conn| {
                 let mut event = event;
                 let value = work(conn, &mut event)?;
                 Ok((value, event))
             })
             .map(|(value, _)| value)
-            .map_err(|e: ChangeError<ApiError>| match e {
-                ChangeError::Change(refused) => Ok(refused),
-                ChangeError::Db(db) => Err(unavailable(db.to_string())),
+            // Ok(refusal of the change) / Err(the audit append failed), boxed (large).
+            .map_err(|e: ChangeError<ApiError>| {
+                Box::new(match e {
+                    ChangeError::Change(refused) => Ok(refused),
+                    ChangeError::Db(db) => Err(unavailable(db.to_string())),
+                })
             })
         })
         .await
         .map_err(ApiError::from)?;
-        match result {
+        match result.map_err(|boxed| *boxed) {
             Ok(value) => Ok(value),
             Err(Err(unavailable)) => Err(unavailable),
             Err(Ok(refused)) => {
@@ -341,7 +340,8 @@ pub async fn record_refusals(
         e.agent_role = agent.role;
         e.purpose_of_use = agent.purpose;
         e.agent_address = address;
-        e.entities.push(EntityRef::query(format!("{method} {path}")));
+        e.entities
+            .push(EntityRef::query(format!("{method} {path}")));
         state.auditor.record_refusal(e);
     }
     Ok(res)

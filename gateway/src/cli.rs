@@ -181,7 +181,11 @@ pub enum ReportFormat {
 /// `--from`/`--to` of a report: a date or an RFC 3339 time; a `--to` date includes that day.
 fn report_time(raw: &str, is_to: bool) -> Result<chrono::NaiveDateTime, Failure> {
     if let Ok(day) = chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d") {
-        let day = if is_to { day.succ_opt().unwrap_or(day) } else { day };
+        let day = if is_to {
+            day.succ_opt().unwrap_or(day)
+        } else {
+            day
+        };
         return Ok(day.and_time(chrono::NaiveTime::MIN));
     }
     chrono::DateTime::parse_from_rfc3339(raw)
@@ -537,7 +541,10 @@ fn audit(settings: &Settings, cmd: AuditCommand) -> Result<(), Failure> {
             };
             match &out {
                 Some(path) => std::fs::write(path, &text).map_err(|e| {
-                    Failure::new(EXIT_RUNTIME, format!("cannot write {}: {e}", path.display()))
+                    Failure::new(
+                        EXIT_RUNTIME,
+                        format!("cannot write {}: {e}", path.display()),
+                    )
                 })?,
                 None => print!("{text}"),
             }

@@ -436,9 +436,18 @@ impl Settings {
             return bad("audit.alert_utc_offset_hours", "must be between -12 and 14");
         }
         for (key, secs) in [
-            ("audit.alert_many_patients_window_secs", audit.alert_many_patients_window_secs),
-            ("audit.alert_break_glass_window_secs", audit.alert_break_glass_window_secs),
-            ("audit.alert_denials_window_secs", audit.alert_denials_window_secs),
+            (
+                "audit.alert_many_patients_window_secs",
+                audit.alert_many_patients_window_secs,
+            ),
+            (
+                "audit.alert_break_glass_window_secs",
+                audit.alert_break_glass_window_secs,
+            ),
+            (
+                "audit.alert_denials_window_secs",
+                audit.alert_denials_window_secs,
+            ),
         ] {
             if secs == 0 {
                 return bad(key, "must be positive");

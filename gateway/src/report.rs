@@ -149,7 +149,14 @@ pub fn csv(d: &ReportData) -> String {
             &format_time(&e.recorded_at),
             e.agent_institution.as_deref().unwrap_or("none"),
             e.patient_id.as_deref().unwrap_or("none"),
-            &format!("{status}{}", if note.is_empty() { String::new() } else { format!(": {note}") }),
+            &format!(
+                "{status}{}",
+                if note.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {note}")
+                }
+            ),
         ]);
     }
     out
@@ -199,9 +206,11 @@ pub fn html(d: &ReportData) -> String {
         *by_inst.entry(k.institution.clone()).or_default() += n;
         *by_purpose.entry(k.purpose.clone()).or_default() += n;
     }
-    let bars = |m: &BTreeMap<String, u64>| m.iter().map(|(k, v)| (k.clone(), *v)).collect::<Vec<_>>();
+    let bars =
+        |m: &BTreeMap<String, u64>| m.iter().map(|(k, v)| (k.clone(), *v)).collect::<Vec<_>>();
     let per_day: Vec<(String, u64)> = s.by_day.iter().map(|(d, (a, _))| (d.clone(), *a)).collect();
-    let denials_day: Vec<(String, u64)> = s.by_day.iter().map(|(d, (_, r))| (d.clone(), *r)).collect();
+    let denials_day: Vec<(String, u64)> =
+        s.by_day.iter().map(|(d, (_, r))| (d.clone(), *r)).collect();
     let mut h = String::new();
     let _ = write!(
         h,
@@ -234,8 +243,16 @@ th{{background:#f3f3f3}} td.n{{text-align:right}}
         btg = s.break_glass.len(),
     );
     h.push_str("<h2>Charts</h2>\n");
-    h.push_str(&bar_chart("Accesses by institution", &bars(&by_inst), "#2b6cb0"));
-    h.push_str(&bar_chart("Accesses by purpose of use", &bars(&by_purpose), "#2f855a"));
+    h.push_str(&bar_chart(
+        "Accesses by institution",
+        &bars(&by_inst),
+        "#2b6cb0",
+    ));
+    h.push_str(&bar_chart(
+        "Accesses by purpose of use",
+        &bars(&by_purpose),
+        "#2f855a",
+    ));
     h.push_str(&bar_chart("Records per day", &per_day, "#4a5568"));
     h.push_str(&bar_chart("Refusals per day", &denials_day, "#c53030"));
     h.push_str(&bar_chart(

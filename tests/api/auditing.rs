@@ -77,13 +77,17 @@ async fn sql(app: &TestApp, statements: &str) {
     .unwrap()
 }
 
-async fn auditor_get(app: &TestApp, path: &str) -> reqwest::Response {
+async fn bearer_get(app: &TestApp, path: &str, token: &str) -> reqwest::Response {
     app.client
         .get(app.url(path))
-        .bearer_auth(AUDITOR_TOKEN)
+        .bearer_auth(token)
         .send()
         .await
         .unwrap()
+}
+
+async fn auditor_get(app: &TestApp, path: &str) -> reqwest::Response {
+    bearer_get(app, path, AUDITOR_TOKEN).await
 }
 
 fn audit_down(backend: Backend) -> &'static str {
@@ -141,7 +145,12 @@ async fn admin_changes_commit_with_their_record(backend: Backend) {
     assert_eq!(summary.len(), 3, "{summary:?}");
     assert_eq!(
         summary[0],
-        ("create".into(), "0".into(), "Organization/hosp-001".into(), None)
+        (
+            "create".into(),
+            "0".into(),
+            "Organization/hosp-001".into(),
+            None
+        )
     );
     assert_eq!(
         (&summary[1].0, &summary[1].1, &summary[1].2),
@@ -185,13 +194,7 @@ async fn refusals_are_recorded_and_a_flood_is_counted(backend: Backend) {
     .await;
     app.admin_post("/admin/institutions", &institution(1)).await;
     // 403: hosp-001 lacks Consent scopes → a data route refused after authentication.
-    let denied = app
-        .client
-        .get(app.url("/fhir/AuditEvent?patient=x"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let denied = bearer_get(&app, "/fhir/AuditEvent?patient=x", ADMIN_TOKEN).await;
     assert_outcome(denied, 403, "forbidden").await;
     let flood = 60;
     let started = Instant::now();
@@ -230,8 +233,10 @@ async fn refusals_are_recorded_and_a_flood_is_counted(backend: Backend) {
             .iter()
             .find(|e| e.agent_user.as_deref() == Some("operator:admin"))
             .cloned();
-        if itemised as u64 + summarised == flood as u64 && admin_denial.is_some() {
-            break (itemised, summarised, admin_denial.unwrap());
+        if let Some(denial) = admin_denial
+            && itemised as u64 + summarised == flood as u64
+        {
+            break (itemised, summarised, denial);
         }
         assert!(
             Instant::now() < deadline,
@@ -240,7 +245,10 @@ async fn refusals_are_recorded_and_a_flood_is_counted(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(itemised >= 1, "some refusals are itemised");
-    assert!(summarised >= 1, "the queue of 4 overflowed: {itemised} itemised");
+    assert!(
+        summarised >= 1,
+        "the queue of 4 overflowed: {itemised} itemised"
+    );
     assert_eq!(admin_denial.outcome, "4");
     let r = resource(&admin_denial);
     assert_eq!(r["agent"][0]["role"][0]["text"], "admin");
@@ -301,7 +309,12 @@ async fn region_with_patient(app: &TestApp, key: &Sm2PrivateKey) -> (String, Str
 }
 
 /// A gateway access token for `institution` through the real SMART flow (SM2SM3 assertion).
-async fn access_token(app: &TestApp, key: &Sm2PrivateKey, institution: &str, scope: &str) -> String {
+async fn access_token(
+    app: &TestApp,
+    key: &Sm2PrivateKey,
+    institution: &str,
+    scope: &str,
+) -> String {
     let aud = format!("{}/oauth2/token", app.state.base_url);
     let now = chrono::Utc::now().timestamp();
     let claims = json!({"iss": institution, "sub": institution, "aud": aud, "iat": now,
@@ -353,13 +366,7 @@ async fn auditor_search_filters_pages_and_is_audited(backend: Backend) {
     // hosp-002 reads the patient (TREAT token), hosp-003 reads it with break-the-glass.
     let t2 = access_token(&app, &key, "hosp-002", "system/Patient.rs").await;
     for _ in 0..3 {
-        let r = app
-            .client
-            .get(app.url(&format!("/fhir/Patient/{record}")))
-            .bearer_auth(&t2)
-            .send()
-            .await
-            .unwrap();
+        let r = bearer_get(&app, &format!("/fhir/Patient/{record}"), &t2).await;
         assert_eq!(r.status(), 200);
     }
     let mut e = app.state.auditor.read_event(format!("Patient/{record}"));
@@ -381,11 +388,12 @@ async fn auditor_search_filters_pages_and_is_audited(backend: Backend) {
     .await;
 
     // By patient: the 3 reads and the break-the-glass read, newest first.
-    let by_patient: Value = auditor_get(&app, &format!("/fhir/AuditEvent?patient=Patient/{record}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let by_patient: Value =
+        auditor_get(&app, &format!("/fhir/AuditEvent?patient=Patient/{record}"))
+            .await
+            .json()
+            .await
+            .unwrap();
     assert_eq!(by_patient["resourceType"], "Bundle");
     let entries = by_patient["entry"].as_array().unwrap();
     // registration (create) + 3 reads + ETREAT read
@@ -397,7 +405,10 @@ async fn auditor_search_filters_pages_and_is_audited(backend: Backend) {
     let mut sorted = times.clone();
     sorted.sort_unstable_by(|a, b| b.cmp(a));
     assert_eq!(times, sorted, "newest first");
-    assert_eq!(entries[0]["resource"]["agent"][0]["purposeOfUse"][0]["coding"][0]["code"], "ETREAT");
+    assert_eq!(
+        entries[0]["resource"]["agent"][0]["purposeOfUse"][0]["coding"][0]["code"],
+        "ETREAT"
+    );
     let same: Value = auditor_get(
         &app,
         &format!("/fhir/AuditEvent?patient=https://yiqiao.health/fhir/sid/empi|{person}"),
@@ -414,15 +425,25 @@ async fn auditor_search_filters_pages_and_is_audited(backend: Backend) {
         let (p, app) = (p.to_string(), &app);
         async move { auditor_get(app, &p).await }
     };
-    let agent: Value = q("/fhir/AuditEvent?agent=Organization/hosp-002").await.json().await.unwrap();
-    assert_eq!(count(&agent), 3);
-    let purpose: Value = q("/fhir/AuditEvent?purpose=ETREAT").await.json().await.unwrap();
-    assert_eq!(count(&purpose), 1);
-    let entity: Value = q(&format!("/fhir/AuditEvent?entity=Patient/{record}&agent=hosp-002"))
+    let agent: Value = q("/fhir/AuditEvent?agent=Organization/hosp-002")
         .await
         .json()
         .await
         .unwrap();
+    assert_eq!(count(&agent), 3);
+    let purpose: Value = q("/fhir/AuditEvent?purpose=ETREAT")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(count(&purpose), 1);
+    let entity: Value = q(&format!(
+        "/fhir/AuditEvent?entity=Patient/{record}&agent=hosp-002"
+    ))
+    .await
+    .json()
+    .await
+    .unwrap();
     assert_eq!(count(&entity), 3);
     let failed: Value = q("/fhir/AuditEvent?outcome=4").await.json().await.unwrap();
     assert!(count(&failed) >= 3, "the 401 and 403s above: {failed}");
@@ -433,7 +454,11 @@ async fn auditor_search_filters_pages_and_is_audited(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(count(&dated), 3);
-    let none: Value = q("/fhir/AuditEvent?date=lt2000-01-01").await.json().await.unwrap();
+    let none: Value = q("/fhir/AuditEvent?date=lt2000-01-01")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(count(&none), 0);
     for bad in [
         "/fhir/AuditEvent?outcome=2",
@@ -492,7 +517,11 @@ async fn auditor_search_filters_pages_and_is_audited(backend: Backend) {
         "not-found",
     )
     .await;
-    let own: Value = q("/fhir/AuditEvent?agent=operator:auditor&_count=500").await.json().await.unwrap();
+    let own: Value = q("/fhir/AuditEvent?agent=operator:auditor&_count=500")
+        .await
+        .json()
+        .await
+        .unwrap();
     let own_queries: Vec<String> = own["entry"]
         .as_array()
         .unwrap()
@@ -509,9 +538,10 @@ async fn auditor_search_filters_pages_and_is_audited(backend: Backend) {
         "{own_queries:?}"
     );
     let own_read = own["entry"].as_array().unwrap().iter().any(|e| {
-        e["resource"]["entity"]
-            .as_array()
-            .is_some_and(|xs| xs.iter().any(|x| x["what"]["reference"] == format!("AuditEvent/{first}")))
+        e["resource"]["entity"].as_array().is_some_and(|xs| {
+            xs.iter()
+                .any(|x| x["what"]["reference"] == format!("AuditEvent/{first}"))
+        })
     });
     assert!(own_read, "the read by id is audited");
     chain_ok(&app).await;
@@ -536,55 +566,52 @@ async fn patients_see_who_accessed_their_records(backend: Backend) {
     assert_eq!(r.status(), 200);
     let platform = access_token(&app, &key, "hosp-001", "system/AuditEvent.rs").await;
     let path = format!("/fhir/AuditEvent?patient=Patient/{record}");
-    let resp = app
-        .client
-        .get(app.url(&path))
-        .bearer_auth(&platform)
-        .send()
-        .await
-        .unwrap();
+    let resp = bearer_get(&app, &path, &platform).await;
     assert_eq!(resp.status(), 200);
     let bundle: Value = resp.json().await.unwrap();
     let entries = bundle["entry"].as_array().unwrap();
-    assert_eq!(entries.len(), 2, "registration and hosp-002's read: {bundle}");
+    assert_eq!(
+        entries.len(),
+        2,
+        "registration and hosp-002's read: {bundle}"
+    );
     let read = &entries[0]["resource"];
     assert_eq!(read["resourceType"], "AuditEvent");
     assert_eq!(read["agent"][0]["who"]["identifier"]["value"], "hosp-002");
     assert!(read["recorded"].is_string());
     let text = bundle.to_string();
-    for hidden in ["admin-token", "altId", "network", "request-id", "description"] {
+    for hidden in [
+        "admin-token",
+        "altId",
+        "network",
+        "request-id",
+        "description",
+    ] {
         assert!(!text.contains(hidden), "{hidden} leaked: {text}");
     }
-    assert_eq!(read["entity"][0]["what"]["identifier"]["value"], person.as_str());
+    assert_eq!(
+        read["entity"][0]["what"]["identifier"]["value"],
+        person.as_str()
+    );
     // The platform's own read is recorded against the patient.
     let mine = records(&app)
         .await
         .into_iter()
-        .find(|e| e.agent_institution.as_deref() == Some("hosp-001") && e.subtype_code == "search-type")
+        .find(|e| {
+            e.agent_institution.as_deref() == Some("hosp-001") && e.subtype_code == "search-type"
+        })
         .expect("the platform's read is audited");
     assert_eq!(mine.patient_id.as_deref(), Some(person.as_str()));
     // Not its patient; missing patient; other filters; missing scope.
     let other = access_token(&app, &key, "hosp-003", "system/AuditEvent.rs").await;
-    let resp = app.client.get(app.url(&path)).bearer_auth(&other).send().await.unwrap();
+    let resp = bearer_get(&app, &path, &other).await;
     assert_outcome(resp, 403, "forbidden").await;
-    let resp = app
-        .client
-        .get(app.url("/fhir/AuditEvent"))
-        .bearer_auth(&platform)
-        .send()
-        .await
-        .unwrap();
+    let resp = bearer_get(&app, "/fhir/AuditEvent", &platform).await;
     assert_outcome(resp, 400, "invalid-parameter").await;
-    let resp = app
-        .client
-        .get(app.url(&format!("{path}&agent=hosp-002")))
-        .bearer_auth(&platform)
-        .send()
-        .await
-        .unwrap();
+    let resp = bearer_get(&app, &format!("{path}&agent=hosp-002"), &platform).await;
     assert_outcome(resp, 400, "invalid-parameter").await;
     let no_scope = access_token(&app, &key, "hosp-001", "system/Patient.rs").await;
-    let resp = app.client.get(app.url(&path)).bearer_auth(&no_scope).send().await.unwrap();
+    let resp = bearer_get(&app, &path, &no_scope).await;
     assert_outcome(resp, 403, "forbidden").await;
     chain_ok(&app).await;
     app.stop().await;
@@ -626,14 +653,23 @@ async fn webhook_receiver() -> (String, Arc<Mutex<Vec<Value>>>) {
                 }
             };
             n += 1;
-            let status = if n == 1 { "500 Internal Server Error" } else { "200 OK" };
+            let status = if n == 1 {
+                "500 Internal Server Error"
+            } else {
+                "200 OK"
+            };
             if n > 1
                 && let Some(b) = body
             {
-                seen.lock().unwrap().push(serde_json::from_slice(&b).unwrap());
+                seen.lock()
+                    .unwrap()
+                    .push(serde_json::from_slice(&b).unwrap());
             }
             let _ = sock
-                .write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes())
+                .write_all(
+                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
                 .await;
         }
     });
@@ -660,7 +696,11 @@ fn event(app: &TestApp, inst: &str, patient: &str, purpose: &str) -> AuditEvent 
 /// are acknowledged with a note and delivered to the webhook (retried after a failure).
 async fn anomaly_rules_raise_alerts_once(backend: Backend) {
     let (hook, delivered) = webhook_receiver().await;
-    let hour = chrono::Utc::now().format("%H").to_string().parse::<u32>().unwrap();
+    let hour = chrono::Utc::now()
+        .format("%H")
+        .to_string()
+        .parse::<u32>()
+        .unwrap();
     let db = TestDb::new(backend);
     let url = db.url.clone();
     let adjust = move |s: &mut Settings| {
@@ -705,21 +745,37 @@ async fn anomaly_rules_raise_alerts_once(backend: Backend) {
             .await
             .unwrap();
     }
-    app.state.auditor.record(event(&app, "hosp-002", "EMPI-VIP", "TREAT")).await.unwrap();
+    app.state
+        .auditor
+        .record(event(&app, "hosp-002", "EMPI-VIP", "TREAT"))
+        .await
+        .unwrap();
     for _ in 0..2 {
-        app.state.auditor.record(event(&app, "hosp-003", "EMPI-9", "ETREAT")).await.unwrap();
+        app.state
+            .auditor
+            .record(event(&app, "hosp-003", "EMPI-9", "ETREAT"))
+            .await
+            .unwrap();
     }
     for _ in 0..3 {
-        let r = app.client.get(app.url("/fhir/Patient/x")).bearer_auth("bad").send().await.unwrap();
+        let r = bearer_get(&app, "/fhir/Patient/x", "bad").await;
         assert_eq!(r.status(), 401);
     }
     // Refusals are recorded asynchronously: wait until they are in the chain.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while records(&app).await.iter().filter(|e| e.outcome == "4").count() < 3 {
+    while records(&app)
+        .await
+        .iter()
+        .filter(|e| e.outcome == "4")
+        .count()
+        < 3
+    {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let raised = yiqiao_gateway::alerting::scan_all(&app.state).await.unwrap();
+    let raised = yiqiao_gateway::alerting::scan_all(&app.state)
+        .await
+        .unwrap();
     let got = alerts(&app, "?_count=500").await;
     let mut rules: Vec<(String, String)> = got
         .iter()
@@ -748,20 +804,38 @@ async fn anomaly_rules_raise_alerts_once(backend: Backend) {
     assert_eq!(rules, expected, "{got:#?}");
     assert_eq!(raised, got.len());
     assert_eq!(
-        got.iter().filter(|a| a["rule"] == "break-the-glass").count(),
+        got.iter()
+            .filter(|a| a["rule"] == "break-the-glass")
+            .count(),
         2,
         "one review alert per break-the-glass access"
     );
     // Scanning again, and from a second replica after a restart, raises nothing new.
-    assert_eq!(yiqiao_gateway::alerting::scan_all(&app.state).await.unwrap(), 0);
+    assert_eq!(
+        yiqiao_gateway::alerting::scan_all(&app.state)
+            .await
+            .unwrap(),
+        0
+    );
     let mut s2 = crate::helpers::test_settings(&url);
     adjust(&mut s2);
     s2.audit.replica_id = "replica-b".into();
     let b = TestApp::spawn_on(TestDb::shared(&url), s2).await;
-    assert_eq!(yiqiao_gateway::alerting::scan_all(&b.state).await.unwrap(), 0);
+    assert_eq!(
+        yiqiao_gateway::alerting::scan_all(&b.state).await.unwrap(),
+        0
+    );
     // New events after the cursor are still evaluated (one more VIP access).
-    b.state.auditor.record(event(&b, "hosp-004", "EMPI-VIP", "TREAT")).await.unwrap();
-    assert_eq!(yiqiao_gateway::alerting::scan_all(&b.state).await.unwrap(), 2, "flagged + off-hours for hosp-004");
+    b.state
+        .auditor
+        .record(event(&b, "hosp-004", "EMPI-VIP", "TREAT"))
+        .await
+        .unwrap();
+    assert_eq!(
+        yiqiao_gateway::alerting::scan_all(&b.state).await.unwrap(),
+        2,
+        "flagged + off-hours for hosp-004"
+    );
     b.stop().await;
     // Acknowledge with a note.
     let vip = alerts(&app, "?rule=flagged-patient").await[0].clone();
@@ -774,7 +848,12 @@ async fn anomaly_rules_raise_alerts_once(backend: Backend) {
             .send()
     };
     assert_outcome(ack("  ").await.unwrap(), 422, "validation-failed").await;
-    let done: Value = ack("called the ward: treating physician").await.unwrap().json().await.unwrap();
+    let done: Value = ack("called the ward: treating physician")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(done["status"], "acknowledged");
     assert_eq!(done["ack_by"], "operator:auditor");
     assert_eq!(done["ack_note"], "called the ward: treating physician");
@@ -786,7 +865,11 @@ async fn anomaly_rules_raise_alerts_once(backend: Backend) {
         .iter()
         .rev()
         .map(resource)
-        .filter(|r| r["entity"].to_string().contains(&format!("AuditAlert/{id}")))
+        .filter(|r| {
+            r["entity"]
+                .to_string()
+                .contains(&format!("AuditAlert/{id}"))
+        })
         .map(|r| {
             (
                 r["outcome"].as_str().unwrap().to_string(),
@@ -821,12 +904,22 @@ async fn anomaly_rules_raise_alerts_once(backend: Backend) {
         if ids.len() == total {
             break;
         }
-        assert!(Instant::now() < deadline, "delivered {} of {total}", ids.len());
+        assert!(
+            Instant::now() < deadline,
+            "delivered {} of {total}",
+            ids.len()
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let states = alerts(&app, "?_count=500").await;
-    assert!(states.iter().all(|a| a["webhook_state"] == "delivered"), "{states:#?}");
-    assert!(states.iter().any(|a| a["webhook_attempts"] == 2), "one alert was retried");
+    assert!(
+        states.iter().all(|a| a["webhook_state"] == "delivered"),
+        "{states:#?}"
+    );
+    assert!(
+        states.iter().any(|a| a["webhook_attempts"] == 2),
+        "one alert was retried"
+    );
     chain_ok(&app).await;
     app.stop().await;
 }
@@ -846,7 +939,11 @@ fn yiqiao(app: &TestApp, args: &[&str]) -> std::process::Output {
 /// the verification result; tampering turns the result to FAILED and the exit code to 7.
 async fn compliance_report(backend: Backend) {
     let app = TestApp::spawn_with(backend, settings).await;
-    for (inst, purpose, n) in [("hosp-001", "TREAT", 4), ("hosp-002", "PUBHLTH", 2), ("hosp-002", "ETREAT", 1)] {
+    for (inst, purpose, n) in [
+        ("hosp-001", "TREAT", 4),
+        ("hosp-002", "PUBHLTH", 2),
+        ("hosp-002", "ETREAT", 1),
+    ] {
         for i in 0..n {
             app.state
                 .auditor
@@ -855,22 +952,39 @@ async fn compliance_report(backend: Backend) {
                 .unwrap();
         }
     }
-    let r = app.client.get(app.url("/fhir/Patient/x")).bearer_auth("bad").send().await.unwrap();
+    let r = bearer_get(&app, "/fhir/Patient/x", "bad").await;
     assert_eq!(r.status(), 401);
     let deadline = Instant::now() + Duration::from_secs(10);
     while records(&app).await.len() < 8 {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    yiqiao_gateway::alerting::scan_all(&app.state).await.unwrap();
+    yiqiao_gateway::alerting::scan_all(&app.state)
+        .await
+        .unwrap();
     let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
     let dir = TempDir::new();
     let csv_path = dir.path.join("report.csv");
     let out = yiqiao(
         &app,
-        &["audit", "report", "--from", &today, "--to", &today, "--format", "csv", "--out", csv_path.to_str().unwrap()],
+        &[
+            "audit",
+            "report",
+            "--from",
+            &today,
+            "--to",
+            &today,
+            "--format",
+            "csv",
+            "--out",
+            csv_path.to_str().unwrap(),
+        ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let csv = std::fs::read_to_string(&csv_path).unwrap();
     for line in [
         "total,,,,8",
@@ -886,7 +1000,10 @@ async fn compliance_report(backend: Backend) {
     }
     assert!(csv.contains(",hosp-002,EMPI-0,pending review"), "{csv}");
     // Review the break-the-glass alert, then the HTML says so.
-    let btg = alerts(&app, "?rule=break-the-glass").await[0]["id"].as_str().unwrap().to_string();
+    let btg = alerts(&app, "?rule=break-the-glass").await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let resp = app
         .client
         .post(app.url(&format!("/audit/alerts/{btg}/ack")))
@@ -897,20 +1014,39 @@ async fn compliance_report(backend: Backend) {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let out = yiqiao(&app, &["audit", "report", "--from", &today, "--to", &today]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let html = String::from_utf8(out.stdout).unwrap();
     assert!(html.starts_with("<!doctype html>"));
     assert!(html.contains("<svg") && html.contains("Accesses by institution"));
-    assert!(html.contains("<td>hosp-001</td><td>TREAT</td><td>success</td><td class=\"n\">4</td>"), "{html}");
-    assert!(html.contains("reviewed by operator:auditor</td><td>cardiac arrest, justified"), "{html}");
+    assert!(
+        html.contains("<td>hosp-001</td><td>TREAT</td><td>success</td><td class=\"n\">4</td>"),
+        "{html}"
+    );
+    assert!(
+        html.contains("reviewed by operator:auditor</td><td>cardiac arrest, justified"),
+        "{html}"
+    );
     assert!(html.contains("class=\"ok\">OK: positions 1.."), "{html}");
     // Self-contained: nothing to fetch.
     for external in ["src=", "href=", "@import", "url("] {
         assert!(!html.contains(external), "{external} in report");
     }
     // Tamper with a record: the report says FAILED and the exit code is 7.
-    sql(&app, "UPDATE audit_events SET agent_institution = 'hosp-999' WHERE seq = 2").await;
-    let out = yiqiao(&app, &["audit", "report", "--from", &today, "--to", &today, "--format", "csv"]);
+    sql(
+        &app,
+        "UPDATE audit_events SET agent_institution = 'hosp-999' WHERE seq = 2",
+    )
+    .await;
+    let out = yiqiao(
+        &app,
+        &[
+            "audit", "report", "--from", &today, "--to", &today, "--format", "csv",
+        ],
+    );
     assert_eq!(out.status.code(), Some(7));
     let csv = String::from_utf8(out.stdout).unwrap();
     assert!(csv.contains("verification,failed,,,"), "{csv}");
@@ -963,7 +1099,10 @@ async fn wait_ready(client: &reqwest::Client, base: &str) {
         {
             return;
         }
-        assert!(Instant::now() < deadline, "the gateway did not become ready");
+        assert!(
+            Instant::now() < deadline,
+            "the gateway did not become ready"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -1060,8 +1199,19 @@ async fn kill_9_under_load_loses_no_answered_record(backend: Backend) {
     })
     .await
     .unwrap();
-    assert!(missing.0.is_empty(), "{} of {} answered requests have no audit record: {:?}", missing.0.len(), missing.1, &missing.0[..missing.0.len().min(5)]);
-    assert!(missing.2 as usize > missing.1, "records {} ≥ answered {}", missing.2, missing.1);
+    assert!(
+        missing.0.is_empty(),
+        "{} of {} answered requests have no audit record: {:?}",
+        missing.0.len(),
+        missing.1,
+        &missing.0[..missing.0.len().min(5)]
+    );
+    assert!(
+        missing.2 as usize > missing.1,
+        "records {} ≥ answered {}",
+        missing.2,
+        missing.1
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_yiqiao"))
         .args(["audit", "verify"])
         .env_remove("YIQIAO_CONFIG")
@@ -1070,5 +1220,9 @@ async fn kill_9_under_load_loses_no_answered_record(backend: Backend) {
         .env("YIQIAO_DATA_DIR", &dir.path)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

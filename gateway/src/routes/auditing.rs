@@ -34,7 +34,7 @@ enum Viewer {
     /// The auditor role: everything, as stored.
     Auditor(Staff),
     /// A member institution (patient-facing platform): one of its patients, trimmed.
-    Platform(Caller),
+    Platform(Box<Caller>),
 }
 
 async fn viewer(req: &HttpRequest) -> Result<Viewer, ApiError> {
@@ -62,7 +62,7 @@ async fn viewer(req: &HttpRequest) -> Result<Viewer, ApiError> {
                     "the audit trail is not available on behalf of an institution",
                 ));
             }
-            Ok(Viewer::Platform(caller))
+            Ok(Viewer::Platform(Box::new(caller)))
         }
     }
 }
@@ -125,10 +125,9 @@ fn reference_value(raw: &str) -> String {
 }
 
 fn parse_search(req: &HttpRequest) -> Result<Search, ApiError> {
-    let params: Vec<(String, String)> =
-        url::form_urlencoded::parse(req.query_string().as_bytes())
-            .into_owned()
-            .collect();
+    let params: Vec<(String, String)> = url::form_urlencoded::parse(req.query_string().as_bytes())
+        .into_owned()
+        .collect();
     let mut filter = EventFilter::default();
     let mut patient = None;
     let mut count = 50;
@@ -186,18 +185,9 @@ fn parse_search(req: &HttpRequest) -> Result<Search, ApiError> {
             }
             "_id" => filter.event_id = Some(value.clone()),
             _ => {
-                filter.before_seq = Some(
-                    value
-                        .parse::<i64>()
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .ok_or_else(|| {
-                            ApiError::invalid_param(
-                                "_cursor",
-                                "must be the value from a next link",
-                            )
-                        })?,
-                );
+                filter.before_seq = Some(value.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(
+                    || ApiError::invalid_param("_cursor", "must be the value from a next link"),
+                )?);
             }
         }
     }
@@ -291,7 +281,10 @@ fn fhir_ok(body: Value) -> HttpResponse {
         (status = 403, description = "Not the auditor role, missing scope, or a patient the institution did not register"),
     ),
     security(("auditor_token" = []), ("access_token" = [])))]
-pub async fn search(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn search(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let viewer = viewer(&req).await?;
     let s = parse_search(&req)?;
     if let Viewer::Platform(caller) = &viewer {
@@ -512,19 +505,14 @@ pub async fn list_alerts(
     if let Some(s) = &status
         && !["open", "acknowledged"].contains(&s.as_str())
     {
-        return Err(ApiError::invalid_param("status", "must be open or acknowledged"));
+        return Err(ApiError::invalid_param(
+            "status",
+            "must be open or acknowledged",
+        ));
     }
     let rule = q.get("rule").cloned();
     let mut items = state
-        .db(move |conn| {
-            alerts::list(
-                conn,
-                status.as_deref(),
-                rule.as_deref(),
-                count + 1,
-                offset,
-            )
-        })
+        .db(move |conn| alerts::list(conn, status.as_deref(), rule.as_deref(), count + 1, offset))
         .await?;
     let next_offset = (items.len() as i64 > count).then_some(offset + count);
     items.truncate(count as usize);
@@ -551,10 +539,11 @@ pub struct NoteInput {
 fn check_note(note: &str) -> Result<String, ApiError> {
     let note = note.trim();
     if note.is_empty() || note.chars().count() > 2000 {
-        return Err(
-            ApiError::new(ErrorCode::ValidationFailed, "note must be 1–2000 characters")
-                .field("note"),
-        );
+        return Err(ApiError::new(
+            ErrorCode::ValidationFailed,
+            "note must be 1–2000 characters",
+        )
+        .field("note"));
     }
     Ok(note.to_string())
 }
@@ -613,9 +602,7 @@ pub async fn list_flags(
     let flags = state
         .db(|conn| alerts::flagged(conn).map_err(yiqiao_registry::StoreError::from_diesel))
         .await?;
-    let mut event = state
-        .auditor
-        .search_event("/audit/flagged-patients".into());
+    let mut event = state.auditor.search_event("/audit/flagged-patients".into());
     event.agent_user = Some(auditor.subject.clone());
     event.agent_role = Some("auditor".into());
     state.auditor.record(event).await?;
@@ -646,15 +633,16 @@ pub async fn put_flag(
     let note = check_note(&body.0.note)?;
     let patient = patient.into_inner();
     if patient.is_empty() || patient.len() > 128 {
-        return Err(ApiError::invalid_param("patient", "must be 1–128 characters"));
+        return Err(ApiError::invalid_param(
+            "patient",
+            "must be 1–128 characters",
+        ));
     }
     let by = auditor.subject.clone();
-    let mut event = state.auditor.staff_event(
-        &auditor,
-        "update",
-        "U",
-        format!("AuditFlag/{patient}"),
-    );
+    let mut event =
+        state
+            .auditor
+            .staff_event(&auditor, "update", "U", format!("AuditFlag/{patient}"));
     event.patient_id = Some(patient.clone());
     event.outcome_desc = Some(format!("flagged: {note}"));
     let flag = state
@@ -683,22 +671,20 @@ pub async fn delete_flag(
     patient: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let patient = patient.into_inner();
-    let mut event = state.auditor.staff_event(
-        &auditor,
-        "delete",
-        "D",
-        format!("AuditFlag/{patient}"),
-    );
+    let mut event =
+        state
+            .auditor
+            .staff_event(&auditor, "delete", "D", format!("AuditFlag/{patient}"));
     event.patient_id = Some(patient.clone());
     state
         .auditor
         .change(event, move |conn, _| {
-            if alerts::unflag(conn, &patient)
-                .map_err(yiqiao_registry::StoreError::from_diesel)?
-            {
+            if alerts::unflag(conn, &patient).map_err(yiqiao_registry::StoreError::from_diesel)? {
                 Ok(())
             } else {
-                Err(ApiError::not_found(format!("patient {patient} is not flagged")))
+                Err(ApiError::not_found(format!(
+                    "patient {patient} is not flagged"
+                )))
             }
         })
         .await?;

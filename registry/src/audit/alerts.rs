@@ -10,13 +10,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{Duration, NaiveDateTime, Timelike};
-use diesel::prelude::*;
 use diesel::AggregateExpressionMethods;
+use diesel::prelude::*;
 use serde::Serialize;
 use serde_json::json;
 
 use super::query::{self, StoredEvent};
-use crate::store::schema::{audit_alert_cursor, audit_alerts, audit_events, audit_flagged_patients};
+use crate::store::schema::{
+    audit_alert_cursor, audit_alerts, audit_events, audit_flagged_patients,
+};
 use crate::store::{DbConn, StoreError, now_utc};
 
 /// Purpose of use that is break-the-glass (HL7 v3 ActReason emergency treatment).
@@ -144,7 +146,12 @@ impl Candidates<'_> {
                 detail: detail.to_string(),
                 created_at: self.now,
                 status: "open".into(),
-                webhook_state: if self.rules.webhook { "pending" } else { "none" }.into(),
+                webhook_state: if self.rules.webhook {
+                    "pending"
+                } else {
+                    "none"
+                }
+                .into(),
                 webhook_attempts: 0,
                 next_attempt_at: self.now,
             },

@@ -237,9 +237,8 @@ pub fn summarise(
             let key = AccessKey {
                 institution: institution.clone(),
                 purpose: purpose.clone().unwrap_or_else(|| "none".into()),
-                decision: decision.unwrap_or_else(|| {
-                    if refused { "refused" } else { "success" }.to_string()
-                }),
+                decision: decision
+                    .unwrap_or_else(|| if refused { "refused" } else { "success" }.to_string()),
             };
             *s.by_access.entry(key).or_default() += 1;
             let day = s
