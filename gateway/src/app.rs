@@ -12,7 +12,9 @@ use crate::config::Settings;
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Metrics;
 use crate::oauth;
-use crate::routes::{consent, directory, docs, empi, institutions, metadata, ops, patients};
+use crate::routes::{
+    auditing, consent, directory, docs, empi, institutions, metadata, ops, patients,
+};
 use crate::state::AppState;
 
 /// All routes in one table. Each resource answers unknown methods with 405 + OperationOutcome.
@@ -108,6 +110,17 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(
             resource("/empi/review/{id}/keep-separate")
                 .route(web::post().to(empi::review_keep_separate)),
+        )
+        // The auditors' workspace (auditor role; "who accessed my records" for institutions).
+        .service(resource("/fhir/AuditEvent").route(web::get().to(auditing::search)))
+        .service(resource("/fhir/AuditEvent/{id}").route(web::get().to(auditing::read)))
+        .service(resource("/audit/alerts").route(web::get().to(auditing::list_alerts)))
+        .service(resource("/audit/alerts/{id}/ack").route(web::post().to(auditing::ack_alert)))
+        .service(resource("/audit/flagged-patients").route(web::get().to(auditing::list_flags)))
+        .service(
+            resource("/audit/flagged-patients/{patient}")
+                .route(web::put().to(auditing::put_flag))
+                .route(web::delete().to(auditing::delete_flag)),
         );
 }
 
@@ -199,6 +212,7 @@ impl Application {
             auth: Arc::new(oauth::AuthRuntime::new(keys, limits, failure_rate)),
             oidc: Arc::new(crate::oidc::OidcRuntime::default()),
         };
+        crate::alerting::start(state.clone());
         let http = state.settings.http.clone();
         let data = web::Data::new(state.clone());
         let mut server = actix_web::HttpServer::new(move || {
@@ -212,6 +226,7 @@ impl Application {
                 .app_data(web::PathConfig::default().error_handler(|err, _| {
                     ApiError::new(ErrorCode::InvalidParameter, format!("path: {err}")).into()
                 }))
+                .wrap(middleware::from_fn(crate::audit::record_refusals))
                 .wrap(middleware::from_fn(crate::middleware::observe))
                 .configure(routes)
                 .default_service(web::to(unknown_route))

@@ -9,14 +9,21 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::Method;
+use actix_web::middleware::Next;
+use actix_web::{HttpMessage, web};
 use tokio::sync::{mpsc, oneshot};
 use yiqiao_registry::Store;
 use yiqiao_registry::audit::{
-    AppendOptions, Appended, AuditEvent, AuditSigner, EntityRef, PreparedEvent, append_batch,
-    checkpoint_due,
+    AppendOptions, Appended, AuditEvent, AuditSigner, ChangeError, EntityRef, PreparedEvent,
+    append_batch, append_with, checkpoint_due, outcome,
 };
+use yiqiao_registry::store::DbConn;
 use yiqiao_sm::Sm2PrivateKey;
 
 use crate::config::Settings;
@@ -38,9 +45,33 @@ struct Job {
 #[derive(Clone)]
 pub struct Auditor {
     tx: mpsc::Sender<Job>,
+    /// Refused requests: recorded without delaying their answer (see [`Auditor::record_refusal`]).
+    refusals: mpsc::Sender<PreparedEvent>,
+    /// Refusals that found the queue full since the last batch (recorded as one summary record).
+    not_itemised: Arc<AtomicU64>,
+    store: Store,
+    opts: AppendOptions,
     signer: Arc<AuditSigner>,
     replica: Arc<str>,
     timeout: Duration,
+}
+
+/// Who made a request, as far as authentication got: put into the request's extensions by the
+/// `Caller` and `Staff` extractors so a refusal can be attributed.
+#[derive(Debug, Clone, Default)]
+pub struct AuditAgent {
+    pub institution: Option<String>,
+    pub user: Option<String>,
+    pub role: Option<String>,
+    pub purpose: Option<String>,
+}
+
+/// The error code and message of an error response (put into the response's extensions by
+/// `ApiError`), so a refusal's audit record says why.
+#[derive(Debug, Clone)]
+pub struct RefusalInfo {
+    pub code: &'static str,
+    pub message: String,
 }
 
 impl std::fmt::Debug for Auditor {
@@ -57,22 +88,34 @@ impl Auditor {
     pub fn start(store: Store, signer: Arc<AuditSigner>, settings: &Settings) -> Auditor {
         let a = &settings.audit;
         let (tx, rx) = mpsc::channel(a.queue_capacity.max(1));
+        let (refusals, refusal_rx) = mpsc::channel(a.refusal_queue_capacity.max(1));
+        let not_itemised = Arc::new(AtomicU64::new(0));
         let opts = AppendOptions {
             checkpoint_every: a.checkpoint_every.max(1) as i64,
             force_checkpoint: false,
         };
+        let replica: Arc<str> = replica_id(settings).into();
         tokio::spawn(writer(
-            store,
-            signer.clone(),
+            Writer {
+                store: store.clone(),
+                signer: signer.clone(),
+                opts,
+                batch_max: a.batch_max.max(1),
+                interval: Duration::from_secs(a.checkpoint_interval_secs.max(1)),
+                not_itemised: not_itemised.clone(),
+                replica: replica.clone(),
+            },
             rx,
-            opts,
-            a.batch_max.max(1),
-            Duration::from_secs(a.checkpoint_interval_secs.max(1)),
+            refusal_rx,
         ));
         Auditor {
             tx,
+            refusals,
+            not_itemised,
+            store,
+            opts,
             signer,
-            replica: replica_id(settings).into(),
+            replica,
             timeout: Duration::from_millis(a.write_timeout_ms.max(1)),
         }
     }
@@ -169,6 +212,147 @@ impl Auditor {
     }
 }
 
+impl Auditor {
+    /// Record a refused request (401/403: no data leaves) WITHOUT waiting for durability, so a
+    /// flood of bad requests can neither slow their answers nor crowd out the records of data
+    /// requests: refusals have their own bounded queue and take at most a quarter of each
+    /// group-commit batch. When the queue is full the refusal is counted, and the count is
+    /// recorded as one summary record (`outcomeDesc`: "N refused requests not itemised").
+    pub fn record_refusal(&self, mut event: AuditEvent) {
+        if event.outcome == outcome::SUCCESS {
+            event.outcome = outcome::MINOR_FAILURE.into();
+        }
+        if self.refusals.try_send(PreparedEvent::new(event)).is_err() {
+            self.not_itemised.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// An audited change: `work` makes the change inside a transaction and may complete
+    /// `event` (e.g. with the id it created); the event is appended to the chain in the SAME
+    /// transaction, so the change is stored if and only if its audit record is, and both are
+    /// durable before the response. When `work` refuses the change (404, 409, 422 …) nothing
+    /// is stored and `event` is recorded with a failure outcome and the reason; the refusal is
+    /// returned. A failing audit append answers 503 `audit-unavailable` and stores nothing.
+    pub async fn change<T, F>(&self, event: AuditEvent, work: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(&mut DbConn, &mut AuditEvent) -> Result<T, ApiError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let failed = event.clone();
+        let (store, signer, opts) = (self.store.clone(), self.signer.clone(), self.opts);
+        let span = tracing::Span::current();
+        let result = tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            let mut conn = store.conn().map_err(|e| Box::new(Err(ApiError::from(e))))?;
+            append_with(&mut conn, &signer, opts, move |conn| {
+                let mut event = event;
+                let value = work(conn, &mut event)?;
+                Ok((value, event))
+            })
+            .map(|(value, _)| value)
+            // Ok(refusal of the change) / Err(the audit append failed), boxed (large).
+            .map_err(|e: ChangeError<ApiError>| {
+                Box::new(match e {
+                    ChangeError::Change(refused) => Ok(refused),
+                    ChangeError::Db(db) => Err(unavailable(db.to_string())),
+                })
+            })
+        })
+        .await
+        .map_err(ApiError::from)?;
+        match result.map_err(|boxed| *boxed) {
+            Ok(value) => Ok(value),
+            Err(Err(unavailable)) => Err(unavailable),
+            Err(Ok(refused)) => {
+                let mut event = failed;
+                event.outcome = if refused.code.status().is_server_error() {
+                    outcome::SERIOUS_FAILURE
+                } else {
+                    outcome::MINOR_FAILURE
+                }
+                .into();
+                event.outcome_desc = Some(format!("{}: {}", refused.code.code(), refused.message));
+                if let Err(e) = self.record(event).await {
+                    tracing::error!(cause = ?e.internal, "cannot record a refused change");
+                }
+                Err(refused)
+            }
+        }
+    }
+
+    /// The event of a change made by a staff member (operator credential or person).
+    pub fn staff_event(
+        &self,
+        staff: &crate::staff::Staff,
+        interaction: &str,
+        action: &str,
+        reference: String,
+    ) -> AuditEvent {
+        let mut e = self.rest_event(interaction, action);
+        e.agent_user = Some(staff.subject.clone());
+        e.agent_role = Some(
+            staff
+                .roles
+                .iter()
+                .map(|r| r.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+        e.entities.push(EntityRef::resource(reference));
+        e
+    }
+}
+
+/// Middleware: every 401/403 answer (except the token endpoint, which keeps its own
+/// `auth_events`) becomes an audit record with a failure outcome, attributed to whoever the
+/// extractors authenticated ([`AuditAgent`]) and the peer address, via
+/// [`Auditor::record_refusal`].
+pub async fn record_refusals(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let path = req.path().to_string();
+    let method = req.method().clone();
+    let address = req.peer_addr().map(|a| a.ip().to_string());
+    let state = req.app_data::<web::Data<crate::state::AppState>>().cloned();
+    let res = next.call(req).await?;
+    let status = res.status().as_u16();
+    if matches!(status, 401 | 403)
+        && path != "/oauth2/token"
+        && let Some(state) = state
+    {
+        let agent = res
+            .request()
+            .extensions()
+            .get::<AuditAgent>()
+            .cloned()
+            .unwrap_or_default();
+        let why = res.response().extensions().get::<RefusalInfo>().cloned();
+        let (interaction, action) = match method {
+            Method::GET | Method::HEAD => ("read", "R"),
+            Method::POST => ("create", "C"),
+            Method::PUT | Method::PATCH => ("update", "U"),
+            Method::DELETE => ("delete", "D"),
+            _ => ("operation", "E"),
+        };
+        let mut e = state.auditor.rest_event(interaction, action);
+        e.outcome = outcome::MINOR_FAILURE.into();
+        e.outcome_desc = Some(match why {
+            Some(w) => format!("HTTP {status} {}: {}", w.code, w.message),
+            None => format!("HTTP {status}"),
+        });
+        e.agent_institution = agent.institution;
+        e.agent_user = agent.user;
+        e.agent_role = agent.role;
+        e.purpose_of_use = agent.purpose;
+        e.agent_address = address;
+        e.entities
+            .push(EntityRef::query(format!("{method} {path}")));
+        state.auditor.record_refusal(e);
+    }
+    Ok(res)
+}
+
 fn unavailable(cause: String) -> ApiError {
     let mut e = ApiError::new(
         ErrorCode::AuditUnavailable,
@@ -179,37 +363,67 @@ fn unavailable(cause: String) -> ApiError {
     e
 }
 
-async fn writer(
+struct Writer {
     store: Store,
     signer: Arc<AuditSigner>,
-    mut rx: mpsc::Receiver<Job>,
     opts: AppendOptions,
     batch_max: usize,
     interval: Duration,
+    not_itemised: Arc<AtomicU64>,
+    replica: Arc<str>,
+}
+
+async fn writer(
+    w: Writer,
+    mut rx: mpsc::Receiver<Job>,
+    mut refusals: mpsc::Receiver<PreparedEvent>,
 ) {
-    let mut tick = tokio::time::interval(interval);
+    let mut tick = tokio::time::interval(w.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    // Refusals never take more than a quarter of a batch: data requests' records come first.
+    let refusal_room = (w.batch_max / 4).max(1);
     loop {
         let mut jobs = Vec::new();
+        let mut extra: Vec<PreparedEvent> = Vec::new();
         tokio::select! {
             job = rx.recv() => match job {
                 Some(job) => jobs.push(job),
                 None => break,
             },
+            Some(refusal) = refusals.recv() => extra.push(refusal),
             _ = tick.tick() => {}
         }
-        while jobs.len() < batch_max {
+        while jobs.len() < w.batch_max {
             match rx.try_recv() {
                 Ok(job) => jobs.push(job),
                 Err(_) => break,
             }
         }
-        let timed = jobs.is_empty();
-        let (events, senders): (Vec<_>, Vec<_>) =
+        while extra.len() < refusal_room {
+            match refusals.try_recv() {
+                Ok(r) => extra.push(r),
+                Err(_) => break,
+            }
+        }
+        let itemised = extra.len() as u64;
+        let dropped = w.not_itemised.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            let mut e = AuditEvent::rest("110113", "E", &w.replica);
+            e.type_code = "110113".into();
+            e.outcome = outcome::MINOR_FAILURE.into();
+            e.outcome_desc = Some(format!(
+                "{dropped} refused requests not itemised: the refusal queue was full"
+            ));
+            extra.push(PreparedEvent::new(e));
+        }
+        let timed = jobs.is_empty() && extra.is_empty();
+        let (mut events, senders): (Vec<_>, Vec<_>) =
             jobs.into_iter().map(|j| (j.event, j.done)).unzip();
-        let store = store.clone();
-        let signer = signer.clone();
+        events.extend(extra);
+        let store = w.store.clone();
+        let signer = w.signer.clone();
+        let opts = w.opts;
         let result = tokio::task::spawn_blocking(move || {
             let mut conn = store.conn()?;
             if timed {
@@ -225,27 +439,24 @@ async fn writer(
             append_batch(&mut conn, &events, &signer, opts)
         })
         .await;
-        match result {
+        let failure = match result {
             Ok(Ok(appended)) => {
                 for (done, a) in senders.into_iter().zip(appended) {
                     let _ = done.send(Ok(a));
                 }
+                continue;
             }
-            Ok(Err(e)) => {
-                if !timed {
-                    tracing::error!(records = senders.len(), cause = %e, "audit append failed; requests answer 503");
-                }
-                let cause = e.to_string();
-                for done in senders {
-                    let _ = done.send(Err(cause.clone()));
-                }
-            }
-            Err(e) => {
-                tracing::error!(cause = %e, "audit writer task failed");
-                for done in senders {
-                    let _ = done.send(Err(e.to_string()));
-                }
-            }
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => format!("audit writer task failed: {e}"),
+        };
+        if !timed {
+            tracing::error!(records = senders.len(), refusals = itemised + dropped, cause = %failure, "audit append failed; requests answer 503");
+        }
+        // Refusals that could not be written are counted into the next summary record.
+        w.not_itemised
+            .fetch_add(itemised + dropped, Ordering::Relaxed);
+        for done in senders {
+            let _ = done.send(Err(failure.clone()));
         }
     }
 }

@@ -120,7 +120,8 @@ impl FromRequest for Caller {
             .extensions()
             .get::<crate::middleware::RequestId>()
             .map(|r| r.0.clone());
-        Box::pin(async move {
+        let http = req.clone();
+        let inner = async move {
             let state = state.ok_or_else(|| ApiError::internal("application state missing"))?;
             if !has_auth {
                 return Err(ApiError::new(
@@ -188,6 +189,18 @@ impl FromRequest for Caller {
                 via: CallerVia::AdminOnBehalf,
                 purpose: None,
             })
+        };
+        Box::pin(async move {
+            let caller = inner.await?;
+            // Attribution of a later refusal (e.g. a missing scope) in the audit trail.
+            let admin = caller.via == CallerVia::AdminOnBehalf;
+            http.extensions_mut().insert(crate::audit::AuditAgent {
+                institution: Some(caller.institution.id.to_string()),
+                user: admin.then(|| "admin-token".to_string()),
+                role: admin.then(|| "admin".to_string()),
+                purpose: caller.purpose.map(|p| p.code().to_string()),
+            });
+            Ok(caller)
         })
     }
 }

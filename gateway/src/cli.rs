@@ -132,6 +132,25 @@ pub enum AuditCommand {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
+    /// Compliance report over a period: accesses by institution, purpose and decision,
+    /// refusals, break-the-glass with review status, chain verification (exit 7 when the chain
+    /// of the period does not verify; the report is written anyway).
+    Report {
+        /// Start: a date (YYYY-MM-DD, 00:00 UTC) or an RFC 3339 time.
+        #[arg(long, value_name = "DATE|TIME")]
+        from: String,
+        /// End: a date (that whole day is included) or an RFC 3339 time (exclusive).
+        #[arg(long, value_name = "DATE|TIME")]
+        to: String,
+        #[arg(long, value_enum, default_value = "html")]
+        format: ReportFormat,
+        /// Write here instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Verify checkpoints with this SM2 public key (PEM) instead of the configured key.
+        #[arg(long, value_name = "PEM")]
+        public_key: Option<PathBuf>,
+    },
     /// Verify an exported bundle offline with only the gateway's public key (no database).
     VerifyExport {
         file: PathBuf,
@@ -151,6 +170,32 @@ pub enum ConfigCommand {
         #[arg(long)]
         connect: bool,
     },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ReportFormat {
+    Html,
+    Csv,
+}
+
+/// `--from`/`--to` of a report: a date or an RFC 3339 time; a `--to` date includes that day.
+fn report_time(raw: &str, is_to: bool) -> Result<chrono::NaiveDateTime, Failure> {
+    if let Ok(day) = chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d") {
+        let day = if is_to {
+            day.succ_opt().unwrap_or(day)
+        } else {
+            day
+        };
+        return Ok(day.and_time(chrono::NaiveTime::MIN));
+    }
+    chrono::DateTime::parse_from_rfc3339(raw)
+        .map(|t| t.naive_utc())
+        .map_err(|_| {
+            Failure::new(
+                EXIT_REJECTED,
+                format!("{raw}: expected a date (YYYY-MM-DD) or an RFC 3339 time"),
+            )
+        })
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -471,6 +516,53 @@ fn audit(settings: &Settings, cmd: AuditCommand) -> Result<(), Failure> {
             let to = audit_position(&mut conn, to.as_deref(), false)?;
             let report = yiqiao_registry::audit::verify_db(&mut conn, from, to, &key)?;
             print_report(&report, json)
+        }
+        AuditCommand::Report {
+            from,
+            to,
+            format,
+            out,
+            public_key,
+        } => {
+            let (from, to) = (report_time(&from, false)?, report_time(&to, true)?);
+            if from >= to {
+                return Err(Failure::new(EXIT_REJECTED, "--from must be before --to"));
+            }
+            let key = match &public_key {
+                Some(path) => read_public_key(path)?,
+                None => audit_signer(settings)?.public_key().clone(),
+            };
+            let store = open_store(settings)?;
+            let mut conn = store.conn()?;
+            let data = crate::report::gather(&mut conn, from, to, &key)?;
+            let text = match format {
+                ReportFormat::Html => crate::report::html(&data),
+                ReportFormat::Csv => crate::report::csv(&data),
+            };
+            match &out {
+                Some(path) => std::fs::write(path, &text).map_err(|e| {
+                    Failure::new(
+                        EXIT_RUNTIME,
+                        format!("cannot write {}: {e}", path.display()),
+                    )
+                })?,
+                None => print!("{text}"),
+            }
+            if data.verified() {
+                if let Some(path) = &out {
+                    println!(
+                        "report written to {}; chain {}",
+                        path.display(),
+                        data.verification_text()
+                    );
+                }
+                Ok(())
+            } else {
+                Err(Failure::new(
+                    EXIT_TAMPERED,
+                    format!("audit verification {}", data.verification_text()),
+                ))
+            }
         }
         AuditCommand::Export { from, to, out } => {
             let signer = audit_signer(settings)?;

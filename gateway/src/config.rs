@@ -231,6 +231,31 @@ pub struct AuditSettings {
     pub write_timeout_ms: u64,
     /// Name of this replica in AuditEvent.source. Empty: $HOSTNAME, else "gateway".
     pub replica_id: String,
+    /// Refused requests (401/403) waiting to be recorded. When full, further refusals are
+    /// counted and recorded as one summary record instead of one record each.
+    pub refusal_queue_capacity: usize,
+    /// Seconds between anomaly scans of the trail on this replica (0: this replica does not scan).
+    pub alert_scan_interval_secs: u64,
+    /// Alert when one agent reads more than this many distinct patients within the window (0: off).
+    pub alert_many_patients_threshold: u64,
+    pub alert_many_patients_window_secs: u64,
+    /// Local hours [start, end) that count as unusual for data access (start == end: off).
+    pub alert_off_hours_start: u32,
+    pub alert_off_hours_end: u32,
+    /// Local time = UTC + this many hours (China Standard Time: 8).
+    pub alert_utc_offset_hours: i32,
+    /// Alert when one agent breaks the glass (ETREAT) at least this often within the window (0: off).
+    pub alert_break_glass_threshold: u64,
+    pub alert_break_glass_window_secs: u64,
+    /// Alert when one agent has at least this many refused requests within the window (0: off).
+    pub alert_denials_threshold: u64,
+    pub alert_denials_window_secs: u64,
+    /// POST every new alert as JSON to this URL (empty: no webhook).
+    pub alert_webhook_url: String,
+    /// Delivery attempts per alert before it is marked failed (exponential back-off, ≤ 5 min).
+    pub alert_webhook_max_attempts: u32,
+    /// Timeout of one webhook request.
+    pub alert_webhook_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -384,6 +409,20 @@ impl Default for Settings {
                 queue_capacity: 65536,
                 write_timeout_ms: 5000,
                 replica_id: String::new(),
+                refusal_queue_capacity: 10_000,
+                alert_scan_interval_secs: 10,
+                alert_many_patients_threshold: 50,
+                alert_many_patients_window_secs: 600,
+                alert_off_hours_start: 22,
+                alert_off_hours_end: 6,
+                alert_utc_offset_hours: 8,
+                alert_break_glass_threshold: 3,
+                alert_break_glass_window_secs: 86_400,
+                alert_denials_threshold: 20,
+                alert_denials_window_secs: 300,
+                alert_webhook_url: String::new(),
+                alert_webhook_max_attempts: 8,
+                alert_webhook_timeout_ms: 5000,
             },
             consent: ConsentSettings::default(),
         }
@@ -577,6 +616,37 @@ impl Settings {
         }
         if let Err(e) = consent.policy.validate() {
             return bad("consent.policy", &e.to_string());
+        }
+        let audit = &self.audit;
+        if audit.alert_off_hours_start > 23 || audit.alert_off_hours_end > 23 {
+            return bad("audit.alert_off_hours_start", "hours must be 0–23");
+        }
+        if !(-12..=14).contains(&audit.alert_utc_offset_hours) {
+            return bad("audit.alert_utc_offset_hours", "must be between -12 and 14");
+        }
+        for (key, secs) in [
+            (
+                "audit.alert_many_patients_window_secs",
+                audit.alert_many_patients_window_secs,
+            ),
+            (
+                "audit.alert_break_glass_window_secs",
+                audit.alert_break_glass_window_secs,
+            ),
+            (
+                "audit.alert_denials_window_secs",
+                audit.alert_denials_window_secs,
+            ),
+        ] {
+            if secs == 0 {
+                return bad(key, "must be positive");
+            }
+        }
+        if !audit.alert_webhook_url.is_empty() {
+            match url::Url::parse(&audit.alert_webhook_url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                _ => return bad("audit.alert_webhook_url", "must be an http(s) URL"),
+            }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return bad("log.level", &e.to_string());

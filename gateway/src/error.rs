@@ -172,7 +172,12 @@ impl ResponseError for ApiError {
         if let Some(cause) = &self.internal {
             tracing::error!(code = self.code.code(), request_id = request_id.as_deref().unwrap_or("-"), cause = %cause, "request failed");
         }
-        resp.json(self.outcome(request_id.as_deref()))
+        let mut resp = resp.json(self.outcome(request_id.as_deref()));
+        resp.extensions_mut().insert(crate::audit::RefusalInfo {
+            code: self.code.code(),
+            message: self.message.clone(),
+        });
+        resp
     }
 }
 

@@ -1,6 +1,7 @@
 //! The Yiqiao gateway: HTTP (actix-web), authentication, federation and the command line.
 //! Only this crate knows HTTP; storage is `yiqiao_registry`, policy is `yiqiao_consent`.
 
+pub mod alerting;
 pub mod app;
 pub mod audit;
 pub mod auth;
@@ -17,6 +18,7 @@ pub mod mtls;
 pub mod oauth;
 pub mod oidc;
 pub mod policy;
+pub mod report;
 pub mod routes;
 pub mod staff;
 pub mod state;

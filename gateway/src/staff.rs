@@ -24,7 +24,7 @@ use std::pin::Pin;
 
 use actix_web::dev::Payload;
 use actix_web::http::header;
-use actix_web::{FromRequest, HttpRequest, web};
+use actix_web::{FromRequest, HttpMessage, HttpRequest, web};
 use serde::Serialize;
 use subtle::ConstantTimeEq;
 
@@ -229,6 +229,16 @@ impl<R: RoleNeed + 'static> FromRequest for RequireRole<R> {
         let req = req.clone();
         Box::pin(async move {
             let staff = Staff::authenticate(&req).await?;
+            if let Some(staff) = &staff {
+                // Whoever was authenticated is named if the request is later refused
+                // (the refusal recorder in crate::audit reads this).
+                req.extensions_mut().insert(crate::audit::AuditAgent {
+                    institution: None,
+                    user: Some(staff.subject.clone()),
+                    role: Some(crate::oidc::roles_text(&staff.roles)),
+                    purpose: None,
+                });
+            }
             let staff = staff.ok_or_else(|| {
                 unauthenticated(&format!(
                     "this API needs a credential with the {} role: Authorization: Bearer <token>",

@@ -9,6 +9,7 @@
 mod helpers;
 
 mod audit;
+mod auditing;
 mod auth;
 mod cli;
 mod consent;

@@ -11,7 +11,11 @@ use crate::on_both_backends;
 on_both_backends!(health_metrics_and_capability_statement);
 
 async fn health_metrics_and_capability_statement(backend: Backend) {
-    let app = TestApp::spawn(backend).await;
+    const AUDITOR: &str = "test-auditor-token-0123";
+    let app = TestApp::spawn_with(backend, |s| {
+        s.auditor_token = yiqiao_gateway::config::Secret::new(AUDITOR)
+    })
+    .await;
     let health: Value = app.get("/healthz").await.json().await.unwrap();
     assert_eq!(health["status"], "alive");
     let ready = app.get("/readyz").await;
@@ -91,14 +95,35 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
     let consent_id = recorded["id"].as_str().unwrap().to_string();
     let mut consent_update = recorded.clone();
     consent_update["status"] = serde_json::json!("inactive");
+    // AuditEvent is for the auditor role (the admin credential is refused there).
+    let latest: Value = app
+        .client
+        .get(app.url("/fhir/AuditEvent?_count=1"))
+        .bearer_auth(AUDITOR)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let audit_event_id = latest["entry"][0]["resource"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let as_member = |req: reqwest::RequestBuilder, ty: &str| {
+        if ty == "AuditEvent" {
+            req.bearer_auth(AUDITOR)
+        } else {
+            as_member(req)
+        }
+    };
     for res in resources {
         let ty = res["type"].as_str().unwrap();
-        let read_id = if ty == "Patient" {
-            patient_id.as_str()
-        } else if ty == "Consent" {
-            consent_id.as_str()
-        } else {
-            "hosp-001"
+        let read_id = match ty {
+            "Patient" => patient_id.as_str(),
+            "Consent" => consent_id.as_str(),
+            "AuditEvent" => audit_event_id.as_str(),
+            _ => "hosp-001",
         };
         for interaction in res["interaction"].as_array().unwrap() {
             let code = interaction["code"].as_str().unwrap();
@@ -124,7 +149,7 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
                     .json(&patient),
                 other => panic!("interaction {other} listed but not tested"),
             };
-            let resp = as_member(req).send().await.unwrap();
+            let resp = as_member(req, ty).send().await.unwrap();
             assert!(
                 resp.status().is_success(),
                 "{code} on {ty} listed in CapabilityStatement: {}",
@@ -143,7 +168,7 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
                         "parameter": [{ "name": "resource", "resource": patient }] })),
                 other => panic!("operation {other} listed but not tested"),
             };
-            let resp = as_member(req).send().await.unwrap();
+            let resp = as_member(req, ty).send().await.unwrap();
             assert_eq!(resp.status(), 200, "operation {op} listed but rejected");
         }
         for param in res["searchParam"].as_array().unwrap() {
@@ -157,11 +182,14 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
                 _ if name == "type" => "hospital",
                 _ if name == "status" => "active",
                 _ if name == "gender" => "male",
+                _ if name == "outcome" => "0",
+                _ if name == "purpose" => "TREAT",
                 _ => "x",
             };
             let resp = as_member(
                 app.client
                     .get(app.url(&format!("/fhir/{ty}?{name}={value}"))),
+                ty,
             )
             .send()
             .await

@@ -5,7 +5,7 @@ use actix_web::{HttpResponse, web};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use crate::routes::{consent, directory, empi, institutions, metadata, ops, patients};
+use crate::routes::{auditing, consent, directory, empi, institutions, metadata, ops, patients};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -27,6 +27,8 @@ use crate::routes::{consent, directory, empi, institutions, metadata, ops, patie
         crate::oidc::logout, crate::oidc::whoami, crate::mtls::bind, crate::mtls::unbind,
         consent::create, consent::update, consent::read, consent::search, consent::evaluate,
         consent::put_agreement, consent::list_agreements,
+        auditing::search, auditing::read, auditing::list_alerts, auditing::ack_alert,
+        auditing::list_flags, auditing::put_flag, auditing::delete_flag,
     ),
     components(schemas(institutions::InstitutionInput, institutions::InstitutionView,
                         institutions::InstitutionList, institutions::Sm2KeyInput,
@@ -35,7 +37,9 @@ use crate::routes::{consent, directory, empi, institutions, metadata, ops, patie
                         crate::oidc::StaffToken, crate::oidc::StaffView,
                         crate::mtls::ClientCertBinding,
                         consent::EvaluateInput, consent::EvaluateOutput,
-                        consent::AgreementInput, consent::AgreementView)),
+                        consent::AgreementInput, consent::AgreementView,
+                        auditing::AlertView, auditing::AlertList, auditing::NoteInput,
+                        auditing::FlagView)),
     modifiers(&SecurityAddon),
     tags(
         (name = "operations", description = "Health, readiness, metrics"),
@@ -45,6 +49,7 @@ use crate::routes::{consent, directory, empi, institutions, metadata, ops, patie
         (name = "staff", description = "People's login (OpenID Connect), staff sessions and tokens (docs/auth.md)"),
         (name = "empi", description = "Master patient index: Patient feed, PDQm, PIXm, $match, persons, review"),
         (name = "consent", description = "Patients' consents (FHIR Consent) and the policy simulator (docs/consent.md)"),
+        (name = "audit", description = "Auditors' workspace: AuditEvent search, who accessed a patient's records, anomaly alerts, flagged patients (docs/audit.md)"),
     )
 )]
 pub struct ApiDoc;
@@ -56,6 +61,10 @@ impl utoipa::Modify for SecurityAddon {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "admin_token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "auditor_token",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
         components.add_security_scheme(

@@ -7,6 +7,7 @@ use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
+use yiqiao_registry::audit::EntityRef;
 use yiqiao_registry::empi::store::{self as empi, ReviewDecision};
 
 use crate::error::ApiError;
@@ -94,8 +95,18 @@ pub async fn merge(
     let target = id.into_inner();
     let source = body.0.source;
     let actor = admin.subject.clone();
+    let mut audit = state
+        .auditor
+        .admin_event(&admin, "operation", "U", format!("Person/{target}"));
+    audit.patient_id = Some(target.clone());
+    audit
+        .entities
+        .push(EntityRef::query(format!("$merge source=Person/{source}")));
     let event = state
-        .db(move |conn| empi::merge(conn, &target, &source, &actor))
+        .auditor
+        .change(audit, move |conn, _| {
+            Ok(empi::merge(conn, &target, &source, &actor)?)
+        })
         .await?;
     Ok(HttpResponse::Ok().json(json!({ "event": event })))
 }
@@ -114,8 +125,18 @@ pub async fn unmerge(
     let target = id.into_inner();
     let source = body.0.source;
     let actor = admin.subject.clone();
+    let mut audit = state
+        .auditor
+        .admin_event(&admin, "operation", "U", format!("Person/{target}"));
+    audit.patient_id = Some(target.clone());
+    audit
+        .entities
+        .push(EntityRef::query(format!("$unmerge source=Person/{source}")));
     let event = state
-        .db(move |conn| empi::unmerge(conn, &target, &source, &actor))
+        .auditor
+        .change(audit, move |conn, _| {
+            Ok(empi::unmerge(conn, &target, &source, &actor)?)
+        })
         .await?;
     Ok(HttpResponse::Ok().json(json!({ "event": event })))
 }
@@ -157,14 +178,27 @@ pub struct ReviewInput {
 }
 
 async fn resolve(
-    actor: String,
+    staff: crate::staff::Staff,
     state: web::Data<AppState>,
     id: String,
     decision: ReviewDecision,
     note: Option<String>,
 ) -> Result<HttpResponse, ApiError> {
+    let audit = state
+        .auditor
+        .admin_event(&staff, "update", "U", format!("EmpiReview/{id}"));
+    let actor = staff.subject;
     let item = state
-        .db(move |conn| empi::resolve_review(conn, &id, decision, &actor, note.as_deref()))
+        .auditor
+        .change(audit, move |conn, _| {
+            Ok(empi::resolve_review(
+                conn,
+                &id,
+                decision,
+                &actor,
+                note.as_deref(),
+            )?)
+        })
         .await?;
     Ok(HttpResponse::Ok().json(item))
 }
@@ -180,7 +214,7 @@ pub async fn review_link(
     body: ValidJson<ReviewInput>,
 ) -> Result<HttpResponse, ApiError> {
     resolve(
-        admin.staff.subject,
+        admin.staff,
         state,
         id.into_inner(),
         ReviewDecision::Link,
@@ -200,7 +234,7 @@ pub async fn review_keep_separate(
     body: ValidJson<ReviewInput>,
 ) -> Result<HttpResponse, ApiError> {
     resolve(
-        admin.staff.subject,
+        admin.staff,
         state,
         id.into_inner(),
         ReviewDecision::KeepSeparate,

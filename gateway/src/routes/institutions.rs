@@ -191,15 +191,16 @@ pub async fn create(
     state: web::Data<AppState>,
     ValidJson(input): ValidJson<InstitutionInput>,
 ) -> Result<HttpResponse, ApiError> {
-    let spec = directory::validate(&input.into_spec())?;
-    let created = state.db(move |conn| directory::create(conn, &spec)).await?;
-    let event = state.auditor.admin_event(
-        &admin,
-        "create",
-        "C",
-        format!("Organization/{}", created.id),
-    );
-    state.auditor.record(event).await?;
+    let event = state
+        .auditor
+        .admin_event(&admin, "create", "C", format!("Organization/{}", input.id));
+    let created = state
+        .auditor
+        .change(event, move |conn, _| {
+            let spec = directory::validate(&input.into_spec())?;
+            Ok(directory::create(conn, &spec)?)
+        })
+        .await?;
     tracing::info!(institution = %created.id, "institution registered");
     let location = format!("/admin/institutions/{}", created.id);
     let mut resp = with_etag(actix_web::http::StatusCode::CREATED, created);
@@ -302,17 +303,16 @@ pub async fn update(
         .field("id"));
     }
     let expected = if_match(&req)?;
-    let spec = directory::validate(&input.into_spec())?;
+    let event = state
+        .auditor
+        .admin_event(&admin, "update", "U", format!("Organization/{id}"));
     let updated = state
-        .db(move |conn| directory::update(conn, &spec, expected))
+        .auditor
+        .change(event, move |conn, _| {
+            let spec = directory::validate(&input.into_spec())?;
+            Ok(directory::update(conn, &spec, expected)?)
+        })
         .await?;
-    let event = state.auditor.admin_event(
-        &admin,
-        "update",
-        "U",
-        format!("Organization/{}", updated.id),
-    );
-    state.auditor.record(event).await?;
     tracing::info!(institution = %updated.id, version = updated.version, "institution updated");
     Ok(with_etag(actix_web::http::StatusCode::OK, updated))
 }
@@ -325,14 +325,16 @@ async fn set_status(
     status: InstitutionStatus,
 ) -> Result<HttpResponse, ApiError> {
     let expected = if_match(&req)?;
+    let mut event = state
+        .auditor
+        .admin_event(staff, "update", "U", format!("Organization/{id}"));
+    event.outcome_desc = Some(format!("status set to {}", status.as_str()));
     let inst = state
-        .db(move |conn| directory::set_status(conn, &id, status, expected))
+        .auditor
+        .change(event, move |conn, _| {
+            Ok(directory::set_status(conn, &id, status, expected)?)
+        })
         .await?;
-    let event =
-        state
-            .auditor
-            .admin_event(staff, "update", "U", format!("Organization/{}", inst.id));
-    state.auditor.record(event).await?;
     tracing::info!(institution = %inst.id, status = status.as_str(), "institution status set");
     Ok(with_etag(actix_web::http::StatusCode::OK, inst))
 }

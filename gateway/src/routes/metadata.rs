@@ -73,6 +73,21 @@ pub const IMPLEMENTED: &[ResourceCapability] = &[
         documentation: "Patients' privacy consents (one provision: permit or deny, by actor institution, purpose, data class, security label and period), recorded by member institutions; patient is a Patient source record or enterprise person. Enforced at every Patient exit; revoking (status inactive) takes effect on the next request on every replica. docs/consent.md.",
         operations: &[],
     },
+    ResourceCapability {
+        resource: "AuditEvent",
+        interactions: &["read", "search-type"],
+        search_params: &[
+            ("patient", "reference"),
+            ("agent", "reference"),
+            ("entity", "reference"),
+            ("date", "date"),
+            ("outcome", "token"),
+            ("purpose", "token"),
+            ("_id", "token"),
+        ],
+        documentation: "The tamper-evident audit trail (IHE BALP), newest first. Auditor role: every event as recorded (SM3-chained). Institutions with system/AuditEvent.s: the accesses to one of their own patients (patient required), trimmed to institution, purpose and time.",
+        operations: &[],
+    },
 ];
 
 pub fn capability_statement(base_url: &str) -> Value {

@@ -289,3 +289,63 @@ pub fn append_batch(
         }
     }
 }
+
+/// Why an audited change was not committed: the change itself refused, or the database
+/// (including the audit append) failed. Either way nothing of it was stored.
+#[derive(Debug)]
+pub enum ChangeError<E> {
+    Change(E),
+    Db(diesel::result::Error),
+}
+
+impl<E> From<diesel::result::Error> for ChangeError<E> {
+    fn from(e: diesel::result::Error) -> ChangeError<E> {
+        ChangeError::Db(e)
+    }
+}
+
+/// Run `work` (a change: it returns its result and the audit event describing it) and append
+/// that event in the SAME transaction: the change is committed if and only if its audit record
+/// is. The chain head is locked after the change (PostgreSQL), so the lock is held only for the
+/// append; on SQLite the write lock is taken first (a deferred transaction cannot wait for it).
+pub fn append_with<T, E, F>(
+    conn: &mut DbConn,
+    signer: &AuditSigner,
+    opts: AppendOptions,
+    work: F,
+) -> Result<(T, Appended), ChangeError<E>>
+where
+    F: FnOnce(&mut DbConn) -> Result<(T, AuditEvent), E>,
+{
+    if let DbConn::Sqlite(lite) = conn {
+        lite.batch_execute("PRAGMA synchronous = FULL")?;
+    }
+    conn.transaction::<_, ChangeError<E>, _>(|tx| {
+        if matches!(tx, DbConn::Sqlite(_)) {
+            diesel::update(audit_chain_head::table.find(1))
+                .set(audit_chain_head::head_seq.eq(audit_chain_head::head_seq))
+                .execute(tx)?;
+        }
+        let (value, event) = work(tx).map_err(ChangeError::Change)?;
+        let prepared = [PreparedEvent::new(event)];
+        let appended: Vec<Appended> = match tx {
+            DbConn::Postgresql(pg) => {
+                let head: HeadRow = audit_chain_head::table.find(1).for_update().first(pg)?;
+                (|| -> Result<Vec<Appended>, diesel::result::Error> {
+                    append_body!(pg, head, &prepared, signer, opts)
+                })()?
+            }
+            DbConn::Sqlite(lite) => {
+                let head: HeadRow = audit_chain_head::table.find(1).first(lite)?;
+                (|| -> Result<Vec<Appended>, diesel::result::Error> {
+                    append_body!(lite, head, &prepared, signer, opts)
+                })()?
+            }
+        };
+        let appended = appended
+            .into_iter()
+            .next()
+            .ok_or(diesel::result::Error::NotFound)?;
+        Ok((value, appended))
+    })
+}

@@ -11,8 +11,10 @@
 //!   rebuilds the resource from the columns and requires it to equal the hashed one.
 //! - A checkpoint signs `(seq, head hash, signed_at, key id)` with the gateway's SM2 key.
 
+pub mod alerts;
 mod append;
 pub mod export;
+pub mod query;
 mod verify;
 
 use chrono::NaiveDateTime;
@@ -23,7 +25,8 @@ use yiqiao_sm::{
 };
 
 pub use append::{
-    AppendOptions, Appended, PreparedEvent, append_batch, chain_head, checkpoint_due,
+    AppendOptions, Appended, ChangeError, PreparedEvent, append_batch, append_with, chain_head,
+    checkpoint_due,
 };
 pub use verify::{
     ChainVerifier, CheckpointRecord, Problem, ProblemKind, Report, seq_at_or_after,
@@ -105,6 +108,13 @@ pub struct AuditEvent {
     pub consent_reasons: Option<Value>,
     pub request_id: Option<String>,
     pub source_replica: String,
+    /// Network address of the requestor (BALP `agent.network`), e.g. for refused requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_address: Option<String>,
+    /// Free-text description of the outcome (`AuditEvent.outcomeDesc`), e.g. why a request
+    /// was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome_desc: Option<String>,
 }
 
 impl AuditEvent {
@@ -127,6 +137,8 @@ impl AuditEvent {
             consent_reasons: None,
             request_id: None,
             source_replica: source_replica.into(),
+            agent_address: None,
+            outcome_desc: None,
         }
     }
 
@@ -174,6 +186,9 @@ impl AuditEvent {
             requestor["purposeOfUse"] =
                 json!([{"coding": [{"system": PURPOSE_SYSTEM, "code": purpose}]}]);
         }
+        if let Some(address) = &self.agent_address {
+            requestor["network"] = json!({"address": address, "type": "2"});
+        }
         let gateway = json!({
             "requestor": false,
             "type": {"coding": [{"system": DICOM_SYSTEM, "code": "110152", "display": "Destination Role ID"}]},
@@ -209,6 +224,9 @@ impl AuditEvent {
                 "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "4"}],
             },
         });
+        if let Some(desc) = &self.outcome_desc {
+            resource["outcomeDesc"] = json!(desc);
+        }
         if let Some(p) = profile {
             resource["meta"] = json!({"profile": [format!("https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit.{p}")]});
         }

@@ -275,3 +275,41 @@ diesel::table! {
         seq -> BigInt,
     }
 }
+
+diesel::table! {
+    audit_alerts (id) {
+        id -> Text,
+        rule -> Text,
+        dedupe_key -> Text,
+        agent -> Nullable<Text>,
+        patient_id -> Nullable<Text>,
+        first_seq -> BigInt,
+        last_seq -> BigInt,
+        detail -> Text,
+        created_at -> Timestamp,
+        status -> Text,
+        ack_by -> Nullable<Text>,
+        ack_note -> Nullable<Text>,
+        ack_at -> Nullable<Timestamp>,
+        webhook_state -> Text,
+        webhook_attempts -> Integer,
+        next_attempt_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    audit_alert_cursor (id) {
+        id -> Integer,
+        last_seq -> BigInt,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    audit_flagged_patients (patient_id) {
+        patient_id -> Text,
+        note -> Text,
+        flagged_by -> Text,
+        flagged_at -> Timestamp,
+    }
+}

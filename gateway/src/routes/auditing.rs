@@ -1,0 +1,692 @@
+//! The auditors' workspace API (docs/audit.md "Auditors' API"):
+//!
+//! - `GET /fhir/AuditEvent` and `GET /fhir/AuditEvent/{id}` — for the **auditor** role: the
+//!   stored BALP AuditEvents as hashed, newest first, paged by a chain-position cursor.
+//! - `GET /fhir/AuditEvent?patient=…` with an institution's access token holding
+//!   `system/AuditEvent.s` — **"who accessed my records"** for patient-facing platforms: only
+//!   events about that patient, only for a patient the institution itself registered, and each
+//!   event trimmed to the accessing institution, purpose of use, time, action and outcome.
+//! - `/audit/alerts` (list, acknowledge) and `/audit/flagged-patients` (the VIP list) — auditor.
+//!
+//! The admin credential never reaches these APIs (403), and every read here is itself audited
+//! before the response is built.
+
+use actix_web::dev::Payload;
+use actix_web::http::header;
+use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
+use chrono::{NaiveDate, NaiveDateTime};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use utoipa::ToSchema;
+use yiqiao_registry::audit::query::{self, EventFilter, StoredEvent, TimeBound};
+use yiqiao_registry::audit::{EMPI_SYSTEM, alerts};
+use yiqiao_registry::empi::store as empi;
+
+use crate::auth::{Caller, CallerVia};
+use crate::error::{ApiError, ErrorCode};
+use crate::extract::ValidJson;
+use crate::fhir;
+use crate::staff::{Auditor, RequireRole, Role, Staff};
+use crate::state::AppState;
+
+/// Who is reading the trail.
+enum Viewer {
+    /// The auditor role: everything, as stored.
+    Auditor(Staff),
+    /// A member institution (patient-facing platform): one of its patients, trimmed.
+    Platform(Box<Caller>),
+}
+
+async fn viewer(req: &HttpRequest) -> Result<Viewer, ApiError> {
+    match Staff::authenticate(req) {
+        Ok(Some(staff)) if staff.has(Role::Auditor) => Ok(Viewer::Auditor(staff)),
+        Ok(Some(staff)) => Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "the audit trail is for the auditor role (or an institution's access token with system/AuditEvent.s for its own patients); {} holds {}",
+                staff.subject,
+                staff.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        )),
+        Ok(None) => Err(ApiError::new(
+            ErrorCode::Unauthenticated,
+            "an Authorization: Bearer credential is required: the auditor credential, or an institution's access token with system/AuditEvent.s",
+        )
+        .header(header::WWW_AUTHENTICATE, "Bearer realm=\"yiqiao\"")),
+        // Not an operator credential: perhaps an institution's access token.
+        Err(_) => {
+            let caller = Caller::from_request(req, &mut Payload::None).await?;
+            if caller.via != CallerVia::AccessToken {
+                return Err(ApiError::new(
+                    ErrorCode::Forbidden,
+                    "the audit trail is not available on behalf of an institution",
+                ));
+            }
+            Ok(Viewer::Platform(Box::new(caller)))
+        }
+    }
+}
+
+const SEARCH_PARAMS: [&str; 9] = [
+    "patient", "agent", "entity", "date", "outcome", "purpose", "_count", "_id", "_cursor",
+];
+
+/// A parsed search: the filter without the patient (resolved against the EMPI later).
+struct Search {
+    filter: EventFilter,
+    patient: Option<String>,
+    count: i64,
+    params: Vec<(String, String)>,
+}
+
+fn parse_time(name: &str, raw: &str) -> Result<Vec<TimeBound>, ApiError> {
+    let (prefix, value) = match raw.get(..2) {
+        Some(p @ ("eq" | "ge" | "gt" | "le" | "lt")) => (p, &raw[2..]),
+        _ => ("eq", raw),
+    };
+    let bad = || {
+        ApiError::invalid_param(
+            name,
+            "must be [eq|ge|gt|le|lt]YYYY-MM-DD or an RFC 3339 date-time (e.g. ge2026-11-01T00:00:00Z)",
+        )
+    };
+    if let Ok(day) = NaiveDate::parse_from_str(value, "%Y-%m-%d") {
+        let start = day.and_hms_opt(0, 0, 0).ok_or_else(bad)?;
+        let next = start + chrono::Duration::days(1);
+        return Ok(match prefix {
+            "eq" => vec![TimeBound::From(start), TimeBound::Before(next)],
+            "ge" => vec![TimeBound::From(start)],
+            "gt" => vec![TimeBound::From(next)],
+            "le" => vec![TimeBound::Before(next)],
+            _ => vec![TimeBound::Before(start)],
+        });
+    }
+    let t: NaiveDateTime = chrono::DateTime::parse_from_rfc3339(value)
+        .map_err(|_| bad())?
+        .naive_utc();
+    Ok(match prefix {
+        "eq" => vec![TimeBound::From(t), TimeBound::Until(t)],
+        "ge" => vec![TimeBound::From(t)],
+        "gt" => vec![TimeBound::After(t)],
+        "le" => vec![TimeBound::Until(t)],
+        _ => vec![TimeBound::Before(t)],
+    })
+}
+
+/// `Organization/x`, `system|x` or `x` → `x`.
+fn reference_value(raw: &str) -> String {
+    if let Some((_, v)) = raw.split_once('|') {
+        return v.to_string();
+    }
+    match raw.split_once('/') {
+        Some((_, v)) if !v.is_empty() => v.to_string(),
+        _ => raw.to_string(),
+    }
+}
+
+fn parse_search(req: &HttpRequest) -> Result<Search, ApiError> {
+    let params: Vec<(String, String)> = url::form_urlencoded::parse(req.query_string().as_bytes())
+        .into_owned()
+        .collect();
+    let mut filter = EventFilter::default();
+    let mut patient = None;
+    let mut count = 50;
+    let mut seen = std::collections::BTreeSet::new();
+    for (name, value) in &params {
+        if !SEARCH_PARAMS.contains(&name.as_str()) {
+            return Err(ApiError::invalid_param(
+                name,
+                format!("unknown parameter; supported: {}", SEARCH_PARAMS.join(", ")),
+            ));
+        }
+        if name != "date" && !seen.insert(name.clone()) {
+            return Err(ApiError::invalid_param(name, "may be given only once"));
+        }
+        if value.trim().is_empty() {
+            return Err(ApiError::invalid_param(name, "must not be empty"));
+        }
+        match name.as_str() {
+            "patient" => patient = Some(value.clone()),
+            "agent" => filter.agent = Some(reference_value(value)),
+            "entity" => {
+                if !value.contains('/') {
+                    return Err(ApiError::invalid_param(
+                        "entity",
+                        "must be a reference such as Patient/123 or Organization/hosp-001",
+                    ));
+                }
+                filter.entity = Some(value.clone());
+            }
+            "date" => filter.time.extend(parse_time("date", value)?),
+            "outcome" => {
+                if !["0", "4", "8", "12"].contains(&value.as_str()) {
+                    return Err(ApiError::invalid_param("outcome", "must be 0, 4, 8 or 12"));
+                }
+                filter.outcome = Some(value.clone());
+            }
+            "purpose" => {
+                let code = value.rsplit('|').next().unwrap_or(value);
+                if yiqiao_consent::Purpose::from_code(code).is_none() {
+                    return Err(ApiError::invalid_param(
+                        "purpose",
+                        "must be a purpose of use code: TREAT, ETREAT, HPAYMT, HOPERAT, PUBHLTH, HRESCH, PATRQT",
+                    ));
+                }
+                filter.purpose = Some(code.to_string());
+            }
+            "_count" => {
+                count = value
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|n| (1..=500).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::invalid_param("_count", "must be an integer from 1 to 500")
+                    })?;
+            }
+            "_id" => filter.event_id = Some(value.clone()),
+            _ => {
+                filter.before_seq = Some(value.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(
+                    || ApiError::invalid_param("_cursor", "must be the value from a next link"),
+                )?);
+            }
+        }
+    }
+    filter.limit = count + 1;
+    Ok(Search {
+        filter,
+        patient,
+        count,
+        params,
+    })
+}
+
+/// The enterprise person a `patient` parameter names: `Patient/<source record id>` (resolved
+/// through the EMPI), `<empi system>|<id>` or a bare enterprise id. `None`: no such patient.
+fn resolve_patient(
+    conn: &mut yiqiao_registry::store::DbConn,
+    raw: &str,
+) -> Result<Option<String>, ApiError> {
+    if let Some(record) = raw.strip_prefix("Patient/") {
+        return match empi::get_record(conn, record) {
+            Ok(r) => Ok(r.link.map(|l| l.person_id)),
+            Err(empi::EmpiError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        };
+    }
+    match raw.split_once('|') {
+        Some((system, value)) if system == EMPI_SYSTEM => Ok(Some(value.to_string())),
+        Some(_) => Err(ApiError::invalid_param(
+            "patient",
+            format!("must be Patient/<id>, {EMPI_SYSTEM}|<enterprise id> or an enterprise id"),
+        )),
+        None => Ok(Some(raw.to_string())),
+    }
+}
+
+/// The "who accessed my records" view of an event: accessing institution, purpose of use,
+/// time, action and outcome; no user, role, address, query text, replica or request id.
+fn trimmed(e: &StoredEvent) -> Value {
+    let stored: Value = serde_json::from_str(&e.resource).unwrap_or(Value::Null);
+    let requestor = &stored["agent"][0];
+    let mut agent = json!({
+        "requestor": true,
+        "type": requestor["type"],
+        "who": requestor["who"],
+    });
+    if !requestor["purposeOfUse"].is_null() {
+        agent["purposeOfUse"] = requestor["purposeOfUse"].clone();
+    }
+    let mut v = json!({
+        "resourceType": "AuditEvent",
+        "id": e.event_id,
+        "type": stored["type"],
+        "subtype": stored["subtype"],
+        "action": stored["action"],
+        "recorded": stored["recorded"],
+        "outcome": stored["outcome"],
+        "agent": [agent],
+        "source": {"observer": {"display": "Yiqiao regional gateway"}},
+    });
+    if let Some(p) = &e.patient_id {
+        v["entity"] = json!([{
+            "what": {"identifier": {"system": EMPI_SYSTEM, "value": p}},
+            "role": {"system": yiqiao_registry::audit::OBJECT_ROLE_SYSTEM, "code": "1"},
+        }]);
+    }
+    v
+}
+
+fn fhir_ok(body: Value) -> HttpResponse {
+    HttpResponse::Ok().content_type(fhir::FHIR_JSON).json(body)
+}
+
+/// Search the audit trail (auditor role), or one patient's accesses (institution access token
+/// with system/AuditEvent.s, `patient` required). Newest first; `next` link pages on.
+#[utoipa::path(get, path = "/fhir/AuditEvent", tag = "audit",
+    params(
+        ("patient" = Option<String>, Query, description = "Patient/<source record id>, https://yiqiao.health/fhir/sid/empi|<id> or an enterprise id (required for institutions)"),
+        ("agent" = Option<String>, Query, description = "Requesting institution (Organization/<id> or id) or user"),
+        ("entity" = Option<String>, Query, description = "A resource the event is about, e.g. Organization/hosp-001"),
+        ("date" = Option<String>, Query, description = "[eq|ge|gt|le|lt]YYYY-MM-DD or RFC 3339 date-time; repeatable"),
+        ("outcome" = Option<String>, Query, description = "0 | 4 | 8 | 12"),
+        ("purpose" = Option<String>, Query, description = "Purpose of use code (TREAT, ETREAT, …)"),
+        ("_count" = Option<i64>, Query, description = "Page size, 1–500 (default 50)"),
+        ("_id" = Option<String>, Query, description = "AuditEvent id"),
+        ("_cursor" = Option<i64>, Query, description = "Paging cursor from a next link"),
+    ),
+    responses(
+        (status = 200, description = "searchset Bundle of AuditEvents (BALP), newest first"),
+        (status = 400, description = "OperationOutcome naming the parameter"),
+        (status = 401, description = "No credential"),
+        (status = 403, description = "Not the auditor role, missing scope, or a patient the institution did not register"),
+    ),
+    security(("auditor_token" = []), ("access_token" = [])))]
+pub async fn search(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let viewer = viewer(&req).await?;
+    let s = parse_search(&req)?;
+    if let Viewer::Platform(caller) = &viewer {
+        caller.require("AuditEvent", 's')?;
+        if s.patient.is_none() {
+            return Err(ApiError::invalid_param(
+                "patient",
+                "is required: an institution sees the accesses to one of its own patients",
+            ));
+        }
+        if s.filter.agent.is_some() || s.filter.entity.is_some() || s.filter.event_id.is_some() {
+            return Err(ApiError::invalid_param(
+                "patient",
+                "institutions may filter by patient, date, outcome and purpose only",
+            ));
+        }
+    }
+    let platform = match &viewer {
+        Viewer::Platform(c) => Some(c.institution.id.to_string()),
+        Viewer::Auditor(_) => None,
+    };
+    let raw_patient = s.patient.clone();
+    let mut filter = s.filter.clone();
+    let (person, found) = state
+        .db(move |conn| -> Result<_, ApiError> {
+            let person = match &raw_patient {
+                None => None,
+                Some(raw) => Some(resolve_patient(conn, raw)?),
+            };
+            if let Some(inst) = &platform {
+                // Only a patient the institution registered itself.
+                let registered = match person.as_ref().and_then(|p| p.as_ref()) {
+                    Some(p) => empi::records_of_person(conn, p)?
+                        .iter()
+                        .any(|r| &r.institution_id == inst),
+                    None => false,
+                };
+                if !registered {
+                    return Err(ApiError::new(
+                        ErrorCode::Forbidden,
+                        format!("the patient is not registered by {inst}; an institution sees only the accesses to its own patients"),
+                    ));
+                }
+            }
+            let found = match &person {
+                Some(None) => Vec::new(),
+                Some(Some(p)) => {
+                    filter.patient = Some(p.clone());
+                    query::search(conn, &filter)?
+                }
+                None => query::search(conn, &filter)?,
+            };
+            Ok((person.flatten(), found))
+        })
+        .await?;
+    let mut found = found;
+    let more = found.len() as i64 > s.count;
+    found.truncate(s.count as usize);
+    // The reader's own access, recorded before the response is built.
+    let query_text = format!("{}?{}", req.path(), req.query_string());
+    let event = match &viewer {
+        Viewer::Auditor(staff) => {
+            let mut e = state.auditor.search_event(query_text);
+            e.agent_user = Some(staff.subject.clone());
+            e.agent_role = Some("auditor".into());
+            e.patient_id = person.clone();
+            e
+        }
+        Viewer::Platform(caller) => {
+            let e = state.auditor.search_event(query_text);
+            state.auditor.by_caller(e, caller, person.clone())
+        }
+    };
+    state.auditor.record(event).await?;
+    let resources: Vec<Value> = found
+        .iter()
+        .map(|e| match viewer {
+            Viewer::Auditor(_) => serde_json::from_str(&e.resource).unwrap_or(Value::Null),
+            Viewer::Platform(_) => trimmed(e),
+        })
+        .collect();
+    let path = req.path();
+    let build = |cursor: Option<i64>| {
+        let mut p: Vec<(String, String)> = s
+            .params
+            .iter()
+            .filter(|(k, _)| k != "_cursor")
+            .cloned()
+            .collect();
+        if let Some(c) = cursor {
+            p.push(("_cursor".into(), c.to_string()));
+        }
+        let q: String = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(p)
+            .finish();
+        format!("{}{path}?{q}", state.base_url)
+    };
+    let self_url = build(s.filter.before_seq);
+    let next = more.then(|| build(found.last().map(|e| e.seq)));
+    Ok(fhir_ok(fhir::searchset(
+        &state.base_url,
+        &self_url,
+        next,
+        None,
+        resources,
+    )))
+}
+
+/// Read one AuditEvent (auditor role).
+#[utoipa::path(get, path = "/fhir/AuditEvent/{id}", tag = "audit",
+    params(("id" = String, Path, description = "AuditEvent id")),
+    responses((status = 200, description = "AuditEvent (BALP), as hashed"), (status = 404, description = "OperationOutcome")),
+    security(("auditor_token" = [])))]
+pub async fn read(
+    auditor: RequireRole<Auditor>,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    let wanted = id.clone();
+    let found = state
+        .db(move |conn| {
+            query::search(
+                conn,
+                &EventFilter {
+                    event_id: Some(wanted),
+                    limit: 1,
+                    ..EventFilter::default()
+                },
+            )
+        })
+        .await?;
+    let stored = found
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::not_found(format!("AuditEvent/{id} not found")))?;
+    let mut event = state.auditor.read_event(format!("AuditEvent/{id}"));
+    event.agent_user = Some(auditor.subject.clone());
+    event.agent_role = Some("auditor".into());
+    event.patient_id = stored.patient_id.clone();
+    state.auditor.record(event).await?;
+    Ok(fhir_ok(
+        serde_json::from_str(&stored.resource).unwrap_or(Value::Null),
+    ))
+}
+
+/// An alert as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AlertView {
+    pub id: String,
+    /// many-patients | off-hours | break-the-glass | break-the-glass-frequent | flagged-patient | denials
+    pub rule: String,
+    pub agent: Option<String>,
+    pub patient_id: Option<String>,
+    pub first_seq: i64,
+    pub last_seq: i64,
+    #[schema(value_type = Object)]
+    pub detail: Value,
+    pub created_at: String,
+    /// open | acknowledged
+    pub status: String,
+    pub ack_by: Option<String>,
+    pub ack_note: Option<String>,
+    pub ack_at: Option<String>,
+    /// none | pending | delivered | failed
+    pub webhook_state: String,
+    pub webhook_attempts: i32,
+}
+
+fn ts(t: NaiveDateTime) -> String {
+    yiqiao_registry::audit::format_time(&t)
+}
+
+impl From<alerts::Alert> for AlertView {
+    fn from(a: alerts::Alert) -> AlertView {
+        AlertView {
+            detail: serde_json::from_str(&a.detail).unwrap_or(Value::String(a.detail)),
+            id: a.id,
+            rule: a.rule,
+            agent: a.agent,
+            patient_id: a.patient_id,
+            first_seq: a.first_seq,
+            last_seq: a.last_seq,
+            created_at: ts(a.created_at),
+            status: a.status,
+            ack_by: a.ack_by,
+            ack_note: a.ack_note,
+            ack_at: a.ack_at.map(ts),
+            webhook_state: a.webhook_state,
+            webhook_attempts: a.webhook_attempts,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AlertList {
+    pub items: Vec<AlertView>,
+    /// Offset of the next page, absent on the last page.
+    pub next_offset: Option<i64>,
+}
+
+/// Anomaly alerts, newest first (auditor role).
+#[utoipa::path(get, path = "/audit/alerts", tag = "audit",
+    params(("status" = Option<String>, Query, description = "open | acknowledged"),
+        ("rule" = Option<String>, Query), ("_count" = Option<i64>, Query, description = "1–500 (default 100)"),
+        ("_offset" = Option<i64>, Query)),
+    responses((status = 200, body = AlertList)),
+    security(("auditor_token" = [])))]
+pub async fn list_alerts(
+    auditor: RequireRole<Auditor>,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    q: web::Query<std::collections::HashMap<String, String>>,
+) -> Result<HttpResponse, ApiError> {
+    crate::routes::check_params(&q, &["status", "rule", "_count", "_offset"])?;
+    let (count, offset) = crate::routes::paging(&q, 100, 500)?;
+    let status = q.get("status").cloned();
+    if let Some(s) = &status
+        && !["open", "acknowledged"].contains(&s.as_str())
+    {
+        return Err(ApiError::invalid_param(
+            "status",
+            "must be open or acknowledged",
+        ));
+    }
+    let rule = q.get("rule").cloned();
+    let mut items = state
+        .db(move |conn| alerts::list(conn, status.as_deref(), rule.as_deref(), count + 1, offset))
+        .await?;
+    let next_offset = (items.len() as i64 > count).then_some(offset + count);
+    items.truncate(count as usize);
+    let mut event = state
+        .auditor
+        .search_event(format!("{}?{}", req.path(), req.query_string()));
+    event.agent_user = Some(auditor.subject.clone());
+    event.agent_role = Some("auditor".into());
+    state.auditor.record(event).await?;
+    Ok(HttpResponse::Ok().json(AlertList {
+        items: items.into_iter().map(AlertView::from).collect(),
+        next_offset,
+    }))
+}
+
+/// A note on an acknowledgement or a flag.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NoteInput {
+    /// What was checked or why (1–2000 characters).
+    pub note: String,
+}
+
+fn check_note(note: &str) -> Result<String, ApiError> {
+    let note = note.trim();
+    if note.is_empty() || note.chars().count() > 2000 {
+        return Err(ApiError::new(
+            ErrorCode::ValidationFailed,
+            "note must be 1–2000 characters",
+        )
+        .field("note"));
+    }
+    Ok(note.to_string())
+}
+
+/// Acknowledge an alert with a note (auditor role; recorded in the audit trail with the change).
+#[utoipa::path(post, path = "/audit/alerts/{id}/ack", tag = "audit",
+    params(("id" = String, Path)), request_body = NoteInput,
+    responses((status = 200, body = AlertView), (status = 404, description = "No such alert"),
+        (status = 409, description = "Already acknowledged"), (status = 422, description = "Empty note")),
+    security(("auditor_token" = [])))]
+pub async fn ack_alert(
+    auditor: RequireRole<Auditor>,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    body: ValidJson<NoteInput>,
+) -> Result<HttpResponse, ApiError> {
+    let note = check_note(&body.0.note)?;
+    let id = id.into_inner();
+    let by = auditor.subject.clone();
+    let event = state
+        .auditor
+        .staff_event(&auditor, "update", "U", format!("AuditAlert/{id}"));
+    let alert = state
+        .auditor
+        .change(event, move |conn, event| {
+            let a = alerts::acknowledge(conn, &id, &by, &note).map_err(|e| match e {
+                alerts::AckError::NotFound(_) => ApiError::not_found(e.to_string()),
+                alerts::AckError::Already(..) => ApiError::new(ErrorCode::Conflict, e.to_string()),
+                alerts::AckError::Db(d) => yiqiao_registry::StoreError::from_diesel(d).into(),
+            })?;
+            event.patient_id = a.patient_id.clone();
+            event.outcome_desc = Some(format!("acknowledged: {note}"));
+            Ok(a)
+        })
+        .await?;
+    Ok(HttpResponse::Ok().json(AlertView::from(alert)))
+}
+
+/// A flagged (VIP) patient.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FlagView {
+    pub patient_id: String,
+    pub note: String,
+    pub flagged_by: String,
+    pub flagged_at: String,
+}
+
+/// The flagged (VIP) patients whose every access raises an alert (auditor role).
+#[utoipa::path(get, path = "/audit/flagged-patients", tag = "audit",
+    responses((status = 200, body = [FlagView])),
+    security(("auditor_token" = [])))]
+pub async fn list_flags(
+    auditor: RequireRole<Auditor>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let flags = state
+        .db(|conn| alerts::flagged(conn).map_err(yiqiao_registry::StoreError::from_diesel))
+        .await?;
+    let mut event = state.auditor.search_event("/audit/flagged-patients".into());
+    event.agent_user = Some(auditor.subject.clone());
+    event.agent_role = Some("auditor".into());
+    state.auditor.record(event).await?;
+    Ok(HttpResponse::Ok().json(
+        flags
+            .into_iter()
+            .map(|f| FlagView {
+                patient_id: f.patient_id,
+                note: f.note,
+                flagged_by: f.flagged_by,
+                flagged_at: ts(f.flagged_at),
+            })
+            .collect::<Vec<_>>(),
+    ))
+}
+
+/// Flag a patient (enterprise id) as VIP, with a note (auditor role; audited).
+#[utoipa::path(put, path = "/audit/flagged-patients/{patient}", tag = "audit",
+    params(("patient" = String, Path, description = "Enterprise (EMPI) patient id")), request_body = NoteInput,
+    responses((status = 200, body = FlagView), (status = 422, description = "Empty note")),
+    security(("auditor_token" = [])))]
+pub async fn put_flag(
+    auditor: RequireRole<Auditor>,
+    state: web::Data<AppState>,
+    patient: web::Path<String>,
+    body: ValidJson<NoteInput>,
+) -> Result<HttpResponse, ApiError> {
+    let note = check_note(&body.0.note)?;
+    let patient = patient.into_inner();
+    if patient.is_empty() || patient.len() > 128 {
+        return Err(ApiError::invalid_param(
+            "patient",
+            "must be 1–128 characters",
+        ));
+    }
+    let by = auditor.subject.clone();
+    let mut event =
+        state
+            .auditor
+            .staff_event(&auditor, "update", "U", format!("AuditFlag/{patient}"));
+    event.patient_id = Some(patient.clone());
+    event.outcome_desc = Some(format!("flagged: {note}"));
+    let flag = state
+        .auditor
+        .change(event, move |conn, _| {
+            alerts::flag(conn, &patient, &note, &by)
+                .map_err(|e| yiqiao_registry::StoreError::from_diesel(e).into())
+        })
+        .await?;
+    Ok(HttpResponse::Ok().json(FlagView {
+        patient_id: flag.patient_id,
+        note: flag.note,
+        flagged_by: flag.flagged_by,
+        flagged_at: ts(flag.flagged_at),
+    }))
+}
+
+/// Remove a flag (auditor role; audited).
+#[utoipa::path(delete, path = "/audit/flagged-patients/{patient}", tag = "audit",
+    params(("patient" = String, Path)),
+    responses((status = 204, description = "Removed"), (status = 404, description = "Not flagged")),
+    security(("auditor_token" = [])))]
+pub async fn delete_flag(
+    auditor: RequireRole<Auditor>,
+    state: web::Data<AppState>,
+    patient: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let patient = patient.into_inner();
+    let mut event =
+        state
+            .auditor
+            .staff_event(&auditor, "delete", "D", format!("AuditFlag/{patient}"));
+    event.patient_id = Some(patient.clone());
+    state
+        .auditor
+        .change(event, move |conn, _| {
+            if alerts::unflag(conn, &patient).map_err(yiqiao_registry::StoreError::from_diesel)? {
+                Ok(())
+            } else {
+                Err(ApiError::not_found(format!(
+                    "patient {patient} is not flagged"
+                )))
+            }
+        })
+        .await?;
+    Ok(HttpResponse::NoContent().finish())
+}

@@ -1,0 +1,599 @@
+//! Anomaly rules over the audit stream, the alerts they raise, and the flagged (VIP) patients.
+//!
+//! Exactly once across restarts and replicas: [`scan`] reads the records after the cursor
+//! (`audit_alert_cursor`), evaluates the rules, inserts the alerts and moves the cursor in ONE
+//! transaction that holds the cursor row's lock (PostgreSQL `FOR UPDATE`; SQLite's write lock).
+//! A crash before commit leaves cursor and alerts untouched, so the batch is evaluated again;
+//! alerts carry a unique `dedupe_key` (rule + subject + window), so a window that spans batches
+//! raises one alert, not one per batch.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{Duration, NaiveDateTime, Timelike};
+use diesel::AggregateExpressionMethods;
+use diesel::prelude::*;
+use serde::Serialize;
+use serde_json::json;
+
+use super::query::{self, StoredEvent};
+use crate::store::schema::{
+    audit_alert_cursor, audit_alerts, audit_events, audit_flagged_patients,
+};
+use crate::store::{DbConn, StoreError, now_utc};
+
+/// Purpose of use that is break-the-glass (HL7 v3 ActReason emergency treatment).
+pub const BREAK_GLASS_PURPOSE: &str = "ETREAT";
+
+/// Rule parameters (from the `[audit]` section). A threshold of 0 disables its rule.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// More than this many distinct patients read by one agent within the window.
+    pub many_patients_threshold: u64,
+    pub many_patients_window_secs: i64,
+    /// Local hours [start, end) (wrapping midnight when start > end) count as unusual.
+    /// start == end disables the rule.
+    pub off_hours_start: u32,
+    pub off_hours_end: u32,
+    /// Local time = UTC + this many hours (China Standard Time: 8).
+    pub utc_offset_hours: i32,
+    /// At least this many break-the-glass accesses by one agent within the window.
+    pub break_glass_threshold: u64,
+    pub break_glass_window_secs: i64,
+    /// At least this many refused requests by one agent (or unauthenticated) within the window.
+    pub denials_threshold: u64,
+    pub denials_window_secs: i64,
+    /// New alerts wait for webhook delivery.
+    pub webhook: bool,
+}
+
+/// A stored alert.
+#[derive(Debug, Clone, Queryable, Serialize)]
+pub struct Alert {
+    pub id: String,
+    /// many-patients | off-hours | break-the-glass | break-the-glass-frequent |
+    /// flagged-patient | denials
+    pub rule: String,
+    #[serde(skip)]
+    pub dedupe_key: String,
+    /// `institution` or `institution/user`; `unauthenticated` for refused anonymous requests.
+    pub agent: Option<String>,
+    pub patient_id: Option<String>,
+    /// Chain positions of the first and last record that triggered it.
+    pub first_seq: i64,
+    pub last_seq: i64,
+    /// JSON text: message and figures.
+    pub detail: String,
+    pub created_at: NaiveDateTime,
+    /// open | acknowledged
+    pub status: String,
+    pub ack_by: Option<String>,
+    pub ack_note: Option<String>,
+    pub ack_at: Option<NaiveDateTime>,
+    /// none | pending | delivered | failed
+    pub webhook_state: String,
+    pub webhook_attempts: i32,
+    pub next_attempt_at: NaiveDateTime,
+}
+
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = audit_alerts)]
+struct NewAlert {
+    id: String,
+    rule: String,
+    dedupe_key: String,
+    agent: Option<String>,
+    patient_id: Option<String>,
+    first_seq: i64,
+    last_seq: i64,
+    detail: String,
+    created_at: NaiveDateTime,
+    status: String,
+    webhook_state: String,
+    webhook_attempts: i32,
+    next_attempt_at: NaiveDateTime,
+}
+
+/// The agent an event is attributed to, as alerts name it.
+fn agent_of(e: &StoredEvent) -> String {
+    match (&e.agent_institution, &e.agent_user) {
+        (Some(i), Some(u)) => format!("{i}/{u}"),
+        (Some(i), None) => i.clone(),
+        (None, Some(u)) => u.clone(),
+        (None, None) => "unauthenticated".into(),
+    }
+}
+
+fn in_off_hours(rules: &Rules, local_hour: u32) -> bool {
+    let (s, e) = (rules.off_hours_start, rules.off_hours_end);
+    if s == e {
+        false
+    } else if s < e {
+        (s..e).contains(&local_hour)
+    } else {
+        local_hour >= s || local_hour < e
+    }
+}
+
+struct Candidates<'a> {
+    rules: &'a Rules,
+    now: NaiveDateTime,
+    by_key: BTreeMap<String, NewAlert>,
+}
+
+impl Candidates<'_> {
+    fn add(
+        &mut self,
+        rule: &str,
+        key: String,
+        e: &StoredEvent,
+        patient: Option<String>,
+        detail: serde_json::Value,
+    ) {
+        if let Some(existing) = self.by_key.get_mut(&key) {
+            existing.last_seq = existing.last_seq.max(e.seq);
+            return;
+        }
+        self.by_key.insert(
+            key.clone(),
+            NewAlert {
+                id: uuid::Uuid::now_v7().to_string(),
+                rule: rule.into(),
+                dedupe_key: key,
+                agent: Some(agent_of(e)),
+                patient_id: patient,
+                first_seq: e.seq,
+                last_seq: e.seq,
+                detail: detail.to_string(),
+                created_at: self.now,
+                status: "open".into(),
+                webhook_state: if self.rules.webhook {
+                    "pending"
+                } else {
+                    "none"
+                }
+                .into(),
+                webhook_attempts: 0,
+                next_attempt_at: self.now,
+            },
+        );
+    }
+}
+
+/// Count records of one agent in `(t - window, t]` matching `extra`.
+fn count_in_window(
+    conn: &mut DbConn,
+    e: &StoredEvent,
+    window_secs: i64,
+    what: WindowCount,
+) -> Result<i64, diesel::result::Error> {
+    use audit_events as a;
+    let t = e.recorded_at;
+    let since = t - Duration::seconds(window_secs);
+    let mut q = a::table
+        .filter(a::recorded_at.gt(since))
+        .filter(a::recorded_at.le(t))
+        .into_boxed();
+    q = match &e.agent_institution {
+        Some(i) => q.filter(a::agent_institution.eq(i.clone())),
+        None => q.filter(a::agent_institution.is_null()),
+    };
+    q = match &e.agent_user {
+        Some(u) => q.filter(a::agent_user.eq(u.clone())),
+        None => q.filter(a::agent_user.is_null()),
+    };
+    match what {
+        WindowCount::DistinctPatients => q
+            .filter(a::outcome.eq(super::outcome::SUCCESS))
+            .filter(a::patient_id.is_not_null())
+            .select(diesel::dsl::count(a::patient_id).aggregate_distinct())
+            .first(conn),
+        WindowCount::BreakGlass => q
+            .filter(a::outcome.eq(super::outcome::SUCCESS))
+            .filter(a::purpose_of_use.eq(BREAK_GLASS_PURPOSE))
+            .count()
+            .get_result(conn),
+        WindowCount::Denials => q
+            .filter(a::outcome.ne(super::outcome::SUCCESS))
+            .count()
+            .get_result(conn),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum WindowCount {
+    DistinctPatients,
+    BreakGlass,
+    Denials,
+}
+
+/// What one scan did.
+#[derive(Debug, Clone, Default)]
+pub struct ScanOutcome {
+    /// Records evaluated.
+    pub evaluated: usize,
+    /// Alerts raised (new ones only).
+    pub raised: Vec<String>,
+    /// The cursor after the scan.
+    pub cursor: i64,
+}
+
+fn lock_cursor(tx: &mut DbConn) -> Result<i64, diesel::result::Error> {
+    match tx {
+        DbConn::Postgresql(pg) => audit_alert_cursor::table
+            .find(1)
+            .select(audit_alert_cursor::last_seq)
+            .for_update()
+            .first(pg),
+        DbConn::Sqlite(_) => {
+            // Take the write lock before reading (a deferred transaction cannot wait for it).
+            diesel::update(audit_alert_cursor::table.find(1))
+                .set(audit_alert_cursor::last_seq.eq(audit_alert_cursor::last_seq))
+                .execute(tx)?;
+            audit_alert_cursor::table
+                .find(1)
+                .select(audit_alert_cursor::last_seq)
+                .first(tx)
+        }
+    }
+}
+
+/// Evaluate the rules over up to `batch` records after the cursor; see the module docs.
+pub fn scan(conn: &mut DbConn, rules: &Rules, batch: i64) -> Result<ScanOutcome, StoreError> {
+    conn.transaction::<_, diesel::result::Error, _>(|tx| {
+        let cursor = lock_cursor(tx)?;
+        let events = query::after_seq(tx, cursor, batch).map_err(|e| match e {
+            StoreError::Query(q) => q,
+            other => diesel::result::Error::QueryBuilderError(Box::new(other)),
+        })?;
+        let Some(last) = events.last().map(|e| e.seq) else {
+            return Ok(ScanOutcome {
+                cursor,
+                ..ScanOutcome::default()
+            });
+        };
+        let flagged: BTreeSet<String> = audit_flagged_patients::table
+            .select(audit_flagged_patients::patient_id)
+            .load::<String>(tx)?
+            .into_iter()
+            .collect();
+        let mut c = Candidates {
+            rules,
+            now: now_utc(),
+            by_key: BTreeMap::new(),
+        };
+        let offset = Duration::hours(i64::from(rules.utc_offset_hours));
+        // Last event per agent (successful data access / refusal) for the windowed rules.
+        let mut last_access: BTreeMap<String, &StoredEvent> = BTreeMap::new();
+        let mut last_btg: BTreeMap<String, &StoredEvent> = BTreeMap::new();
+        let mut last_denial: BTreeMap<String, &StoredEvent> = BTreeMap::new();
+        for e in &events {
+            let agent = agent_of(e);
+            let local = e.recorded_at + offset;
+            let day = local.format("%Y-%m-%d");
+            if e.outcome != super::outcome::SUCCESS {
+                last_denial.insert(agent, e);
+                continue;
+            }
+            // Data access by an institution (staff changes such as flagging are not accesses).
+            let (Some(patient), Some(_)) = (&e.patient_id, &e.agent_institution) else {
+                continue;
+            };
+            last_access.insert(agent.clone(), e);
+            if in_off_hours(rules, local.hour()) {
+                c.add(
+                    "off-hours",
+                    format!("off-hours:{agent}:{day}"),
+                    e,
+                    None,
+                    json!({"message": format!("{agent} accessed patient records at {} local time, outside {:02}:00–{:02}:00", local.format("%H:%M"), rules.off_hours_end, rules.off_hours_start), "local_date": day.to_string()}),
+                );
+            }
+            if flagged.contains(patient) {
+                c.add(
+                    "flagged-patient",
+                    format!("flagged-patient:{agent}:{patient}:{day}"),
+                    e,
+                    Some(patient.clone()),
+                    json!({"message": format!("{agent} accessed the records of flagged patient {patient}")}),
+                );
+            }
+            if e.purpose_of_use.as_deref() == Some(BREAK_GLASS_PURPOSE) {
+                c.add(
+                    "break-the-glass",
+                    format!("break-the-glass:{}", e.seq),
+                    e,
+                    Some(patient.clone()),
+                    json!({"message": format!("{agent} used break-the-glass (ETREAT) for patient {patient}: review required")}),
+                );
+                last_btg.insert(agent.clone(), e);
+            }
+        }
+        let bucket = |e: &StoredEvent, w: i64| e.recorded_at.and_utc().timestamp() / w.max(1);
+        if rules.many_patients_threshold > 0 {
+            for (agent, e) in &last_access {
+                let w = rules.many_patients_window_secs;
+                let n = count_in_window(tx, e, w, WindowCount::DistinctPatients)?;
+                if n as u64 > rules.many_patients_threshold {
+                    c.add(
+                        "many-patients",
+                        format!("many-patients:{agent}:{}", bucket(e, w)),
+                        e,
+                        None,
+                        json!({"message": format!("{agent} accessed {n} distinct patients within {w} s (threshold {})", rules.many_patients_threshold), "count": n, "window_secs": w}),
+                    );
+                }
+            }
+        }
+        if rules.break_glass_threshold > 0 {
+            for (agent, e) in &last_btg {
+                let w = rules.break_glass_window_secs;
+                let n = count_in_window(tx, e, w, WindowCount::BreakGlass)?;
+                if n as u64 >= rules.break_glass_threshold {
+                    c.add(
+                        "break-the-glass-frequent",
+                        format!("break-the-glass-frequent:{agent}:{}", bucket(e, w)),
+                        e,
+                        None,
+                        json!({"message": format!("{agent} used break-the-glass {n} times within {w} s (threshold {})", rules.break_glass_threshold), "count": n, "window_secs": w}),
+                    );
+                }
+            }
+        }
+        if rules.denials_threshold > 0 {
+            for (agent, e) in &last_denial {
+                let w = rules.denials_window_secs;
+                let n = count_in_window(tx, e, w, WindowCount::Denials)?;
+                if n as u64 >= rules.denials_threshold {
+                    c.add(
+                        "denials",
+                        format!("denials:{agent}:{}", bucket(e, w)),
+                        e,
+                        None,
+                        json!({"message": format!("{n} refused requests by {agent} within {w} s (threshold {})", rules.denials_threshold), "count": n, "window_secs": w}),
+                    );
+                }
+            }
+        }
+        let mut raised = Vec::new();
+        for (key, alert) in c.by_key {
+            let exists: bool = diesel::select(diesel::dsl::exists(
+                audit_alerts::table.filter(audit_alerts::dedupe_key.eq(&key)),
+            ))
+            .get_result(tx)?;
+            if exists {
+                continue;
+            }
+            diesel::insert_into(audit_alerts::table)
+                .values(&alert)
+                .execute(tx)?;
+            raised.push(alert.id);
+        }
+        diesel::update(audit_alert_cursor::table.find(1))
+            .set((
+                audit_alert_cursor::last_seq.eq(last),
+                audit_alert_cursor::updated_at.eq(now_utc()),
+            ))
+            .execute(tx)?;
+        Ok(ScanOutcome {
+            evaluated: events.len(),
+            raised,
+            cursor: last,
+        })
+    })
+    .map_err(StoreError::from_diesel)
+}
+
+/// Alerts, newest first.
+pub fn list(
+    conn: &mut DbConn,
+    status: Option<&str>,
+    rule: Option<&str>,
+    limit: i64,
+    offset: i64,
+) -> Result<Vec<Alert>, StoreError> {
+    let mut q = audit_alerts::table.into_boxed();
+    if let Some(s) = status {
+        q = q.filter(audit_alerts::status.eq(s.to_string()));
+    }
+    if let Some(r) = rule {
+        q = q.filter(audit_alerts::rule.eq(r.to_string()));
+    }
+    q.order((audit_alerts::created_at.desc(), audit_alerts::id.desc()))
+        .limit(limit)
+        .offset(offset)
+        .load(conn)
+        .map_err(StoreError::from_diesel)
+}
+
+/// Every alert about one of these chain positions' break-the-glass records (report).
+pub fn break_glass_reviews(
+    conn: &mut DbConn,
+    seqs: &[i64],
+) -> Result<BTreeMap<i64, Alert>, StoreError> {
+    let mut out = BTreeMap::new();
+    for chunk in seqs.chunks(500) {
+        let rows: Vec<Alert> = audit_alerts::table
+            .filter(audit_alerts::rule.eq("break-the-glass"))
+            .filter(audit_alerts::first_seq.eq_any(chunk.to_vec()))
+            .load(conn)
+            .map_err(StoreError::from_diesel)?;
+        for a in rows {
+            out.insert(a.first_seq, a);
+        }
+    }
+    Ok(out)
+}
+
+/// Why an acknowledgement was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AckError {
+    #[error("alert {0} not found")]
+    NotFound(String),
+    #[error("alert {0} was already acknowledged by {1}")]
+    Already(String, String),
+    #[error(transparent)]
+    Db(#[from] diesel::result::Error),
+}
+
+/// Acknowledge an open alert with a note.
+pub fn acknowledge(conn: &mut DbConn, id: &str, by: &str, note: &str) -> Result<Alert, AckError> {
+    let alert: Alert = audit_alerts::table
+        .find(id)
+        .first(conn)
+        .optional()?
+        .ok_or_else(|| AckError::NotFound(id.to_string()))?;
+    if alert.status != "open" {
+        return Err(AckError::Already(
+            id.to_string(),
+            alert.ack_by.unwrap_or_default(),
+        ));
+    }
+    let now = now_utc();
+    let n = diesel::update(
+        audit_alerts::table
+            .find(id)
+            .filter(audit_alerts::status.eq("open")),
+    )
+    .set((
+        audit_alerts::status.eq("acknowledged"),
+        audit_alerts::ack_by.eq(by),
+        audit_alerts::ack_note.eq(note),
+        audit_alerts::ack_at.eq(now),
+    ))
+    .execute(conn)?;
+    if n != 1 {
+        return Err(AckError::Already(id.to_string(), "another auditor".into()));
+    }
+    Ok(audit_alerts::table.find(id).first(conn)?)
+}
+
+/// Alerts whose webhook delivery is due, claimed for `lease` (another replica will not pick
+/// them up until the lease ends).
+pub fn claim_deliveries(
+    conn: &mut DbConn,
+    limit: i64,
+    lease: Duration,
+) -> Result<Vec<Alert>, StoreError> {
+    let now = now_utc();
+    let due: Vec<Alert> = audit_alerts::table
+        .filter(audit_alerts::webhook_state.eq("pending"))
+        .filter(audit_alerts::next_attempt_at.le(now))
+        .order(audit_alerts::next_attempt_at.asc())
+        .limit(limit)
+        .load(conn)
+        .map_err(StoreError::from_diesel)?;
+    let mut claimed = Vec::new();
+    for a in due {
+        let n = diesel::update(
+            audit_alerts::table
+                .find(&a.id)
+                .filter(audit_alerts::next_attempt_at.eq(a.next_attempt_at))
+                .filter(audit_alerts::webhook_state.eq("pending")),
+        )
+        .set(audit_alerts::next_attempt_at.eq(now + lease))
+        .execute(conn)
+        .map_err(StoreError::from_diesel)?;
+        if n == 1 {
+            claimed.push(a);
+        }
+    }
+    Ok(claimed)
+}
+
+/// Record a delivery attempt: delivered, or retry at `retry_at` (None: give up, `failed`).
+pub fn delivery_result(
+    conn: &mut DbConn,
+    id: &str,
+    delivered: bool,
+    retry_at: Option<NaiveDateTime>,
+) -> Result<(), StoreError> {
+    let state = match (delivered, retry_at) {
+        (true, _) => "delivered",
+        (false, Some(_)) => "pending",
+        (false, None) => "failed",
+    };
+    diesel::update(audit_alerts::table.find(id))
+        .set((
+            audit_alerts::webhook_state.eq(state),
+            audit_alerts::webhook_attempts.eq(audit_alerts::webhook_attempts + 1),
+            audit_alerts::next_attempt_at.eq(retry_at.unwrap_or_else(now_utc)),
+        ))
+        .execute(conn)
+        .map_err(StoreError::from_diesel)?;
+    Ok(())
+}
+
+/// A flagged (VIP) patient.
+#[derive(Debug, Clone, Queryable, Serialize)]
+pub struct FlaggedPatient {
+    pub patient_id: String,
+    pub note: String,
+    pub flagged_by: String,
+    pub flagged_at: NaiveDateTime,
+}
+
+pub fn flagged(conn: &mut DbConn) -> Result<Vec<FlaggedPatient>, diesel::result::Error> {
+    audit_flagged_patients::table
+        .order(audit_flagged_patients::patient_id.asc())
+        .load(conn)
+}
+
+/// Flag (or re-note) a patient.
+pub fn flag(
+    conn: &mut DbConn,
+    patient: &str,
+    note: &str,
+    by: &str,
+) -> Result<FlaggedPatient, diesel::result::Error> {
+    let row = FlaggedPatient {
+        patient_id: patient.into(),
+        note: note.into(),
+        flagged_by: by.into(),
+        flagged_at: now_utc(),
+    };
+    diesel::delete(audit_flagged_patients::table.find(patient)).execute(conn)?;
+    diesel::insert_into(audit_flagged_patients::table)
+        .values((
+            audit_flagged_patients::patient_id.eq(&row.patient_id),
+            audit_flagged_patients::note.eq(&row.note),
+            audit_flagged_patients::flagged_by.eq(&row.flagged_by),
+            audit_flagged_patients::flagged_at.eq(row.flagged_at),
+        ))
+        .execute(conn)?;
+    Ok(row)
+}
+
+/// Remove a flag; false when the patient was not flagged.
+pub fn unflag(conn: &mut DbConn, patient: &str) -> Result<bool, diesel::result::Error> {
+    Ok(diesel::delete(audit_flagged_patients::table.find(patient)).execute(conn)? == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(start: u32, end: u32) -> Rules {
+        Rules {
+            many_patients_threshold: 0,
+            many_patients_window_secs: 60,
+            off_hours_start: start,
+            off_hours_end: end,
+            utc_offset_hours: 8,
+            break_glass_threshold: 0,
+            break_glass_window_secs: 60,
+            denials_threshold: 0,
+            denials_window_secs: 60,
+            webhook: false,
+        }
+    }
+
+    #[test]
+    fn off_hours_wrap_midnight() {
+        let r = rules(22, 6);
+        assert!(in_off_hours(&r, 23) && in_off_hours(&r, 0) && in_off_hours(&r, 5));
+        assert!(!in_off_hours(&r, 6) && !in_off_hours(&r, 12) && !in_off_hours(&r, 21));
+        let day = rules(9, 17);
+        assert!(in_off_hours(&day, 9) && !in_off_hours(&day, 17));
+        assert!(!in_off_hours(&rules(0, 0), 3));
+    }
+}
