@@ -10,6 +10,7 @@ use actix_web::{App, HttpRequest, middleware, web};
 
 use crate::config::Settings;
 use crate::error::{ApiError, ErrorCode};
+use crate::federation;
 use crate::metrics::Metrics;
 use crate::oauth;
 use crate::routes::{directory, docs, empi, institutions, metadata, ops, patients};
@@ -83,7 +84,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(
             resource("/empi/review/{id}/keep-separate")
                 .route(web::post().to(empi::review_keep_separate)),
+        )
+        // Federated queries to member hospitals (crate::federation).
+        .service(resource("/federation/key").route(web::get().to(federation::routes::gateway_key)));
+    for t in federation::routes::FEDERATED_TYPES {
+        cfg.service(
+            resource(&format!("/fhir/{t}")).route(web::get().to(federation::routes::search)),
         );
+    }
 }
 
 fn resource(path: &str) -> actix_web::Resource {
@@ -157,7 +165,9 @@ impl Application {
                 .map_err(|e| anyhow::anyhow!("audit key: {e}"))?,
         );
         let auditor = crate::audit::Auditor::start(store.clone(), signer, &settings);
+        let federation = federation::Federation::new(&settings)?;
         let state = AppState {
+            federation,
             auditor,
             base_url: settings.public_base_url().into(),
             settings: Arc::new(settings),

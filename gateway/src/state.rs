@@ -24,6 +24,8 @@ pub struct AppState {
     pub auth: Arc<crate::oauth::AuthRuntime>,
     /// The audit recorder (fail closed; see crate::audit).
     pub auditor: crate::audit::Auditor,
+    /// Federated queries: upstream client, gateway SM2 key, breakers, release policy.
+    pub federation: crate::federation::Federation,
 }
 
 impl AppState {

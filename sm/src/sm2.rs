@@ -53,6 +53,14 @@ impl Sm2PrivateKey {
         Ok(Self { secret })
     }
 
+    /// A key from a 32-byte big-endian scalar (1 ≤ d < n). For deterministic test and
+    /// simulator keys derived from a seed; real keys come from [`Sm2PrivateKey::generate`].
+    pub fn from_scalar_bytes(bytes: &[u8; 32]) -> Result<Self, SmError> {
+        let secret = sm2::SecretKey::from_slice(bytes)
+            .map_err(|_| SmError::InvalidKey("scalar out of range"))?;
+        Ok(Self { secret })
+    }
+
     /// Reads a PKCS#8 `-----BEGIN PRIVATE KEY-----` PEM (as `openssl genpkey -algorithm SM2` writes).
     pub fn from_pkcs8_pem(pem: &str) -> Result<Self, SmError> {
         let secret = sm2::SecretKey::from_pkcs8_pem(pem)

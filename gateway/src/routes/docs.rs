@@ -5,6 +5,7 @@ use actix_web::{HttpResponse, web};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
+use crate::federation::routes::FederatedPaths;
 use crate::routes::{directory, empi, institutions, metadata, ops, patients};
 
 #[derive(OpenApi)]
@@ -23,18 +24,20 @@ use crate::routes::{directory, empi, institutions, metadata, ops, patients};
         patients::pix, patients::match_patient,
         empi::read_person, empi::merge, empi::unmerge, empi::list_review, empi::review_link,
         empi::review_keep_separate,
+        crate::federation::routes::search, crate::federation::routes::gateway_key,
     ),
     components(schemas(institutions::InstitutionInput, institutions::InstitutionView,
                         institutions::InstitutionList, institutions::Sm2KeyInput,
                         crate::oauth::TokenResponse, crate::oauth::AuthEventView,
                         crate::oauth::WhoAmI, empi::MergeInput, empi::ReviewInput)),
-    modifiers(&SecurityAddon),
+    modifiers(&SecurityAddon, &FederatedPaths),
     tags(
         (name = "operations", description = "Health, readiness, metrics"),
         (name = "directory", description = "Institution directory administration"),
         (name = "fhir", description = "FHIR R4 API"),
         (name = "auth", description = "Machine authentication (SMART Backend Services, docs/auth.md)"),
         (name = "empi", description = "Master patient index: Patient feed, PDQm, PIXm, $match, persons, review"),
+        (name = "federation", description = "Federated queries to member hospitals (docs/federation.md)"),
     )
 )]
 pub struct ApiDoc;
