@@ -13,6 +13,7 @@ mod auth;
 mod cli;
 mod empi;
 mod errors;
+mod federation;
 mod institutions;
 mod migrations;
 mod ops;

@@ -320,8 +320,13 @@ impl Federation {
     ) -> Vec<SiteResult> {
         let overall_end = Instant::now() + deadlines.overall;
         let calls = sites.into_iter().map(|site| {
-            let end = overall_end.min(Instant::now() + deadlines.endpoint);
-            self.query_site(resource_type, site, params, end)
+            let endpoint_end = Instant::now() + deadlines.endpoint;
+            let (end, limit) = if overall_end <= endpoint_end {
+                (overall_end, format!("overall deadline {} ms", deadlines.overall.as_millis()))
+            } else {
+                (endpoint_end, format!("endpoint deadline {} ms", deadlines.endpoint.as_millis()))
+            };
+            self.query_site(resource_type, site, params, end, limit)
         });
         futures::future::join_all(calls).await
     }
@@ -332,6 +337,7 @@ impl Federation {
         site: Site,
         params: &[(String, String)],
         end: Instant,
+        limit: String,
     ) -> SiteResult {
         let start = Instant::now();
         let inst = &site.institution;
@@ -409,12 +415,10 @@ impl Federation {
                 }
             }
         };
-        let budget = end.saturating_duration_since(start);
         let result = match tokio::time::timeout_at(end.into(), work).await {
             Ok(r) => r,
             Err(_) => Err(Problem::Timeout(format!(
-                "no verified answer within {} ms ({})",
-                budget.as_millis(),
+                "no verified answer within the {limit} ({})",
                 phase.get()
             ))),
         };
