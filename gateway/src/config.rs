@@ -468,10 +468,16 @@ impl Settings {
         }
         let fed = &self.federation;
         if fed.gateway_id.trim().is_empty() || fed.key_id.trim().is_empty() {
-            return bad("federation.gateway_id", "gateway_id and key_id must not be empty");
+            return bad(
+                "federation.gateway_id",
+                "gateway_id and key_id must not be empty",
+            );
         }
         if fed.endpoint_timeout_ms == 0 || fed.overall_timeout_ms == 0 {
-            return bad("federation.overall_timeout_ms", "deadlines must be positive");
+            return bad(
+                "federation.overall_timeout_ms",
+                "deadlines must be positive",
+            );
         }
         if fed.max_timeout_ms < fed.overall_timeout_ms.max(fed.endpoint_timeout_ms) {
             return bad(
@@ -480,7 +486,10 @@ impl Settings {
             );
         }
         if fed.max_concurrency == 0 || fed.max_concurrency_per_endpoint == 0 {
-            return bad("federation.max_concurrency", "concurrency caps must be positive");
+            return bad(
+                "federation.max_concurrency",
+                "concurrency caps must be positive",
+            );
         }
         if fed.breaker_failure_threshold == 0 {
             return bad("federation.breaker_failure_threshold", "must be positive");

@@ -190,9 +190,17 @@ fn demo_serves_a_registered_region() {
     )
     .unwrap();
     let entries = bundle["entry"].as_array().unwrap();
-    assert!(entries.iter().any(|e| e["search"]["mode"] == "match"), "{bundle}");
-    let outcome = entries.iter().find(|e| e["search"]["mode"] == "outcome").unwrap();
-    let summary = outcome["resource"]["issue"][0]["details"]["text"].as_str().unwrap();
+    assert!(
+        entries.iter().any(|e| e["search"]["mode"] == "match"),
+        "{bundle}"
+    );
+    let outcome = entries
+        .iter()
+        .find(|e| e["search"]["mode"] == "outcome")
+        .unwrap();
+    let summary = outcome["resource"]["issue"][0]["details"]["text"]
+        .as_str()
+        .unwrap();
     assert!(summary.contains(" 0 did not"), "{summary}");
     let _ = child.kill();
     let _ = child.wait();

@@ -65,7 +65,10 @@ impl Region {
                 .await
                 .unwrap()
                 .unwrap();
-        assert_eq!(loaded.split_persons, 0, "every person is one enterprise person");
+        assert_eq!(
+            loaded.split_persons, 0,
+            "every person is one enterprise person"
+        );
         Region { app, sim, loaded }
     }
 
@@ -200,30 +203,50 @@ async fn full_fan_out_merges_tags_pages_and_audits(backend: Backend) {
         }
         assert!(statuses(&b).is_empty(), "{t}: {:?}", outcome_issues(&b));
     }
-    let obs = region.bundle(&format!("/fhir/Observation?patient={person}")).await;
+    let obs = region
+        .bundle(&format!("/fhir/Observation?patient={person}"))
+        .await;
     assert_eq!(sources(&obs), all.iter().map(|s| s.to_string()).collect());
-    let summary = outcome_issues(&obs)[0]["details"]["text"].as_str().unwrap().to_string();
+    let summary = outcome_issues(&obs)[0]["details"]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(summary.contains("4 answered, 0 did not"), "{summary}");
 
     // The regional lab report filed at every hospital appears once.
-    let reports = region.bundle(&format!("/fhir/DiagnosticReport?patient=Patient/{person}")).await;
+    let reports = region
+        .bundle(&format!("/fhir/DiagnosticReport?patient=Patient/{person}"))
+        .await;
     let lab: Vec<_> = matches(&reports)
         .into_iter()
         .filter(|r| r["identifier"][0]["system"] == REGIONAL_LAB_SYSTEM)
         .collect();
     assert_eq!(lab.len(), 1, "duplicates collapsed");
-    assert_eq!(matches(&reports).len(), region.held("DiagnosticReport", &all) - 3);
+    assert_eq!(
+        matches(&reports).len(),
+        region.held("DiagnosticReport", &all) - 3
+    );
 
     // code filter, forwarded to the hospitals.
     let hr = region
-        .bundle(&format!("/fhir/Observation?patient={person}&code=http://loinc.org|8867-4"))
+        .bundle(&format!(
+            "/fhir/Observation?patient={person}&code=http://loinc.org|8867-4"
+        ))
         .await;
-    assert!(matches(&hr).iter().all(|r| r["code"]["coding"][0]["code"] == "8867-4"));
+    assert!(
+        matches(&hr)
+            .iter()
+            .all(|r| r["code"]["coding"][0]["code"] == "8867-4")
+    );
     assert!(matches(&hr).len() < matches(&obs).len());
 
     // Paging: pages of 2 cover everything once, in order.
     let mut seen = Vec::new();
-    let mut next = Some(region.app.url(&format!("/fhir/Observation?patient={person}&_count=2")));
+    let mut next = Some(
+        region
+            .app
+            .url(&format!("/fhir/Observation?patient={person}&_count=2")),
+    );
     while let Some(url) = next.take() {
         let resp = region
             .app
@@ -261,9 +284,14 @@ async fn full_fan_out_merges_tags_pages_and_audits(backend: Backend) {
         .state
         .federation
         .set_policy(Arc::new(WithholdConditionsOf("fz-005")));
-    let conds = region.bundle(&format!("/fhir/Condition?patient={person}")).await;
+    let conds = region
+        .bundle(&format!("/fhir/Condition?patient={person}"))
+        .await;
     let at_005 = region.held("Condition", &["fz-005"]);
-    assert_eq!(matches(&conds).len(), region.held("Condition", &all) - at_005);
+    assert_eq!(
+        matches(&conds).len(),
+        region.held("Condition", &all) - at_005
+    );
     assert!(!sources(&conds).contains("fz-005"));
     if at_005 > 0 {
         let withheld = outcome_issues(&conds)
@@ -271,7 +299,10 @@ async fn full_fan_out_merges_tags_pages_and_audits(backend: Backend) {
             .find(|i| i["details"]["coding"][0]["code"] == "withheld")
             .expect("withheld issue");
         let text = withheld["details"]["text"].as_str().unwrap();
-        assert!(text.contains(&format!("{at_005} resource(s) withheld")), "{text}");
+        assert!(
+            text.contains(&format!("{at_005} resource(s) withheld")),
+            "{text}"
+        );
     }
     region
         .app
@@ -280,27 +311,49 @@ async fn full_fan_out_merges_tags_pages_and_audits(backend: Backend) {
         .set_policy(Arc::new(yiqiao_gateway::federation::PermitAll));
 
     // Bad requests name the parameter; unknown persons are 404; scopes are enforced.
-    assert_outcome(region.get_as("fz-004", "/fhir/Observation").await, 400, "invalid-parameter").await;
     assert_outcome(
-        region.get_as("fz-004", &format!("/fhir/Observation?patient={person}&colour=red")).await,
+        region.get_as("fz-004", "/fhir/Observation").await,
         400,
         "invalid-parameter",
     )
     .await;
     assert_outcome(
-        region.get_as("fz-004", &format!("/fhir/Encounter?patient={person}&code=x")).await,
+        region
+            .get_as(
+                "fz-004",
+                &format!("/fhir/Observation?patient={person}&colour=red"),
+            )
+            .await,
         400,
         "invalid-parameter",
     )
     .await;
     assert_outcome(
-        region.get_as("fz-004", &format!("/fhir/Observation?patient={person}&_timeout=0")).await,
+        region
+            .get_as(
+                "fz-004",
+                &format!("/fhir/Encounter?patient={person}&code=x"),
+            )
+            .await,
         400,
         "invalid-parameter",
     )
     .await;
     assert_outcome(
-        region.get_as("fz-004", "/fhir/Observation?patient=no-such-person").await,
+        region
+            .get_as(
+                "fz-004",
+                &format!("/fhir/Observation?patient={person}&_timeout=0"),
+            )
+            .await,
+        400,
+        "invalid-parameter",
+    )
+    .await;
+    assert_outcome(
+        region
+            .get_as("fz-004", "/fhir/Observation?patient=no-such-person")
+            .await,
         404,
         "not-found",
     )
@@ -316,7 +369,9 @@ async fn full_fan_out_merges_tags_pages_and_audits(backend: Backend) {
     .await
     .unwrap();
     assert_outcome(
-        region.get_as("fz-003", &format!("/fhir/Encounter?patient={person}")).await,
+        region
+            .get_as("fz-003", &format!("/fhir/Encounter?patient={person}"))
+            .await,
         403,
         "forbidden",
     )
@@ -341,7 +396,10 @@ async fn full_fan_out_merges_tags_pages_and_audits(backend: Backend) {
     for (_, patient, resource) in &rows {
         assert_eq!(patient.as_deref(), Some(person.as_str()));
         for id in all {
-            assert!(resource.contains(&format!("Organization/{id}")), "{resource}");
+            assert!(
+                resource.contains(&format!("Organization/{id}")),
+                "{resource}"
+            );
         }
     }
     region.stop().await;
@@ -376,7 +434,13 @@ async fn requester_envelope_is_sealed_to_its_key_and_bound(backend: Backend) {
     let gateway = test_gateway_key().1.public_key();
     let binding = RequestBinding::new("GET", &path, "fz-004", "req-federation-1").unwrap();
     let (payload, content_type) = envelope
-        .open(my_key, &gateway, &binding, chrono::Utc::now(), Duration::from_secs(60))
+        .open(
+            my_key,
+            &gateway,
+            &binding,
+            chrono::Utc::now(),
+            Duration::from_secs(60),
+        )
         .unwrap();
     assert_eq!(content_type, "application/fhir+json");
     let sealed: Value = serde_json::from_slice(&payload).unwrap();
@@ -385,7 +449,13 @@ async fn requester_envelope_is_sealed_to_its_key_and_bound(backend: Backend) {
     let other = RequestBinding::new("GET", &path, "fz-004", "req-federation-2").unwrap();
     assert!(
         envelope
-            .open(my_key, &gateway, &other, chrono::Utc::now(), Duration::from_secs(60))
+            .open(
+                my_key,
+                &gateway,
+                &other,
+                chrono::Utc::now(),
+                Duration::from_secs(60)
+            )
             .is_err()
     );
     // Asking for an envelope without a request id to bind is refused.
@@ -401,7 +471,13 @@ async fn requester_envelope_is_sealed_to_its_key_and_bound(backend: Backend) {
         .unwrap();
     assert_outcome(resp, 400, "invalid-parameter").await;
     // The gateway publishes the key hospitals seal to.
-    let key: Value = region.app.get("/federation/key").await.json().await.unwrap();
+    let key: Value = region
+        .app
+        .get("/federation/key")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(key["key_id"], "gateway-sm2-1");
     assert_eq!(key["public_key_pem"], json!(gateway.to_spki_pem().unwrap()));
     region.stop().await;
@@ -416,11 +492,15 @@ async fn misbehaving_endpoints_are_reported_and_excluded(backend: Backend) {
     .await;
     let sick = |k: &str| Some(Knobs::default().with_overrides(k).unwrap());
     region.sim.set_knobs("fz-005", sick("error_rate=1.0"));
-    region.sim.set_knobs("fz-006", sick("latency_min_ms=5000,latency_max_ms=5000"));
+    region
+        .sim
+        .set_knobs("fz-006", sick("latency_min_ms=5000,latency_max_ms=5000"));
     region.sim.set_knobs("fz-007", sick("garbage_rate=1.0"));
     region.sim.set_knobs("fz-008", sick("tampered_rate=1.0"));
     let person = region.person(0);
-    let b = region.bundle(&format!("/fhir/Observation?patient={person}")).await;
+    let b = region
+        .bundle(&format!("/fhir/Observation?patient={person}"))
+        .await;
     assert_eq!(
         statuses(&b),
         vec![
@@ -434,13 +514,26 @@ async fn misbehaving_endpoints_are_reported_and_excluded(backend: Backend) {
         sources(&b),
         ["fz-004", "fz-009"].iter().map(|s| s.to_string()).collect()
     );
-    assert_eq!(matches(&b).len(), region.held("Observation", &["fz-004", "fz-009"]));
+    assert_eq!(
+        matches(&b).len(),
+        region.held("Observation", &["fz-004", "fz-009"])
+    );
     let texts: Vec<String> = outcome_issues(&b)
         .iter()
         .map(|i| i["details"]["text"].as_str().unwrap().to_string())
         .collect();
-    assert!(texts.iter().any(|t| t.contains("fz-005") && t.contains("HTTP 503")), "{texts:?}");
-    assert!(texts.iter().any(|t| t.contains("fz-008") && t.contains("signature")), "{texts:?}");
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.contains("fz-005") && t.contains("HTTP 503")),
+        "{texts:?}"
+    );
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.contains("fz-008") && t.contains("signature")),
+        "{texts:?}"
+    );
     // 503 is retried once; garbage and tampered answers are not retried.
     assert_eq!(region.sim.hits("fz-005"), 2);
     assert_eq!(region.sim.hits("fz-007"), 1);
@@ -465,10 +558,17 @@ async fn circuit_breaker_opens_and_recovers(backend: Backend) {
         let b = region.bundle(&path).await;
         assert_eq!(statuses(&b), vec![("fz-005".into(), "failed".into())]);
     }
-    assert_eq!(region.app.state.federation.breakers().state("fz-005"), "open");
+    assert_eq!(
+        region.app.state.federation.breakers().state("fz-005"),
+        "open"
+    );
     let b = region.bundle(&path).await;
     assert_eq!(statuses(&b), vec![("fz-005".into(), "circuit-open".into())]);
-    assert_eq!(region.sim.hits("fz-005"), 2, "an open circuit sends nothing");
+    assert_eq!(
+        region.sim.hits("fz-005"),
+        2,
+        "an open circuit sends nothing"
+    );
     assert_eq!(sources(&b), BTreeSet::from(["fz-004".to_string()]));
 
     // The hospital recovers; after the cooldown one probe closes the circuit.
@@ -476,7 +576,10 @@ async fn circuit_breaker_opens_and_recovers(backend: Backend) {
     tokio::time::sleep(Duration::from_millis(700)).await;
     let b = region.bundle(&path).await;
     assert!(statuses(&b).is_empty(), "{:?}", outcome_issues(&b));
-    assert_eq!(region.app.state.federation.breakers().state("fz-005"), "closed");
+    assert_eq!(
+        region.app.state.federation.breakers().state("fz-005"),
+        "closed"
+    );
     assert_eq!(region.sim.hits("fz-005"), 3);
     region.stop().await;
 }
@@ -485,7 +588,11 @@ async fn overall_deadline_is_honoured(backend: Backend) {
     let region = Region::start(backend, 3, |_| {}).await;
     region.sim.set_knobs(
         "fz-005",
-        Some(Knobs::default().with_overrides("timeout_rate=1.0,hang_ms=20000").unwrap()),
+        Some(
+            Knobs::default()
+                .with_overrides("timeout_rate=1.0,hang_ms=20000")
+                .unwrap(),
+        ),
     );
     let person = region.person(0);
     let started = Instant::now();
@@ -498,7 +605,10 @@ async fn overall_deadline_is_honoured(backend: Backend) {
     // Generous upper bound: the deadline plus scheduling and audit slack, far below the hang.
     assert!(took < Duration::from_millis(700 + 2500), "took {took:?}");
     assert_eq!(statuses(&b), vec![("fz-005".into(), "timeout".into())]);
-    let text = outcome_issues(&b)[1]["details"]["text"].as_str().unwrap().to_string();
+    let text = outcome_issues(&b)[1]["details"]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(text.contains("overall deadline 700 ms"), "{text}");
     assert_eq!(
         sources(&b),

@@ -117,6 +117,9 @@ pub struct SiteResult {
     pub result: Result<Vec<Value>, Problem>,
     pub attempts: u32,
     pub elapsed: Duration,
+    /// HTTP round trip (request sent → whole body received) of the successful attempt: the
+    /// endpoint's own time as the gateway sees it, without verification and merging.
+    pub round_trip: Option<Duration>,
 }
 
 /// The deadlines of one federated request.
@@ -228,7 +231,10 @@ impl Federation {
         Federation::with_key(&settings.federation, key)
     }
 
-    pub fn with_key(settings: &FederationSettings, key: Sm2PrivateKey) -> anyhow::Result<Federation> {
+    pub fn with_key(
+        settings: &FederationSettings,
+        key: Sm2PrivateKey,
+    ) -> anyhow::Result<Federation> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
             .pool_max_idle_per_host(settings.pool_max_idle_per_host)
@@ -303,7 +309,9 @@ impl Federation {
         };
         map.entry(id.to_string())
             .or_insert_with(|| {
-                Arc::new(Semaphore::new(self.inner.settings.max_concurrency_per_endpoint))
+                Arc::new(Semaphore::new(
+                    self.inner.settings.max_concurrency_per_endpoint,
+                ))
             })
             .clone()
     }
@@ -322,9 +330,15 @@ impl Federation {
         let calls = sites.into_iter().map(|site| {
             let endpoint_end = Instant::now() + deadlines.endpoint;
             let (end, limit) = if overall_end <= endpoint_end {
-                (overall_end, format!("overall deadline {} ms", deadlines.overall.as_millis()))
+                (
+                    overall_end,
+                    format!("overall deadline {} ms", deadlines.overall.as_millis()),
+                )
             } else {
-                (endpoint_end, format!("endpoint deadline {} ms", deadlines.endpoint.as_millis()))
+                (
+                    endpoint_end,
+                    format!("endpoint deadline {} ms", deadlines.endpoint.as_millis()),
+                )
             };
             self.query_site(resource_type, site, params, end, limit)
         });
@@ -342,14 +356,19 @@ impl Federation {
         let start = Instant::now();
         let inst = &site.institution;
         let id = inst.id.as_str().to_string();
+        let round_trip = Cell::new(None);
         let done = |result, attempts| SiteResult {
             institution: site.institution.clone(),
             result,
             attempts,
             elapsed: start.elapsed(),
+            round_trip: round_trip.get(),
         };
         let Some(base) = inst.endpoint_url.clone() else {
-            return done(Err(Problem::NotQueried("no FHIR endpoint registered".into())), 0);
+            return done(
+                Err(Problem::NotQueried("no FHIR endpoint registered".into())),
+                0,
+            );
         };
         if !inst.is_active() {
             return done(Err(Problem::NotQueried("institution suspended".into())), 0);
@@ -361,7 +380,9 @@ impl Federation {
             .collect();
         if keys.is_empty() {
             return done(
-                Err(Problem::NotQueried("no usable SM2 public key registered".into())),
+                Err(Problem::NotQueried(
+                    "no usable SM2 public key registered".into(),
+                )),
                 0,
             );
         }
@@ -392,7 +413,10 @@ impl Federation {
                     .attempt(resource_type, &base, &id, &keys, &site.identifiers, params)
                     .await
                 {
-                    Ok(found) => return Ok(found),
+                    Ok((found, rtt)) => {
+                        round_trip.set(Some(rtt));
+                        return Ok(found);
+                    }
                     Err((problem, retry)) => {
                         let n = attempts.get();
                         if !retry || n > self.inner.settings.retries {
@@ -441,9 +465,12 @@ impl Federation {
         keys: &[Sm2PublicKey],
         identifiers: &[(String, String)],
         params: &[(String, String)],
-    ) -> Result<Vec<Value>, (Problem, bool)> {
+    ) -> Result<(Vec<Value>, Duration), (Problem, bool)> {
         let settings = &self.inner.settings;
-        let ident: Vec<String> = identifiers.iter().map(|(s, v)| format!("{s}|{v}")).collect();
+        let ident: Vec<String> = identifiers
+            .iter()
+            .map(|(s, v)| format!("{s}|{v}"))
+            .collect();
         let mut query = vec![("patient.identifier".to_string(), ident.join(","))];
         query.extend(params.iter().cloned());
         let qs = serde_urlencoded::to_string(&query)
@@ -455,6 +482,7 @@ impl Federation {
             None => url.path().to_string(),
         };
         let request_id = uuid::Uuid::new_v4().to_string();
+        let sent = Instant::now();
         let binding = RequestBinding::new("GET", &target, &settings.gateway_id, &request_id)
             .map_err(|e| (Problem::Failed(format!("request binding: {e}")), false))?;
         let resp = self
@@ -501,6 +529,7 @@ impl Federation {
                 Err(e) => return Err((Problem::Failed(format!("reading the answer: {e}")), true)),
             }
         }
+        let rtt = sent.elapsed();
         if !(200..300).contains(&status) {
             let reason = upstream_reason(&body);
             let text = if reason.is_empty() {
@@ -586,6 +615,6 @@ impl Federation {
                     .collect()
             })
             .unwrap_or_default();
-        Ok(found)
+        Ok((found, rtt))
     }
 }

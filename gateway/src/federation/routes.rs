@@ -39,7 +39,13 @@ fn forwarded(resource_type: &str) -> &'static [&'static str] {
     }
 }
 
-const GATEWAY_PARAMS: [&str; 5] = ["patient", "_count", "_offset", "_timeout", "_endpointTimeout"];
+const GATEWAY_PARAMS: [&str; 5] = [
+    "patient",
+    "_count",
+    "_offset",
+    "_timeout",
+    "_endpointTimeout",
+];
 
 fn millis_param(name: &str, raw: &str, max: u64) -> Result<Duration, ApiError> {
     raw.parse::<u64>()
@@ -244,9 +250,18 @@ pub async fn search(
         )));
     }
 
-    let results = fed
-        .fan_out(&resource_type, sites, &params, deadlines)
-        .await;
+    let fan_out_started = std::time::Instant::now();
+    let results = fed.fan_out(&resource_type, sites, &params, deadlines).await;
+    let fan_out_ms = fan_out_started.elapsed().as_secs_f64() * 1000.0;
+    let slowest_ms = results
+        .iter()
+        .filter_map(|r| r.round_trip)
+        .max()
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    // Server-Timing (W3C): the slowest successful upstream round trip and the whole fan-out.
+    let timing = format!(
+        "upstream;dur={slowest_ms:.2};desc=\"slowest endpoint round trip\", fanout;dur={fan_out_ms:.2}"
+    );
 
     // Release policy per institution and resource, then merge.
     let policy = fed.policy();
@@ -280,9 +295,10 @@ pub async fn search(
                                 full_url,
                             });
                         }
-                        Release::Withhold { reason } => {
-                            withheld.entry(custodian.to_string()).or_default().push(reason)
-                        }
+                        Release::Withhold { reason } => withheld
+                            .entry(custodian.to_string())
+                            .or_default()
+                            .push(reason),
                     }
                 }
             }
@@ -389,7 +405,11 @@ pub async fn search(
     });
     state
         .auditor
-        .record(state.auditor.by_caller(event, &caller, Some(person.clone())))
+        .record(
+            state
+                .auditor
+                .by_caller(event, &caller, Some(person.clone())),
+        )
         .await?;
 
     // The page.
@@ -433,6 +453,7 @@ pub async fn search(
     let Some((request_id, key)) = requester_envelope else {
         return Ok(HttpResponse::Ok()
             .content_type(fhir::FHIR_JSON)
+            .insert_header(("Server-Timing", timing))
             .json(bundle));
     };
     let requester = caller.institution.id.to_string();
@@ -456,6 +477,7 @@ pub async fn search(
     .map_err(ApiError::internal)?;
     Ok(HttpResponse::Ok()
         .content_type(ENVELOPE_MEDIA_TYPE)
+        .insert_header(("Server-Timing", timing))
         .body(sealed))
 }
 
@@ -485,7 +507,10 @@ impl utoipa::Modify for FederatedPaths {
             return;
         };
         for t in FEDERATED_TYPES.iter().filter(|t| **t != "Observation") {
-            openapi.paths.paths.insert(format!("/fhir/{t}"), item.clone());
+            openapi
+                .paths
+                .paths
+                .insert(format!("/fhir/{t}"), item.clone());
         }
     }
 }

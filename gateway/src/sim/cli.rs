@@ -65,6 +65,10 @@ pub struct SimArgs {
     /// Register the hospitals and their patients in the configured database before serving.
     #[arg(long)]
     pub register: bool,
+    /// With --register: write the enterprise person id of every simulated person (JSON array,
+    /// by person index) to FILE.
+    #[arg(long, value_name = "FILE", requires = "register")]
+    pub persons_out: Option<PathBuf>,
     /// Exit after --emit / --register instead of serving.
     #[arg(long)]
     pub no_serve: bool,
@@ -107,9 +111,12 @@ pub fn config(settings: &Settings, args: &SimArgs) -> Result<SimConfig, Failure>
         .map_err(|e| Failure::new(EXIT_CONFIG, format!("knobs: {e}")))?;
     let mut overrides = HashMap::new();
     for o in &args.overrides {
-        let (id, text) = o
-            .split_once(':')
-            .ok_or_else(|| Failure::new(EXIT_CONFIG, format!("--override {o}: expected ID:key=value,…")))?;
+        let (id, text) = o.split_once(':').ok_or_else(|| {
+            Failure::new(
+                EXIT_CONFIG,
+                format!("--override {o}: expected ID:key=value,…"),
+            )
+        })?;
         let k = knobs
             .with_overrides(text)
             .map_err(|e| Failure::new(EXIT_CONFIG, format!("--override {id}: {e}")))?;
@@ -138,8 +145,12 @@ pub fn run(settings: &Settings, args: SimArgs) -> Result<(), Failure> {
     let _telemetry = crate::telemetry::init(&settings.log, &settings.telemetry)
         .map_err(|e| Failure::new(EXIT_CONFIG, e))?;
     let config = config(settings, &args)?;
-    let listener = TcpListener::bind(args.listen)
-        .map_err(|e| Failure::new(EXIT_RUNTIME, format!("cannot listen on {}: {e}", args.listen)))?;
+    let listener = TcpListener::bind(args.listen).map_err(|e| {
+        Failure::new(
+            EXIT_RUNTIME,
+            format!("cannot listen on {}: {e}", args.listen),
+        )
+    })?;
     let bound = listener
         .local_addr()
         .map_err(|e| Failure::new(EXIT_RUNTIME, e.to_string()))?;
@@ -187,6 +198,13 @@ pub fn run(settings: &Settings, args: SimArgs) -> Result<(), Failure> {
                 loaded.registrations,
                 loaded.split_persons
             );
+            if let Some(path) = &args.persons_out {
+                let text = serde_json::to_string(&loaded.persons)
+                    .map_err(|e| Failure::new(EXIT_RUNTIME, e.to_string()))?;
+                std::fs::write(path, text).map_err(|e| {
+                    Failure::new(EXIT_RUNTIME, format!("{}: {e}", path.display()))
+                })?;
+            }
             for (i, p) in loaded.persons.iter().enumerate().take(5) {
                 if let Some(id) = p {
                     eprintln!("  person {i}: enterprise id {id}");

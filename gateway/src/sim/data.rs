@@ -77,7 +77,11 @@ impl SimInstitution {
         spec.endpoint_url = Some(endpoint_url.to_string());
         spec.sm2_keys = vec![Sm2Key {
             kid: format!("{}-sm2-1", self.id),
-            pem: self.key.public_key().to_spki_pem().map_err(|e| e.to_string())?,
+            pem: self
+                .key
+                .public_key()
+                .to_spki_pem()
+                .map_err(|e| e.to_string())?,
         }];
         Ok(spec)
     }
@@ -141,8 +145,8 @@ const FAMILY: [&str; 20] = [
     "何", "林", "罗", "高",
 ];
 const GIVEN: [&str; 24] = [
-    "秀英", "伟", "芳", "娜", "敏", "静", "丽", "强", "磊", "军", "洋", "勇", "艳", "杰", "涛", "明",
-    "超", "秀兰", "霞", "平", "建华", "志强", "丽华", "俊",
+    "秀英", "伟", "芳", "娜", "敏", "静", "丽", "强", "磊", "军", "洋", "勇", "艳", "杰", "涛",
+    "明", "超", "秀兰", "霞", "平", "建华", "志强", "丽华", "俊",
 ];
 
 impl Region {
@@ -191,7 +195,10 @@ impl Region {
                 gender: if male { "male" } else { "female" },
                 birth,
                 resident_id: format!("{first17}{check}"),
-                phone: format!("138{:08}", mix(seed, &[b"phone", &p.to_be_bytes()]) % 100_000_000),
+                phone: format!(
+                    "138{:08}",
+                    mix(seed, &[b"phone", &p.to_be_bytes()]) % 100_000_000
+                ),
                 sites,
             };
             for &n in &person.sites {
@@ -231,42 +238,66 @@ const DRUG: &str = "urn:oid:2.16.156.10011.2.3.3.20";
 /// (code, unit, low, high, category)
 const OBSERVATIONS: [(Code, &str, f64, f64, &str); 6] = [
     (
-        Code { system: LOINC, code: "8867-4", display: "Heart rate" },
+        Code {
+            system: LOINC,
+            code: "8867-4",
+            display: "Heart rate",
+        },
         "/min",
         55.0,
         110.0,
         "vital-signs",
     ),
     (
-        Code { system: LOINC, code: "8480-6", display: "Systolic blood pressure" },
+        Code {
+            system: LOINC,
+            code: "8480-6",
+            display: "Systolic blood pressure",
+        },
         "mm[Hg]",
         95.0,
         175.0,
         "vital-signs",
     ),
     (
-        Code { system: LOINC, code: "29463-7", display: "Body weight" },
+        Code {
+            system: LOINC,
+            code: "29463-7",
+            display: "Body weight",
+        },
         "kg",
         40.0,
         95.0,
         "vital-signs",
     ),
     (
-        Code { system: LOINC, code: "2339-0", display: "Glucose [Mass/volume] in Blood" },
+        Code {
+            system: LOINC,
+            code: "2339-0",
+            display: "Glucose [Mass/volume] in Blood",
+        },
         "mmol/L",
         3.8,
         12.5,
         "laboratory",
     ),
     (
-        Code { system: LOINC, code: "718-7", display: "Hemoglobin [Mass/volume] in Blood" },
+        Code {
+            system: LOINC,
+            code: "718-7",
+            display: "Hemoglobin [Mass/volume] in Blood",
+        },
         "g/L",
         95.0,
         170.0,
         "laboratory",
     ),
     (
-        Code { system: LOINC, code: "2160-0", display: "Creatinine [Mass/volume] in Serum or Plasma" },
+        Code {
+            system: LOINC,
+            code: "2160-0",
+            display: "Creatinine [Mass/volume] in Serum or Plasma",
+        },
         "umol/L",
         45.0,
         160.0,
@@ -275,26 +306,97 @@ const OBSERVATIONS: [(Code, &str, f64, f64, &str); 6] = [
 ];
 
 const CONDITIONS: [Code; 6] = [
-    Code { system: ICD10, code: "I10", display: "原发性高血压" },
-    Code { system: ICD10, code: "E11.9", display: "2型糖尿病" },
-    Code { system: ICD10, code: "J18.9", display: "肺炎" },
-    Code { system: ICD10, code: "K29.7", display: "胃炎" },
-    Code { system: ICD10, code: "M54.5", display: "腰痛" },
-    Code { system: ICD10, code: "J45.9", display: "哮喘" },
+    Code {
+        system: ICD10,
+        code: "I10",
+        display: "原发性高血压",
+    },
+    Code {
+        system: ICD10,
+        code: "E11.9",
+        display: "2型糖尿病",
+    },
+    Code {
+        system: ICD10,
+        code: "J18.9",
+        display: "肺炎",
+    },
+    Code {
+        system: ICD10,
+        code: "K29.7",
+        display: "胃炎",
+    },
+    Code {
+        system: ICD10,
+        code: "M54.5",
+        display: "腰痛",
+    },
+    Code {
+        system: ICD10,
+        code: "J45.9",
+        display: "哮喘",
+    },
 ];
 
 const MEDICATIONS: [(Code, &str); 5] = [
-    (Code { system: DRUG, code: "86900135000139", display: "苯磺酸氨氯地平片 5mg" }, "5 mg 口服 每日一次"),
-    (Code { system: DRUG, code: "86902314000076", display: "盐酸二甲双胍片 0.5g" }, "0.5 g 口服 每日三次"),
-    (Code { system: DRUG, code: "86979480000035", display: "阿莫西林胶囊 0.25g" }, "0.5 g 口服 每日三次"),
-    (Code { system: DRUG, code: "86901234000158", display: "奥美拉唑肠溶胶囊 20mg" }, "20 mg 口服 每日一次"),
-    (Code { system: DRUG, code: "86903341000012", display: "沙丁胺醇气雾剂" }, "每次 1-2 揿 按需"),
+    (
+        Code {
+            system: DRUG,
+            code: "86900135000139",
+            display: "苯磺酸氨氯地平片 5mg",
+        },
+        "5 mg 口服 每日一次",
+    ),
+    (
+        Code {
+            system: DRUG,
+            code: "86902314000076",
+            display: "盐酸二甲双胍片 0.5g",
+        },
+        "0.5 g 口服 每日三次",
+    ),
+    (
+        Code {
+            system: DRUG,
+            code: "86979480000035",
+            display: "阿莫西林胶囊 0.25g",
+        },
+        "0.5 g 口服 每日三次",
+    ),
+    (
+        Code {
+            system: DRUG,
+            code: "86901234000158",
+            display: "奥美拉唑肠溶胶囊 20mg",
+        },
+        "20 mg 口服 每日一次",
+    ),
+    (
+        Code {
+            system: DRUG,
+            code: "86903341000012",
+            display: "沙丁胺醇气雾剂",
+        },
+        "每次 1-2 揿 按需",
+    ),
 ];
 
 const REPORTS: [Code; 3] = [
-    Code { system: LOINC, code: "58410-2", display: "CBC panel - Blood by Automated count" },
-    Code { system: LOINC, code: "24323-8", display: "Comprehensive metabolic panel" },
-    Code { system: LOINC, code: "24627-2", display: "Chest CT" },
+    Code {
+        system: LOINC,
+        code: "58410-2",
+        display: "CBC panel - Blood by Automated count",
+    },
+    Code {
+        system: LOINC,
+        code: "24323-8",
+        display: "Comprehensive metabolic panel",
+    },
+    Code {
+        system: LOINC,
+        code: "24627-2",
+        display: "Chest CT",
+    },
 ];
 
 fn coding(c: &Code) -> Value {
@@ -353,7 +455,8 @@ pub fn resources(
         }
         let observations = rng.gen_range(1..=3u32);
         for o in 0..observations {
-            let (code, unit, low, high, category) = &OBSERVATIONS[rng.gen_range(0..OBSERVATIONS.len())];
+            let (code, unit, low, high, category) =
+                &OBSERVATIONS[rng.gen_range(0..OBSERVATIONS.len())];
             let value = (rng.gen_range(*low..*high) * 10.0f64).round() / 10.0;
             let id = format!("h{n:03}-obs-{p}-{e}-{o}");
             if resource_type == "Observation" {
@@ -467,7 +570,12 @@ mod tests {
 
     #[test]
     fn regions_are_deterministic_and_consistent() {
-        let shape = RegionShape { institutions: 30, persons: 40, min_sites: 5, max_sites: 20 };
+        let shape = RegionShape {
+            institutions: 30,
+            persons: 40,
+            min_sites: 5,
+            max_sites: 20,
+        };
         let a = Region::generate(7, shape).unwrap();
         let b = Region::generate(7, shape).unwrap();
         assert_eq!(a.persons.len(), 40);

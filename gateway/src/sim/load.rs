@@ -30,13 +30,15 @@ pub fn load_region(
     let mut conn = store.conn().map_err(|e| e.to_string())?;
     let mut loaded = Loaded::default();
     for inst in &region.institutions {
-        let spec = inst.spec(&format!("{}/h/{}/fhir", base_url.trim_end_matches('/'), inst.id))?;
+        let spec = inst.spec(&format!(
+            "{}/h/{}/fhir",
+            base_url.trim_end_matches('/'),
+            inst.id
+        ))?;
         let valid = directory::validate(&spec).map_err(|e| format!("{}: {e}", inst.id))?;
         match directory::get(&mut conn, &inst.id) {
             Ok(current) => {
-                if current.endpoint_url != spec.endpoint_url
-                    || current.sm2_keys != spec.sm2_keys
-                {
+                if current.endpoint_url != spec.endpoint_url || current.sm2_keys != spec.sm2_keys {
                     directory::update(&mut conn, &valid, None)
                         .map_err(|e| format!("{}: {e}", inst.id))?;
                     loaded.institutions_updated += 1;

@@ -8,8 +8,8 @@
 //! (`PUT /_sim/knobs/{id}`, [`SimServer::set_knobs`]) so tests can make one hospital misbehave
 //! and recover.
 
-pub mod data;
 pub mod cli;
+pub mod data;
 pub mod load;
 
 use std::collections::HashMap;
@@ -93,8 +93,16 @@ impl Knobs {
             let (k, v) = pair
                 .split_once('=')
                 .ok_or_else(|| format!("{pair}: expected key=value"))?;
-            let int = || v.trim().parse::<u64>().map_err(|_| format!("{k}: not an integer"));
-            let float = || v.trim().parse::<f64>().map_err(|_| format!("{k}: not a number"));
+            let int = || {
+                v.trim()
+                    .parse::<u64>()
+                    .map_err(|_| format!("{k}: not an integer"))
+            };
+            let float = || {
+                v.trim()
+                    .parse::<f64>()
+                    .map_err(|_| format!("{k}: not a number"))
+            };
             match k.trim() {
                 "latency_min_ms" => self.latency_min_ms = int()?,
                 "latency_max_ms" => self.latency_max_ms = int()?,
@@ -164,9 +172,13 @@ impl SimServer {
     /// Generate the region and bind the server (not yet running: see [`SimServer::run`] /
     /// [`SimServer::spawn`]).
     pub fn start(config: SimConfig, listener: TcpListener) -> anyhow::Result<SimServer> {
-        config.knobs.check().map_err(|e| anyhow::anyhow!("knobs: {e}"))?;
+        config
+            .knobs
+            .check()
+            .map_err(|e| anyhow::anyhow!("knobs: {e}"))?;
         for (id, k) in &config.overrides {
-            k.check().map_err(|e| anyhow::anyhow!("knobs of {id}: {e}"))?;
+            k.check()
+                .map_err(|e| anyhow::anyhow!("knobs of {id}: {e}"))?;
         }
         let region = Region::generate(config.seed, config.shape).map_err(anyhow::Error::msg)?;
         let mut senders = HashMap::new();
@@ -193,7 +205,11 @@ impl SimServer {
                 .route("/_sim/knobs/{id}", web::put().to(put_knobs))
                 .route("/_sim/stats", web::get().to(stats))
                 .default_service(web::to(|| async {
-                    outcome(StatusCode::NOT_FOUND, "not-found", "no such simulated endpoint")
+                    outcome(
+                        StatusCode::NOT_FOUND,
+                        "not-found",
+                        "no such simulated endpoint",
+                    )
                 }))
         })
         .workers(config.workers.max(1))
@@ -342,10 +358,13 @@ fn date_matches(resource: &Value, param: &str) -> Result<bool, String> {
         _ => ("eq", param),
     };
     let ok = matches!(value.len(), 4 | 7 | 10)
-        && value
-            .bytes()
-            .enumerate()
-            .all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() });
+        && value.bytes().enumerate().all(|(i, b)| {
+            if i == 4 || i == 7 {
+                b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        });
     if !ok {
         return Err(format!("date: {param} is not [prefix]YYYY[-MM[-DD]]"));
     }
@@ -373,7 +392,11 @@ async fn search(
     };
     state.hit(&id);
     if !data::RESOURCE_TYPES.contains(&resource_type.as_str()) {
-        return outcome(StatusCode::NOT_FOUND, "not-supported", "resource type not served");
+        return outcome(
+            StatusCode::NOT_FOUND,
+            "not-supported",
+            "resource type not served",
+        );
     }
     let header = |name: &str| {
         req.headers()
@@ -427,7 +450,11 @@ async fn search(
             return outcome(StatusCode::GATEWAY_TIMEOUT, "timeout", "simulated hang");
         }
         "error" => {
-            return outcome(StatusCode::SERVICE_UNAVAILABLE, "transient", "simulated failure");
+            return outcome(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transient",
+                "simulated failure",
+            );
         }
         "garbage" => {
             return HttpResponse::Ok()
@@ -451,12 +478,20 @@ async fn search(
         );
     }
     let Some((_, ident)) = query.iter().find(|(k, _)| k == "patient.identifier") else {
-        return outcome(StatusCode::BAD_REQUEST, "required", "patient.identifier is required");
+        return outcome(
+            StatusCode::BAD_REQUEST,
+            "required",
+            "patient.identifier is required",
+        );
     };
     let mut people = Vec::new();
     for token in ident.split(',') {
         let Some((system, value)) = token.split_once('|') else {
-            return outcome(StatusCode::BAD_REQUEST, "invalid", "patient.identifier must be system|value");
+            return outcome(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                "patient.identifier must be system|value",
+            );
         };
         if system != inst.patient_id_system {
             continue;
