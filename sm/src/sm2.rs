@@ -284,6 +284,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn keys_from_scalar_bytes_are_deterministic_and_range_checked() {
+        assert!(Sm2PrivateKey::from_scalar_bytes(&[0u8; 32]).is_err());
+        assert!(
+            Sm2PrivateKey::from_scalar_bytes(&[0xff; 32]).is_err(),
+            "d ≥ n"
+        );
+        let a = Sm2PrivateKey::from_scalar_bytes(&[7u8; 32]).unwrap();
+        let b = Sm2PrivateKey::from_scalar_bytes(&[7u8; 32]).unwrap();
+        assert_eq!(a.public_key(), b.public_key());
+        let pem = a.to_pkcs8_pem().unwrap();
+        let c = Sm2PrivateKey::from_pkcs8_pem(&pem).unwrap();
+        assert_eq!(c.public_key(), a.public_key());
+    }
+
+    #[test]
     fn pem_round_trip_sign_verify() {
         let key = Sm2PrivateKey::generate().unwrap();
         let pem = key.to_pkcs8_pem().unwrap();

@@ -445,6 +445,41 @@ async fn requester_envelope_is_sealed_to_its_key_and_bound(backend: Backend) {
     assert_eq!(content_type, "application/fhir+json");
     let sealed: Value = serde_json::from_slice(&payload).unwrap();
     assert_eq!(matches(&sealed).len(), matches(&plain).len());
+    // An independent implementation (Python gmssl + cryptography) opens it too.
+    let dir = crate::helpers::TempDir::new();
+    let file = |name: &str| dir.path.join(name).display().to_string();
+    std::fs::write(file("env.json"), envelope.to_json().unwrap()).unwrap();
+    std::fs::write(file("me.pem"), my_key.to_pkcs8_pem().unwrap().as_bytes()).unwrap();
+    std::fs::write(file("gw.pub.pem"), gateway.to_spki_pem().unwrap()).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/interop/envelope.py");
+    let out = std::process::Command::new("python3")
+        .args([script, "open", "--method", "GET", "--path", &path])
+        .args([
+            "--requester-id",
+            "fz-004",
+            "--request-id",
+            "req-federation-1",
+        ])
+        .args([
+            "--in",
+            &file("env.json"),
+            "--recipient-key",
+            &file("me.pem"),
+        ])
+        .args([
+            "--sender-pub",
+            &file("gw.pub.pem"),
+            "--out",
+            &file("out.json"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(file("out.json")).unwrap(), payload);
     // Bound to this request: another request id does not open it.
     let other = RequestBinding::new("GET", &path, "fz-004", "req-federation-2").unwrap();
     assert!(
