@@ -608,3 +608,51 @@ pub fn region_json(region: &Region, base_url: &str) -> Result<Value, String> {
         "persons": persons,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn knob_overrides_parse_and_are_checked() {
+        let k = Knobs::default()
+            .with_overrides("error_rate=0.25, latency_min_ms=5,latency_max_ms=50")
+            .unwrap();
+        assert_eq!(
+            (k.error_rate, k.latency_min_ms, k.latency_max_ms),
+            (0.25, 5, 50)
+        );
+        assert!(Knobs::default().with_overrides("colour=red").is_err());
+        assert!(Knobs::default().with_overrides("error_rate=2").is_err());
+        assert!(
+            Knobs::default()
+                .with_overrides("error_rate=0.6,garbage_rate=0.6")
+                .is_err()
+        );
+        assert!(
+            Knobs::default()
+                .with_overrides("latency_min_ms=9,latency_max_ms=3")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn code_and_date_filters() {
+        let r = json!({
+            "resourceType": "Observation",
+            "code": { "coding": [{ "system": "http://loinc.org", "code": "8867-4" }] },
+            "effectiveDateTime": "2024-03-05T09:30:00+08:00",
+        });
+        assert!(code_matches(&r, "8867-4"));
+        assert!(code_matches(&r, "http://loinc.org|8867-4"));
+        assert!(code_matches(&r, "x,8867-4"));
+        assert!(!code_matches(&r, "http://snomed.info/sct|8867-4"));
+        assert!(date_matches(&r, "2024").unwrap());
+        assert!(date_matches(&r, "ge2024-03-05").unwrap());
+        assert!(!date_matches(&r, "gt2024-03-05").unwrap());
+        assert!(date_matches(&r, "lt2024-04").unwrap());
+        assert!(!date_matches(&r, "eq2023").unwrap());
+        assert!(date_matches(&r, "2024-3-5").is_err());
+    }
+}
