@@ -10,6 +10,7 @@ use actix_web::{App, HttpRequest, middleware, web};
 
 use crate::config::Settings;
 use crate::error::{ApiError, ErrorCode};
+use crate::federation;
 use crate::metrics::Metrics;
 use crate::oauth;
 use crate::routes::{
@@ -121,7 +122,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             resource("/audit/flagged-patients/{patient}")
                 .route(web::put().to(auditing::put_flag))
                 .route(web::delete().to(auditing::delete_flag)),
+        )
+        // Federated queries to member hospitals (crate::federation).
+        .service(resource("/federation/key").route(web::get().to(federation::routes::gateway_key)));
+    for t in federation::routes::FEDERATED_TYPES {
+        cfg.service(
+            resource(&format!("/fhir/{t}")).route(web::get().to(federation::routes::search)),
         );
+    }
 }
 
 fn resource(path: &str) -> actix_web::Resource {
@@ -201,8 +209,10 @@ impl Application {
             store.clone(),
             redis.clone(),
         )?);
+        let federation = federation::Federation::new(&settings)?;
         let state = AppState {
             policy,
+            federation,
             auditor,
             base_url: settings.public_base_url().into(),
             settings: Arc::new(settings),

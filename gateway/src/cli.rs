@@ -65,6 +65,9 @@ pub enum Command {
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
     },
+    /// Serve a simulated region of hospital FHIR endpoints (one port, `/h/{id}/fhir`), each
+    /// answer sealed in the SM envelope to the gateway key (docs/federation.md).
+    Sim(Box<crate::sim::cli::SimArgs>),
     /// Apply pending database migrations and exit.
     Migrate,
     /// Manage the institution directory.
@@ -353,6 +356,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             }
             crate::demo::run(settings, institutions)
         }
+        Command::Sim(args) => crate::sim::cli::run(&settings, *args),
         Command::Migrate => {
             let store = Store::open(&cli_store_options(&settings))?;
             let applied = store

@@ -79,6 +79,8 @@ pub struct Settings {
     /// Consent and access policy (docs/consent.md).
     #[serde(default)]
     pub consent: ConsentSettings,
+    #[serde(default)]
+    pub federation: FederationSettings,
 }
 
 /// A second listener with TLS that asks institutions for client certificates (mutual TLS,
@@ -180,6 +182,80 @@ impl Default for ConsentSettings {
             cache_max_patients: 200_000,
             cache_max_age_ms: 5000,
             policy: yiqiao_consent::PolicyConfig::default(),
+        }
+    }
+}
+
+/// Federated queries to member hospitals (docs/federation.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationSettings {
+    /// This gateway's ID: `requester_id` in request bindings it sends, `sender_id` of the
+    /// envelopes it seals for requesters.
+    pub gateway_id: String,
+    /// PEM file (PKCS#8) of the gateway's SM2 key: hospitals encrypt response keys to it, the
+    /// gateway signs requester envelopes with it. Empty: `<data_dir>/gateway-sm2-key.pem`,
+    /// generated on first start. Replicas must share one key.
+    pub sm2_key_file: String,
+    /// `recipient_key_id` hospitals put in envelopes sealed to the gateway key.
+    pub key_id: String,
+    /// Deadline for one institution (all attempts together), milliseconds.
+    pub endpoint_timeout_ms: u64,
+    /// Deadline for the whole federated request, milliseconds.
+    pub overall_timeout_ms: u64,
+    /// Largest deadline a request may ask for with `_timeout` / `_endpointTimeout`.
+    pub max_timeout_ms: u64,
+    /// Upstream calls in flight at once in this process, all endpoints together.
+    pub max_concurrency: usize,
+    /// Upstream calls in flight at once to one endpoint.
+    pub max_concurrency_per_endpoint: usize,
+    /// Extra attempts after a retryable failure (connection error, 429, 502, 503, 504).
+    pub retries: u32,
+    /// Base of the exponential backoff between attempts; the wait is uniform in
+    /// [0, base × 2^attempt] ("full jitter"), milliseconds.
+    pub retry_backoff_ms: u64,
+    /// Consecutive failures that open an endpoint's circuit.
+    pub breaker_failure_threshold: u32,
+    /// How long an open circuit refuses calls before one half-open probe, milliseconds.
+    pub breaker_cooldown_ms: u64,
+    /// Largest upstream response body accepted, bytes.
+    pub max_response_bytes: usize,
+    /// Tolerated age / clock difference of an upstream envelope's timestamp, seconds.
+    pub max_skew_secs: u64,
+    /// TCP connect timeout for upstream calls, milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Idle keep-alive connections kept per upstream host.
+    pub pool_max_idle_per_host: usize,
+    /// How long an idle upstream connection is kept, seconds.
+    pub pool_idle_timeout_secs: u64,
+    /// Entries per page when the request has no `_count`.
+    pub default_page_size: usize,
+    /// Largest `_count` accepted.
+    pub max_page_size: usize,
+}
+
+impl Default for FederationSettings {
+    fn default() -> FederationSettings {
+        FederationSettings {
+            gateway_id: "yiqiao-gateway".into(),
+            sm2_key_file: String::new(),
+            key_id: "gateway-sm2-1".into(),
+            endpoint_timeout_ms: 2000,
+            overall_timeout_ms: 5000,
+            max_timeout_ms: 30_000,
+            max_concurrency: 512,
+            max_concurrency_per_endpoint: 16,
+            retries: 1,
+            retry_backoff_ms: 50,
+            breaker_failure_threshold: 5,
+            breaker_cooldown_ms: 10_000,
+            max_response_bytes: 4 * 1024 * 1024,
+            max_skew_secs: 300,
+            connect_timeout_ms: 1000,
+            pool_max_idle_per_host: 32,
+            pool_idle_timeout_secs: 90,
+            default_page_size: 100,
+            max_page_size: 1000,
         }
     }
 }
@@ -401,6 +477,7 @@ impl Default for Settings {
             empi: EmpiSettings::default(),
             oidc: OidcSettings::default(),
             mtls: MtlsSettings::default(),
+            federation: FederationSettings::default(),
             audit: AuditSettings {
                 signing_key_file: String::new(),
                 checkpoint_every: 1000,
@@ -647,6 +724,43 @@ impl Settings {
                 Ok(u) if matches!(u.scheme(), "http" | "https") => {}
                 _ => return bad("audit.alert_webhook_url", "must be an http(s) URL"),
             }
+        }
+        let fed = &self.federation;
+        if fed.gateway_id.trim().is_empty() || fed.key_id.trim().is_empty() {
+            return bad(
+                "federation.gateway_id",
+                "gateway_id and key_id must not be empty",
+            );
+        }
+        if fed.endpoint_timeout_ms == 0 || fed.overall_timeout_ms == 0 {
+            return bad(
+                "federation.overall_timeout_ms",
+                "deadlines must be positive",
+            );
+        }
+        if fed.max_timeout_ms < fed.overall_timeout_ms.max(fed.endpoint_timeout_ms) {
+            return bad(
+                "federation.max_timeout_ms",
+                "must be at least overall_timeout_ms and endpoint_timeout_ms",
+            );
+        }
+        if fed.max_concurrency == 0 || fed.max_concurrency_per_endpoint == 0 {
+            return bad(
+                "federation.max_concurrency",
+                "concurrency caps must be positive",
+            );
+        }
+        if fed.breaker_failure_threshold == 0 {
+            return bad("federation.breaker_failure_threshold", "must be positive");
+        }
+        if fed.max_response_bytes < 1024 {
+            return bad("federation.max_response_bytes", "must be at least 1024");
+        }
+        if fed.default_page_size == 0 || fed.max_page_size < fed.default_page_size {
+            return bad(
+                "federation.max_page_size",
+                "default_page_size must be positive and at most max_page_size",
+            );
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return bad("log.level", &e.to_string());

@@ -158,37 +158,125 @@ pub fn run(mut settings: Settings, institutions: u32) -> Result<(), Failure> {
         .migrate()
         .map_err(|e| Failure::new(EXIT_DATABASE, e.to_string()))?;
     let keys_dir = settings.data_dir.join("demo").join("keys");
-    let (added, existing) = register_region(&store, &keys_dir, institutions)?;
-    let base = settings.public_base_url();
-    let token = settings.admin_token.expose().to_string();
-    println!(
-        "Yiqiao demo region: {} member institutions ({added} registered now, {existing} already present)",
-        added + existing
-    );
-    println!(
-        "  database:      {} ({})",
-        yiqiao_registry::store::redact_url(&settings.database_url()),
-        store.backend().name()
-    );
-    println!(
-        "  SM2 keys:      {}/<institution>.sm2.pem (demo only: private keys on disk)",
-        keys_dir.display()
-    );
-    println!();
-    println!("Walkthrough (in another terminal):");
-    println!("  curl -s {base}/readyz");
-    println!("  curl -s '{base}/fhir/Organization?_count=5'            # the directory as FHIR");
-    println!("  curl -s {base}/fhir/Organization/fz-004");
-    println!("  curl -s -H 'Authorization: Bearer {token}' {base}/admin/institutions");
-    println!(
-        "  curl -s -X POST -H 'Authorization: Bearer {token}' {base}/admin/institutions/fz-005/suspend"
-    );
-    println!("  open {base}/docs for the API reference; {base}/metrics for Prometheus");
-    println!();
-    println!("Admin token for this run: {token}   (set YIQIAO_ADMIN_TOKEN to choose one)");
-    println!("Stop with Ctrl-C.");
-    crate::cli::serve(settings)
+    // fz-001..fz-003 (platform, public health, internet hospital) get fresh keys on disk; the
+    // hospitals fz-004.. are the simulated region, with keys derived from the demo seed.
+    let (added, existing) = register_region(&store, &keys_dir, institutions.min(3))?;
+    let hospitals = institutions.saturating_sub(3).max(1);
+    let gateway_key = crate::federation::load_key(&settings)
+        .map_err(|e| Failure::new(EXIT_RUNTIME, e.to_string()))?;
+    let _telemetry = crate::telemetry::init(&settings.log, &settings.telemetry)
+        .map_err(|e| Failure::new(crate::cli::EXIT_CONFIG, e))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(EXIT_RUNTIME, e.to_string()))?;
+    runtime.block_on(async move {
+        let config = crate::sim::SimConfig {
+            seed: DEMO_SEED,
+            shape: crate::sim::RegionShape {
+                institutions: hospitals,
+                persons: 30,
+                min_sites: 2.min(hospitals),
+                max_sites: 5.min(hospitals),
+            },
+            knobs: crate::sim::Knobs::default()
+                .with_overrides("latency_min_ms=5,latency_max_ms=40")
+                .map_err(|e| Failure::new(EXIT_RUNTIME, e))?,
+            overrides: Default::default(),
+            gateway_key: yiqiao_sm::RecipientKey {
+                key_id: settings.federation.key_id.clone(),
+                public_key: gateway_key.public_key(),
+            },
+            gateway_id: Some(settings.federation.gateway_id.clone()),
+            workers: 1,
+        };
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
+            .map_err(|e| Failure::new(EXIT_RUNTIME, format!("simulator: {e}")))?;
+        let mut sim = crate::sim::SimServer::start(config, listener)
+            .map_err(|e| Failure::new(EXIT_RUNTIME, format!("simulator: {e}")))?;
+        sim.spawn();
+        for inst in &sim.region().institutions {
+            let path = keys_dir.join(format!("{}.sm2.pem", inst.id));
+            if let Ok(pem) = inst.key.to_pkcs8_pem() {
+                let _ = std::fs::write(&path, pem.as_bytes());
+            }
+        }
+        let region = sim.region().clone();
+        let sim_base = sim.base_url.clone();
+        let resident = settings.empi.resident_id_system.clone();
+        let loading = store.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            crate::sim::load::load_region(&loading, &region, &sim_base, &resident)
+        })
+        .await
+        .map_err(|e| Failure::new(EXIT_RUNTIME, e.to_string()))?
+        .map_err(|e| Failure::new(EXIT_DATABASE, e))?;
+        let (person_index, person) = sim
+            .region()
+            .persons
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, p)| p.sites.len())
+            .and_then(|(i, _)| loaded.persons.get(i).cloned().flatten().map(|id| (i, id)))
+            .ok_or_else(|| Failure::new(EXIT_RUNTIME, "no simulated person was linked"))?;
+        let sites: Vec<String> = sim.region().persons[person_index]
+            .sites
+            .iter()
+            .filter_map(|n| sim.region().institution_by_n(*n).map(|i| i.id.clone()))
+            .collect();
+
+        let app = crate::app::Application::build(settings.clone())
+            .await
+            .map_err(|e| Failure::new(EXIT_RUNTIME, format!("{e:#}")))?;
+        let base = settings.public_base_url();
+        let token = settings.admin_token.expose().to_string();
+        let simu = &sim.base_url;
+        println!(
+            "Yiqiao demo region: {} member institutions ({added} registered now, {existing} already present, {} simulated hospitals with FHIR endpoints)",
+            added + existing + sim.region().institutions.len() as u32,
+            sim.region().institutions.len()
+        );
+        println!(
+            "  database:      {} ({})",
+            yiqiao_registry::store::redact_url(&settings.database_url()),
+            store.backend().name()
+        );
+        println!(
+            "  SM2 keys:      {}/<institution>.sm2.pem (demo only: private keys on disk)",
+            keys_dir.display()
+        );
+        println!(
+            "  simulator:     {simu}/h/<id>/fhir ({} EMPI registrations of {} persons)",
+            loaded.registrations,
+            loaded.persons.len()
+        );
+        println!();
+        println!("Walkthrough (in another terminal):");
+        println!("  TOKEN={token}");
+        println!("  curl -s {base}/readyz");
+        println!("  curl -s '{base}/fhir/Organization?_count=5'            # the directory as FHIR");
+        println!("  curl -s -H \"Authorization: Bearer $TOKEN\" {base}/empi/persons/{person}   # person at {}", sites.join(", "));
+        println!("  # Federated query: the regional platform fz-001 asks every hospital holding records of the person");
+        println!("  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'X-On-Behalf-Of: fz-001' '{base}/fhir/Observation?patient={person}&_count=5'");
+        println!("  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'X-On-Behalf-Of: fz-001' '{base}/fhir/DiagnosticReport?patient={person}'");
+        println!("  # Make one hospital fail, then look at the OperationOutcome entry (search.mode = outcome)");
+        println!("  curl -s -X PUT -H 'Content-Type: application/json' -d '{{\"error_rate\":1.0}}' {simu}/_sim/knobs/{}", sites[0]);
+        println!("  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'X-On-Behalf-Of: fz-001' '{base}/fhir/Encounter?patient={person}&_timeout=1500'");
+        println!("  curl -s -X PUT -H 'Content-Type: application/json' -d 'null' {simu}/_sim/knobs/{}   # heal it", sites[0]);
+        println!("  # The same answer sealed in an SM envelope to fz-001's SM2 key (docs/sm-envelope.md)");
+        println!("  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'X-On-Behalf-Of: fz-001' -H 'Accept: application/yiqiao-sm-envelope+json' -H 'X-Request-Id: demo-1' '{base}/fhir/Condition?patient={person}'");
+        println!("  open {base}/docs for the API reference; {base}/metrics for Prometheus");
+        println!();
+        println!("Admin token for this run: {token}   (set YIQIAO_ADMIN_TOKEN to choose one)");
+        println!("Stop with Ctrl-C.");
+        let result = app.run().await;
+        sim.stop().await;
+        result.map_err(|e| Failure::new(EXIT_RUNTIME, e.to_string()))
+    })
 }
+
+/// Seed of the demo's simulated region (keys and data are derived from it).
+pub const DEMO_SEED: u64 = 350_100;
 
 #[cfg(test)]
 mod tests {

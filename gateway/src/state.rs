@@ -28,6 +28,8 @@ pub struct AppState {
     pub oidc: Arc<crate::oidc::OidcRuntime>,
     /// The consent enforcement point (crate::policy).
     pub policy: Arc<crate::policy::Policy>,
+    /// Federated queries: upstream client, gateway SM2 key, breakers, release policy.
+    pub federation: crate::federation::Federation,
 }
 
 impl AppState {

@@ -53,6 +53,14 @@ impl Sm2PrivateKey {
         Ok(Self { secret })
     }
 
+    /// A key from a 32-byte big-endian scalar (1 ≤ d < n). For deterministic test and
+    /// simulator keys derived from a seed; real keys come from [`Sm2PrivateKey::generate`].
+    pub fn from_scalar_bytes(bytes: &[u8; 32]) -> Result<Self, SmError> {
+        let secret = sm2::SecretKey::from_slice(bytes)
+            .map_err(|_| SmError::InvalidKey("scalar out of range"))?;
+        Ok(Self { secret })
+    }
+
     /// Reads a PKCS#8 `-----BEGIN PRIVATE KEY-----` PEM (as `openssl genpkey -algorithm SM2` writes).
     pub fn from_pkcs8_pem(pem: &str) -> Result<Self, SmError> {
         let secret = sm2::SecretKey::from_pkcs8_pem(pem)
@@ -274,6 +282,21 @@ impl Sm2Signature {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_from_scalar_bytes_are_deterministic_and_range_checked() {
+        assert!(Sm2PrivateKey::from_scalar_bytes(&[0u8; 32]).is_err());
+        assert!(
+            Sm2PrivateKey::from_scalar_bytes(&[0xff; 32]).is_err(),
+            "d ≥ n"
+        );
+        let a = Sm2PrivateKey::from_scalar_bytes(&[7u8; 32]).unwrap();
+        let b = Sm2PrivateKey::from_scalar_bytes(&[7u8; 32]).unwrap();
+        assert_eq!(a.public_key(), b.public_key());
+        let pem = a.to_pkcs8_pem().unwrap();
+        let c = Sm2PrivateKey::from_pkcs8_pem(&pem).unwrap();
+        assert_eq!(c.public_key(), a.public_key());
+    }
 
     #[test]
     fn pem_round_trip_sign_verify() {

@@ -145,6 +145,7 @@ fn demo_serves_a_registered_region() {
         .port();
     let mut child = yiqiao(&dir, "")
         .env_remove("YIQIAO_DATABASE_URL")
+        .env("YIQIAO_ADMIN_TOKEN", "demo-test-admin-token")
         .args([
             "demo",
             "--institutions",
@@ -166,9 +167,43 @@ fn demo_serves_a_registered_region() {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    // The walkthrough's federated query works: every simulated hospital of the person answers.
+    let mut stdout = String::new();
+    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+    while !stdout.contains("Stop with Ctrl-C") {
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut reader, &mut line).unwrap() == 0 {
+            break;
+        }
+        stdout.push_str(&line);
+    }
+    let person = stdout
+        .split("/fhir/Observation?patient=")
+        .nth(1)
+        .and_then(|rest| rest.split('&').next())
+        .unwrap_or_else(|| panic!("no federated query in {stdout}"))
+        .to_string();
+    let bundle = reqwest::blocking_get_json_as(
+        &format!("{base}/fhir/Observation?patient={person}"),
+        "demo-test-admin-token",
+        "fz-001",
+    )
+    .unwrap();
+    let entries = bundle["entry"].as_array().unwrap();
+    assert!(
+        entries.iter().any(|e| e["search"]["mode"] == "match"),
+        "{bundle}"
+    );
+    let outcome = entries
+        .iter()
+        .find(|e| e["search"]["mode"] == "outcome")
+        .unwrap();
+    let summary = outcome["resource"]["issue"][0]["details"]["text"]
+        .as_str()
+        .unwrap();
+    assert!(summary.contains(" 0 did not"), "{summary}");
     let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let _ = child.wait();
     let orgs = orgs.expect("demo did not serve");
     assert_eq!(orgs["entry"].as_array().unwrap().len(), 8, "{orgs}");
     assert!(stdout.contains("Walkthrough"), "{stdout}");
@@ -178,6 +213,31 @@ fn demo_serves_a_registered_region() {
 }
 
 mod reqwest {
+    /// A blocking GET with the admin credential on behalf of an institution.
+    pub fn blocking_get_json_as(
+        url: &str,
+        token: &str,
+        institution: &str,
+    ) -> Result<serde_json::Value, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let resp = ::reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .header("X-On-Behalf-Of", institution)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if !resp.status().is_success() {
+                return Err(resp.status().to_string());
+            }
+            resp.json().await.map_err(|e| e.to_string())
+        })
+    }
+
     /// A tiny blocking GET for process tests (the test itself is synchronous).
     pub fn blocking_get_json(url: &str) -> Result<serde_json::Value, String> {
         let rt = tokio::runtime::Builder::new_current_thread()

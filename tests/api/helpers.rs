@@ -145,7 +145,25 @@ pub fn test_settings(db_url: &str) -> Settings {
     s.http.max_body_bytes = 64 * 1024;
     s.http.shutdown_timeout_secs = 1;
     s.audit.signing_key_file = test_audit_key().0.display().to_string();
+    s.federation.sm2_key_file = test_gateway_key().0.display().to_string();
     s
+}
+
+/// One gateway SM2 envelope key per test process: (private key PEM file, the key).
+pub fn test_gateway_key() -> &'static (PathBuf, yiqiao_sm::Sm2PrivateKey) {
+    static KEY: std::sync::OnceLock<(PathBuf, yiqiao_sm::Sm2PrivateKey)> =
+        std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!(
+            "yiqiao-gateway-key-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = yiqiao_sm::Sm2PrivateKey::generate().unwrap();
+        let path = dir.join("gateway-key.pem");
+        std::fs::write(&path, key.to_pkcs8_pem().unwrap().as_bytes()).unwrap();
+        (path, key)
+    })
 }
 
 /// One SM2 audit checkpoint key per test process (every replica of every test shares it):

@@ -15,6 +15,7 @@ mod cli;
 mod consent;
 mod empi;
 mod errors;
+mod federation;
 mod institutions;
 mod migrations;
 mod oidc;

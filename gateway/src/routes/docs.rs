@@ -5,6 +5,7 @@ use actix_web::{HttpResponse, web};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
+use crate::federation::routes::FederatedPaths;
 use crate::routes::{auditing, consent, directory, empi, institutions, metadata, ops, patients};
 
 #[derive(OpenApi)]
@@ -29,6 +30,7 @@ use crate::routes::{auditing, consent, directory, empi, institutions, metadata, 
         consent::put_agreement, consent::list_agreements,
         auditing::search, auditing::read, auditing::list_alerts, auditing::ack_alert,
         auditing::list_flags, auditing::put_flag, auditing::delete_flag,
+        crate::federation::routes::search, crate::federation::routes::gateway_key,
     ),
     components(schemas(institutions::InstitutionInput, institutions::InstitutionView,
                         institutions::InstitutionList, institutions::Sm2KeyInput,
@@ -40,7 +42,7 @@ use crate::routes::{auditing, consent, directory, empi, institutions, metadata, 
                         consent::AgreementInput, consent::AgreementView,
                         auditing::AlertView, auditing::AlertList, auditing::NoteInput,
                         auditing::FlagView)),
-    modifiers(&SecurityAddon),
+    modifiers(&SecurityAddon, &FederatedPaths),
     tags(
         (name = "operations", description = "Health, readiness, metrics"),
         (name = "directory", description = "Institution directory administration"),
@@ -50,6 +52,7 @@ use crate::routes::{auditing, consent, directory, empi, institutions, metadata, 
         (name = "empi", description = "Master patient index: Patient feed, PDQm, PIXm, $match, persons, review"),
         (name = "consent", description = "Patients' consents (FHIR Consent) and the policy simulator (docs/consent.md)"),
         (name = "audit", description = "Auditors' workspace: AuditEvent search, who accessed a patient's records, anomaly alerts, flagged patients (docs/audit.md)"),
+        (name = "federation", description = "Federated queries to member hospitals (docs/federation.md)"),
     )
 )]
 pub struct ApiDoc;

@@ -289,6 +289,27 @@ fn candidate(r: &StoredRecord) -> Candidate {
     }
 }
 
+/// The EMPI registration of a FHIR Patient sent by `institution` (identifier in `system`):
+/// the same mapping `POST /fhir/Patient` applies, for loaders such as the demo and the simulator.
+pub(crate) fn registration_of(
+    patient: &Value,
+    institution: &str,
+    system: &str,
+    resident_system: &str,
+) -> Result<Registration, ApiError> {
+    let value = own_identifier(patient, system)?;
+    let mapped = map_patient(patient, institution, Some(system), resident_system)?;
+    Ok(Registration {
+        institution_id: institution.to_string(),
+        id_system: system.to_string(),
+        id_value: value,
+        record: mapped.record,
+        family: mapped.family,
+        given: mapped.given,
+        resource: patient.clone(),
+    })
+}
+
 fn actor_of(caller: &Caller) -> String {
     format!("institution:{}", caller.institution.id)
 }

@@ -1,0 +1,620 @@
+//! Federated queries: one request fans out to every institution holding a record of the
+//! enterprise patient, each answer arrives in an SM envelope sealed to the gateway and signed
+//! by the hospital, and the verified answers are merged into one Bundle (docs/federation.md).
+//!
+//! Safety rails per call: endpoint and overall deadlines, a process-wide and a per-endpoint
+//! concurrency cap (semaphores), retries with full-jitter backoff for the idempotent GETs, a
+//! circuit breaker per endpoint (in-process state, [`breaker`]), one pooled keep-alive HTTP
+//! client, and a size limit on every upstream body.
+
+pub mod breaker;
+pub mod policy;
+pub mod routes;
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use yiqiao_registry::directory::Institution;
+use yiqiao_sm::{
+    ENVELOPE_MEDIA_TYPE, Envelope, EnvelopeError, RecipientKey, RequestBinding, SenderKeys,
+    Sm2PrivateKey, Sm2PublicKey,
+};
+
+use crate::config::{FederationSettings, Settings};
+pub use breaker::{Admit, Breakers};
+pub use policy::{PermitAll, Release, ReleasePolicy};
+
+/// Header carrying the unique ID of one upstream request; bound into the response envelope.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Header naming the requester (the gateway's `federation.gateway_id`) for the binding.
+pub const REQUESTER_HEADER: &str = "x-yiqiao-requester";
+
+/// Why an institution contributed nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Problem {
+    /// Not called: no endpoint, no SM2 key, suspended.
+    NotQueried(String),
+    /// Its circuit is open.
+    CircuitOpen { retry_in: Duration },
+    /// No verified answer within the deadline.
+    Timeout(String),
+    /// Transport failure or a server error.
+    Failed(String),
+    /// The hospital refused the request (HTTP 4xx).
+    Refused(String),
+    /// The answer is not a well-formed envelope or Bundle.
+    Garbage(String),
+    /// The envelope failed signature, tag, binding or freshness checks.
+    Tampered(String),
+    /// The answer exceeded `federation.max_response_bytes`.
+    TooLarge(usize),
+}
+
+impl Problem {
+    /// Short status label (also the code in the outcome's federation-status coding).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Problem::NotQueried(_) => "not-queried",
+            Problem::CircuitOpen { .. } => "circuit-open",
+            Problem::Timeout(_) => "timeout",
+            Problem::Failed(_) => "failed",
+            Problem::Refused(_) => "refused",
+            Problem::Garbage(_) => "garbage",
+            Problem::Tampered(_) => "tampered",
+            Problem::TooLarge(_) => "too-large",
+        }
+    }
+
+    /// FHIR IssueType.
+    pub fn issue_type(&self) -> &'static str {
+        match self {
+            Problem::NotQueried(_) => "not-found",
+            Problem::CircuitOpen { .. } => "transient",
+            Problem::Timeout(_) => "timeout",
+            Problem::Failed(_) => "exception",
+            Problem::Refused(_) => "forbidden",
+            Problem::Garbage(_) => "structure",
+            Problem::Tampered(_) => "security",
+            Problem::TooLarge(_) => "too-costly",
+        }
+    }
+
+    pub fn detail(&self) -> String {
+        match self {
+            Problem::NotQueried(s)
+            | Problem::Timeout(s)
+            | Problem::Failed(s)
+            | Problem::Refused(s)
+            | Problem::Garbage(s)
+            | Problem::Tampered(s) => s.clone(),
+            Problem::CircuitOpen { retry_in } => format!(
+                "circuit open after repeated failures; next probe in {} ms",
+                retry_in.as_millis()
+            ),
+            Problem::TooLarge(limit) => format!("answer larger than {limit} bytes"),
+        }
+    }
+}
+
+/// One institution to ask and the patient's identifiers there.
+#[derive(Debug, Clone)]
+pub struct Site {
+    pub institution: Institution,
+    /// (system, value) of each local record of the patient.
+    pub identifiers: Vec<(String, String)>,
+}
+
+/// What one institution gave.
+#[derive(Debug)]
+pub struct SiteResult {
+    pub institution: Institution,
+    pub result: Result<Vec<Value>, Problem>,
+    pub attempts: u32,
+    pub elapsed: Duration,
+    /// HTTP round trip (request sent → whole body received) of the successful attempt: the
+    /// endpoint's own time as the gateway sees it, without verification and merging.
+    pub round_trip: Option<Duration>,
+}
+
+/// The deadlines of one federated request.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    pub overall: Duration,
+    pub endpoint: Duration,
+}
+
+struct Inner {
+    settings: FederationSettings,
+    client: reqwest::Client,
+    key: Sm2PrivateKey,
+    sender: SenderKeys,
+    global: Arc<Semaphore>,
+    per_endpoint: Mutex<HashMap<String, Arc<Semaphore>>>,
+    breakers: Breakers,
+    policy: RwLock<Arc<dyn ReleasePolicy>>,
+}
+
+/// The federation runtime shared by all requests of this process (cheap to clone).
+#[derive(Clone)]
+pub struct Federation {
+    inner: Arc<Inner>,
+}
+
+/// Path of the gateway's SM2 key file.
+pub fn key_path(settings: &Settings) -> PathBuf {
+    if settings.federation.sm2_key_file.is_empty() {
+        settings.data_dir.join("gateway-sm2-key.pem")
+    } else {
+        PathBuf::from(&settings.federation.sm2_key_file)
+    }
+}
+
+/// Load the gateway's SM2 key, generating `<data_dir>/gateway-sm2-key.pem` when no file is
+/// configured and none exists yet.
+pub fn load_key(settings: &Settings) -> anyhow::Result<Sm2PrivateKey> {
+    let path = key_path(settings);
+    if path.exists() {
+        let pem = std::fs::read_to_string(&path)
+            .map_err(|e| anyhow::anyhow!("federation.sm2_key_file {}: {e}", path.display()))?;
+        return Sm2PrivateKey::from_pkcs8_pem(&pem).map_err(|e| {
+            anyhow::anyhow!(
+                "federation.sm2_key_file {}: not an SM2 PKCS#8 PEM key: {e}",
+                path.display()
+            )
+        });
+    }
+    if !settings.federation.sm2_key_file.is_empty() {
+        anyhow::bail!("federation.sm2_key_file {} does not exist", path.display());
+    }
+    let key = Sm2PrivateKey::generate().map_err(|e| anyhow::anyhow!("gateway key: {e}"))?;
+    let pem = key
+        .to_pkcs8_pem()
+        .map_err(|e| anyhow::anyhow!("gateway key: {e}"))?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    }
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(f) => f,
+            // Another process created it first: use that one.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let pem = std::fs::read_to_string(&path)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                return Sm2PrivateKey::from_pkcs8_pem(&pem)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()));
+            }
+            Err(e) => anyhow::bail!("cannot write {}: {e}", path.display()),
+        };
+        f.write_all(pem.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    }
+    tracing::warn!(path = %path.display(), "generated the gateway SM2 key; replicas must share one key (federation.sm2_key_file)");
+    Ok(key)
+}
+
+fn retryable_status(status: u16) -> bool {
+    matches!(status, 429 | 502 | 503 | 504)
+}
+
+/// The OperationOutcome diagnostics of an upstream error body, shortened.
+fn upstream_reason(body: &[u8]) -> String {
+    let text = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| {
+            v["issue"][0]["diagnostics"]
+                .as_str()
+                .or_else(|| v["issue"][0]["details"]["text"].as_str())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    text.chars().take(200).collect()
+}
+
+impl Federation {
+    pub fn new(settings: &Settings) -> anyhow::Result<Federation> {
+        let key = load_key(settings)?;
+        Federation::with_key(&settings.federation, key)
+    }
+
+    pub fn with_key(
+        settings: &FederationSettings,
+        key: Sm2PrivateKey,
+    ) -> anyhow::Result<Federation> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
+            .pool_max_idle_per_host(settings.pool_max_idle_per_host)
+            .pool_idle_timeout(Duration::from_secs(settings.pool_idle_timeout_secs))
+            .tcp_keepalive(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        let sender = SenderKeys::new(&settings.gateway_id, &key)
+            .map_err(|e| anyhow::anyhow!("federation.gateway_id: {e}"))?;
+        Ok(Federation {
+            inner: Arc::new(Inner {
+                client,
+                sender,
+                key,
+                global: Arc::new(Semaphore::new(settings.max_concurrency)),
+                per_endpoint: Mutex::new(HashMap::new()),
+                breakers: Breakers::new(
+                    settings.breaker_failure_threshold,
+                    Duration::from_millis(settings.breaker_cooldown_ms),
+                ),
+                policy: RwLock::new(Arc::new(PermitAll)),
+                settings: settings.clone(),
+            }),
+        })
+    }
+
+    pub fn settings(&self) -> &FederationSettings {
+        &self.inner.settings
+    }
+
+    /// The gateway's envelope public key as hospitals address it.
+    pub fn recipient_key(&self) -> RecipientKey {
+        RecipientKey {
+            key_id: self.inner.settings.key_id.clone(),
+            public_key: self.inner.key.public_key(),
+        }
+    }
+
+    pub fn public_key(&self) -> Sm2PublicKey {
+        self.inner.key.public_key()
+    }
+
+    /// The gateway as an envelope sender (for sealing answers to requesters).
+    pub fn sender(&self) -> &SenderKeys {
+        &self.inner.sender
+    }
+
+    pub fn breakers(&self) -> &Breakers {
+        &self.inner.breakers
+    }
+
+    /// Install the release policy (the consent engine) applied to every resource.
+    pub fn set_policy(&self, policy: Arc<dyn ReleasePolicy>) {
+        match self.inner.policy.write() {
+            Ok(mut p) => *p = policy,
+            Err(poisoned) => *poisoned.into_inner() = policy,
+        }
+    }
+
+    pub fn policy(&self) -> Arc<dyn ReleasePolicy> {
+        match self.inner.policy.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn endpoint_semaphore(&self, id: &str) -> Arc<Semaphore> {
+        let mut map = match self.inner.per_endpoint.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.entry(id.to_string())
+            .or_insert_with(|| {
+                Arc::new(Semaphore::new(
+                    self.inner.settings.max_concurrency_per_endpoint,
+                ))
+            })
+            .clone()
+    }
+
+    /// Ask every site concurrently for `resource_type` with the extra search `params`;
+    /// returns one result per site, in the order given, no later than the overall deadline
+    /// (plus scheduling slack).
+    pub async fn fan_out(
+        &self,
+        resource_type: &str,
+        sites: Vec<Site>,
+        params: &[(String, String)],
+        deadlines: Deadlines,
+    ) -> Vec<SiteResult> {
+        let overall_end = Instant::now() + deadlines.overall;
+        let calls = sites.into_iter().map(|site| {
+            let endpoint_end = Instant::now() + deadlines.endpoint;
+            let (end, limit) = if overall_end <= endpoint_end {
+                (
+                    overall_end,
+                    format!("overall deadline {} ms", deadlines.overall.as_millis()),
+                )
+            } else {
+                (
+                    endpoint_end,
+                    format!("endpoint deadline {} ms", deadlines.endpoint.as_millis()),
+                )
+            };
+            self.query_site(resource_type, site, params, end, limit)
+        });
+        futures::future::join_all(calls).await
+    }
+
+    async fn query_site(
+        &self,
+        resource_type: &str,
+        site: Site,
+        params: &[(String, String)],
+        end: Instant,
+        limit: String,
+    ) -> SiteResult {
+        let start = Instant::now();
+        let inst = &site.institution;
+        let id = inst.id.as_str().to_string();
+        let round_trip = Cell::new(None);
+        let done = |result, attempts| SiteResult {
+            institution: site.institution.clone(),
+            result,
+            attempts,
+            elapsed: start.elapsed(),
+            round_trip: round_trip.get(),
+        };
+        let Some(base) = inst.endpoint_url.clone() else {
+            return done(
+                Err(Problem::NotQueried("no FHIR endpoint registered".into())),
+                0,
+            );
+        };
+        if !inst.is_active() {
+            return done(Err(Problem::NotQueried("institution suspended".into())), 0);
+        }
+        let keys: Vec<Sm2PublicKey> = inst
+            .sm2_keys
+            .iter()
+            .filter_map(|k| Sm2PublicKey::from_spki_pem(&k.pem).ok())
+            .collect();
+        if keys.is_empty() {
+            return done(
+                Err(Problem::NotQueried(
+                    "no usable SM2 public key registered".into(),
+                )),
+                0,
+            );
+        }
+        let admit = self.inner.breakers.admit(&id);
+        if let Admit::Refuse { retry_in } = admit {
+            return done(Err(Problem::CircuitOpen { retry_in }), 0);
+        }
+        // What the call was doing when a deadline struck (for the report and the breaker).
+        let phase = Cell::new("waiting for a free upstream slot");
+        let attempts = Cell::new(0u32);
+        let work = async {
+            let _global = self
+                .inner
+                .global
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| Problem::Failed("gateway shutting down".into()))?;
+            let _endpoint = self
+                .endpoint_semaphore(&id)
+                .acquire_owned()
+                .await
+                .map_err(|_| Problem::Failed("gateway shutting down".into()))?;
+            phase.set("waiting for the answer");
+            loop {
+                attempts.set(attempts.get() + 1);
+                match self
+                    .attempt(resource_type, &base, &id, &keys, &site.identifiers, params)
+                    .await
+                {
+                    Ok((found, rtt)) => {
+                        round_trip.set(Some(rtt));
+                        return Ok(found);
+                    }
+                    Err((problem, retry)) => {
+                        let n = attempts.get();
+                        if !retry || n > self.inner.settings.retries {
+                            return Err(problem);
+                        }
+                        let cap = self
+                            .inner
+                            .settings
+                            .retry_backoff_ms
+                            .saturating_mul(1u64 << (n - 1).min(16));
+                        let wait =
+                            Duration::from_millis(rand::thread_rng().gen_range(0..=cap.max(1)));
+                        if Instant::now() + wait >= end {
+                            return Err(problem);
+                        }
+                        phase.set("backing off before a retry");
+                        tokio::time::sleep(wait).await;
+                        phase.set("waiting for the answer");
+                    }
+                }
+            }
+        };
+        let result = match tokio::time::timeout_at(end.into(), work).await {
+            Ok(r) => r,
+            Err(_) => Err(Problem::Timeout(format!(
+                "no verified answer within the {limit} ({})",
+                phase.get()
+            ))),
+        };
+        match &result {
+            // An answer, even a refusal, shows the endpoint is alive.
+            Ok(_) | Err(Problem::Refused(_)) => self.inner.breakers.success(&id),
+            // Our own concurrency limit is not the endpoint's fault.
+            Err(Problem::Timeout(_)) if phase.get() == "waiting for a free upstream slot" => {}
+            Err(_) => self.inner.breakers.failure(&id),
+        }
+        done(result, attempts.get())
+    }
+
+    /// One HTTP call. `Err((problem, retryable))`.
+    async fn attempt(
+        &self,
+        resource_type: &str,
+        base: &str,
+        id: &str,
+        keys: &[Sm2PublicKey],
+        identifiers: &[(String, String)],
+        params: &[(String, String)],
+    ) -> Result<(Vec<Value>, Duration), (Problem, bool)> {
+        let settings = &self.inner.settings;
+        let ident: Vec<String> = identifiers
+            .iter()
+            .map(|(s, v)| format!("{s}|{v}"))
+            .collect();
+        let mut query = vec![("patient.identifier".to_string(), ident.join(","))];
+        query.extend(params.iter().cloned());
+        let qs = serde_urlencoded::to_string(&query)
+            .map_err(|e| (Problem::Failed(format!("query: {e}")), false))?;
+        let url = url::Url::parse(&format!("{base}/{resource_type}?{qs}"))
+            .map_err(|e| (Problem::NotQueried(format!("endpoint URL: {e}")), false))?;
+        let target = match url.query() {
+            Some(q) => format!("{}?{q}", url.path()),
+            None => url.path().to_string(),
+        };
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let sent = Instant::now();
+        let binding = RequestBinding::new("GET", &target, &settings.gateway_id, &request_id)
+            .map_err(|e| (Problem::Failed(format!("request binding: {e}")), false))?;
+        let resp = self
+            .inner
+            .client
+            .get(url)
+            .header(reqwest::header::ACCEPT, ENVELOPE_MEDIA_TYPE)
+            .header(REQUEST_ID_HEADER, &request_id)
+            .header(REQUESTER_HEADER, &settings.gateway_id)
+            .send()
+            .await
+            .map_err(|e| {
+                let why = if e.is_connect() {
+                    "connection failed"
+                } else if e.is_timeout() {
+                    "timed out"
+                } else {
+                    "transport error"
+                };
+                (Problem::Failed(format!("{why}: {e}")), true)
+            })?;
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let limit = settings.max_response_bytes;
+        if resp.content_length().is_some_and(|n| n > limit as u64) {
+            return Err((Problem::TooLarge(limit), false));
+        }
+        let mut body = Vec::new();
+        let mut resp = resp;
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > limit {
+                        return Err((Problem::TooLarge(limit), false));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => return Err((Problem::Failed(format!("reading the answer: {e}")), true)),
+            }
+        }
+        let rtt = sent.elapsed();
+        if !(200..300).contains(&status) {
+            let reason = upstream_reason(&body);
+            let text = if reason.is_empty() {
+                format!("HTTP {status}")
+            } else {
+                format!("HTTP {status}: {reason}")
+            };
+            return Err(match status {
+                400..=499 if status != 429 => (Problem::Refused(text), false),
+                _ => (Problem::Failed(text), retryable_status(status)),
+            });
+        }
+        let media = content_type.split(';').next().unwrap_or("").trim();
+        if !media.eq_ignore_ascii_case(ENVELOPE_MEDIA_TYPE) {
+            return Err((
+                Problem::Garbage(format!(
+                    "Content-Type {media:?}, expected {ENVELOPE_MEDIA_TYPE}"
+                )),
+                false,
+            ));
+        }
+        let envelope = Envelope::from_json(&body)
+            .map_err(|e| (Problem::Garbage(format!("not an SM envelope: {e}")), false))?;
+        if envelope.sender_id != id {
+            return Err((
+                Problem::Tampered(format!(
+                    "envelope sender_id {:?} is not the institution queried",
+                    envelope.sender_id
+                )),
+                false,
+            ));
+        }
+        if envelope.recipient_key_id != settings.key_id {
+            return Err((
+                Problem::Failed(format!(
+                    "envelope sealed to key {:?}, not the gateway key {:?}",
+                    envelope.recipient_key_id, settings.key_id
+                )),
+                false,
+            ));
+        }
+        let key = self.inner.key.clone();
+        let keys = keys.to_vec();
+        let skew = Duration::from_secs(settings.max_skew_secs);
+        let opened = tokio::task::spawn_blocking(move || {
+            let now = chrono::Utc::now();
+            let mut last = Err(EnvelopeError::BadSignature);
+            for k in &keys {
+                last = envelope.open(&key, k, &binding, now, skew);
+                if !matches!(last, Err(EnvelopeError::BadSignature)) {
+                    break;
+                }
+            }
+            last
+        })
+        .await
+        .map_err(|e| (Problem::Failed(format!("verification task: {e}")), false))?;
+        let (payload, _) = opened.map_err(|e| {
+            let p = match e {
+                EnvelopeError::Malformed { .. }
+                | EnvelopeError::TooLarge { .. }
+                | EnvelopeError::Unsupported { .. } => Problem::Garbage(e.to_string()),
+                other => Problem::Tampered(other.to_string()),
+            };
+            (p, false)
+        })?;
+        let bundle: Value = serde_json::from_slice(&payload)
+            .map_err(|e| (Problem::Garbage(format!("payload is not JSON: {e}")), false))?;
+        if bundle["resourceType"] != "Bundle" {
+            return Err((Problem::Garbage("payload is not a Bundle".into()), false));
+        }
+        let found = bundle["entry"]
+            .as_array()
+            .map(|entries| {
+                entries
+                    .iter()
+                    .filter_map(|e| e.get("resource"))
+                    .filter(|r| {
+                        r["resourceType"] == resource_type
+                            && r["id"].as_str().is_some_and(|s| !s.is_empty())
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((found, rtt))
+    }
+}

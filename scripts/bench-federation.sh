@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Federated-query load benchmark (issue 7), release build, everything on this machine:
+#   - `yiqiao sim`: 300 simulated hospitals on one port, each person at 5–20 of them,
+#     endpoint latency uniform 5–50 ms, every answer SM-sealed and signed;
+#   - `yiqiao serve` on SQLite with the region registered (directory + EMPI);
+#   - gateway/examples/federation_load.rs: federated GETs over the five types in rotation.
+# Reports the gateway's time over the slowest endpoint of each request (client latency minus
+# the gateway's `Server-Timing: upstream`), p50/p99, unloaded (1 in flight) and at
+# CONCURRENCY in flight with throughput, errors and the gateway's RSS; then the SM primitives
+# beside `openssl speed` in the same run.
+#
+#   scripts/bench-federation.sh [REQUESTS] [CONCURRENCY] [PERSONS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+requests="${1:-4000}"; conc="${2:-200}"; persons="${3:-100}"
+tgt="${CARGO_TARGET_DIR:-target}"
+cargo build --release -q -p yiqiao --bin yiqiao --example federation_load
+bin="$tgt/release/yiqiao"; load="$tgt/release/examples/federation_load"
+work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+export YIQIAO_DATA_DIR="$work" YIQIAO_DATABASE_URL="sqlite://$work/y.db" \
+  YIQIAO_ADMIN_TOKEN=bench-admin-token YIQIAO_LOG__LEVEL=warn \
+  YIQIAO_DATABASE__POOL_SIZE=32 YIQIAO_FEDERATION__MAX_CONCURRENCY=8192 \
+  YIQIAO_FEDERATION__MAX_CONCURRENCY_PER_ENDPOINT=256 YIQIAO_FEDERATION__POOL_MAX_IDLE_PER_HOST=512 \
+  YIQIAO_FEDERATION__ENDPOINT_TIMEOUT_MS=10000 YIQIAO_FEDERATION__OVERALL_TIMEOUT_MS=15000
+wait_up() { for _ in $(seq 1 600); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.2; done; echo "nothing at $1" >&2; exit 1; }
+
+"$bin" sim --institutions 300 --patients "$persons" --min-sites 5 --max-sites 20 \
+  --latency-min-ms 5 --latency-max-ms 50 --listen 127.0.0.1:18190 --workers 2 \
+  --register --persons-out "$work/persons.json" 2>"$work/sim.log" &
+wait_up http://127.0.0.1:18190/_sim/stats
+"$bin" serve --listen 127.0.0.1:18191 2>"$work/gateway.log" &
+gw=$!
+wait_up http://127.0.0.1:18191/readyz
+echo "machine: $(nproc) cores; 300 simulated hospitals, $persons persons at 5–20 each, latency 5–50 ms"
+grep registered "$work/sim.log" || true
+run() { "$load" http://127.0.0.1:18191 bench-admin-token fz-004 "$work/persons.json" "$1" "$2"; }
+echo "--- warm-up (20 in flight, 200 requests)"; run 20 200 >/dev/null
+echo "--- unloaded: 1 in flight, 300 requests"; run 1 300
+echo "--- loaded: $conc in flight, $requests requests"; run "$conc" "$requests"
+echo "--- gateway memory after the load: $(grep -E 'VmRSS|VmHWM' /proc/$gw/status | tr -s ' \t' ' ' | tr '\n' ' ')"
+kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true
+
+echo "--- SM primitives, ours (criterion) then OpenSSL, same run"
+cargo bench -q -p yiqiao-sm --bench sm -- --noplot 'sm4_gcm_1MiB|sm2/' 2>/dev/null \
+  | grep -E '^(sm4_gcm|sm2)|time:|thrpt:' || true
+bash sm/benches/openssl-speed.sh 3
