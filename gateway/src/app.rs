@@ -12,7 +12,9 @@ use crate::config::Settings;
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Metrics;
 use crate::oauth;
-use crate::routes::{directory, docs, empi, institutions, metadata, ops, patients};
+use crate::routes::{
+    directory, docs, documents, empi, institutions, metadata, ops, patients, subscriptions,
+};
 use crate::state::AppState;
 
 /// All routes in one table. Each resource answers unknown methods with 405 + OperationOutcome.
@@ -74,6 +76,35 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/fhir/Patient/$ihe-pix").route(web::get().to(patients::pix)))
         .service(resource("/fhir/Patient/$match").route(web::post().to(patients::match_patient)))
         .service(resource("/fhir/Patient/{id}").route(web::get().to(patients::read)))
+        // Document registry (MHD-style) and subscriptions.
+        .service(resource("/fhir").route(web::post().to(documents::transaction)))
+        .service(
+            resource("/fhir/DocumentReference")
+                .route(web::get().to(documents::search))
+                .route(web::post().to(documents::create)),
+        )
+        .service(resource("/fhir/DocumentReference/{id}").route(web::get().to(documents::read)))
+        .service(resource("/fhir/Binary/{id}").route(web::get().to(documents::retrieve)))
+        .service(
+            resource("/fhir/Subscription")
+                .route(web::get().to(subscriptions::search))
+                .route(web::post().to(subscriptions::create)),
+        )
+        .service(
+            resource("/fhir/Subscription/{id}")
+                .route(web::get().to(subscriptions::read))
+                .route(web::delete().to(subscriptions::delete)),
+        )
+        .service(
+            resource("/fhir/Subscription/{id}/$status").route(web::get().to(subscriptions::status)),
+        )
+        .service(
+            resource("/fhir/Subscription/{id}/$events").route(web::get().to(subscriptions::events)),
+        )
+        .service(
+            resource("/fhir/Subscription/{id}/$retry-dead")
+                .route(web::post().to(subscriptions::retry_dead)),
+        )
         // EMPI administration (admin credential).
         .service(resource("/empi/persons/{id}").route(web::get().to(empi::read_person)))
         .service(resource("/empi/persons/{id}/$merge").route(web::post().to(empi::merge)))
@@ -157,7 +188,13 @@ impl Application {
                 .map_err(|e| anyhow::anyhow!("audit key: {e}"))?,
         );
         let auditor = crate::audit::Auditor::start(store.clone(), signer, &settings);
+        let documents = Arc::new(crate::documents::DocumentRuntime::new(
+            &settings.documents,
+            &settings.subscriptions,
+            auditor.replica(),
+        )?);
         let state = AppState {
+            documents,
             auditor,
             base_url: settings.public_base_url().into(),
             settings: Arc::new(settings),
@@ -166,6 +203,7 @@ impl Application {
             metrics: Metrics::new()?,
             auth: Arc::new(oauth::AuthRuntime::new(keys, limits)),
         };
+        crate::documents::start_worker(state.clone());
         let http = state.settings.http.clone();
         let data = web::Data::new(state.clone());
         let mut server = actix_web::HttpServer::new(move || {

@@ -24,6 +24,8 @@ pub struct AppState {
     pub auth: Arc<crate::oauth::AuthRuntime>,
     /// The audit recorder (fail closed; see crate::audit).
     pub auditor: crate::audit::Auditor,
+    /// Document registry: code table, consent hook, delivery worker wake-up (crate::documents).
+    pub documents: Arc<crate::documents::DocumentRuntime>,
 }
 
 impl AppState {

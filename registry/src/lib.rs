@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod auth;
 pub mod directory;
+pub mod documents;
 pub mod empi;
 pub mod store;
 

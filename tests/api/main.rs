@@ -11,6 +11,7 @@ mod helpers;
 mod audit;
 mod auth;
 mod cli;
+mod documents;
 mod empi;
 mod errors;
 mod institutions;

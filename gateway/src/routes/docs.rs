@@ -5,7 +5,9 @@ use actix_web::{HttpResponse, web};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use crate::routes::{directory, empi, institutions, metadata, ops, patients};
+use crate::routes::{
+    directory, documents, empi, institutions, metadata, ops, patients, subscriptions,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -23,6 +25,9 @@ use crate::routes::{directory, empi, institutions, metadata, ops, patients};
         patients::pix, patients::match_patient,
         empi::read_person, empi::merge, empi::unmerge, empi::list_review, empi::review_link,
         empi::review_keep_separate,
+        documents::create, documents::transaction, documents::read, documents::search,
+        documents::retrieve, subscriptions::create, subscriptions::search, subscriptions::read, subscriptions::delete,
+        subscriptions::status, subscriptions::events, subscriptions::retry_dead,
     ),
     components(schemas(institutions::InstitutionInput, institutions::InstitutionView,
                         institutions::InstitutionList, institutions::Sm2KeyInput,
@@ -35,6 +40,7 @@ use crate::routes::{directory, empi, institutions, metadata, ops, patients};
         (name = "fhir", description = "FHIR R4 API"),
         (name = "auth", description = "Machine authentication (SMART Backend Services, docs/auth.md)"),
         (name = "empi", description = "Master patient index: Patient feed, PDQm, PIXm, $match, persons, review"),
+        (name = "documents", description = "Document registry, retrieval and subscriptions (docs/documents.md)"),
     )
 )]
 pub struct ApiDoc;

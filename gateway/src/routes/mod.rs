@@ -2,11 +2,13 @@
 
 pub mod directory;
 pub mod docs;
+pub mod documents;
 pub mod empi;
 pub mod institutions;
 pub mod metadata;
 pub mod ops;
 pub mod patients;
+pub mod subscriptions;
 
 use std::collections::HashMap;
 
