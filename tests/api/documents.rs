@@ -873,11 +873,13 @@ impl Receiver {
         self.seen.lock().unwrap().calls.clone()
     }
 
+    /// Wait until `n` distinct events were acknowledged; returns every acknowledgement.
     async fn wait_acked(&self, n: usize, within: Duration) -> Vec<i64> {
         let start = Instant::now();
         loop {
             let acked = self.acked();
-            if acked.len() >= n || start.elapsed() > within {
+            let distinct = acked.iter().collect::<BTreeSet<_>>().len();
+            if distinct >= n || start.elapsed() > within {
                 return acked;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1195,23 +1197,25 @@ async fn two_replicas_never_deliver_the_same_attempt(backend: Backend) {
     for _ in 0..4 {
         subs.push(subscribe(&first, 3, &rx.url, None).await);
     }
-    let mut tasks = Vec::new();
-    for (k, app) in [&first, &second].into_iter().enumerate() {
-        for i in 0..10 {
-            tasks.push(post_as(
-                app,
-                1,
-                "/fhir/DocumentReference",
-                &doc(
+    let bodies: Vec<(usize, Value)> = (0..2)
+        .flat_map(|k| {
+            (0..10).map(move |i| {
+                let d = doc(
                     1,
                     &format!("R{k}-{i}"),
                     "MR-1",
                     LAB,
                     "2024-01-01T08:00:00+08:00",
-                ),
-            ));
-        }
-    }
+                );
+                (k, d)
+            })
+        })
+        .collect();
+    let apps = [&first, &second];
+    let tasks: Vec<_> = bodies
+        .iter()
+        .map(|(k, d)| post_as(apps[*k], 1, "/fhir/DocumentReference", d))
+        .collect();
     for resp in futures::future::join_all(tasks).await {
         assert_eq!(resp.status(), 201);
     }
