@@ -915,6 +915,26 @@ fn param<'a>(p: &'a Value, name: &str) -> &'a Value {
         .unwrap()
 }
 
+/// Poll `$status` until parameter `name` has `value` (or 20 s pass); returns the last status.
+async fn wait_status(app: &TestApp, sub: &str, name: &str, value: Value) -> Value {
+    let start = Instant::now();
+    loop {
+        let st: Value = get_as(app, 3, &format!("/fhir/Subscription/{sub}/$status"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let p = param(&st, name);
+        if p["valueInteger"] == value
+            || p["valueString"] == value
+            || start.elapsed() > Duration::from_secs(20)
+        {
+            return st;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn strictly_increasing(v: &[i64]) -> bool {
     v.windows(2).all(|w| w[0] < w[1])
 }
@@ -1005,11 +1025,8 @@ async fn deliveries_retry_in_order(backend: Backend) {
             last_acked = c.1;
         }
     }
-    let st: Value = get_as(&app, 3, &format!("/fhir/Subscription/{sub}/$status"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    // The worker records the acknowledgement just after the receiver answered.
+    let st = wait_status(&app, &sub, "delivered", json!(4)).await;
     assert_eq!(param(&st, "delivered")["valueInteger"], 4);
     assert_eq!(
         param(&st, "last-acknowledged-event")["valueString"],
