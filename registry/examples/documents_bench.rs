@@ -17,6 +17,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use yiqiao_registry::documents::outbox::{self, NewSubscription};
 use yiqiao_registry::documents::{DocStatus, DocumentFilter, NewDocument, register_batch, search};
+use yiqiao_registry::empi::record::{RecordId, SourceRecord};
 use yiqiao_registry::store::now_utc;
 use yiqiao_registry::store::schema::{
     empi_links, empi_persons, empi_source_records as records, institutions,
@@ -102,7 +103,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     records::name_search.eq("x"),
                     records::family.eq("x"),
                     records::given.eq("x"),
-                    records::record_json.eq("{}"),
+                    records::record_json.eq(serde_json::to_string(&SourceRecord {
+                        record_id: RecordId(p as u64),
+                        institution: format!("H{h:03}"),
+                        name: "x".into(),
+                        sex: None,
+                        birth_date: None,
+                        identifiers: Vec::new(),
+                        address: None,
+                    })
+                    .unwrap_or_default()),
                     records::resource.eq("{}"),
                     records::version.eq(1_i64),
                     records::created_at.eq(now),

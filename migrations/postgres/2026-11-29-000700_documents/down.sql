@@ -1,3 +1,4 @@
+DROP INDEX doc_empi_persons_merged_idx;
 DROP TABLE doc_deliveries;
 DROP TABLE doc_subscriptions;
 DROP TABLE doc_events;

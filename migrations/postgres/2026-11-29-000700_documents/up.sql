@@ -61,6 +61,8 @@ CREATE TABLE doc_events (
     created_at TIMESTAMP NOT NULL
 );
 CREATE INDEX doc_events_person_idx ON doc_events (person_id);
+-- Event fan-out looks up persons merged into the event's person.
+CREATE INDEX doc_empi_persons_merged_idx ON empi_persons (merged_into);
 CREATE TABLE doc_subscriptions (
     id TEXT PRIMARY KEY NOT NULL,
     owner_id TEXT NOT NULL REFERENCES institutions (id),
