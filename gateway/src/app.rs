@@ -14,7 +14,8 @@ use crate::federation;
 use crate::metrics::Metrics;
 use crate::oauth;
 use crate::routes::{
-    auditing, consent, directory, docs, empi, institutions, metadata, ops, patients,
+    auditing, consent, directory, docs, documents, empi, institutions, metadata, ops, patients,
+    subscriptions,
 };
 use crate::state::AppState;
 
@@ -88,6 +89,35 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/fhir/Patient/$ihe-pix").route(web::get().to(patients::pix)))
         .service(resource("/fhir/Patient/$match").route(web::post().to(patients::match_patient)))
         .service(resource("/fhir/Patient/{id}").route(web::get().to(patients::read)))
+        // Document registry (MHD-style) and subscriptions.
+        .service(resource("/fhir").route(web::post().to(documents::transaction)))
+        .service(
+            resource("/fhir/DocumentReference")
+                .route(web::get().to(documents::search))
+                .route(web::post().to(documents::create)),
+        )
+        .service(resource("/fhir/DocumentReference/{id}").route(web::get().to(documents::read)))
+        .service(resource("/fhir/Binary/{id}").route(web::get().to(documents::retrieve)))
+        .service(
+            resource("/fhir/Subscription")
+                .route(web::get().to(subscriptions::search))
+                .route(web::post().to(subscriptions::create)),
+        )
+        .service(
+            resource("/fhir/Subscription/{id}")
+                .route(web::get().to(subscriptions::read))
+                .route(web::delete().to(subscriptions::delete)),
+        )
+        .service(
+            resource("/fhir/Subscription/{id}/$status").route(web::get().to(subscriptions::status)),
+        )
+        .service(
+            resource("/fhir/Subscription/{id}/$events").route(web::get().to(subscriptions::events)),
+        )
+        .service(
+            resource("/fhir/Subscription/{id}/$retry-dead")
+                .route(web::post().to(subscriptions::retry_dead)),
+        )
         // Consent (institutions record patients' decisions) and the policy simulator (staff).
         .service(
             resource("/fhir/Consent")
@@ -210,9 +240,15 @@ impl Application {
             redis.clone(),
         )?);
         let federation = federation::Federation::new(&settings)?;
+        let documents = Arc::new(crate::documents::DocumentRuntime::new(
+            &settings.documents,
+            &settings.subscriptions,
+            auditor.replica(),
+        )?);
         let state = AppState {
             policy,
             federation,
+            documents,
             auditor,
             base_url: settings.public_base_url().into(),
             settings: Arc::new(settings),
@@ -223,6 +259,7 @@ impl Application {
             oidc: Arc::new(crate::oidc::OidcRuntime::default()),
         };
         crate::alerting::start(state.clone());
+        crate::documents::start_worker(state.clone());
         let http = state.settings.http.clone();
         let data = web::Data::new(state.clone());
         let mut server = actix_web::HttpServer::new(move || {

@@ -81,6 +81,10 @@ pub struct Settings {
     pub consent: ConsentSettings,
     #[serde(default)]
     pub federation: FederationSettings,
+    #[serde(default)]
+    pub documents: DocumentsSettings,
+    #[serde(default)]
+    pub subscriptions: SubscriptionSettings,
 }
 
 /// A second listener with TLS that asks institutions for client certificates (mutual TLS,
@@ -256,6 +260,74 @@ impl Default for FederationSettings {
             pool_idle_timeout_secs: 90,
             default_page_size: 100,
             max_page_size: 1000,
+        }
+    }
+}
+
+/// Document registry (docs/documents.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DocumentsSettings {
+    /// Document type code systems accepted, by name in the code table (`loinc`, `wst500`).
+    pub type_systems: Vec<String>,
+    /// A code table file replacing the shipped one (same JSON shape as
+    /// registry/src/documents/document_codes.json). Empty: the shipped table.
+    pub code_file: String,
+    /// Most DocumentReferences in one transaction Bundle.
+    pub max_bundle_entries: usize,
+    /// Timeout of a retrieval from a custodian (`GET /fhir/Binary/{id}`).
+    pub retrieval_timeout_ms: u64,
+    /// Largest document the gateway relays on retrieval, bytes.
+    pub max_retrieval_bytes: u64,
+}
+
+impl Default for DocumentsSettings {
+    fn default() -> DocumentsSettings {
+        DocumentsSettings {
+            type_systems: vec!["loinc".into(), "wst500".into()],
+            code_file: String::new(),
+            max_bundle_entries: 100,
+            retrieval_timeout_ms: 10_000,
+            max_retrieval_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Subscriptions: the transactional outbox's delivery worker (docs/documents.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubscriptionSettings {
+    /// Run the delivery worker in this replica (every replica may; leases keep them apart).
+    pub worker: bool,
+    /// How often an idle worker looks for due deliveries.
+    pub poll_interval_ms: u64,
+    /// How long a claimed delivery stays leased to one worker (must exceed request_timeout_ms).
+    pub lease_ms: u64,
+    /// Timeout of one webhook POST.
+    pub request_timeout_ms: u64,
+    /// Attempts before a delivery is dead-lettered.
+    pub max_attempts: u32,
+    /// Backoff after the first failure; doubles per attempt up to backoff_max_ms (with jitter).
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    /// Most deliveries one worker claims at a time (at most one per subscription).
+    pub claim_batch: i64,
+    /// Accept `http://` webhook endpoints (tests, closed networks); otherwise https only.
+    pub allow_http: bool,
+}
+
+impl Default for SubscriptionSettings {
+    fn default() -> SubscriptionSettings {
+        SubscriptionSettings {
+            worker: true,
+            poll_interval_ms: 1000,
+            lease_ms: 30_000,
+            request_timeout_ms: 10_000,
+            max_attempts: 8,
+            backoff_initial_ms: 1000,
+            backoff_max_ms: 300_000,
+            claim_batch: 32,
+            allow_http: false,
         }
     }
 }
@@ -478,6 +550,8 @@ impl Default for Settings {
             oidc: OidcSettings::default(),
             mtls: MtlsSettings::default(),
             federation: FederationSettings::default(),
+            documents: DocumentsSettings::default(),
+            subscriptions: SubscriptionSettings::default(),
             audit: AuditSettings {
                 signing_key_file: String::new(),
                 checkpoint_every: 1000,

@@ -54,6 +54,8 @@ error_codes! {
     Unavailable => ("unavailable", 503, "transient", "A dependency (database, Redis) is unavailable; retry later."),
     AuditUnavailable => ("audit-unavailable", 503, "transient", "The audit record of the request could not be made durable, so no data was released; retry later."),
     PoolExhausted => ("pool-exhausted", 503, "transient", "All database connections are busy; retry after the given delay."),
+    UpstreamUnavailable => ("upstream-unavailable", 502, "transient", "The custodian institution holding the content did not answer or answered with an error."),
+    UpstreamIntegrity => ("upstream-integrity", 502, "processing", "The content served by the custodian does not match the SM3 hash or size in the registry; it was not relayed."),
 }
 
 /// An error on its way to the client.
@@ -240,6 +242,22 @@ impl From<yiqiao_registry::empi::store::EmpiError> for ApiError {
             }
             E::Conflict(message) => ApiError::new(ErrorCode::Conflict, message),
             E::Model(m) => ApiError::internal(m),
+            E::Store(s) => s.into(),
+        }
+    }
+}
+
+impl From<yiqiao_registry::documents::DocumentError> for ApiError {
+    fn from(err: yiqiao_registry::documents::DocumentError) -> ApiError {
+        use yiqiao_registry::documents::DocumentError as E;
+        match err {
+            E::Invalid { field, message, .. } => {
+                ApiError::new(ErrorCode::ValidationFailed, message).field(field)
+            }
+            E::Conflict { field, message, .. } => {
+                ApiError::new(ErrorCode::Conflict, message).field(field)
+            }
+            E::NotFound(what) => ApiError::not_found(format!("{what} not found")),
             E::Store(s) => s.into(),
         }
     }

@@ -9,6 +9,7 @@ pub mod authlog;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod documents;
 pub mod error;
 pub mod extract;
 pub mod federation;

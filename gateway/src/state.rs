@@ -30,6 +30,8 @@ pub struct AppState {
     pub policy: Arc<crate::policy::Policy>,
     /// Federated queries: upstream client, gateway SM2 key, breakers, release policy.
     pub federation: crate::federation::Federation,
+    /// Document registry: code table, consent hook, delivery worker wake-up (crate::documents).
+    pub documents: Arc<crate::documents::DocumentRuntime>,
 }
 
 impl AppState {

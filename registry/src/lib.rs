@@ -7,6 +7,7 @@ pub mod audit;
 pub mod auth;
 pub mod consent;
 pub mod directory;
+pub mod documents;
 pub mod empi;
 pub mod mtls;
 pub mod staff;

@@ -13,6 +13,7 @@ mod auditing;
 mod auth;
 mod cli;
 mod consent;
+mod documents;
 mod empi;
 mod errors;
 mod federation;

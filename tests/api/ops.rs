@@ -55,7 +55,12 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
     assert!(!resources.is_empty());
     // Patient needs a caller with Patient scopes and a registered patient.
     let mut member = institution(2);
-    member["allowed_scopes"] = serde_json::json!(["system/Patient.cruds", "system/Consent.cruds"]);
+    member["allowed_scopes"] = serde_json::json!([
+        "system/Patient.cruds",
+        "system/Consent.cruds",
+        "system/DocumentReference.cruds",
+        "system/Subscription.cruds"
+    ]);
     app.admin_post("/admin/institutions", &member).await;
     let patient = serde_json::json!({
         "resourceType": "Patient",
@@ -117,13 +122,42 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
             as_member(req)
         }
     };
+    let document = crate::documents::sample_document(2, "CAP-1", "MR-1");
+    let created: Value = as_member(app.client.post(app.url("/fhir/DocumentReference")))
+        .json(&document)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let document_id = created["id"].as_str().unwrap().to_string();
+    let subscription = serde_json::json!({ "resourceType": "Subscription",
+        "criteria": "https://yiqiao.health/fhir/SubscriptionTopic/document",
+        "channel": { "type": "rest-hook", "endpoint": "https://receiver.example.invalid/hook" } });
+    let created: Value = as_member(app.client.post(app.url("/fhir/Subscription")))
+        .json(&subscription)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let subscription_id = created["id"].as_str().unwrap().to_string();
     for res in resources {
         let ty = res["type"].as_str().unwrap();
         let read_id = match ty {
             "Patient" => patient_id.as_str(),
             "Consent" => consent_id.as_str(),
             "AuditEvent" => audit_event_id.as_str(),
+            "DocumentReference" => document_id.as_str(),
+            "Subscription" => subscription_id.as_str(),
             _ => "hosp-001",
+        };
+        let body = match ty {
+            "DocumentReference" => crate::documents::sample_document(2, "CAP-2", "MR-1"),
+            "Subscription" => subscription.clone(),
+            _ => patient.clone(),
         };
         for interaction in res["interaction"].as_array().unwrap() {
             let code = interaction["code"].as_str().unwrap();
@@ -137,10 +171,8 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
                     .client
                     .put(app.url(&format!("/fhir/Consent/{consent_id}")))
                     .json(&consent_update),
-                "create" => app
-                    .client
-                    .post(app.url(&format!("/fhir/{ty}")))
-                    .json(&patient),
+                "create" => app.client.post(app.url(&format!("/fhir/{ty}"))).json(&body),
+                "delete" => app.client.delete(app.url(&format!("/fhir/{ty}/{read_id}"))),
                 "update" => app
                     .client
                     .put(app.url(&format!(
@@ -176,8 +208,12 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
             let value = match param["type"].as_str().unwrap() {
                 "number" => "5",
                 "reference" if name == "patient" => &format!("Patient/{patient_id}"),
+                _ if ty == "DocumentReference" && name == "patient" => "Patient/x",
                 "reference" => "Organization/hosp-001",
                 "date" => "1980-03-15",
+                _ if name == "patient.identifier" => "urn:oid:2.16.156.10011.1.99.2|MR-1",
+                _ if ty == "DocumentReference" && name == "status" => "current",
+                _ if name == "_sort" => "date",
                 _ if name == "active" => "true",
                 _ if name == "type" => "hospital",
                 _ if name == "status" => "active",

@@ -6,7 +6,10 @@ use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
 use crate::federation::routes::FederatedPaths;
-use crate::routes::{auditing, consent, directory, empi, institutions, metadata, ops, patients};
+use crate::routes::{
+    auditing, consent, directory, documents, empi, institutions, metadata, ops, patients,
+    subscriptions,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -31,6 +34,9 @@ use crate::routes::{auditing, consent, directory, empi, institutions, metadata, 
         auditing::search, auditing::read, auditing::list_alerts, auditing::ack_alert,
         auditing::list_flags, auditing::put_flag, auditing::delete_flag,
         crate::federation::routes::search, crate::federation::routes::gateway_key,
+        documents::create, documents::transaction, documents::read, documents::search,
+        documents::retrieve, subscriptions::create, subscriptions::search, subscriptions::read, subscriptions::delete,
+        subscriptions::status, subscriptions::events, subscriptions::retry_dead,
     ),
     components(schemas(institutions::InstitutionInput, institutions::InstitutionView,
                         institutions::InstitutionList, institutions::Sm2KeyInput,
@@ -53,6 +59,7 @@ use crate::routes::{auditing, consent, directory, empi, institutions, metadata, 
         (name = "consent", description = "Patients' consents (FHIR Consent) and the policy simulator (docs/consent.md)"),
         (name = "audit", description = "Auditors' workspace: AuditEvent search, who accessed a patient's records, anomaly alerts, flagged patients (docs/audit.md)"),
         (name = "federation", description = "Federated queries to member hospitals (docs/federation.md)"),
+        (name = "documents", description = "Document registry, retrieval and subscriptions (docs/documents.md)"),
     )
 )]
 pub struct ApiDoc;

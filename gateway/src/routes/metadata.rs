@@ -88,6 +88,29 @@ pub const IMPLEMENTED: &[ResourceCapability] = &[
         documentation: "The tamper-evident audit trail (IHE BALP), newest first. Auditor role: every event as recorded (SM3-chained). Institutions with system/AuditEvent.s: the accesses to one of their own patients (patient required), trimmed to institution, purpose and time.",
         operations: &[],
     },
+    ResourceCapability {
+        resource: "DocumentReference",
+        interactions: &["read", "search-type", "create"],
+        search_params: &[
+            ("patient", "reference"),
+            ("patient.identifier", "token"),
+            ("type", "token"),
+            ("category", "token"),
+            ("date", "date"),
+            ("status", "token"),
+            ("custodian", "reference"),
+            ("_sort", "string"),
+        ],
+        documentation: "Document registry (IHE MHD-style, WS/T 790.10-.14): custodians register metadata (create, or a transaction Bundle at POST /fhir); search across all hospitals; content through Binary/{id} with an SM3 check (docs/documents.md).",
+        operations: &[],
+    },
+    ResourceCapability {
+        resource: "Subscription",
+        interactions: &["read", "search-type", "create", "delete"],
+        search_params: &[],
+        documentation: "Topic-based subscriptions (Subscriptions Backport IG shape): topics document and patient-merge, rest-hook delivery through a transactional outbox; operations $status, $events (catch-up) and $retry-dead (docs/documents.md).",
+        operations: &[],
+    },
 ];
 
 pub fn capability_statement(base_url: &str) -> Value {

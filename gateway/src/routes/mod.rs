@@ -4,11 +4,13 @@ pub mod consent;
 pub mod auditing;
 pub mod directory;
 pub mod docs;
+pub mod documents;
 pub mod empi;
 pub mod institutions;
 pub mod metadata;
 pub mod ops;
 pub mod patients;
+pub mod subscriptions;
 
 use std::collections::HashMap;
 

@@ -313,3 +313,88 @@ diesel::table! {
         flagged_at -> Timestamp,
     }
 }
+
+diesel::table! {
+    doc_references (id) {
+        id -> Text,
+        custodian_id -> Text,
+        custodian_doc_id -> Text,
+        patient_record_id -> Text,
+        person_id -> Text,
+        type_code -> Text,
+        category_code -> Text,
+        doc_date -> Timestamp,
+        author_id -> Nullable<Text>,
+        confidentiality -> Text,
+        status -> Text,
+        replaces -> Nullable<Text>,
+        version -> BigInt,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    doc_contents (document_id) {
+        document_id -> Text,
+        sensitivity -> Text,
+        content_type -> Text,
+        content_size -> BigInt,
+        sm3_hash -> Text,
+        location -> Text,
+        resource -> Text,
+    }
+}
+
+diesel::table! {
+    doc_event_counter (id) {
+        id -> Integer,
+        last_seq -> BigInt,
+    }
+}
+
+diesel::table! {
+    doc_events (seq) {
+        seq -> BigInt,
+        kind -> Text,
+        document_id -> Nullable<Text>,
+        person_id -> Nullable<Text>,
+        type_code -> Nullable<Text>,
+        custodian_id -> Nullable<Text>,
+        detail -> Text,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    doc_subscriptions (id) {
+        id -> Text,
+        owner_id -> Text,
+        topic -> Text,
+        filter_person -> Nullable<Text>,
+        filter_type -> Nullable<Text>,
+        endpoint -> Text,
+        status -> Text,
+        resource -> Text,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    doc_deliveries (subscription_id, event_seq) {
+        subscription_id -> Text,
+        event_seq -> BigInt,
+        status -> Text,
+        attempts -> Integer,
+        next_attempt_at -> Timestamp,
+        lease_owner -> Nullable<Text>,
+        lease_until -> Nullable<Timestamp>,
+        last_error -> Nullable<Text>,
+        delivered_at -> Nullable<Timestamp>,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::joinable!(doc_contents -> doc_references (document_id));
+diesel::allow_tables_to_appear_in_same_query!(doc_references, doc_contents);

@@ -1,0 +1,906 @@
+//! FHIR `DocumentReference` registry (IHE MHD-style): registration by the custodian (single or
+//! a transaction Bundle, all or nothing), read, cross-hospital search with paging, and
+//! retrieval of the content through the gateway with an SM3 check (`/fhir/Binary/{id}`).
+//!
+//! Consent: every document a caller would see passes the [`DocumentConsent`] hook in
+//! `state.documents.consent` (today the permit-all placeholder; see crate::documents).
+//!
+//! [`DocumentConsent`]: crate::documents::DocumentConsent
+
+use std::collections::HashMap;
+
+use actix_web::http::{StatusCode, header};
+use actix_web::{HttpRequest, HttpResponse, web};
+use chrono::{DateTime, Duration as ChronoDuration, NaiveDate, NaiveDateTime};
+use serde_json::{Value, json};
+use yiqiao_consent::{Confidentiality, Sensitivity};
+use yiqiao_registry::audit::EntityRef;
+use yiqiao_registry::documents::{
+    self as registry, DocStatus, DocumentError, DocumentFilter, NewDocument, RegisterOutcome,
+    StoredDocument,
+};
+use yiqiao_registry::empi::store as empi;
+
+use crate::auth::Caller;
+use crate::documents::{ACT_CODE_SYSTEM, CONFIDENTIALITY_SYSTEM, SM3_HASH_EXT, document_view};
+use crate::error::{ApiError, ErrorCode};
+use crate::extract::ValidJson;
+use crate::fhir;
+use crate::routes::patients::EMPI_SYSTEM;
+use crate::state::AppState;
+
+fn fhir_response(status: StatusCode, body: Value) -> HttpResponse {
+    HttpResponse::build(status)
+        .content_type(fhir::FHIR_JSON)
+        .json(body)
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::ValidationFailed, message).field(format!("DocumentReference.{field}"))
+}
+
+fn str_at<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v.get(key)
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+}
+
+/// Parse `2024-03-01T08:00:00+08:00` (an instant with offset) to UTC.
+fn parse_instant(raw: &str) -> Option<NaiveDateTime> {
+    DateTime::parse_from_rfc3339(raw)
+        .ok()
+        .map(|d| d.naive_utc())
+}
+
+/// Check a DocumentReference and map it for the registry. `caller` must be the custodian.
+fn map_document(state: &AppState, caller: &Caller, doc: &Value) -> Result<NewDocument, ApiError> {
+    if doc.get("resourceType").and_then(Value::as_str) != Some("DocumentReference") {
+        return Err(invalid(
+            "resourceType",
+            "resourceType must be DocumentReference",
+        ));
+    }
+    let custodian_doc_id = doc
+        .get("masterIdentifier")
+        .and_then(|m| str_at(m, "value"))
+        .ok_or_else(|| {
+            invalid(
+                "masterIdentifier.value",
+                "masterIdentifier.value (the custodian's document id) is required",
+            )
+        })?;
+    if custodian_doc_id.len() > 256 {
+        return Err(invalid(
+            "masterIdentifier.value",
+            "masterIdentifier.value is longer than 256 characters",
+        ));
+    }
+    let status = match str_at(doc, "status") {
+        Some("current") => DocStatus::Current,
+        Some("entered-in-error") => DocStatus::EnteredInError,
+        Some("superseded") => {
+            return Err(invalid(
+                "status",
+                "superseded is set by the registry when a replacement is registered",
+            ));
+        }
+        _ => {
+            return Err(invalid(
+                "status",
+                "status must be current (or entered-in-error to withdraw a registered document)",
+            ));
+        }
+    };
+    // Custodian: the caller itself.
+    let own = caller.institution.id.to_string();
+    let custodian = doc
+        .get("custodian")
+        .and_then(|c| str_at(c, "reference"))
+        .ok_or_else(|| {
+            invalid(
+                "custodian",
+                "custodian (Organization/<your id>) is required",
+            )
+        })?;
+    if custodian.strip_prefix("Organization/") != Some(own.as_str()) {
+        return Err(invalid(
+            "custodian",
+            format!("custodian {custodian} is not the calling institution Organization/{own}"),
+        ));
+    }
+    // Subject: the patient by the identifier the custodian registered in the EMPI.
+    let ident = doc
+        .get("subject")
+        .and_then(|s| s.get("identifier"))
+        .ok_or_else(|| {
+            invalid(
+                "subject.identifier",
+                "subject.identifier (system and value of the patient's registered identifier) is required",
+            )
+        })?;
+    let (patient_system, patient_value) = match (str_at(ident, "system"), str_at(ident, "value")) {
+        (Some(s), Some(v)) => (s.to_string(), v.to_string()),
+        _ => {
+            return Err(invalid(
+                "subject.identifier",
+                "subject.identifier needs system and value",
+            ));
+        }
+    };
+    // Type: a coding in an enabled type system with a known code.
+    let codes = &state.documents.codes;
+    let type_codings: Vec<&Value> = doc
+        .get("type")
+        .and_then(|t| t.get("coding"))
+        .and_then(Value::as_array)
+        .map(|c| c.iter().collect())
+        .unwrap_or_default();
+    if type_codings.is_empty() {
+        return Err(invalid("type", "type.coding is required"));
+    }
+    let mut doc_type = None;
+    for (i, c) in type_codings.iter().enumerate() {
+        let system = str_at(c, "system").unwrap_or_default();
+        if !codes.is_type_system(system) {
+            continue;
+        }
+        let code = str_at(c, "code").unwrap_or_default();
+        doc_type = Some(codes.document_type(system, code).ok_or_else(|| {
+            invalid(
+                &format!("type.coding[{i}].code"),
+                format!("unknown document type code {code} in {system}"),
+            )
+        })?);
+        break;
+    }
+    let doc_type = doc_type.ok_or_else(|| {
+        invalid(
+            "type.coding",
+            format!(
+                "no coding in an accepted type system ({})",
+                codes.type_systems().collect::<Vec<_>>().join(", ")
+            ),
+        )
+    })?;
+    // Category: optional; defaults to the type's category.
+    let category_code = match doc
+        .get("category")
+        .and_then(|c| c.get(0))
+        .and_then(|c| c.get("coding"))
+        .and_then(|c| c.get(0))
+    {
+        None => doc_type.category.clone(),
+        Some(c) => {
+            let system = str_at(c, "system").unwrap_or_default();
+            let code = str_at(c, "code").unwrap_or_default();
+            if system != codes.category_system() || codes.category(code).is_none() {
+                return Err(invalid(
+                    "category[0].coding[0]",
+                    format!(
+                        "unknown category {system}|{code}; categories are codes of {}",
+                        codes.category_system()
+                    ),
+                ));
+            }
+            code.to_string()
+        }
+    };
+    let date = str_at(doc, "date")
+        .ok_or_else(|| invalid("date", "date (an instant with time zone) is required"))?;
+    let date = parse_instant(date).ok_or_else(|| {
+        invalid(
+            "date",
+            "date must be an instant with time zone, e.g. 2024-03-01T08:00:00+08:00",
+        )
+    })?;
+    let author_id = doc
+        .get("author")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|a| str_at(a, "reference"))
+        .find_map(|r| r.strip_prefix("Organization/"))
+        .map(String::from);
+    // Security labels.
+    let mut confidentiality: Option<Confidentiality> = None;
+    let mut sensitivity = Vec::new();
+    for (i, label) in doc
+        .get("securityLabel")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        for (j, c) in label
+            .get("coding")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let field = format!("securityLabel[{i}].coding[{j}]");
+            let system = str_at(c, "system").unwrap_or_default();
+            let code = str_at(c, "code").unwrap_or_default();
+            if system == CONFIDENTIALITY_SYSTEM {
+                let level = Confidentiality::from_code(code).ok_or_else(|| {
+                    invalid(&field, format!("unknown confidentiality code {code}"))
+                })?;
+                if confidentiality.replace(level).is_some() {
+                    return Err(invalid(&field, "only one confidentiality label is allowed"));
+                }
+            } else if system == ACT_CODE_SYSTEM {
+                let s = Sensitivity::from_code(code)
+                    .ok_or_else(|| invalid(&field, format!("unknown sensitivity code {code}")))?;
+                if !sensitivity.contains(&s.code().to_string()) {
+                    sensitivity.push(s.code().to_string());
+                }
+            } else {
+                return Err(invalid(
+                    &field,
+                    format!(
+                        "security labels must be codes of {CONFIDENTIALITY_SYSTEM} or {ACT_CODE_SYSTEM}"
+                    ),
+                ));
+            }
+        }
+    }
+    // Content: one attachment at the custodian, with size and SM3 hash.
+    let contents = doc
+        .get("content")
+        .and_then(Value::as_array)
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| invalid("content", "content with one attachment is required"))?;
+    if contents.len() > 1 {
+        return Err(invalid(
+            "content",
+            "one content entry per DocumentReference is supported",
+        ));
+    }
+    let att = contents[0]
+        .get("attachment")
+        .ok_or_else(|| invalid("content[0].attachment", "attachment is required"))?;
+    let location = str_at(att, "url").ok_or_else(|| {
+        invalid(
+            "content[0].attachment.url",
+            "attachment.url (the location at the custodian) is required",
+        )
+    })?;
+    match url::Url::parse(location) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {}
+        _ => {
+            return Err(invalid(
+                "content[0].attachment.url",
+                "attachment.url must be an absolute http(s) URL",
+            ));
+        }
+    }
+    let content_type = str_at(att, "contentType").ok_or_else(|| {
+        invalid(
+            "content[0].attachment.contentType",
+            "attachment.contentType is required",
+        )
+    })?;
+    let size = att
+        .get("size")
+        .and_then(Value::as_i64)
+        .filter(|n| *n >= 0)
+        .ok_or_else(|| {
+            invalid(
+                "content[0].attachment.size",
+                "attachment.size (bytes, a non-negative integer) is required",
+            )
+        })?;
+    let hash = att
+        .get("extension")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|e| e.get("url").and_then(Value::as_str) == Some(SM3_HASH_EXT))
+        .and_then(|e| e.get("valueString"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            invalid(
+                "content[0].attachment.extension",
+                format!("the SM3 hash of the content is required (extension {SM3_HASH_EXT}, valueString)"),
+            )
+        })?;
+    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(invalid(
+            "content[0].attachment.extension",
+            "the SM3 hash must be 64 hexadecimal digits",
+        ));
+    }
+    // relatesTo: only `replaces`, at most once.
+    let mut replaces = None;
+    for (i, rel) in doc
+        .get("relatesTo")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        if str_at(rel, "code") != Some("replaces") {
+            return Err(invalid(
+                &format!("relatesTo[{i}].code"),
+                "only relatesTo code replaces is supported",
+            ));
+        }
+        let target = rel
+            .get("target")
+            .and_then(|t| str_at(t, "reference"))
+            .and_then(|r| r.rsplit_once("DocumentReference/").map(|(_, id)| id))
+            .filter(|id| !id.is_empty() && !id.contains('/'))
+            .ok_or_else(|| {
+                invalid(
+                    &format!("relatesTo[{i}].target"),
+                    "target.reference must be DocumentReference/<registry id>",
+                )
+            })?;
+        if replaces.replace(target.to_string()).is_some() {
+            return Err(invalid(
+                &format!("relatesTo[{i}]"),
+                "a document replaces at most one other",
+            ));
+        }
+    }
+    Ok(NewDocument {
+        custodian_id: own,
+        custodian_doc_id: custodian_doc_id.to_string(),
+        patient_system,
+        patient_value,
+        type_code: format!("{}|{}", doc_type.system, doc_type.code),
+        category_code,
+        date,
+        author_id,
+        confidentiality: confidentiality
+            .unwrap_or(Confidentiality::N)
+            .code()
+            .to_string(),
+        sensitivity,
+        content_type: content_type.to_string(),
+        content_size: size,
+        sm3_hash: hash.to_ascii_lowercase(),
+        location: location.to_string(),
+        status,
+        replaces,
+        resource: doc.clone(),
+    })
+}
+
+/// Prefix a DocumentReference field path with the Bundle entry it came from.
+fn in_entry(mut e: ApiError, index: usize) -> ApiError {
+    let field = e.field.take().unwrap_or_else(|| "DocumentReference".into());
+    let inner = field.strip_prefix("DocumentReference").unwrap_or(&field);
+    e.field = Some(format!("Bundle.entry[{index}].resource{inner}"));
+    e.message = format!("entry {index}: {}", e.message);
+    e
+}
+
+fn registry_error(err: DocumentError, bundle: bool) -> ApiError {
+    let index = match &err {
+        DocumentError::Invalid { index, .. } | DocumentError::Conflict { index, .. } => *index,
+        _ => 0,
+    };
+    let e = ApiError::from(err);
+    if bundle && e.field.is_some() {
+        in_entry(e, index)
+    } else {
+        e
+    }
+}
+
+async fn register(
+    state: &web::Data<AppState>,
+    caller: &Caller,
+    docs: Vec<NewDocument>,
+    bundle: bool,
+) -> Result<Vec<(RegisterOutcome, StoredDocument)>, ApiError> {
+    let done = state
+        .db(move |conn| {
+            registry::register_batch(conn, &docs).map_err(|e| registry_error(e, bundle))
+        })
+        .await?;
+    if done.iter().any(|(o, _)| *o != RegisterOutcome::Unchanged) {
+        state.documents.wake.notify_one();
+    }
+    let mut event = state
+        .auditor
+        .rest_event(if bundle { "transaction" } else { "create" }, "C");
+    for (_, d) in &done {
+        event
+            .entities
+            .push(EntityRef::resource(format!("DocumentReference/{}", d.id)));
+    }
+    let person = done.first().map(|(_, d)| d.person_id.clone());
+    state
+        .auditor
+        .record(state.auditor.by_caller(event, caller, person))
+        .await?;
+    Ok(done)
+}
+
+/// Register one DocumentReference (the caller is its custodian). Idempotent on
+/// masterIdentifier; relatesTo replaces supersedes the target.
+#[utoipa::path(post, path = "/fhir/DocumentReference", tag = "documents",
+    request_body(content = Object, description = "FHIR DocumentReference (docs/documents.md for the required elements)"),
+    responses((status = 201, description = "Registered; the stored DocumentReference"),
+        (status = 200, description = "Already registered (unchanged) or withdrawn (entered-in-error)"),
+        (status = 409, description = "masterIdentifier registered with other metadata, or the replaced document is not current"),
+        (status = 422, description = "OperationOutcome naming the field")))]
+pub async fn create(
+    state: web::Data<AppState>,
+    caller: Caller,
+    body: ValidJson<Value>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require("DocumentReference", 'c')?;
+    let doc = map_document(&state, &caller, &body.0)?;
+    let mut done = register(&state, &caller, vec![doc], false).await?;
+    let (outcome, stored) = done
+        .pop()
+        .ok_or_else(|| ApiError::internal("registration returned nothing"))?;
+    let status = if outcome == RegisterOutcome::Created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let mut resp = fhir_response(status, document_view(&state.base_url, &stored));
+    let location = format!("{}/fhir/DocumentReference/{}", state.base_url, stored.id);
+    if let Ok(v) = header::HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(resp)
+}
+
+/// A transaction Bundle of DocumentReference registrations: all or nothing.
+#[utoipa::path(post, path = "/fhir", tag = "documents",
+    request_body(content = Object, description = "Bundle type transaction; every entry POST DocumentReference"),
+    responses((status = 200, description = "transaction-response Bundle"),
+        (status = 422, description = "OperationOutcome naming Bundle.entry[i] and the field; nothing stored")))]
+pub async fn transaction(
+    state: web::Data<AppState>,
+    caller: Caller,
+    body: ValidJson<Value>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require("DocumentReference", 'c')?;
+    let bundle = body.0;
+    let bad = |field: &str, message: String| {
+        ApiError::new(ErrorCode::ValidationFailed, message).field(field.to_string())
+    };
+    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return Err(bad(
+            "Bundle.resourceType",
+            "the body must be a Bundle".into(),
+        ));
+    }
+    if bundle.get("type").and_then(Value::as_str) != Some("transaction") {
+        return Err(bad(
+            "Bundle.type",
+            "only transaction Bundles are accepted".into(),
+        ));
+    }
+    let entries = bundle
+        .get("entry")
+        .and_then(Value::as_array)
+        .filter(|e| !e.is_empty())
+        .ok_or_else(|| bad("Bundle.entry", "the Bundle has no entries".into()))?;
+    let max = state.settings.documents.max_bundle_entries;
+    if entries.len() > max {
+        return Err(bad(
+            "Bundle.entry",
+            format!("at most {max} entries per transaction"),
+        ));
+    }
+    let mut docs = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.iter().enumerate() {
+        let request = entry.get("request");
+        let method = request.and_then(|r| str_at(r, "method"));
+        let url = request.and_then(|r| str_at(r, "url"));
+        if method != Some("POST") || url != Some("DocumentReference") {
+            return Err(bad(
+                &format!("Bundle.entry[{i}].request"),
+                format!("entry {i}: only request POST DocumentReference is supported"),
+            ));
+        }
+        let resource = entry.get("resource").ok_or_else(|| {
+            bad(
+                &format!("Bundle.entry[{i}].resource"),
+                format!("entry {i}: resource is required"),
+            )
+        })?;
+        docs.push(map_document(&state, &caller, resource).map_err(|e| in_entry(e, i))?);
+    }
+    let done = register(&state, &caller, docs, true).await?;
+    let entries: Vec<Value> = done
+        .iter()
+        .map(|(outcome, d)| {
+            let status = match outcome {
+                RegisterOutcome::Created => "201 Created",
+                _ => "200 OK",
+            };
+            json!({
+                "fullUrl": format!("{}/fhir/DocumentReference/{}", state.base_url, d.id),
+                "resource": document_view(&state.base_url, d),
+                "response": {
+                    "status": status,
+                    "location": format!("DocumentReference/{}/_history/{}", d.id, d.version),
+                },
+            })
+        })
+        .collect();
+    Ok(fhir_response(
+        StatusCode::OK,
+        json!({ "resourceType": "Bundle", "type": "transaction-response", "entry": entries }),
+    ))
+}
+
+/// Read one DocumentReference by registry id.
+#[utoipa::path(get, path = "/fhir/DocumentReference/{id}", tag = "documents",
+    params(("id" = String, Path)),
+    responses((status = 200, description = "DocumentReference"), (status = 404, description = "OperationOutcome")))]
+pub async fn read(
+    state: web::Data<AppState>,
+    caller: Caller,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require("DocumentReference", 'r')?;
+    let id = id.into_inner();
+    let doc = state.db(move |conn| registry::get(conn, &id)).await?;
+    let reader = caller.institution.id.to_string();
+    if !state
+        .documents
+        .consent
+        .may_see(&reader, caller.purpose, &doc)
+    {
+        return Err(ApiError::not_found(format!(
+            "DocumentReference/{} not found",
+            doc.id
+        )));
+    }
+    let event = state
+        .auditor
+        .read_event(format!("DocumentReference/{}", doc.id));
+    state
+        .auditor
+        .record(
+            state
+                .auditor
+                .by_caller(event, &caller, Some(doc.person_id.clone())),
+        )
+        .await?;
+    Ok(fhir_response(
+        StatusCode::OK,
+        document_view(&state.base_url, &doc),
+    ))
+}
+
+pub const SEARCH_PARAMS: [&str; 10] = [
+    "patient",
+    "patient.identifier",
+    "type",
+    "category",
+    "date",
+    "status",
+    "custodian",
+    "_count",
+    "_offset",
+    "_sort",
+];
+
+/// A FHIR date search value: [from, before) of its precision, with the prefix applied.
+fn date_bounds(raw: &str) -> Result<(Option<NaiveDateTime>, Option<NaiveDateTime>), ApiError> {
+    let bad = || {
+        ApiError::invalid_param(
+            "date",
+            "must be [eq|ge|gt|le|lt]YYYY, YYYY-MM, YYYY-MM-DD or an instant with time zone",
+        )
+    };
+    let (prefix, value) = match raw.get(..2) {
+        Some(p @ ("eq" | "ge" | "gt" | "le" | "lt")) => (p, &raw[2..]),
+        _ => ("eq", raw),
+    };
+    let day = |s: &str| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok();
+    let (start, end) = match value.len() {
+        4 => {
+            let y: i32 = value.parse().map_err(|_| bad())?;
+            let s = NaiveDate::from_ymd_opt(y, 1, 1).ok_or_else(bad)?;
+            let e = NaiveDate::from_ymd_opt(y + 1, 1, 1).ok_or_else(bad)?;
+            (
+                s.and_time(Default::default()),
+                e.and_time(Default::default()),
+            )
+        }
+        7 => {
+            let s = day(&format!("{value}-01")).ok_or_else(bad)?;
+            let e = s
+                .checked_add_months(chrono::Months::new(1))
+                .ok_or_else(bad)?;
+            (
+                s.and_time(Default::default()),
+                e.and_time(Default::default()),
+            )
+        }
+        10 => {
+            let s = day(value).ok_or_else(bad)?;
+            (
+                s.and_time(Default::default()),
+                (s + ChronoDuration::days(1)).and_time(Default::default()),
+            )
+        }
+        _ => {
+            let t = parse_instant(value).ok_or_else(bad)?;
+            (t, t + ChronoDuration::microseconds(1))
+        }
+    };
+    Ok(match prefix {
+        "eq" => (Some(start), Some(end)),
+        "ge" => (Some(start), None),
+        "gt" => (Some(end), None),
+        "le" => (None, Some(end)),
+        _ => (None, Some(start)),
+    })
+}
+
+fn tokens(raw: &str) -> Vec<&str> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Search DocumentReferences across all custodians.
+#[utoipa::path(get, path = "/fhir/DocumentReference", tag = "documents",
+    params(("patient" = Option<String>, Query, description = "Patient/<source record id>: documents of the enterprise person"),
+        ("patient.identifier" = Option<String>, Query, description = "system|value of a registered identifier, or the EMPI system|person id"),
+        ("type" = Option<String>, Query, description = "[system|]code, comma-separated"),
+        ("category" = Option<String>, Query, description = "[system|]code, comma-separated"),
+        ("date" = Option<String>, Query, description = "[eq|ge|gt|le|lt]date, repeatable"),
+        ("status" = Option<String>, Query, description = "current, superseded, entered-in-error (comma-separated)"),
+        ("custodian" = Option<String>, Query, description = "Organization/<id>, comma-separated"),
+        ("_count" = Option<i64>, Query), ("_offset" = Option<i64>, Query),
+        ("_sort" = Option<String>, Query, description = "date or -date (default)")),
+    responses((status = 200, description = "searchset Bundle with next link")))]
+pub async fn search(
+    state: web::Data<AppState>,
+    caller: Caller,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    caller.require("DocumentReference", 's')?;
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(req.query_string())
+        .map_err(|e| ApiError::new(ErrorCode::InvalidParameter, format!("query string: {e}")))?;
+    let mut single: HashMap<String, String> = HashMap::new();
+    for (k, v) in &pairs {
+        if k != "date" && single.insert(k.clone(), v.clone()).is_some() {
+            return Err(ApiError::invalid_param(k, "given more than once"));
+        }
+    }
+    crate::routes::check_params(&single, &SEARCH_PARAMS)?;
+    let (count, offset) = crate::routes::paging(&single, 20, 200)?;
+    let mut f = DocumentFilter {
+        limit: count + 1,
+        offset,
+        ..DocumentFilter::default()
+    };
+    for (_, v) in pairs.iter().filter(|(k, _)| k == "date") {
+        let (from, before) = date_bounds(v)?;
+        f.date_from.extend(from);
+        f.date_before.extend(before);
+    }
+    f.oldest_first = match single.get("_sort").map(String::as_str) {
+        None | Some("-date") => false,
+        Some("date") => true,
+        Some(_) => return Err(ApiError::invalid_param("_sort", "must be date or -date")),
+    };
+    if let Some(raw) = single.get("status") {
+        let mut v = Vec::new();
+        for s in tokens(raw) {
+            let st = DocStatus::parse(s).ok_or_else(|| {
+                ApiError::invalid_param("status", "must be current, superseded or entered-in-error")
+            })?;
+            v.push(st.as_str().to_string());
+        }
+        f.statuses = Some(v);
+    }
+    if let Some(raw) = single.get("custodian") {
+        f.custodians = Some(
+            tokens(raw)
+                .into_iter()
+                .map(|t| {
+                    t.rsplit_once("Organization/")
+                        .map_or(t, |(_, id)| id)
+                        .to_string()
+                })
+                .collect(),
+        );
+    }
+    let codes = &state.documents.codes;
+    if let Some(raw) = single.get("type") {
+        let mut v = Vec::new();
+        for t in tokens(raw) {
+            match t.split_once('|') {
+                Some((s, c)) if !s.is_empty() => v.push(format!("{s}|{c}")),
+                Some((_, c)) => v.extend(codes.types_with_code(c)),
+                None => v.extend(codes.types_with_code(t)),
+            }
+        }
+        f.type_codes = Some(v);
+    }
+    if let Some(raw) = single.get("category") {
+        let mut v = Vec::new();
+        for t in tokens(raw) {
+            match t.split_once('|') {
+                Some((s, c)) if s.is_empty() || s == codes.category_system() => {
+                    v.push(c.to_string())
+                }
+                Some(_) => {}
+                None => v.push(t.to_string()),
+            }
+        }
+        f.categories = Some(v);
+    }
+    // Patient: resolved to the enterprise person, then to all of its source records.
+    let patient_ref = single.get("patient").cloned();
+    let patient_ident = single.get("patient.identifier").cloned();
+    if let Some(p) = &patient_ref {
+        let id = p.rsplit_once("Patient/").map_or(p.as_str(), |(_, id)| id);
+        if id.is_empty() || id.contains('/') {
+            return Err(ApiError::invalid_param(
+                "patient",
+                "must be Patient/<id> (an EMPI source record)",
+            ));
+        }
+    }
+    if let Some(i) = &patient_ident
+        && !i.contains('|')
+    {
+        return Err(ApiError::invalid_param(
+            "patient.identifier",
+            "must be system|value",
+        ));
+    }
+    let (found, person) = state
+        .db(move |conn| -> Result<_, ApiError> {
+            let mut person: Option<String> = None;
+            let mut unknown = false;
+            if let Some(p) = &patient_ref {
+                let id = p.rsplit_once("Patient/").map_or(p.as_str(), |(_, id)| id);
+                match empi::get_record(conn, id) {
+                    Ok(r) => person = r.link.map(|l| l.person_id),
+                    Err(empi::EmpiError::NotFound(_)) => unknown = true,
+                    Err(e) => return Err(e.into()),
+                }
+                unknown |= person.is_none();
+            }
+            if let Some(i) = &patient_ident {
+                let (system, value) = i.split_once('|').unwrap_or(("", i));
+                let p = if system == EMPI_SYSTEM {
+                    Some(value.to_string())
+                } else {
+                    empi::find_by_identifier(conn, system, value)?
+                        .and_then(|r| r.link.map(|l| l.person_id))
+                };
+                match (&person, p) {
+                    (_, None) => unknown = true,
+                    (Some(a), Some(b)) if *a != b => unknown = true,
+                    (_, Some(b)) => person = Some(b),
+                }
+            }
+            if unknown {
+                return Ok((Vec::new(), person));
+            }
+            if let Some(p) = &person {
+                let records = empi::records_of_person(conn, p)?;
+                f.patient_records = Some(records.into_iter().map(|r| r.id).collect());
+            }
+            Ok((registry::search(conn, &f)?, person))
+        })
+        .await?;
+    let more = found.len() as i64 > count;
+    let reader = caller.institution.id.to_string();
+    let visible: Vec<Value> = found
+        .iter()
+        .take(count as usize)
+        .filter(|d| state.documents.consent.may_see(&reader, caller.purpose, d))
+        .map(|d| document_view(&state.base_url, d))
+        .collect();
+    let (self_url, next) = crate::routes::directory::page_urls(&state, &req, offset, count, more);
+    let event = state
+        .auditor
+        .search_event(format!("{}?{}", req.path(), req.query_string()));
+    state
+        .auditor
+        .record(state.auditor.by_caller(event, &caller, person))
+        .await?;
+    Ok(fhir_response(
+        StatusCode::OK,
+        fhir::searchset(&state.base_url, &self_url, next, None, visible),
+    ))
+}
+
+/// Retrieve a document's content: the gateway fetches it from the custodian's location,
+/// checks size and SM3 hash against the registry, and relays it only when both match.
+#[utoipa::path(get, path = "/fhir/Binary/{id}", tag = "documents",
+    params(("id" = String, Path, description = "DocumentReference id")),
+    responses((status = 200, description = "The content, with the registered content type"),
+        (status = 404, description = "No such document"),
+        (status = 502, description = "Custodian unreachable (upstream-unavailable) or content does not match the registry (upstream-integrity)")))]
+pub async fn retrieve(
+    state: web::Data<AppState>,
+    caller: Caller,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require("DocumentReference", 'r')?;
+    let id = id.into_inner();
+    let doc = state.db(move |conn| registry::get(conn, &id)).await?;
+    let reader = caller.institution.id.to_string();
+    if !state
+        .documents
+        .consent
+        .may_see(&reader, caller.purpose, &doc)
+    {
+        return Err(ApiError::not_found(format!(
+            "DocumentReference/{} not found",
+            doc.id
+        )));
+    }
+    let settings = &state.settings.documents;
+    let upstream = |msg: String| {
+        let mut e = ApiError::new(
+            ErrorCode::UpstreamUnavailable,
+            format!(
+                "the custodian {} did not serve the document",
+                doc.custodian_id
+            ),
+        );
+        e.internal = Some(msg);
+        e
+    };
+    let resp = state
+        .documents
+        .http
+        .get(&doc.location)
+        .timeout(std::time::Duration::from_millis(
+            settings.retrieval_timeout_ms,
+        ))
+        .send()
+        .await
+        .map_err(|e| upstream(e.to_string()))?;
+    if !resp.status().is_success() {
+        return Err(upstream(format!("HTTP {}", resp.status())));
+    }
+    let limit = (doc.content_size as u64).min(settings.max_retrieval_bytes);
+    let mut body: Vec<u8> = Vec::new();
+    let mut stream = resp.bytes_stream();
+    use futures::StreamExt;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| upstream(e.to_string()))?;
+        body.extend_from_slice(&chunk);
+        if body.len() as u64 > limit {
+            break;
+        }
+    }
+    let digest = yiqiao_sm::sm3_hex(&body);
+    if body.len() as i64 != doc.content_size || digest != doc.sm3_hash {
+        tracing::warn!(document = %doc.id, custodian = %doc.custodian_id, "retrieved content does not match the registered size or SM3 hash");
+        return Err(ApiError::new(
+            ErrorCode::UpstreamIntegrity,
+            format!(
+                "the content served by {} does not match the registered SM3 hash and size of DocumentReference/{}",
+                doc.custodian_id, doc.id
+            ),
+        ));
+    }
+    let event = state.auditor.read_event(format!("Binary/{}", doc.id));
+    state
+        .auditor
+        .record(
+            state
+                .auditor
+                .by_caller(event, &caller, Some(doc.person_id.clone())),
+        )
+        .await?;
+    Ok(HttpResponse::Ok()
+        .content_type(doc.content_type.clone())
+        .insert_header(("X-Content-SM3", doc.sm3_hash.clone()))
+        .body(body))
+}
