@@ -72,6 +72,36 @@ pub struct Settings {
     #[serde(default)]
     pub empi: EmpiSettings,
     pub audit: AuditSettings,
+    #[serde(default)]
+    pub mllp: MllpSettings,
+}
+
+/// HL7 v2 over MLLP listener for hospital ADT feeds (docs/empi.md, "HL7 v2 feed").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MllpSettings {
+    /// Start the listener with the server.
+    pub enabled: bool,
+    /// Address the MLLP listener binds.
+    pub listen: SocketAddr,
+    /// Largest accepted message (bytes between the MLLP start and end characters).
+    pub max_message_bytes: usize,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout_secs: u64,
+    /// Concurrent connections; more wait in the accept queue.
+    pub max_connections: usize,
+}
+
+impl Default for MllpSettings {
+    fn default() -> MllpSettings {
+        MllpSettings {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 2575)),
+            max_message_bytes: 1024 * 1024,
+            idle_timeout_secs: 300,
+            max_connections: 64,
+        }
+    }
 }
 
 /// Enterprise master patient index.
@@ -268,6 +298,7 @@ impl Default for Settings {
                 write_timeout_ms: 5000,
                 replica_id: String::new(),
             },
+            mllp: MllpSettings::default(),
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod extract;
 pub mod fhir;
 pub mod metrics;
 pub mod middleware;
+pub mod mllp;
 pub mod oauth;
 pub mod routes;
 pub mod staff;

@@ -15,4 +15,5 @@ mod empi;
 mod errors;
 mod institutions;
 mod migrations;
+mod mllp;
 mod ops;

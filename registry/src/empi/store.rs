@@ -648,6 +648,18 @@ pub fn register(
     reg: &Registration,
     actor: &str,
 ) -> Result<Registered, EmpiError> {
+    register_with(conn, reg, actor, None)
+}
+
+/// [`register`] with the match model given (bulk import loads it once per batch; `None`: the
+/// current one). Inside an outer transaction this is a savepoint: a failed registration
+/// leaves nothing behind and the outer transaction goes on.
+pub fn register_with(
+    conn: &mut DbConn,
+    reg: &Registration,
+    actor: &str,
+    model: Option<&StoredModel>,
+) -> Result<Registered, EmpiError> {
     if reg.record.institution != reg.institution_id {
         return Err(EmpiError::Invalid {
             field: "institution",
@@ -772,7 +784,7 @@ pub fn register(
                 ))
                 .execute(conn)?;
         }
-        link_by_matcher(conn, &record_id, &prepared, &keys, actor)?;
+        link_by_matcher(conn, &record_id, &prepared, &keys, actor, model)?;
         Ok(Registered {
             outcome,
             record: get_record(conn, &record_id)?,
@@ -788,6 +800,7 @@ fn link_by_matcher(
     prepared: &PreparedRecord,
     keys: &[String],
     actor: &str,
+    model: Option<&StoredModel>,
 ) -> Result<(), EmpiError> {
     let current = load_link(conn, record_id)?;
     if current
@@ -796,10 +809,17 @@ fn link_by_matcher(
     {
         return Ok(());
     }
-    let (_, model) = current_model(conn)?;
+    let loaded;
+    let model = match model {
+        Some(m) => m,
+        None => {
+            loaded = current_model(conn)?.1;
+            &loaded
+        }
+    };
     let separate = kept_separate(conn, record_id)?;
     let candidates: Vec<ScoredCandidate> =
-        scored_candidates(conn, prepared, keys, Some(record_id), &model)?
+        scored_candidates(conn, prepared, keys, Some(record_id), model)?
             .into_iter()
             .filter(|c| !separate.contains(&c.record.id) && c.record.link.is_some())
             .collect();
