@@ -13,6 +13,7 @@ pub mod fhir;
 pub mod metrics;
 pub mod middleware;
 pub mod mllp;
+pub mod mpi_import;
 pub mod oauth;
 pub mod routes;
 pub mod staff;

@@ -16,4 +16,5 @@ mod errors;
 mod institutions;
 mod migrations;
 mod mllp;
+mod mpi_import;
 mod ops;

@@ -651,6 +651,28 @@ pub fn register(
     register_with(conn, reg, actor, None)
 }
 
+/// Register many records in one transaction (bulk import), the model loaded once; each
+/// registration is a savepoint. Per record: its outcome, or the `Invalid`/`Conflict` error
+/// that rolled it back alone. Any other error rolls the whole batch back and is returned.
+pub fn register_batch(
+    conn: &mut DbConn,
+    regs: &[&Registration],
+    actor: &str,
+) -> Result<Vec<Result<RegistrationOutcome, EmpiError>>, EmpiError> {
+    conn.transaction(|conn| {
+        let (_, model) = current_model(conn)?;
+        let mut out = Vec::with_capacity(regs.len());
+        for reg in regs {
+            out.push(match register_with(conn, reg, actor, Some(&model)) {
+                Ok(done) => Ok(done.outcome),
+                Err(e @ (EmpiError::Invalid { .. } | EmpiError::Conflict(_))) => Err(e),
+                Err(other) => return Err(other),
+            });
+        }
+        Ok(out)
+    })
+}
+
 /// [`register`] with the match model given (bulk import loads it once per batch; `None`: the
 /// current one). Inside an outer transaction this is a savepoint: a failed registration
 /// leaves nothing behind and the outer transaction goes on.
