@@ -332,6 +332,28 @@ async fn feed_registers_updates_and_merges(backend: Backend) {
     assert_eq!(after.link.unwrap().decided_by, empi::DecidedBy::Merge);
     assert_nak(&acks[2], "AE", "MRG^1^1", "204");
 
+    // The merge is waiting in the durable event table for the institutions' notifications.
+    let store = app.state.store.clone();
+    let target = person(&stored);
+    tokio::task::spawn_blocking(move || {
+        let mut conn = store.conn().unwrap();
+        let pending = empi::pending_events(&mut conn, 1000).unwrap();
+        let merge = pending
+            .iter()
+            .find(|e| e.kind == "merge")
+            .expect("merge event pending");
+        assert_eq!(merge.person_id.as_deref(), Some(target.as_str()));
+        assert_eq!(merge.actor, "institution:hosp-001 (hl7v2)");
+        let id = merge.id.clone();
+        assert_eq!(empi::mark_notified(&mut conn, std::slice::from_ref(&id)).unwrap(), 1);
+        assert_eq!(empi::mark_notified(&mut conn, std::slice::from_ref(&id)).unwrap(), 0);
+        let left = empi::pending_events(&mut conn, 1000).unwrap();
+        assert!(left.iter().all(|e| e.id != id));
+        assert_eq!(left.len(), pending.len() - 1);
+    })
+    .await
+    .unwrap();
+
     // Every accepted registration and merge is audited, attributed to the hospital.
     let store = app.state.store.clone();
     let rows: Vec<AuditRow> = tokio::task::spawn_blocking(move || {

@@ -1479,48 +1479,83 @@ pub struct EmpiEvent {
 
 /// Events that involve a person (as either side).
 pub fn events_of_person(conn: &mut DbConn, person: &str) -> Result<Vec<EmpiEvent>, EmpiError> {
-    type Row = (
-        String,
-        String,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        String,
-        String,
-        NaiveDateTime,
-    );
-    let rows: Vec<Row> = events_t::table
+    let rows: Vec<EventRow> = events_t::table
         .filter(
             events_t::person_id
                 .eq(person)
                 .or(events_t::other_person_id.eq(person)),
         )
         .order(events_t::id.asc())
-        .select((
-            events_t::id,
-            events_t::kind,
-            events_t::person_id,
-            events_t::other_person_id,
-            events_t::record_id,
-            events_t::actor,
-            events_t::detail,
-            events_t::created_at,
-        ))
+        .select(EVENT_COLUMNS)
         .load(conn)?;
-    rows.into_iter()
-        .map(|r| {
-            Ok(EmpiEvent {
-                detail: serde_json::from_str(&r.6).map_err(corrupt)?,
-                id: r.0,
-                kind: r.1,
-                person_id: r.2,
-                other_person_id: r.3,
-                record_id: r.4,
-                actor: r.5,
-                created_at: r.7,
-            })
-        })
-        .collect()
+    rows.into_iter().map(event_of_row).collect()
+}
+
+type EventRow = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    String,
+    String,
+    NaiveDateTime,
+);
+
+const EVENT_COLUMNS: (
+    events_t::id,
+    events_t::kind,
+    events_t::person_id,
+    events_t::other_person_id,
+    events_t::record_id,
+    events_t::actor,
+    events_t::detail,
+    events_t::created_at,
+) = (
+    events_t::id,
+    events_t::kind,
+    events_t::person_id,
+    events_t::other_person_id,
+    events_t::record_id,
+    events_t::actor,
+    events_t::detail,
+    events_t::created_at,
+);
+
+fn event_of_row(r: EventRow) -> Result<EmpiEvent, EmpiError> {
+    Ok(EmpiEvent {
+        detail: serde_json::from_str(&r.6).map_err(corrupt)?,
+        id: r.0,
+        kind: r.1,
+        person_id: r.2,
+        other_person_id: r.3,
+        record_id: r.4,
+        actor: r.5,
+        created_at: r.7,
+    })
+}
+
+/// Events not yet delivered to institutions (`notified_at` NULL), oldest first (ids are
+/// UUIDv7, so id order is creation order). For the notification sender (subscriptions).
+pub fn pending_events(conn: &mut DbConn, limit: i64) -> Result<Vec<EmpiEvent>, EmpiError> {
+    let rows: Vec<EventRow> = events_t::table
+        .filter(events_t::notified_at.is_null())
+        .order(events_t::id.asc())
+        .limit(limit)
+        .select(EVENT_COLUMNS)
+        .load(conn)?;
+    rows.into_iter().map(event_of_row).collect()
+}
+
+/// Mark events delivered; returns how many were still pending (a second call marks none).
+pub fn mark_notified(conn: &mut DbConn, ids: &[String]) -> Result<usize, EmpiError> {
+    Ok(diesel::update(
+        events_t::table
+            .filter(events_t::id.eq_any(ids))
+            .filter(events_t::notified_at.is_null()),
+    )
+    .set(events_t::notified_at.eq(Some(now_utc())))
+    .execute(conn)?)
 }
 
 /// Outcome of [`reestimate`].
