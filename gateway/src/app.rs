@@ -185,6 +185,8 @@ pub struct Application {
     port: u16,
     server: Server,
     state: AppState,
+    /// Bound address of the HL7 v2 MLLP listener (when `mllp.enabled`).
+    mllp: Option<std::net::SocketAddr>,
 }
 
 impl Application {
@@ -292,15 +294,26 @@ impl Application {
         if http.workers > 0 {
             server = server.workers(http.workers);
         }
+        let mllp = if state.settings.mllp.enabled {
+            Some(crate::mllp::start(state.clone(), &state.settings.mllp).await?)
+        } else {
+            None
+        };
         Ok(Application {
             port,
             server: server.run(),
             state,
+            mllp,
         })
     }
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Address of the HL7 v2 MLLP listener, when enabled.
+    pub fn mllp_addr(&self) -> Option<std::net::SocketAddr> {
+        self.mllp
     }
 
     pub fn state(&self) -> &AppState {

@@ -106,6 +106,41 @@ pub enum MpiCommand {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Bulk-register one institution's patients from a file (NDJSON of FHIR Patients, or CSV
+    /// with a header row). Batched transactions; every rejected row is written with its line
+    /// and reason to the rejects report; resumable from its checkpoint file. Exit 6 when rows
+    /// were rejected (all others are stored).
+    Import(Box<ImportArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The file to import.
+    pub file: PathBuf,
+    /// Id of the registering institution (its patient_id_system namespaces the record numbers).
+    #[arg(long)]
+    pub institution: String,
+    #[arg(long, value_enum)]
+    pub format: crate::mpi_import::ImportFormat,
+    /// Rows per transaction.
+    #[arg(long, default_value_t = 500)]
+    pub batch: usize,
+    /// Rejects report (CSV line,field,reason). Default: FILE.rejects.csv.
+    #[arg(long)]
+    pub rejects: Option<PathBuf>,
+    /// Checkpoint file. Default: FILE.checkpoint.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Ignore an existing checkpoint and start from the first line.
+    #[arg(long)]
+    pub restart: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+    /// CSV: read FIELD from the column named HEADER (fields: record_number, name, family,
+    /// given, gender, birth_date, resident_id, phone, address). Repeatable.
+    #[arg(long = "column", value_name = "FIELD=HEADER")]
+    pub columns: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -648,6 +683,7 @@ fn mpi(settings: &Settings, cmd: MpiCommand) -> Result<(), Failure> {
             }
             Ok(())
         }
+        MpiCommand::Import(args) => import(settings, *args),
         MpiCommand::Reestimate {
             link_posterior,
             review_posterior,
@@ -679,6 +715,81 @@ fn mpi(settings: &Settings, cmd: MpiCommand) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+fn import(settings: &Settings, args: ImportArgs) -> Result<(), Failure> {
+    use crate::mpi_import::{ImportError, ImportOptions};
+    let suffixed = |ext: &str| {
+        let mut p = args.file.clone().into_os_string();
+        p.push(ext);
+        PathBuf::from(p)
+    };
+    let mut columns = std::collections::BTreeMap::new();
+    for c in &args.columns {
+        let (field, header) = c.split_once('=').ok_or_else(|| {
+            Failure::new(
+                EXIT_REJECTED,
+                format!("--column {c}: expected FIELD=HEADER"),
+            )
+        })?;
+        columns.insert(field.trim().to_string(), header.trim().to_string());
+    }
+    let opts = ImportOptions {
+        format: args.format,
+        batch: args.batch,
+        rejects: args.rejects.unwrap_or_else(|| suffixed(".rejects.csv")),
+        checkpoint: args.checkpoint.unwrap_or_else(|| suffixed(".checkpoint")),
+        restart: args.restart,
+        progress: !args.no_progress,
+        columns,
+        resident_system: settings.empi.resident_id_system.clone(),
+        file: args.file,
+    };
+    let store = open_store(settings)?;
+    let institution = {
+        let mut conn = store.conn()?;
+        directory::get(&mut conn, &args.institution)?
+    };
+    if !institution.is_active() {
+        return Err(Failure::new(
+            EXIT_REJECTED,
+            format!("institution {} is not active", institution.id),
+        ));
+    }
+    let summary = crate::mpi_import::import(&store, &institution, &opts).map_err(|e| match e {
+        ImportError::Rejected(m) => Failure::new(EXIT_REJECTED, m),
+        ImportError::Io(m) => Failure::new(EXIT_RUNTIME, m),
+        ImportError::Database(m) => Failure::new(
+            EXIT_DATABASE,
+            format!("{m} (committed batches are kept; re-run to resume)"),
+        ),
+    })?;
+    let rate = summary.rows as f64 / summary.seconds.max(1e-3);
+    println!(
+        "imported {} rows in {:.1} s ({rate:.0} rows/s){}: created {}, updated {}, unchanged {}, rejected {}",
+        summary.rows,
+        summary.seconds,
+        if summary.resumed_after > 0 {
+            format!(", resumed after line {}", summary.resumed_after)
+        } else {
+            String::new()
+        },
+        summary.created,
+        summary.updated,
+        summary.unchanged,
+        summary.rejected
+    );
+    if summary.rejected > 0 {
+        return Err(Failure::new(
+            EXIT_REJECTED,
+            format!(
+                "{} rows rejected; see {}",
+                summary.rejected,
+                opts.rejects.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 pub fn serve(settings: Settings) -> Result<(), Failure> {

@@ -85,6 +85,8 @@ pub struct Settings {
     pub documents: DocumentsSettings,
     #[serde(default)]
     pub subscriptions: SubscriptionSettings,
+    #[serde(default)]
+    pub mllp: MllpSettings,
 }
 
 /// A second listener with TLS that asks institutions for client certificates (mutual TLS,
@@ -328,6 +330,34 @@ impl Default for SubscriptionSettings {
             backoff_max_ms: 300_000,
             claim_batch: 32,
             allow_http: false,
+        }
+    }
+}
+
+/// HL7 v2 over MLLP listener for hospital ADT feeds (docs/empi.md, "HL7 v2 feed").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MllpSettings {
+    /// Start the listener with the server.
+    pub enabled: bool,
+    /// Address the MLLP listener binds.
+    pub listen: SocketAddr,
+    /// Largest accepted message (bytes between the MLLP start and end characters).
+    pub max_message_bytes: usize,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout_secs: u64,
+    /// Concurrent connections; more wait in the accept queue.
+    pub max_connections: usize,
+}
+
+impl Default for MllpSettings {
+    fn default() -> MllpSettings {
+        MllpSettings {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 2575)),
+            max_message_bytes: 1024 * 1024,
+            idle_timeout_secs: 300,
+            max_connections: 64,
         }
     }
 }
@@ -576,6 +606,7 @@ impl Default for Settings {
                 alert_webhook_timeout_ms: 5000,
             },
             consent: ConsentSettings::default(),
+            mllp: MllpSettings::default(),
         }
     }
 }

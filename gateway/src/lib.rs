@@ -17,6 +17,8 @@ pub mod fhir;
 pub mod metrics;
 pub mod middleware;
 pub mod mtls;
+pub mod mllp;
+pub mod mpi_import;
 pub mod oauth;
 pub mod oidc;
 pub mod policy;

@@ -193,6 +193,8 @@ pub struct TestApp {
     /// Owns the test database (dropped with the app).
     _db: TestDb,
     server: actix_web::dev::ServerHandle,
+    /// The HL7 v2 MLLP listener, when `mllp.enabled`.
+    pub mllp: Option<std::net::SocketAddr>,
 }
 
 impl TestApp {
@@ -215,6 +217,7 @@ impl TestApp {
         let base = format!("http://127.0.0.1:{}", app.port());
         let state = app.state().clone();
         let server = app.handle();
+        let mllp = app.mllp_addr();
         tokio::spawn(app.into_server());
         TestApp {
             base,
@@ -222,6 +225,7 @@ impl TestApp {
             state,
             _db: db,
             server,
+            mllp,
         }
     }
 

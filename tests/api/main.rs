@@ -20,4 +20,6 @@ mod federation;
 mod institutions;
 mod migrations;
 mod oidc;
+mod mllp;
+mod mpi_import;
 mod ops;

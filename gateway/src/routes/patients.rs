@@ -314,38 +314,50 @@ fn actor_of(caller: &Caller) -> String {
     format!("institution:{}", caller.institution.id)
 }
 
-async fn register_patient(
-    state: web::Data<AppState>,
-    caller: Caller,
+/// The registration of a FHIR Patient sent by `institution` (FHIR feed, HL7 v2 feed, bulk
+/// import): its own identifier (`expected`, when the entry point names it separately, must be
+/// the same) and the mapped demographics. Errors name the offending Patient field.
+pub fn registration(
+    institution: &yiqiao_registry::directory::Institution,
     patient: Value,
-    expected: Option<(String, String)>,
-) -> Result<HttpResponse, ApiError> {
-    let system = caller.institution.patient_id_system.clone();
+    expected: Option<(&str, &str)>,
+    resident_system: &str,
+) -> Result<Registration, ApiError> {
+    let system = institution.patient_id_system.clone();
     let value = own_identifier(&patient, &system)?;
-    if let Some((qs, qv)) = &expected
-        && (qs != &system || qv != &value)
+    if let Some((qs, qv)) = expected
+        && (qs != system || qv != value)
     {
         return Err(invalid(
             "Patient.identifier",
             "the identifier in the body differs from the one in the URL",
         ));
     }
-    let institution = caller.institution.id.to_string();
-    let mapped = map_patient(
-        &patient,
-        &institution,
-        Some(&system),
-        &state.settings.empi.resident_id_system,
-    )?;
-    let reg = Registration {
-        institution_id: institution,
+    let id = institution.id.to_string();
+    let mapped = map_patient(&patient, &id, Some(&system), resident_system)?;
+    Ok(Registration {
+        institution_id: id,
         id_system: system,
         id_value: value,
         record: mapped.record,
         family: mapped.family,
         given: mapped.given,
         resource: patient,
-    };
+    })
+}
+
+async fn register_patient(
+    state: web::Data<AppState>,
+    caller: Caller,
+    patient: Value,
+    expected: Option<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let reg = registration(
+        &caller.institution,
+        patient,
+        expected.as_ref().map(|(s, v)| (s.as_str(), v.as_str())),
+        &state.settings.empi.resident_id_system,
+    )?;
     let actor = actor_of(&caller);
     let done = state
         .db(move |conn| empi::register(conn, &reg, &actor))

@@ -648,6 +648,40 @@ pub fn register(
     reg: &Registration,
     actor: &str,
 ) -> Result<Registered, EmpiError> {
+    register_with(conn, reg, actor, None)
+}
+
+/// Register many records in one transaction (bulk import), the model loaded once; each
+/// registration is a savepoint. Per record: its outcome, or the `Invalid`/`Conflict` error
+/// that rolled it back alone. Any other error rolls the whole batch back and is returned.
+pub fn register_batch(
+    conn: &mut DbConn,
+    regs: &[&Registration],
+    actor: &str,
+) -> Result<Vec<Result<RegistrationOutcome, EmpiError>>, EmpiError> {
+    conn.transaction(|conn| {
+        let (_, model) = current_model(conn)?;
+        let mut out = Vec::with_capacity(regs.len());
+        for reg in regs {
+            out.push(match register_with(conn, reg, actor, Some(&model)) {
+                Ok(done) => Ok(done.outcome),
+                Err(e @ (EmpiError::Invalid { .. } | EmpiError::Conflict(_))) => Err(e),
+                Err(other) => return Err(other),
+            });
+        }
+        Ok(out)
+    })
+}
+
+/// [`register`] with the match model given (bulk import loads it once per batch; `None`: the
+/// current one). Inside an outer transaction this is a savepoint: a failed registration
+/// leaves nothing behind and the outer transaction goes on.
+pub fn register_with(
+    conn: &mut DbConn,
+    reg: &Registration,
+    actor: &str,
+    model: Option<&StoredModel>,
+) -> Result<Registered, EmpiError> {
     if reg.record.institution != reg.institution_id {
         return Err(EmpiError::Invalid {
             field: "institution",
@@ -772,7 +806,7 @@ pub fn register(
                 ))
                 .execute(conn)?;
         }
-        link_by_matcher(conn, &record_id, &prepared, &keys, actor)?;
+        link_by_matcher(conn, &record_id, &prepared, &keys, actor, model)?;
         Ok(Registered {
             outcome,
             record: get_record(conn, &record_id)?,
@@ -788,6 +822,7 @@ fn link_by_matcher(
     prepared: &PreparedRecord,
     keys: &[String],
     actor: &str,
+    model: Option<&StoredModel>,
 ) -> Result<(), EmpiError> {
     let current = load_link(conn, record_id)?;
     if current
@@ -796,10 +831,17 @@ fn link_by_matcher(
     {
         return Ok(());
     }
-    let (_, model) = current_model(conn)?;
+    let loaded;
+    let model = match model {
+        Some(m) => m,
+        None => {
+            loaded = current_model(conn)?.1;
+            &loaded
+        }
+    };
     let separate = kept_separate(conn, record_id)?;
     let candidates: Vec<ScoredCandidate> =
-        scored_candidates(conn, prepared, keys, Some(record_id), &model)?
+        scored_candidates(conn, prepared, keys, Some(record_id), model)?
             .into_iter()
             .filter(|c| !separate.contains(&c.record.id) && c.record.link.is_some())
             .collect();
@@ -1437,48 +1479,83 @@ pub struct EmpiEvent {
 
 /// Events that involve a person (as either side).
 pub fn events_of_person(conn: &mut DbConn, person: &str) -> Result<Vec<EmpiEvent>, EmpiError> {
-    type Row = (
-        String,
-        String,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        String,
-        String,
-        NaiveDateTime,
-    );
-    let rows: Vec<Row> = events_t::table
+    let rows: Vec<EventRow> = events_t::table
         .filter(
             events_t::person_id
                 .eq(person)
                 .or(events_t::other_person_id.eq(person)),
         )
         .order(events_t::id.asc())
-        .select((
-            events_t::id,
-            events_t::kind,
-            events_t::person_id,
-            events_t::other_person_id,
-            events_t::record_id,
-            events_t::actor,
-            events_t::detail,
-            events_t::created_at,
-        ))
+        .select(EVENT_COLUMNS)
         .load(conn)?;
-    rows.into_iter()
-        .map(|r| {
-            Ok(EmpiEvent {
-                detail: serde_json::from_str(&r.6).map_err(corrupt)?,
-                id: r.0,
-                kind: r.1,
-                person_id: r.2,
-                other_person_id: r.3,
-                record_id: r.4,
-                actor: r.5,
-                created_at: r.7,
-            })
-        })
-        .collect()
+    rows.into_iter().map(event_of_row).collect()
+}
+
+type EventRow = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    String,
+    String,
+    NaiveDateTime,
+);
+
+const EVENT_COLUMNS: (
+    events_t::id,
+    events_t::kind,
+    events_t::person_id,
+    events_t::other_person_id,
+    events_t::record_id,
+    events_t::actor,
+    events_t::detail,
+    events_t::created_at,
+) = (
+    events_t::id,
+    events_t::kind,
+    events_t::person_id,
+    events_t::other_person_id,
+    events_t::record_id,
+    events_t::actor,
+    events_t::detail,
+    events_t::created_at,
+);
+
+fn event_of_row(r: EventRow) -> Result<EmpiEvent, EmpiError> {
+    Ok(EmpiEvent {
+        detail: serde_json::from_str(&r.6).map_err(corrupt)?,
+        id: r.0,
+        kind: r.1,
+        person_id: r.2,
+        other_person_id: r.3,
+        record_id: r.4,
+        actor: r.5,
+        created_at: r.7,
+    })
+}
+
+/// Events not yet delivered to institutions (`notified_at` NULL), oldest first (ids are
+/// UUIDv7, so id order is creation order). For the notification sender (subscriptions).
+pub fn pending_events(conn: &mut DbConn, limit: i64) -> Result<Vec<EmpiEvent>, EmpiError> {
+    let rows: Vec<EventRow> = events_t::table
+        .filter(events_t::notified_at.is_null())
+        .order(events_t::id.asc())
+        .limit(limit)
+        .select(EVENT_COLUMNS)
+        .load(conn)?;
+    rows.into_iter().map(event_of_row).collect()
+}
+
+/// Mark events delivered; returns how many were still pending (a second call marks none).
+pub fn mark_notified(conn: &mut DbConn, ids: &[String]) -> Result<usize, EmpiError> {
+    Ok(diesel::update(
+        events_t::table
+            .filter(events_t::id.eq_any(ids))
+            .filter(events_t::notified_at.is_null()),
+    )
+    .set(events_t::notified_at.eq(Some(now_utc())))
+    .execute(conn)?)
 }
 
 /// Outcome of [`reestimate`].
