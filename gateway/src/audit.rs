@@ -328,6 +328,11 @@ pub async fn record_refusals(
             .cloned()
             .unwrap_or_default();
         let why = res.response().extensions().get::<RefusalInfo>().cloned();
+        // A consent denial was recorded by its handler, with the decision and its reasons,
+        // before the answer was built: recording it again would count one access twice.
+        if why.as_ref().is_some_and(|w| w.code == "consent-denied") {
+            return Ok(res);
+        }
         let (interaction, action) = match method {
             Method::GET | Method::HEAD => ("read", "R"),
             Method::POST => ("create", "C"),

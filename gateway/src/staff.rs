@@ -95,7 +95,22 @@ impl Staff {
     }
 
     /// Authenticate the request's credential. `Ok(None)`: no credential was presented.
+    /// Whoever was authenticated is named in the request's extensions, so that a refusal
+    /// recorded later (crate::audit) says who was refused.
     pub async fn authenticate(req: &HttpRequest) -> Result<Option<Staff>, ApiError> {
+        let staff = Staff::authenticate_credential(req).await?;
+        if let Some(staff) = &staff {
+            req.extensions_mut().insert(crate::audit::AuditAgent {
+                institution: None,
+                user: Some(staff.subject.clone()),
+                role: Some(crate::oidc::roles_text(&staff.roles)),
+                purpose: None,
+            });
+        }
+        Ok(staff)
+    }
+
+    async fn authenticate_credential(req: &HttpRequest) -> Result<Option<Staff>, ApiError> {
         let state = req
             .app_data::<web::Data<AppState>>()
             .ok_or_else(|| ApiError::internal("application state missing"))?
@@ -229,16 +244,6 @@ impl<R: RoleNeed + 'static> FromRequest for RequireRole<R> {
         let req = req.clone();
         Box::pin(async move {
             let staff = Staff::authenticate(&req).await?;
-            if let Some(staff) = &staff {
-                // Whoever was authenticated is named if the request is later refused
-                // (the refusal recorder in crate::audit reads this).
-                req.extensions_mut().insert(crate::audit::AuditAgent {
-                    institution: None,
-                    user: Some(staff.subject.clone()),
-                    role: Some(crate::oidc::roles_text(&staff.roles)),
-                    purpose: None,
-                });
-            }
             let staff = staff.ok_or_else(|| {
                 unauthenticated(&format!(
                     "this API needs a credential with the {} role: Authorization: Bearer <token>",

@@ -766,7 +766,7 @@ async fn anomaly_rules_raise_alerts_once(backend: Backend) {
     while records(&app)
         .await
         .iter()
-        .filter(|e| e.outcome == "4")
+        .filter(|e| e.outcome == "4" && e.resource.contains("HTTP 401"))
         .count()
         < 3
     {

@@ -19,7 +19,7 @@ mod errors;
 mod federation;
 mod institutions;
 mod migrations;
-mod oidc;
 mod mllp;
 mod mpi_import;
+mod oidc;
 mod ops;

@@ -345,8 +345,14 @@ async fn feed_registers_updates_and_merges(backend: Backend) {
         assert_eq!(merge.person_id.as_deref(), Some(target.as_str()));
         assert_eq!(merge.actor, "institution:hosp-001 (hl7v2)");
         let id = merge.id.clone();
-        assert_eq!(empi::mark_notified(&mut conn, std::slice::from_ref(&id)).unwrap(), 1);
-        assert_eq!(empi::mark_notified(&mut conn, std::slice::from_ref(&id)).unwrap(), 0);
+        assert_eq!(
+            empi::mark_notified(&mut conn, std::slice::from_ref(&id)).unwrap(),
+            1
+        );
+        assert_eq!(
+            empi::mark_notified(&mut conn, std::slice::from_ref(&id)).unwrap(),
+            0
+        );
         let left = empi::pending_events(&mut conn, 1000).unwrap();
         assert!(left.iter().all(|e| e.id != id));
         assert_eq!(left.len(), pending.len() - 1);

@@ -123,26 +123,32 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
         }
     };
     let document = crate::documents::sample_document(2, "CAP-1", "MR-1");
-    let created: Value = as_member(app.client.post(app.url("/fhir/DocumentReference")))
-        .json(&document)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created: Value = as_member(
+        app.client.post(app.url("/fhir/DocumentReference")),
+        "DocumentReference",
+    )
+    .json(&document)
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
     let document_id = created["id"].as_str().unwrap().to_string();
     let subscription = serde_json::json!({ "resourceType": "Subscription",
         "criteria": "https://yiqiao.health/fhir/SubscriptionTopic/document",
         "channel": { "type": "rest-hook", "endpoint": "https://receiver.example.invalid/hook" } });
-    let created: Value = as_member(app.client.post(app.url("/fhir/Subscription")))
-        .json(&subscription)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created: Value = as_member(
+        app.client.post(app.url("/fhir/Subscription")),
+        "Subscription",
+    )
+    .json(&subscription)
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
     let subscription_id = created["id"].as_str().unwrap().to_string();
     for res in resources {
         let ty = res["type"].as_str().unwrap();

@@ -304,6 +304,36 @@ pub async fn search(
             }
         }
     }
+    // The consent engine (crate::policy) decides per custodian and resource, and masks what
+    // it releases; its decisions and reasons go into the audit record below.
+    let ask = state.policy.ask(&caller, &req);
+    let candidates = items
+        .iter()
+        .map(|i| crate::policy::Candidate {
+            custodian: i.custodian.clone(),
+            patient: Some(person.clone()),
+            resource: i.resource.clone(),
+        })
+        .collect();
+    let released = state.policy.release(&caller, &ask, candidates).await?;
+    let mut kept: std::collections::HashMap<usize, Value> = released.kept.iter().cloned().collect();
+    for w in &released.withheld {
+        withheld
+            .entry(w.custodian.clone())
+            .or_default()
+            .push(format!("consent policy: {}", w.rule));
+    }
+    let items: Vec<Item> = items
+        .into_iter()
+        .enumerate()
+        .filter_map(|(idx, mut item)| {
+            kept.remove(&idx).map(|r| {
+                item.resource = r;
+                item
+            })
+        })
+        .collect();
+    let mut items = items;
     items.sort_by(|a, b| {
         b.when
             .cmp(&a.when)
@@ -398,11 +428,11 @@ pub async fn search(
     if !problems.is_empty() {
         event.outcome = outcome::MINOR_FAILURE.into();
     }
-    event.consent_decision = Some(if withheld_total == 0 {
-        "permit".into()
-    } else {
-        format!("partial: {withheld_total} withheld")
-    });
+    released.annotate(&mut event);
+    if withheld_total > released.withheld.len() {
+        // The federation release hook withheld more than the consent engine did.
+        event.consent_decision = Some(format!("partial: {withheld_total} withheld"));
+    }
     state
         .auditor
         .record(

@@ -38,7 +38,7 @@ enum Viewer {
 }
 
 async fn viewer(req: &HttpRequest) -> Result<Viewer, ApiError> {
-    match Staff::authenticate(req) {
+    match Staff::authenticate(req).await {
         Ok(Some(staff)) if staff.has(Role::Auditor) => Ok(Viewer::Auditor(staff)),
         Ok(Some(staff)) => Err(ApiError::new(
             ErrorCode::Forbidden,

@@ -487,7 +487,7 @@ pub async fn evaluate(
     req: HttpRequest,
     body: ValidJson<EvaluateInput>,
 ) -> Result<HttpResponse, ApiError> {
-    let staff = Staff::authenticate(&req)?.ok_or_else(|| {
+    let staff = Staff::authenticate(&req).await?.ok_or_else(|| {
         ApiError::new(
             ErrorCode::Unauthenticated,
             "this API needs a staff credential (admin, auditor or security-officer)",
@@ -753,9 +753,10 @@ pub async fn put_agreement(
         })
         .await?;
     state.policy.changed(None).await;
-    let mut event = state
-        .auditor
-        .admin_event(&admin, "update", "U", format!("Agreement/{}", row.id));
+    let mut event =
+        state
+            .auditor
+            .admin_event(&admin, "update", "U", format!("Agreement/{}", row.id));
     event.consent_decision = Some(format!("agreement-{}", row.status));
     state.auditor.record(event).await?;
     Ok(HttpResponse::Ok().json(agreement_view(&row)))

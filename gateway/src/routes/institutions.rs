@@ -191,9 +191,10 @@ pub async fn create(
     state: web::Data<AppState>,
     ValidJson(input): ValidJson<InstitutionInput>,
 ) -> Result<HttpResponse, ApiError> {
-    let event = state
-        .auditor
-        .admin_event(&admin, "create", "C", format!("Organization/{}", input.id));
+    let event =
+        state
+            .auditor
+            .admin_event(&admin, "create", "C", format!("Organization/{}", input.id));
     let created = state
         .auditor
         .change(event, move |conn, _| {

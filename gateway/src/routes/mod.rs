@@ -1,7 +1,7 @@
 //! HTTP routes: one module per resource; the route table is in [`crate::app::routes`].
 
-pub mod consent;
 pub mod auditing;
+pub mod consent;
 pub mod directory;
 pub mod docs;
 pub mod documents;
