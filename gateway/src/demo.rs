@@ -256,15 +256,18 @@ pub fn run(mut settings: Settings, institutions: u32) -> Result<(), Failure> {
         println!("  curl -s {base}/readyz");
         println!("  curl -s '{base}/fhir/Organization?_count=5'            # the directory as FHIR");
         println!("  curl -s -H \"Authorization: Bearer $TOKEN\" {base}/empi/persons/{person}   # person at {}", sites.join(", "));
-        println!("  # Federated query: the regional platform fz-001 asks every hospital holding records of the person");
-        println!("  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'X-On-Behalf-Of: fz-001' '{base}/fhir/Observation?patient={person}&_count=5'");
-        println!("  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'X-On-Behalf-Of: fz-001' '{base}/fhir/DiagnosticReport?patient={person}'");
+        // A hospital that treats the person asks (purpose TREAT): the regional platform fz-001
+        // may not ask for treatment under the default policy (docs/consent.md).
+        let asker = sites.last().cloned().unwrap_or_else(|| "fz-004".into());
+        println!("  # Federated query: hospital {asker}, which treats the person, asks every hospital holding records of the person");
+        println!("  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'X-On-Behalf-Of: {asker}' '{base}/fhir/Observation?patient={person}&_count=5'");
+        println!("  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'X-On-Behalf-Of: {asker}' '{base}/fhir/DiagnosticReport?patient={person}'");
         println!("  # Make one hospital fail, then look at the OperationOutcome entry (search.mode = outcome)");
         println!("  curl -s -X PUT -H 'Content-Type: application/json' -d '{{\"error_rate\":1.0}}' {simu}/_sim/knobs/{}", sites[0]);
-        println!("  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'X-On-Behalf-Of: fz-001' '{base}/fhir/Encounter?patient={person}&_timeout=1500'");
+        println!("  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'X-On-Behalf-Of: {asker}' '{base}/fhir/Encounter?patient={person}&_timeout=1500'");
         println!("  curl -s -X PUT -H 'Content-Type: application/json' -d 'null' {simu}/_sim/knobs/{}   # heal it", sites[0]);
-        println!("  # The same answer sealed in an SM envelope to fz-001's SM2 key (docs/sm-envelope.md)");
-        println!("  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'X-On-Behalf-Of: fz-001' -H 'Accept: application/yiqiao-sm-envelope+json' -H 'X-Request-Id: demo-1' '{base}/fhir/Condition?patient={person}'");
+        println!("  # The same answer sealed in an SM envelope to {asker}'s SM2 key (docs/sm-envelope.md)");
+        println!("  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'X-On-Behalf-Of: {asker}' -H 'Accept: application/yiqiao-sm-envelope+json' -H 'X-Request-Id: demo-1' '{base}/fhir/Condition?patient={person}'");
         println!("  open {base}/docs for the API reference; {base}/metrics for Prometheus");
         println!();
         println!("Admin token for this run: {token}   (set YIQIAO_ADMIN_TOKEN to choose one)");

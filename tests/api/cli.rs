@@ -183,10 +183,16 @@ fn demo_serves_a_registered_region() {
         .and_then(|rest| rest.split('&').next())
         .unwrap_or_else(|| panic!("no federated query in {stdout}"))
         .to_string();
+    let asker = stdout
+        .split("X-On-Behalf-Of: ")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .unwrap_or_else(|| panic!("no requester in {stdout}"))
+        .to_string();
     let bundle = reqwest::blocking_get_json_as(
         &format!("{base}/fhir/Observation?patient={person}"),
         "demo-test-admin-token",
-        "fz-001",
+        &asker,
     )
     .unwrap();
     let entries = bundle["entry"].as_array().unwrap();
