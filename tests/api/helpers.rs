@@ -146,6 +146,9 @@ pub fn test_settings(db_url: &str) -> Settings {
     s.http.shutdown_timeout_secs = 1;
     s.audit.signing_key_file = test_audit_key().0.display().to_string();
     s.federation.sm2_key_file = test_gateway_key().0.display().to_string();
+    // Bulk loads in tests share one SQLite file with the audit writer and the delivery worker on
+    // a loaded 2-core machine: allow a longer wait for the write lock than the default.
+    s.database.sqlite_busy_timeout_ms = 20_000;
     s
 }
 

@@ -375,6 +375,25 @@ pub fn verify_db(
     to: Option<i64>,
     public_key: &Sm2PublicKey,
 ) -> Result<Report, StoreError> {
+    // One snapshot for the head, the records and the checkpoints: a gateway appending while
+    // verification runs must not look like records inserted past the head. SQLite (WAL) keeps
+    // one snapshot from the first read of a transaction; PostgreSQL needs REPEATABLE READ.
+    conn.transaction::<_, diesel::result::Error, _>(|conn| {
+        if let DbConn::Postgresql(pg) = conn {
+            diesel::sql_query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .execute(pg)?;
+        }
+        Ok(verify_snapshot(conn, from, to, public_key))
+    })
+    .map_err(StoreError::from_diesel)?
+}
+
+fn verify_snapshot(
+    conn: &mut DbConn,
+    from: Option<i64>,
+    to: Option<i64>,
+    public_key: &Sm2PublicKey,
+) -> Result<Report, StoreError> {
     let (head_seq, _, _) = super::chain_head(conn)?;
     let from = from.unwrap_or(1).max(1);
     let anchor: Option<String> = if from == 1 {
