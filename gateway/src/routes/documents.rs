@@ -543,20 +543,7 @@ pub async fn read(
     caller: Caller,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require("DocumentReference", 'r')?;
-    let id = id.into_inner();
-    let doc = state.db(move |conn| registry::get(conn, &id)).await?;
-    let reader = caller.institution.id.to_string();
-    if !state
-        .documents
-        .consent
-        .may_see(&reader, caller.purpose, &doc)
-    {
-        return Err(ApiError::not_found(format!(
-            "DocumentReference/{} not found",
-            doc.id
-        )));
-    }
+    let doc = visible_document(&state, &caller, id.into_inner()).await?;
     let event = state
         .auditor
         .read_event(format!("DocumentReference/{}", doc.id));
@@ -829,20 +816,7 @@ pub async fn retrieve(
     caller: Caller,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require("DocumentReference", 'r')?;
-    let id = id.into_inner();
-    let doc = state.db(move |conn| registry::get(conn, &id)).await?;
-    let reader = caller.institution.id.to_string();
-    if !state
-        .documents
-        .consent
-        .may_see(&reader, caller.purpose, &doc)
-    {
-        return Err(ApiError::not_found(format!(
-            "DocumentReference/{} not found",
-            doc.id
-        )));
-    }
+    let doc = visible_document(&state, &caller, id.into_inner()).await?;
     let settings = &state.settings.documents;
     let upstream = |msg: String| {
         let mut e = ApiError::new(
@@ -903,4 +877,27 @@ pub async fn retrieve(
         .content_type(doc.content_type.clone())
         .insert_header(("X-Content-SM3", doc.sm3_hash.clone()))
         .body(body))
+}
+
+/// The document `id` if the caller may read DocumentReferences and the consent hook lets it see
+/// this one; a document it may not see is answered as not found (its existence is not revealed).
+async fn visible_document(
+    state: &AppState,
+    caller: &Caller,
+    id: String,
+) -> Result<StoredDocument, ApiError> {
+    caller.require("DocumentReference", 'r')?;
+    let doc = state.db(move |conn| registry::get(conn, &id)).await?;
+    let reader = caller.institution.id.to_string();
+    if !state
+        .documents
+        .consent
+        .may_see(&reader, caller.purpose, &doc)
+    {
+        return Err(ApiError::not_found(format!(
+            "DocumentReference/{} not found",
+            doc.id
+        )));
+    }
+    Ok(doc)
 }
