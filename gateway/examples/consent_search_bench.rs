@@ -1,6 +1,12 @@
-//! What consent enforcement costs in a PDQm search, measured through the real server.
+//! What consent enforcement costs in a PDQm or document search, measured through the real
+//! server.
 //!
-//! cargo run --release -p yiqiao --example consent_search_bench -- [PATIENTS] [REQUESTS] [ROUNDS]
+//! cargo run --release -p yiqiao --example consent_search_bench -- [PATIENTS] [REQUESTS] [ROUNDS] [patient|document]
+//!
+//! `document` mode: hospital 1 also registers two DocumentReferences per patient (a discharge
+//! summary and a WS/T 500 lab report), and the timed request is
+//! `GET /fhir/DocumentReference?_count=50` (newest first, across all patients); the in-process
+//! figure is `state.policy.release` on the 50 newest documents.
 //!
 //! One SQLite database (temp dir), two gateways on it: `consent.enforce = true` and `false`
 //! (same code path; `false` skips the policy). Hospital 1 registers PATIENTS patients (family
@@ -60,6 +66,11 @@ async fn main() {
     let patients: usize = args.get(1).map_or(500, |s| s.parse().unwrap());
     let requests: usize = args.get(2).map_or(300, |s| s.parse().unwrap());
     let rounds: usize = args.get(3).map_or(4, |s| s.parse().unwrap());
+    let documents = match args.get(4).map(String::as_str) {
+        None | Some("patient") => false,
+        Some("document") => true,
+        Some(other) => panic!("mode must be patient or document, not {other}"),
+    };
     let dir = std::env::temp_dir().join(format!(
         "yq-consent-bench-{}",
         uuid::Uuid::new_v4().simple()
@@ -86,7 +97,7 @@ async fn main() {
             "uscc": uscc,
             "region_code": "350100", "level": "3A", "kind": "hospital",
             "patient_id_system": format!("urn:oid:2.16.156.10011.1.99.{n}"),
-            "allowed_scopes": ["system/Patient.cruds", "system/Consent.cruds"],
+            "allowed_scopes": ["system/Patient.cruds", "system/Consent.cruds", "system/DocumentReference.cruds"],
         });
         let r = client
             .post(format!("{on}/admin/institutions"))
@@ -121,6 +132,45 @@ async fn main() {
             .as_str()
             .unwrap()
             .to_string();
+        if documents {
+            for (k, (system, code)) in [
+                ("http://loinc.org", "18842-5"),
+                (
+                    "https://yiqiao.health/fhir/CodeSystem/wst500-document",
+                    "C0007",
+                ),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let content = format!("<ClinicalDocument id=\"D-{i}-{k}\"/>");
+                let doc = json!({
+                    "resourceType": "DocumentReference",
+                    "masterIdentifier": { "system": "urn:oid:1.2.156.1", "value": format!("D-{i}-{k}") },
+                    "status": "current",
+                    "type": { "coding": [{ "system": system, "code": code }] },
+                    "subject": { "identifier": { "system": "urn:oid:2.16.156.10011.1.99.1", "value": format!("MR-{i:06}") } },
+                    "date": format!("2024-{:02}-{:02}T08:00:00+08:00", 1 + i % 12, 1 + (i + k) % 28),
+                    "custodian": { "reference": "Organization/hosp-001" },
+                    "content": [{ "attachment": {
+                        "contentType": "application/xml",
+                        "url": format!("https://his-1.example/docs/D-{i}-{k}"),
+                        "size": content.len(),
+                        "extension": [{ "url": yiqiao_gateway::documents::SM3_HASH_EXT,
+                                        "valueString": yiqiao_sm::sm3_hex(content.as_bytes()) }],
+                    }}],
+                });
+                let r = client
+                    .post(format!("{on}/fhir/DocumentReference"))
+                    .bearer_auth(ADMIN)
+                    .header("X-On-Behalf-Of", "hosp-001")
+                    .json(&doc)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+            }
+        }
         let id = uuid::Uuid::now_v7().to_string();
         let resource = json!({ "resourceType": "Consent", "id": id, "status": "active",
             "patient": { "reference": format!("Patient/{person}") },
@@ -146,8 +196,24 @@ async fn main() {
         .await
         .unwrap();
     }
-    println!("{patients} patients registered at hosp-001, each with a permit consent for hosp-002");
-    let path = "/fhir/Patient?family=%E5%BC%A0&_count=50";
+    println!(
+        "{patients} patients registered at hosp-001{}, each with a permit consent for hosp-002",
+        if documents {
+            " with 2 documents each"
+        } else {
+            ""
+        }
+    );
+    let (path, what) = if documents {
+        ("/fhir/DocumentReference?_count=50", "document search")
+    } else {
+        ("/fhir/Patient?family=%E5%BC%A0&_count=50", "PDQm search")
+    };
+    let expected = if documents {
+        50.min(2 * patients)
+    } else {
+        50.min(patients)
+    };
     let mut timings: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for round in 0..rounds * 2 {
         let which = round % 2;
@@ -164,15 +230,18 @@ async fn main() {
             assert_eq!(r.status(), 200);
             let body: Value = r.json().await.unwrap();
             let elapsed = t.elapsed().as_secs_f64() * 1e6;
-            assert_eq!(body["entry"].as_array().unwrap().len(), 50.min(patients));
+            assert_eq!(body["entry"].as_array().unwrap().len(), expected);
             if i >= 20 {
                 timings[which].push(elapsed);
             }
         }
     }
     let [enforced, plain] = timings;
-    let mean_on = stats("PDQm search, enforcement on (HTTP round trip)", enforced);
-    let mean_off = stats("PDQm search, enforcement off (baseline)", plain);
+    let mean_on = stats(
+        &format!("{what}, enforcement on (HTTP round trip)"),
+        enforced,
+    );
+    let mean_off = stats(&format!("{what}, enforcement off (baseline)"), plain);
     println!(
         "enforcement share of the search (mean): {:.1}%   ratio on/off: {:.3}",
         (mean_on - mean_off) / mean_on * 100.0,
@@ -189,28 +258,27 @@ async fn main() {
         purpose: None,
     };
     let store = state.store.clone();
-    let found = tokio::task::spawn_blocking(move || {
-        let mut conn = store.conn().unwrap();
-        yiqiao_registry::empi::store::search_records(
-            &mut conn,
-            &yiqiao_registry::empi::store::RecordFilter {
-                family: Some("张".into()),
-                limit: 50,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-    })
-    .await
-    .unwrap();
-    let candidates: Vec<Candidate> = found
-        .iter()
-        .map(|r| Candidate {
-            custodian: r.institution_id.clone(),
-            patient: r.link.as_ref().map(|l| l.person_id.clone()),
-            resource: yiqiao_gateway::routes::patients::patient_view(r),
+    let candidates: Vec<Candidate> = if documents {
+        let base = state.base_url.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = store.conn().unwrap();
+            yiqiao_registry::documents::search(
+                &mut conn,
+                &yiqiao_registry::documents::DocumentFilter {
+                    limit: 50,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+            .iter()
+            .map(|d| yiqiao_gateway::documents::candidate(&base, d))
+            .collect()
         })
-        .collect();
+        .await
+        .unwrap()
+    } else {
+        patient_candidates(&state).await
+    };
     let ask = Ask {
         purpose: yiqiao_consent::Purpose::Treatment,
         break_glass_reason: None,
@@ -226,10 +294,40 @@ async fn main() {
             release.push(elapsed);
         }
     }
-    let mean_release = stats("policy.release of 50 records alone", release);
+    let mean_release = stats(
+        &format!("policy.release of {} results alone", candidates.len()),
+        release,
+    );
     println!(
         "policy.release / enforced search (mean): {:.1}%",
         mean_release / mean_on * 100.0
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The 50 first PDQm results as release candidates.
+async fn patient_candidates(state: &AppState) -> Vec<Candidate> {
+    let store = state.store.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        let mut conn = store.conn().unwrap();
+        yiqiao_registry::empi::store::search_records(
+            &mut conn,
+            &yiqiao_registry::empi::store::RecordFilter {
+                family: Some("张".into()),
+                limit: 50,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    found
+        .iter()
+        .map(|r| Candidate {
+            custodian: r.institution_id.clone(),
+            patient: r.link.as_ref().map(|l| l.person_id.clone()),
+            resource: yiqiao_gateway::routes::patients::patient_view(r),
+        })
+        .collect()
 }

@@ -1,22 +1,26 @@
-//! Document registry runtime: the code table, the consent hook, FHIR views of stored
-//! documents and events, and the subscription delivery worker (docs/documents.md).
+//! Document registry runtime: the code table, consent decisions for documents and
+//! notifications (through `state.policy`), FHIR views of stored documents and events, and the
+//! subscription delivery worker (docs/documents.md).
 //!
 //! The delivery worker is one tokio task per replica. It leases due deliveries from the
 //! outbox (`yiqiao_registry::documents::outbox::claim`), POSTs a notification Bundle to each
 //! subscriber with an `Idempotency-Key` header, and records the result fenced by its lease.
 //! Every notification is audited before it leaves; an audit failure counts as a failed attempt.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 use yiqiao_consent::Purpose;
+use yiqiao_registry::directory::{self, Institution};
 use yiqiao_registry::documents::outbox::{self, AttemptResult, Claimed, StoredEvent, Subscription};
-use yiqiao_registry::documents::{CodeTable, StoredDocument};
+use yiqiao_registry::documents::{self as registry, CodeTable, DocumentError, StoredDocument};
+use yiqiao_registry::empi::store as empi;
 
 use crate::config::{DocumentsSettings, SubscriptionSettings};
+use crate::error::ApiError;
+use crate::policy::{Ask, Candidate, Policy};
 use crate::state::AppState;
 
 /// Extension on `Attachment` carrying the SM3 hash of the content (64 lowercase hex digits).
@@ -33,35 +37,133 @@ pub const ACT_CODE_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/v3-ActC
 /// Header carrying the stable key of a notification (same on every retry of one event).
 pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 
-/// CONSENT HOOK — where consent filtering of document search results, reads and
-/// notifications goes. The consent-enforcement work (gateway/src/policy.rs, developed on
-/// another branch) is to implement this trait and be installed in [`DocumentRuntime`]; until
-/// then [`PermitAll`] is wired and every member institution sees every document's metadata.
-pub trait DocumentConsent: Send + Sync {
-    /// May `reader` (an institution, with its purpose of use) see this document's metadata?
-    fn may_see(&self, reader: &str, purpose: Option<Purpose>, doc: &StoredDocument) -> bool;
-    /// May `subscriber` be told about this event? (A subscriber learns nothing it could not
-    /// query.) Withheld events are marked `withheld`, never sent.
-    fn may_notify(&self, subscriber: &str, event: &StoredEvent) -> bool;
+/// Extension on a stored `Subscription` recording the purpose of use its notifications are
+/// decided for: the purpose of the credential that created it (or `consent.default_purpose`).
+pub const PURPOSE_EXT: &str = "https://yiqiao.health/fhir/StructureDefinition/purpose-of-use";
+
+/// The consent candidate of a stored document: its custodian, the enterprise person its
+/// patient record is linked to now, and the DocumentReference as served.
+pub fn candidate(base: &str, d: &StoredDocument) -> Candidate {
+    Candidate {
+        custodian: d.custodian_id.clone(),
+        patient: Some(d.person_id.clone()),
+        resource: document_view(base, d),
+    }
 }
 
-/// The placeholder policy: permits everything. TO BE REPLACED by the consent engine.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PermitAll;
+/// The purpose recorded on a subscription ([`PURPOSE_EXT`]).
+pub fn subscription_purpose(sub: &Subscription) -> Option<Purpose> {
+    sub.resource
+        .get("extension")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|e| e.get("url").and_then(Value::as_str) == Some(PURPOSE_EXT))
+        .and_then(|e| e.get("valueCode"))
+        .and_then(Value::as_str)
+        .and_then(Purpose::from_code)
+}
 
-impl DocumentConsent for PermitAll {
-    fn may_see(&self, _reader: &str, _purpose: Option<Purpose>, _doc: &StoredDocument) -> bool {
-        true
+/// Whether a subscriber may be told about an event, with the audited reasons.
+#[derive(Debug)]
+pub struct NotifyDecision {
+    pub permitted: bool,
+    /// `permit`, `deny`, or `not-enforced`.
+    pub summary: &'static str,
+    /// One entry per decision taken (as in a search's audit record).
+    pub reasons: Value,
+}
+
+/// A subscriber learns nothing it could not query. A document event is decided as a read of
+/// that document by `subscriber` for `purpose` (a document that no longer exists is not
+/// told). A merge event is told to an institution holding a record of either person, and to
+/// others only when the policy lets them see the surviving person's Patient data held by at
+/// least one custodian.
+pub async fn notify_decision(
+    state: &AppState,
+    subscriber: &Institution,
+    purpose: Purpose,
+    event: &StoredEvent,
+) -> Result<NotifyDecision, ApiError> {
+    let ask = Ask {
+        purpose,
+        break_glass_reason: None,
+    };
+    let requester = Policy::requester_of(subscriber);
+    let candidates: Vec<Candidate> = if let Some(doc_id) = event.document_id.clone() {
+        let doc = state
+            .db(move |conn| match registry::get(conn, &doc_id) {
+                Ok(d) => Ok(Some(d)),
+                Err(DocumentError::NotFound(_)) => Ok(None),
+                Err(e) => Err(ApiError::from(e)),
+            })
+            .await?;
+        doc.iter().map(|d| candidate(&state.base_url, d)).collect()
+    } else {
+        let persons: Vec<String> = [
+            event.person_id.clone(),
+            event
+                .detail
+                .get("source")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let survivor = event.person_id.clone();
+        let custodians = state
+            .db(move |conn| -> Result<Vec<String>, ApiError> {
+                let mut out: Vec<String> = Vec::new();
+                for p in &persons {
+                    for r in empi::records_of_person(conn, p)? {
+                        if !out.contains(&r.institution_id) {
+                            out.push(r.institution_id);
+                        }
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        custodians
+            .into_iter()
+            .map(|custodian| Candidate {
+                custodian,
+                patient: survivor.clone(),
+                resource: json!({ "resourceType": "Patient" }),
+            })
+            .collect()
+    };
+    if candidates.is_empty() {
+        return Ok(NotifyDecision {
+            permitted: false,
+            summary: "deny",
+            reasons: json!([{ "effect": "deny", "rule": "nothing-to-tell",
+                "reason": "The event's document or persons no longer exist." }]),
+        });
     }
-    fn may_notify(&self, _subscriber: &str, _event: &StoredEvent) -> bool {
-        true
-    }
+    let own = candidates
+        .iter()
+        .any(|c| c.custodian == subscriber.id.as_str());
+    let released = state
+        .policy
+        .release_for(&requester, &ask, candidates)
+        .await?;
+    let permitted = own || !released.kept.is_empty();
+    Ok(NotifyDecision {
+        permitted,
+        summary: match released.summary() {
+            "not-enforced" => "not-enforced",
+            _ if permitted => "permit",
+            _ => "deny",
+        },
+        reasons: released.reasons(),
+    })
 }
 
 /// Shared document-registry runtime of a replica.
 pub struct DocumentRuntime {
     pub codes: CodeTable,
-    pub consent: Arc<dyn DocumentConsent>,
     /// Wakes the local delivery worker after a registration committed events.
     pub wake: Notify,
     /// HTTP client for notifications and retrieval from custodians.
@@ -101,7 +203,6 @@ impl DocumentRuntime {
             .map_err(|e| anyhow::anyhow!("HTTP client: {e}"))?;
         Ok(DocumentRuntime {
             codes,
-            consent: Arc::new(PermitAll),
             wake: Notify::new(),
             http,
             worker_id: format!("{replica}/{}", uuid::Uuid::new_v4().simple()),
@@ -292,19 +393,27 @@ async fn attempt(state: &AppState, c: &Claimed) -> AttemptResult {
         let sub = outbox::get_subscription(&mut conn, &sid).map_err(|e| e.to_string())?;
         let event = outbox::get_event(&mut conn, seq).map_err(|e| e.to_string())?;
         let status = outbox::subscription_status(&mut conn, &sid).map_err(|e| e.to_string())?;
-        Ok::<_, String>((sub, event, status))
+        let owner = directory::get(&mut conn, &sub.owner_id).map_err(|e| e.to_string())?;
+        Ok::<_, String>((sub, event, status, owner))
     })
     .await;
-    let (sub, event, status) = match loaded {
+    let (sub, event, status, owner) = match loaded {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => return fail(e),
         Err(e) => return fail(e.to_string()),
     };
-    if !state.documents.consent.may_notify(&sub.owner_id, &event) {
-        return AttemptResult::Withheld;
-    }
-    // Audit before the notification leaves (fail closed).
+    let purpose = subscription_purpose(&sub).unwrap_or(state.policy.default_purpose());
+    let decision = match notify_decision(state, &owner, purpose, &event).await {
+        Ok(d) => d,
+        Err(e) => return fail(format!("consent decision unavailable: {e}")),
+    };
+    // Audit before the notification leaves, and when it is withheld (fail closed).
     let mut audit = state.auditor.rest_event("notification", "E");
+    audit.consent_decision = Some(decision.summary.to_string());
+    audit.consent_reasons = Some(decision.reasons.clone());
+    if !decision.permitted {
+        audit.outcome = yiqiao_registry::audit::outcome::MINOR_FAILURE.into();
+    }
     audit.agent_institution = Some(sub.owner_id.clone());
     audit.patient_id = event.person_id.clone();
     audit
@@ -322,6 +431,9 @@ async fn attempt(state: &AppState, c: &Claimed) -> AttemptResult {
     }
     if let Err(e) = state.auditor.record(audit).await {
         return fail(format!("audit unavailable: {e}"));
+    }
+    if !decision.permitted {
+        return AttemptResult::Withheld;
     }
     let body = notification_bundle(
         &state.base_url,

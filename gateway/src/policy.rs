@@ -142,6 +142,45 @@ impl Released {
         }
     }
 
+    /// Forget every candidate at index `n` or later (read ahead but not released).
+    pub fn truncate(&mut self, n: usize) {
+        self.kept.retain(|(i, _)| *i < n);
+        self.withheld.retain(|w| w.index < n);
+        self.reasons.truncate(n);
+    }
+
+    /// Append the results of another batch of candidates that followed this one; its indices
+    /// are shifted by `offset` (the number of candidates before it).
+    pub fn append(&mut self, other: Released, offset: usize) {
+        self.unenforced |= other.unenforced;
+        self.kept
+            .extend(other.kept.into_iter().map(|(i, r)| (i + offset, r)));
+        self.withheld
+            .extend(other.withheld.into_iter().map(|mut w| {
+                w.index += offset;
+                w
+            }));
+        self.reasons.extend(other.reasons);
+    }
+
+    /// 403 `consent-denied` naming the rule that withheld the (first) resource.
+    pub fn refusal(&self) -> ApiError {
+        let (rule, reason) = self
+            .withheld
+            .first()
+            .map(|w| (w.rule.as_str(), w.reason.as_str()))
+            .unwrap_or(("consent", "withheld by the access policy"));
+        ApiError::new(
+            crate::error::ErrorCode::ConsentDenied,
+            format!("withheld by the access policy (rule {rule}): {reason}"),
+        )
+    }
+
+    /// The audited reasons, one entry per candidate decided.
+    pub fn reasons(&self) -> Value {
+        Value::Array(self.reasons.clone())
+    }
+
     /// Put the decision and its reasons (rule ids, consent and agreement ids) into an audit event.
     pub fn annotate(&self, event: &mut AuditEvent) {
         event.consent_decision = Some(self.summary().to_string());
@@ -206,19 +245,60 @@ pub fn annotate_decision(event: &mut AuditEvent, decision: &Decision) {
     event.consent_reasons = Some(json!([decision_reasons(decision)]));
 }
 
-/// The [`DataItem`] of a FHIR resource: its type, and the labels in `meta.security`.
+/// The [`DataItem`] of a FHIR resource: its type, and the labels in `meta.security`. For a
+/// `DocumentReference` also the document's own `securityLabel`s, and its `type` and
+/// `category` codings as data classes (a consent's `provision.class` can name a document type
+/// or category as `system|code`).
 pub fn data_item_of(resource: &Value) -> DataItem {
     let ty = resource
         .get("resourceType")
         .and_then(Value::as_str)
         .unwrap_or("Resource");
     let mut item = DataItem::resource(ty);
-    for coding in resource
+    let mut labels: Vec<&Value> = resource
         .pointer("/meta/security")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-    {
+        .collect();
+    if ty == "DocumentReference" {
+        for label in resource
+            .get("securityLabel")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            labels.extend(
+                label
+                    .get("coding")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten(),
+            );
+        }
+        let concepts = resource
+            .get("category")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .chain(resource.get("type"));
+        for concept in concepts {
+            for coding in concept
+                .get("coding")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let (Some(system), Some(code)) = (
+                    coding.get("system").and_then(Value::as_str),
+                    coding.get("code").and_then(Value::as_str),
+                ) {
+                    item.classes.push(DataClass::coded(system, code));
+                }
+            }
+        }
+    }
+    for coding in labels {
         let system = coding.get("system").and_then(Value::as_str).unwrap_or("");
         let code = coding.get("code").and_then(Value::as_str).unwrap_or("");
         if system == yiqiao_consent::codes::CONFIDENTIALITY_SYSTEM {
@@ -391,6 +471,16 @@ impl Policy {
             purpose: caller.purpose.unwrap_or(self.default_purpose),
             break_glass_reason,
         }
+    }
+
+    /// The requester for an institution of the directory (a subscriber, not a caller).
+    pub fn requester_of(institution: &directory::Institution) -> Requester {
+        Requester::institution(institution.id.as_str(), kind_of(institution.kind))
+    }
+
+    /// The purpose used when a credential carries none (`consent.default_purpose`).
+    pub fn default_purpose(&self) -> Purpose {
+        self.default_purpose
     }
 
     fn requester(caller: &Caller) -> Requester {
@@ -578,12 +668,11 @@ impl Policy {
             .await?;
         let mut loaded: HashMap<String, Vec<Consent>> =
             missing.into_iter().map(|p| (p, Vec::new())).collect();
-        for row in &rows {
-            let consent = consent_of(row).map_err(ApiError::internal)?;
-            loaded
-                .entry(row.patient_id.clone())
-                .or_default()
-                .push(consent);
+        for (patient, row) in &rows {
+            let mut consent = consent_of(row).map_err(ApiError::internal)?;
+            // A consent recorded for a person since merged into `patient` applies to it.
+            consent.patient = PatientId::new(patient.clone());
+            loaded.entry(patient.clone()).or_default().push(consent);
         }
         let mut c = self.lock()?;
         // Only cache what was read at the counter the cache still reflects: a sync that ran
@@ -670,6 +759,17 @@ impl Policy {
         ask: &Ask,
         candidates: Vec<Candidate>,
     ) -> Result<Released, ApiError> {
+        self.release_for(&Self::requester(caller), ask, candidates)
+            .await
+    }
+
+    /// [`Policy::release`] for a requester that is not the caller (a subscriber).
+    pub async fn release_for(
+        &self,
+        requester: &Requester,
+        ask: &Ask,
+        candidates: Vec<Candidate>,
+    ) -> Result<Released, ApiError> {
         if !self.enforce {
             return Ok(Released {
                 kept: candidates
@@ -685,8 +785,7 @@ impl Policy {
         if candidates.is_empty() {
             return Ok(released);
         }
-        let requester = Self::requester(caller);
-        let own = caller.institution.id.as_str();
+        let own = requester.institution.as_str();
         // The custodian's own data needs no consents (rule 1); read only the others'.
         let patients: Vec<String> = candidates
             .iter()
@@ -718,7 +817,7 @@ impl Policy {
             let custodian = InstitutionId::new(candidate.custodian.clone());
             let list = consents.get(&patient_key).map_or(&none, |l| l.as_ref());
             let request = AccessRequest {
-                requester: &requester,
+                requester,
                 purpose: ask.purpose,
                 patient: &patient,
                 custodian: &custodian,

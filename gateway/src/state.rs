@@ -30,7 +30,7 @@ pub struct AppState {
     pub policy: Arc<crate::policy::Policy>,
     /// Federated queries: upstream client, gateway SM2 key, breakers, release policy.
     pub federation: crate::federation::Federation,
-    /// Document registry: code table, consent hook, delivery worker wake-up (crate::documents).
+    /// Document registry: code table, HTTP client, delivery worker wake-up (crate::documents).
     pub documents: Arc<crate::documents::DocumentRuntime>,
 }
 
@@ -52,6 +52,16 @@ impl AppState {
             work(&mut conn).map_err(Into::into)
         })
         .await?
+    }
+
+    /// After an EMPI merge or unmerge of `persons` committed: their applicable consents changed
+    /// (announced to the other replicas' consent caches) and merge events wait in the outbox
+    /// (wake this replica's delivery worker).
+    pub async fn persons_merged(&self, persons: &[&str]) {
+        for p in persons {
+            self.policy.changed(Some(p)).await;
+        }
+        self.documents.wake.notify_one();
     }
 
     /// Is Redis reachable within its timeout? `None` when Redis is not configured.

@@ -11,12 +11,16 @@
 //!   counter values become visible in order.
 //!
 //! The enterprise person id is the patient key; the gateway resolves references before storing.
+//! Consents follow EMPI merges without being rewritten: the consents that apply to a person
+//! are its own and those of every person merged into it ([`for_patients`]). A merge or unmerge
+//! calls [`subjects_changed`] in its transaction, so caches drop both persons.
 
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
 
 use crate::store::schema::{
-    consent_change_seq, consent_history, consents, data_sharing_agreements,
+    consent_change_seq, consent_history, consent_subject_changes, consents,
+    data_sharing_agreements, empi_persons,
 };
 use crate::store::{DbConn, StoreError, now_utc};
 
@@ -118,6 +122,18 @@ pub fn changes_since(conn: &mut DbConn, seq: i64) -> Result<Changes, StoreError>
         .distinct()
         .load(conn)
         .map_err(StoreError::from_diesel)?;
+    let moved: Vec<String> = consent_subject_changes::table
+        .filter(consent_subject_changes::change_seq.gt(seq))
+        .select(consent_subject_changes::person_id)
+        .distinct()
+        .load(conn)
+        .map_err(StoreError::from_diesel)?;
+    let mut patients = patients;
+    for p in moved {
+        if !patients.contains(&p) {
+            patients.push(p);
+        }
+    }
     let agreements: i64 = data_sharing_agreements::table
         .filter(data_sharing_agreements::change_seq.gt(seq))
         .count()
@@ -309,21 +325,89 @@ pub fn search(conn: &mut DbConn, f: &ConsentFilter) -> Result<Vec<StoredConsent>
     q.load(conn).map_err(StoreError::from_diesel)
 }
 
-/// All consents of these patients (any status; the engine keeps only those in force).
+/// The consents of persons whose applicable consents changed without a consent row changing
+/// (an EMPI merge or unmerge of them): increments the change counter and records them, in the
+/// caller's transaction. Returns the counter value.
+pub fn subjects_changed(conn: &mut DbConn, persons: &[&str]) -> Result<i64, StoreError> {
+    let seq = bump(conn).map_err(StoreError::from_diesel)?;
+    let mut seen: Vec<&str> = Vec::new();
+    for p in persons {
+        if seen.contains(p) {
+            continue;
+        }
+        seen.push(p);
+        diesel::insert_into(consent_subject_changes::table)
+            .values((
+                consent_subject_changes::change_seq.eq(seq),
+                consent_subject_changes::person_id.eq(*p),
+            ))
+            .execute(conn)
+            .map_err(StoreError::from_diesel)?;
+    }
+    Ok(seq)
+}
+
+/// Longest chain of merges followed (a merge of a merged person is refused, so chains are
+/// built only by merging survivors; this bounds a corrupt cycle).
+const MAX_MERGE_DEPTH: usize = 16;
+
+/// All consents that apply to these patients (any status; the engine keeps only those in
+/// force), as (requested patient, consent): a person's own consents and those recorded for
+/// every person merged into it, directly or through a chain of merges.
 pub fn for_patients(
     conn: &mut DbConn,
     patients: &[String],
-) -> Result<Vec<StoredConsent>, StoreError> {
+) -> Result<Vec<(String, StoredConsent)>, StoreError> {
+    // subject person -> the requested persons its consents count for.
+    let mut owners: std::collections::HashMap<String, Vec<String>> =
+        std::collections::HashMap::new();
+    for p in patients {
+        owners.entry(p.clone()).or_default().push(p.clone());
+    }
+    let mut frontier: Vec<String> = owners.keys().cloned().collect();
+    for _ in 0..MAX_MERGE_DEPTH {
+        if frontier.is_empty() {
+            break;
+        }
+        let mut next = Vec::new();
+        for chunk in frontier.chunks(500) {
+            let merged: Vec<(String, Option<String>)> = empi_persons::table
+                .filter(empi_persons::merged_into.eq_any(chunk))
+                .filter(empi_persons::status.eq("merged"))
+                .select((empi_persons::id, empi_persons::merged_into))
+                .load(conn)
+                .map_err(StoreError::from_diesel)?;
+            for (id, into) in merged {
+                let Some(into) = into else { continue };
+                let inherited = owners.get(&into).cloned().unwrap_or_default();
+                let entry = owners.entry(id.clone()).or_default();
+                let before = entry.len();
+                for o in inherited {
+                    if !entry.contains(&o) {
+                        entry.push(o);
+                    }
+                }
+                if entry.len() > before {
+                    next.push(id);
+                }
+            }
+        }
+        frontier = next;
+    }
+    let subjects: Vec<String> = owners.keys().cloned().collect();
     let mut out = Vec::new();
     // Bounded IN lists (SQLite's default variable limit is generous, but keep batches small).
-    for chunk in patients.chunks(500) {
-        out.extend(
-            consents::table
-                .filter(consents::patient_id.eq_any(chunk))
-                .select(StoredConsent::as_select())
-                .load(conn)
-                .map_err(StoreError::from_diesel)?,
-        );
+    for chunk in subjects.chunks(500) {
+        let rows: Vec<StoredConsent> = consents::table
+            .filter(consents::patient_id.eq_any(chunk))
+            .select(StoredConsent::as_select())
+            .load(conn)
+            .map_err(StoreError::from_diesel)?;
+        for row in rows {
+            for p in owners.get(&row.patient_id).into_iter().flatten() {
+                out.push((p.clone(), row.clone()));
+            }
+        }
     }
     Ok(out)
 }

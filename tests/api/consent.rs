@@ -3,14 +3,14 @@
 //! replica sharing the database (and Redis on PostgreSQL), the policy simulator, and the audit
 //! record of every decision — on SQLite and PostgreSQL.
 
-use diesel::prelude::*;
 use serde_json::{Value, json};
 use yiqiao_gateway::config::{Secret, Settings};
 use yiqiao_registry::empi::ident::check_character;
 use yiqiao_sm::{DEFAULT_SIGNER_ID, Sm2PrivateKey, sign_jws};
 
 use crate::helpers::{
-    ADMIN_TOKEN, Backend, TestApp, TestDb, assert_outcome, institution, redis_url, test_settings,
+    ADMIN_TOKEN, Backend, TestApp, TestDb, assert_outcome, audit_rows, institution, redis_url,
+    test_settings,
 };
 use crate::on_both_backends;
 
@@ -161,20 +161,6 @@ async fn read_as(app: &TestApp, req: reqwest::RequestBuilder) -> (u16, Value) {
     let resp = req.send().await.unwrap();
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
-}
-
-/// (consent_decision, resource) of every audit record, in chain order.
-fn audit_rows(app: &TestApp) -> Vec<(Option<String>, Value)> {
-    use yiqiao_registry::store::schema::audit_events::dsl as a;
-    let mut conn = app.state.store.conn().unwrap();
-    a::audit_events
-        .order(a::seq.asc())
-        .select((a::consent_decision, a::resource))
-        .load::<(Option<String>, String)>(&mut conn)
-        .unwrap()
-        .into_iter()
-        .map(|(d, r)| (d, serde_json::from_str(&r).unwrap()))
-        .collect()
 }
 
 /// The consent-decision extension's reasons of an audit resource.

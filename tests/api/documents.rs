@@ -1,7 +1,9 @@
 //! Document registry and subscriptions on both backends: registration validation,
 //! idempotency, replace chains, search filters and paging, retrieval with the SM3 check, and
 //! outbox delivery to a real HTTP receiver that fails, is slow, or is down; two replicas;
-//! kill -9 of the real gateway process mid-delivery.
+//! kill -9 of the real gateway process mid-delivery. Consent at every document exit (search
+//! with pages filled past withheld documents, read, retrieval, notifications, `$events`), and
+//! EMPI merges: merge notifications, consents following the merged person.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -56,7 +58,8 @@ async fn add_institutions(app: &TestApp, n: u32) {
         inst["allowed_scopes"] = json!([
             "system/Patient.cruds",
             "system/DocumentReference.cruds",
-            "system/Subscription.cruds"
+            "system/Subscription.cruds",
+            "system/Consent.cruds"
         ]);
         let resp = app.admin_post("/admin/institutions", &inst).await;
         assert_eq!(resp.status(), 201);
@@ -1268,8 +1271,386 @@ async fn two_replicas_never_deliver_the_same_attempt(backend: Backend) {
     first.stop().await;
 }
 
+fn opt_in(s: &mut Settings) {
+    s.consent.policy.default_mode = yiqiao_consent::DefaultMode::OptIn;
+}
+
+/// The EMPI source record id of hospital `inst`'s patient `local`.
+async fn record_id(app: &TestApp, inst: u32, local: &str) -> String {
+    let v: Value = get_as(
+        app,
+        inst,
+        &format!("/fhir/Patient?identifier={}|{local}", system(inst)),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    v["entry"][0]["resource"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no record for {local}: {v}"))
+        .to_string()
+}
+
+/// A consent of the patient with source record `record`, recorded by hosp-001, for hosp-003.
+fn consent_for_hosp3(record: &str, kind: &str, class: Option<(&str, &str)>) -> Value {
+    let mut c = json!({
+        "resourceType": "Consent",
+        "status": "active",
+        "scope": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy" }] },
+        "category": [{ "coding": [{ "system": "http://loinc.org", "code": "59284-0" }] }],
+        "patient": { "reference": format!("Patient/{record}") },
+        "provision": {
+            "type": kind,
+            "actor": [{
+                "role": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP" }] },
+                "reference": { "reference": "Organization/hosp-003" },
+            }],
+        },
+    });
+    if let Some((system, code)) = class {
+        c["provision"]["class"] = json!([{ "system": system, "code": code }]);
+    }
+    c
+}
+
+async fn record_consent(app: &TestApp, body: &Value) -> Value {
+    let resp = post_as(app, 1, "/fhir/Consent", body).await;
+    let status = resp.status();
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(status, 201, "{v}");
+    v
+}
+
+/// Every page of a search as `inst`: (ids per page, next-link `_offset`s).
+async fn pages(app: &TestApp, inst: u32, query: &str) -> (Vec<Vec<String>>, Vec<String>) {
+    let mut url = app.url(&format!("/fhir/DocumentReference?{query}"));
+    let (mut out, mut offsets) = (Vec::new(), Vec::new());
+    loop {
+        let v: Value = get_url_as(app, inst, &url).await.json().await.unwrap();
+        let ids: Vec<String> = v["entry"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{v}"))
+            .iter()
+            .map(|e| {
+                e["resource"]["masterIdentifier"]["value"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        out.push(ids);
+        let next = v["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .map(|l| l["url"].as_str().unwrap().to_string());
+        match next {
+            Some(n) => {
+                let at = n
+                    .split("_offset=")
+                    .nth(1)
+                    .unwrap()
+                    .split('&')
+                    .next()
+                    .unwrap();
+                offsets.push(at.to_string());
+                url = n;
+            }
+            None => return (out, offsets),
+        }
+        assert!(out.len() < 20, "paging does not end");
+    }
+}
+
+/// (consent_decision, outcome, entities as JSON text) of the audit records, oldest first.
+fn audit_decisions(app: &TestApp) -> Vec<(Option<String>, String, String)> {
+    crate::helpers::audit_rows(app)
+        .into_iter()
+        .map(|(d, v)| {
+            (
+                d,
+                v["outcome"].as_str().unwrap_or("").to_string(),
+                v["entity"].to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Opt-in region. hosp-003 treats nobody here: without a consent it sees none of hosp-001's
+/// documents (search, read, content), the custodian sees all of its own; a permit opens 张伟's
+/// documents and pages are filled past 李娜's withheld ones; a deny for one document type
+/// overrides the permit for that type; revocation closes them again on the next request.
+async fn documents_obey_consent(backend: Backend) {
+    let app = setup(backend, opt_in).await;
+    // Interleaved by date: even = 李娜 (lab), odd = 张伟 (discharge; the last one a lab report).
+    for i in 0..8 {
+        let (local, ty) = match i {
+            7 => ("MR-1", LAB),
+            i if i % 2 == 1 => ("MR-1", DISCHARGE),
+            _ => ("MR-2", LAB),
+        };
+        let d = doc(
+            1,
+            &format!("C-{i}"),
+            local,
+            ty,
+            &format!("2024-01-0{}T08:00:00+08:00", i + 1),
+        );
+        register(&app, 1, &d).await;
+    }
+    let mine = search(&app, 1, "_count=50").await;
+    assert_eq!(mine.len(), 8, "the custodian sees its own documents");
+    assert!(search(&app, 3, "_count=50").await.is_empty());
+    let zhang_doc = mine
+        .iter()
+        .find(|d| d["masterIdentifier"]["value"] == "C-1")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = assert_outcome(
+        get_as(&app, 3, &format!("/fhir/DocumentReference/{zhang_doc}")).await,
+        403,
+        "consent-denied",
+    )
+    .await;
+    assert!(out.to_string().contains("opt-in"), "names the rule: {out}");
+    assert_outcome(
+        get_as(&app, 3, &format!("/fhir/Binary/{zhang_doc}")).await,
+        403,
+        "consent-denied",
+    )
+    .await;
+    // Every refusal is audited with its decision, before the answer.
+    let rows = audit_decisions(&app);
+    let refused: Vec<_> = rows
+        .iter()
+        .filter(|(d, o, _)| d.as_deref() == Some("deny") && o == "4")
+        .map(|(_, _, w)| w.clone())
+        .collect();
+    for what in [
+        format!("DocumentReference/{zhang_doc}"),
+        format!("Binary/{zhang_doc}"),
+    ] {
+        assert!(
+            refused.iter().any(|e| e.contains(&what)),
+            "{what}: {rows:?}"
+        );
+    }
+
+    let zhang = record_id(&app, 1, "MR-1").await;
+    let permit = record_consent(&app, &consent_for_hosp3(&zhang, "permit", None)).await;
+    let (pages_seen, offsets) = pages(&app, 3, "_count=2&_sort=date").await;
+    assert_eq!(
+        pages_seen,
+        vec![vec!["C-1", "C-3"], vec!["C-5", "C-7"]],
+        "full pages of 张伟's documents only"
+    );
+    assert_eq!(
+        offsets,
+        vec!["4"],
+        "the next page starts after the last document read"
+    );
+    let resp = get_as(&app, 3, &format!("/fhir/DocumentReference/{zhang_doc}")).await;
+    assert_eq!(resp.status(), 200);
+
+    // A deny for lab reports overrides the permit for that type only.
+    let deny = record_consent(
+        &app,
+        &consent_for_hosp3(&zhang, "deny", Some((WST500, "C0007"))),
+    )
+    .await;
+    let seen: Vec<Value> = search(&app, 3, "_count=50").await;
+    let ids: BTreeSet<&str> = seen
+        .iter()
+        .map(|d| d["masterIdentifier"]["value"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, BTreeSet::from(["C-1", "C-3", "C-5"]));
+    assert!(deny["id"].is_string());
+
+    // Revocation of the permit: nothing on the next request.
+    let mut revoked = permit.clone();
+    revoked["status"] = json!("inactive");
+    let resp = app
+        .client
+        .put(app.url(&format!("/fhir/Consent/{}", permit["id"].as_str().unwrap())))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("X-On-Behalf-Of", inst_id(1))
+        .header("If-Match", "W/\"1\"")
+        .json(&revoked)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(search(&app, 3, "_count=50").await.is_empty());
+    app.stop().await;
+}
+
+/// A subscriber learns nothing it could not query: hosp-003's subscription to every document
+/// gets only the documents a consent lets it see; the withheld event is audited as denied,
+/// counted in `$status` and absent from `$events`.
+async fn notifications_obey_consent(backend: Backend) {
+    let app = setup(backend, opt_in).await;
+    let rx = Receiver::start(Behaviour::Ok).await;
+    let sub = subscribe(&app, 3, &rx.url, None).await;
+    register(
+        &app,
+        1,
+        &doc(1, "N-0", "MR-1", LAB, "2024-01-01T08:00:00+08:00"),
+    )
+    .await;
+    // N-0 is decided (withheld) before any consent exists.
+    let st = wait_status(&app, &sub, "withheld", json!(1)).await;
+    assert_eq!(param(&st, "withheld")["valueInteger"], 1, "{st}");
+    let zhang = record_id(&app, 1, "MR-1").await;
+    record_consent(&app, &consent_for_hosp3(&zhang, "permit", None)).await;
+    register(
+        &app,
+        1,
+        &doc(1, "N-1", "MR-1", LAB, "2024-01-02T08:00:00+08:00"),
+    )
+    .await;
+    let acked = rx.wait_acked(1, Duration::from_secs(30)).await;
+    assert_eq!(acked.len(), 1, "{:?}", rx.calls());
+    let st = wait_status(
+        &app,
+        &sub,
+        "last-acknowledged-event",
+        json!(acked[0].to_string()),
+    )
+    .await;
+    assert_eq!(param(&st, "withheld")["valueInteger"], 1, "{st}");
+    let events: Value = get_as(
+        &app,
+        3,
+        &format!("/fhir/Subscription/{sub}/$events?eventsSinceNumber=0"),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let listed = events["entry"][0]["resource"]["parameter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"] == "notification-event")
+        .count();
+    assert_eq!(listed, 1, "only the permitted event is listed: {events}");
+    let rows = audit_decisions(&app);
+    assert!(
+        rows.iter().any(|(d, o, w)| d.as_deref() == Some("deny")
+            && o == "4"
+            && w.contains(&format!("Subscription/{sub}"))),
+        "the withheld notification is audited: {rows:?}"
+    );
+    rx.handle.stop(false).await;
+    app.stop().await;
+}
+
+/// An EMPI merge notifies subscribers to the patient-merge topic (stored with the merge in one
+/// transaction) and makes the merged-away person's consents apply to the survivor; unmerge
+/// takes them back.
+async fn merges_notify_and_move_consents(backend: Backend) {
+    let app = setup(backend, opt_in).await;
+    // 王芳 at hosp-002 with no resident ID: a separate person from 张伟 until merged.
+    let wang = json!({
+        "resourceType": "Patient",
+        "identifier": [{ "system": system(2), "value": "MR-W" }],
+        "name": [{ "text": "王芳" }],
+        "gender": "female",
+        "birthDate": "1990-07-01",
+    });
+    let resp = post_as(&app, 2, "/fhir/Patient", &wang).await;
+    assert!(resp.status().is_success());
+    register(
+        &app,
+        1,
+        &doc(1, "M-0", "MR-1", DISCHARGE, "2024-01-01T08:00:00+08:00"),
+    )
+    .await;
+    let rx = Receiver::start(Behaviour::Ok).await;
+    let merge_sub = {
+        let body = json!({
+            "resourceType": "Subscription",
+            "status": "requested",
+            "reason": "merges of our patients",
+            "criteria": "https://yiqiao.health/fhir/SubscriptionTopic/patient-merge",
+            "channel": { "type": "rest-hook", "endpoint": rx.url, "payload": "application/fhir+json" },
+        });
+        let resp = post_as(&app, 2, "/fhir/Subscription", &body).await;
+        let v: Value = resp.json().await.unwrap();
+        v["id"].as_str().unwrap().to_string()
+    };
+    let wang_record = record_id(&app, 2, "MR-W").await;
+    let zhang_record = record_id(&app, 1, "MR-1").await;
+    let person_of = |v: Value| {
+        v["extension"][0]["valueIdentifier"]["value"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let wang_person = person_of(
+        get_as(&app, 2, &format!("/fhir/Patient/{wang_record}"))
+            .await
+            .json()
+            .await
+            .unwrap(),
+    );
+    let zhang_person = person_of(
+        get_as(&app, 1, &format!("/fhir/Patient/{zhang_record}"))
+            .await
+            .json()
+            .await
+            .unwrap(),
+    );
+    assert_ne!(wang_person, zhang_person);
+    // A permit recorded for 王芳 (by hosp-002's record) does not open 张伟's documents ...
+    let permit = consent_for_hosp3(&wang_record, "permit", None);
+    let resp = post_as(&app, 2, "/fhir/Consent", &permit).await;
+    assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+    assert!(search(&app, 3, "_count=50").await.is_empty());
+    // ... until 王芳 is merged into 张伟: then it applies to the survivor.
+    let resp = app
+        .admin_post(
+            &format!("/empi/persons/{zhang_person}/$merge"),
+            &json!({ "source": wang_person }),
+        )
+        .await;
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let seen = search(&app, 3, "_count=50").await;
+    assert_eq!(seen.len(), 1, "the merged person's consent applies");
+    // hosp-002 holds a record of the merged person: notified.
+    let acked = rx.wait_acked(1, Duration::from_secs(30)).await;
+    assert_eq!(acked.len(), 1, "{:?}", rx.calls());
+    assert!(rx.calls()[0].0.starts_with(&merge_sub), "{:?}", rx.calls());
+    let resp = app
+        .admin_post(
+            &format!("/empi/persons/{zhang_person}/$unmerge"),
+            &json!({ "source": wang_person }),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert!(
+        search(&app, 3, "_count=50").await.is_empty(),
+        "unmerge takes the consent back"
+    );
+    let acked = rx.wait_acked(2, Duration::from_secs(30)).await;
+    assert_eq!(
+        acked.iter().collect::<BTreeSet<_>>().len(),
+        2,
+        "unmerge notified too"
+    );
+    rx.handle.stop(false).await;
+    app.stop().await;
+}
+
 on_both_backends!(
     registration_is_validated,
+    documents_obey_consent,
+    notifications_obey_consent,
+    merges_notify_and_move_consents,
     registration_is_idempotent_and_bundles_all_or_nothing,
     replace_chains_supersede,
     search_filters_and_paging,
@@ -1341,7 +1722,8 @@ async fn kill_minus_nine_mid_delivery_loses_nothing(backend: Backend) {
         inst["allowed_scopes"] = json!([
             "system/Patient.cruds",
             "system/DocumentReference.cruds",
-            "system/Subscription.cruds"
+            "system/Subscription.cruds",
+            "system/Consent.cruds"
         ]);
         let r = client
             .post(format!("{base}/admin/institutions"))

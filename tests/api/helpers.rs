@@ -415,3 +415,18 @@ pub fn via_proxy(url: &str, proxy: &Proxy) -> String {
     parsed.set_port(Some(proxy.addr.port())).unwrap();
     parsed.to_string()
 }
+
+/// (consent_decision, resource) of every audit record, in chain order.
+pub fn audit_rows(app: &TestApp) -> Vec<(Option<String>, serde_json::Value)> {
+    use diesel::prelude::*;
+    use yiqiao_registry::store::schema::audit_events::dsl as a;
+    let mut conn = app.state.store.conn().unwrap();
+    a::audit_events
+        .order(a::seq.asc())
+        .select((a::consent_decision, a::resource))
+        .load::<(Option<String>, String)>(&mut conn)
+        .unwrap()
+        .into_iter()
+        .map(|(d, r)| (d, serde_json::from_str(&r).unwrap()))
+        .collect()
+}

@@ -778,7 +778,7 @@ async fn merge(
     }
     let system = institution.patient_id_system.clone();
     let actor = actor(institution);
-    let (surv_id, prior_id, person, outcome) = state
+    let (surv_id, prior_id, person, outcome, merged) = state
         .db(move |conn| {
             let find = |conn: &mut _, value: &str, loc: &'static str| {
                 empi::find_by_identifier(conn, &system, value)
@@ -800,10 +800,10 @@ async fn merge(
             };
             let (target, source) = (person_of(&surv)?, person_of(&prior)?);
             if target == source {
-                return Ok::<_, ApiError>((surv.id, prior.id, target, "already one person"));
+                return Ok::<_, ApiError>((surv.id, prior.id, target, "already one person", None));
             }
             empi::merge(conn, &target, &source, &actor)?;
-            Ok((surv.id, prior.id, target, "merged"))
+            Ok((surv.id, prior.id, target, "merged", Some(source)))
         })
         .await
         .map_err(|e| {
@@ -818,6 +818,9 @@ async fn merge(
             }
             n
         })?;
+    if let Some(source) = &merged {
+        state.persons_merged(&[&person, source]).await;
+    }
     let mut event = feed_event(state, "update", "U", institution, peer);
     event
         .entities

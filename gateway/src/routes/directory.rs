@@ -125,6 +125,18 @@ pub(crate) fn page_urls(
     count: i64,
     more: bool,
 ) -> (String, Option<String>) {
+    page_urls_at(state, req, offset, count, more.then_some(offset + count))
+}
+
+/// Self and next links when the next page starts at `next` (a search that read past
+/// `offset + count` stored rows to fill its page).
+pub(crate) fn page_urls_at(
+    state: &AppState,
+    req: &HttpRequest,
+    offset: i64,
+    count: i64,
+    next: Option<i64>,
+) -> (String, Option<String>) {
     let path = req.path();
     let mut params: Vec<(String, String)> =
         url::form_urlencoded::parse(req.query_string().as_bytes())
@@ -140,7 +152,7 @@ pub(crate) fn page_urls(
             .finish();
         format!("{}{path}?{q}", state.base_url)
     };
-    (build(offset), more.then(|| build(offset + count)))
+    (build(offset), next.map(build))
 }
 
 async fn search(

@@ -2,10 +2,10 @@
 //! a transaction Bundle, all or nothing), read, cross-hospital search with paging, and
 //! retrieval of the content through the gateway with an SM3 check (`/fhir/Binary/{id}`).
 //!
-//! Consent: every document a caller would see passes the [`DocumentConsent`] hook in
-//! `state.documents.consent` (today the permit-all placeholder; see crate::documents).
-//!
-//! [`DocumentConsent`]: crate::documents::DocumentConsent
+//! Consent: every document a caller would see, read or retrieve passes the consent policy
+//! (`state.policy`, gateway/src/policy.rs) as the custodian's data about the person the
+//! document's patient record is linked to now; permitted documents leave masked by the
+//! decision's obligations, and every decision is audited with its reasons.
 
 use std::collections::HashMap;
 
@@ -13,7 +13,7 @@ use actix_web::http::{StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Duration as ChronoDuration, NaiveDate, NaiveDateTime};
 use serde_json::{Value, json};
-use yiqiao_consent::{Confidentiality, Sensitivity};
+use yiqiao_consent::{Confidentiality, Decision, Obligation, Sensitivity};
 use yiqiao_registry::audit::EntityRef;
 use yiqiao_registry::documents::{
     self as registry, DocStatus, DocumentError, DocumentFilter, NewDocument, RegisterOutcome,
@@ -26,6 +26,7 @@ use crate::documents::{ACT_CODE_SYSTEM, CONFIDENTIALITY_SYSTEM, SM3_HASH_EXT, do
 use crate::error::{ApiError, ErrorCode};
 use crate::extract::ValidJson;
 use crate::fhir;
+use crate::policy::{Ask, Released, annotate_decision, data_item_of};
 use crate::routes::patients::EMPI_SYSTEM;
 use crate::state::AppState;
 
@@ -541,24 +542,19 @@ pub async fn transaction(
 pub async fn read(
     state: web::Data<AppState>,
     caller: Caller,
+    req: HttpRequest,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let doc = visible_document(&state, &caller, id.into_inner()).await?;
-    let event = state
-        .auditor
-        .read_event(format!("DocumentReference/{}", doc.id));
-    state
-        .auditor
-        .record(
-            state
-                .auditor
-                .by_caller(event, &caller, Some(doc.person_id.clone())),
-        )
-        .await?;
-    Ok(fhir_response(
-        StatusCode::OK,
-        document_view(&state.base_url, &doc),
-    ))
+    let doc = stored_document(&state, &caller, id.into_inner()).await?;
+    let resource = crate::routes::release_read(
+        &state,
+        &caller,
+        &req,
+        format!("DocumentReference/{}", doc.id),
+        crate::documents::candidate(&state.base_url, &doc),
+    )
+    .await?;
+    Ok(fhir_response(StatusCode::OK, resource))
 }
 
 pub const SEARCH_PARAMS: [&str; 10] = [
@@ -745,7 +741,7 @@ pub async fn search(
             "must be system|value",
         ));
     }
-    let (found, person) = state
+    let (filter, person) = state
         .db(move |conn| -> Result<_, ApiError> {
             let mut person: Option<String> = None;
             let mut unknown = false;
@@ -773,35 +769,107 @@ pub async fn search(
                 }
             }
             if unknown {
-                return Ok((Vec::new(), person));
+                return Ok((None, person));
             }
             if let Some(p) = &person {
                 let records = empi::records_of_person(conn, p)?;
                 f.patient_records = Some(records.into_iter().map(|r| r.id).collect());
             }
-            Ok((registry::search(conn, &f)?, person))
+            Ok((Some(f), person))
         })
         .await?;
-    let more = found.len() as i64 > count;
-    let reader = caller.institution.id.to_string();
-    let visible: Vec<Value> = found
-        .iter()
-        .take(count as usize)
-        .filter(|d| state.documents.consent.may_see(&reader, caller.purpose, d))
-        .map(|d| document_view(&state.base_url, d))
-        .collect();
-    let (self_url, next) = crate::routes::directory::page_urls(&state, &req, offset, count, more);
-    let event = state
+    let ask = state.policy.ask(&caller, &req);
+    let page = match filter {
+        Some(f) => fill_page(&state, &caller, &ask, f, offset, count).await?,
+        None => Page::default(),
+    };
+    let (self_url, next) =
+        crate::routes::directory::page_urls_at(&state, &req, offset, count, page.next_offset);
+    let mut event = state
         .auditor
         .search_event(format!("{}?{}", req.path(), req.query_string()));
+    page.released.annotate(&mut event);
     state
         .auditor
         .record(state.auditor.by_caller(event, &caller, person))
         .await?;
     Ok(fhir_response(
         StatusCode::OK,
-        fhir::searchset(&state.base_url, &self_url, next, None, visible),
+        fhir::searchset(&state.base_url, &self_url, next, None, page.entries),
     ))
+}
+
+/// Most stored documents read to fill one page (the rest of a page the consent policy
+/// thinned out is left to the next link).
+const MAX_SCAN: i64 = 1_000;
+
+/// One page of a document search after consent.
+#[derive(Debug, Default)]
+struct Page {
+    entries: Vec<Value>,
+    released: Released,
+    /// Offset (in stored documents) of the next page, when there may be one.
+    next_offset: Option<i64>,
+}
+
+/// Read stored documents from `offset` in filter order and release them through the consent
+/// policy until `count` are visible, the results end, or [`MAX_SCAN`] were read. Paging is over
+/// stored documents, so the next page starts after the last one read; a page is short only
+/// when the results end or the scan limit is reached.
+async fn fill_page(
+    state: &AppState,
+    caller: &Caller,
+    ask: &Ask,
+    filter: DocumentFilter,
+    offset: i64,
+    count: i64,
+) -> Result<Page, ApiError> {
+    let mut page = Page::default();
+    let mut pos = offset;
+    let mut read = 0usize;
+    loop {
+        let want = count - page.entries.len() as i64;
+        let mut f = filter.clone();
+        f.offset = pos;
+        f.limit = want + 1;
+        let found = state.db(move |conn| registry::search(conn, &f)).await?;
+        let n = found.len();
+        let candidates = found
+            .iter()
+            .map(|d| crate::documents::candidate(&state.base_url, d))
+            .collect();
+        let mut released = state.policy.release(caller, ask, candidates).await?;
+        // Take released documents in order until the page is full.
+        let mut kept: HashMap<usize, Value> =
+            std::mem::take(&mut released.kept).into_iter().collect();
+        let mut used = 0usize;
+        for i in 0..n {
+            if page.entries.len() as i64 == count {
+                break;
+            }
+            used = i + 1;
+            if let Some(r) = kept.remove(&i) {
+                page.entries.push(r);
+            }
+        }
+        released.kept = kept.into_iter().filter(|(i, _)| *i < used).collect();
+        released.truncate(used);
+        page.released.append(released, read);
+        read += used;
+        pos += used as i64;
+        let exhausted = (n as i64) <= want;
+        if page.entries.len() as i64 == count {
+            page.next_offset = (used < n || !exhausted).then_some(pos);
+            return Ok(page);
+        }
+        if exhausted {
+            return Ok(page);
+        }
+        if pos - offset >= MAX_SCAN {
+            page.next_offset = Some(pos);
+            return Ok(page);
+        }
+    }
 }
 
 /// Retrieve a document's content: the gateway fetches it from the custodian's location,
@@ -814,9 +882,11 @@ pub async fn search(
 pub async fn retrieve(
     state: web::Data<AppState>,
     caller: Caller,
+    req: HttpRequest,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let doc = visible_document(&state, &caller, id.into_inner()).await?;
+    let doc = stored_document(&state, &caller, id.into_inner()).await?;
+    let decision = content_decision(&state, &caller, &req, &doc).await?;
     let settings = &state.settings.documents;
     let upstream = |msg: String| {
         let mut e = ApiError::new(
@@ -864,7 +934,10 @@ pub async fn retrieve(
             ),
         ));
     }
-    let event = state.auditor.read_event(format!("Binary/{}", doc.id));
+    let mut event = state.auditor.read_event(format!("Binary/{}", doc.id));
+    if let Some(decision) = &decision {
+        annotate_decision(&mut event, decision);
+    }
     state
         .auditor
         .record(
@@ -879,25 +952,74 @@ pub async fn retrieve(
         .body(body))
 }
 
-/// The document `id` if the caller may read DocumentReferences and the consent hook lets it see
-/// this one; a document it may not see is answered as not found (its existence is not revealed).
-async fn visible_document(
+/// The stored document `id`, if the caller's scopes allow reading DocumentReferences.
+async fn stored_document(
     state: &AppState,
     caller: &Caller,
     id: String,
 ) -> Result<StoredDocument, ApiError> {
     caller.require("DocumentReference", 'r')?;
-    let doc = state.db(move |conn| registry::get(conn, &id)).await?;
-    let reader = caller.institution.id.to_string();
-    if !state
-        .documents
-        .consent
-        .may_see(&reader, caller.purpose, &doc)
-    {
-        return Err(ApiError::not_found(format!(
-            "DocumentReference/{} not found",
-            doc.id
-        )));
+    state.db(move |conn| registry::get(conn, &id)).await
+}
+
+/// The consent decision on handing out a document's content, taken before the custodian is
+/// asked for it. Content is relayed as the custodian serves it, so a decision whose
+/// obligations would mask or pseudonymise anything cannot be met and refuses the content (the
+/// metadata can still be read, masked). A refusal is audited here. `None` when
+/// `consent.enforce` is off.
+async fn content_decision(
+    state: &AppState,
+    caller: &Caller,
+    req: &HttpRequest,
+    doc: &StoredDocument,
+) -> Result<Option<Decision>, ApiError> {
+    if !state.policy.enforced() {
+        return Ok(None);
     }
-    Ok(doc)
+    let ask = state.policy.ask(caller, req);
+    let view = document_view(&state.base_url, doc);
+    let decision = state
+        .policy
+        .decide(
+            caller,
+            &ask,
+            &doc.person_id,
+            &doc.custodian_id,
+            &data_item_of(&view),
+        )
+        .await?;
+    let unmet = decision
+        .obligations
+        .iter()
+        .any(|o| !matches!(o, Obligation::FlagForReview { .. }));
+    let refusal = if !decision.is_permit() {
+        Some(format!(
+            "withheld by the access policy (rule {}): {}",
+            decision.decided_by.rule.as_str(),
+            decision.decided_by.text
+        ))
+    } else if unmet {
+        Some(format!(
+            "the access policy permits this document only masked or pseudonymised (rule {}), which cannot be done to its content; read the DocumentReference instead",
+            decision.decided_by.rule.as_str()
+        ))
+    } else {
+        None
+    };
+    if let Some(message) = refusal {
+        let mut event = state.auditor.read_event(format!("Binary/{}", doc.id));
+        annotate_decision(&mut event, &decision);
+        event.consent_decision = Some("deny".into());
+        event.outcome = yiqiao_registry::audit::outcome::MINOR_FAILURE.into();
+        state
+            .auditor
+            .record(
+                state
+                    .auditor
+                    .by_caller(event, caller, Some(doc.person_id.clone())),
+            )
+            .await?;
+        return Err(ApiError::new(ErrorCode::ConsentDenied, message));
+    }
+    Ok(Some(decision))
 }

@@ -102,12 +102,14 @@ pub async fn merge(
     audit
         .entities
         .push(EntityRef::query(format!("$merge source=Person/{source}")));
+    let persons = [target.clone(), source.clone()];
     let event = state
         .auditor
         .change(audit, move |conn, _| {
             Ok(empi::merge(conn, &target, &source, &actor)?)
         })
         .await?;
+    state.persons_merged(&[&persons[0], &persons[1]]).await;
     Ok(HttpResponse::Ok().json(json!({ "event": event })))
 }
 
@@ -132,12 +134,14 @@ pub async fn unmerge(
     audit
         .entities
         .push(EntityRef::query(format!("$unmerge source=Person/{source}")));
+    let persons = [target.clone(), source.clone()];
     let event = state
         .auditor
         .change(audit, move |conn, _| {
             Ok(empi::unmerge(conn, &target, &source, &actor)?)
         })
         .await?;
+    state.persons_merged(&[&persons[0], &persons[1]]).await;
     Ok(HttpResponse::Ok().json(json!({ "event": event })))
 }
 

@@ -58,3 +58,31 @@ pub fn paging(
         };
     Ok((count, offset))
 }
+
+/// One resource read through the consent policy: released (masked) or refused with
+/// `403 consent-denied` naming the rule; either way audited as a read of `what` with the
+/// decision, before the answer.
+pub(crate) async fn release_read(
+    state: &crate::state::AppState,
+    caller: &crate::auth::Caller,
+    req: &actix_web::HttpRequest,
+    what: String,
+    candidate: crate::policy::Candidate,
+) -> Result<serde_json::Value, ApiError> {
+    let patient = candidate.patient.clone();
+    let ask = state.policy.ask(caller, req);
+    let mut released = state.policy.release(caller, &ask, vec![candidate]).await?;
+    let mut event = state.auditor.read_event(what);
+    released.annotate(&mut event);
+    if released.kept.is_empty() {
+        event.outcome = yiqiao_registry::audit::outcome::MINOR_FAILURE.into();
+    }
+    state
+        .auditor
+        .record(state.auditor.by_caller(event, caller, patient))
+        .await?;
+    match released.kept.pop() {
+        Some((_, resource)) => Ok(resource),
+        None => Err(released.refusal()),
+    }
+}

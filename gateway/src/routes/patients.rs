@@ -22,7 +22,7 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ErrorCode};
 use crate::extract::ValidJson;
 use crate::fhir;
-use crate::policy::{Candidate, Released};
+use crate::policy::Candidate;
 use crate::routes::{check_params, paging};
 use crate::state::AppState;
 
@@ -459,46 +459,20 @@ pub async fn read(
     caller.require("Patient", 'r')?;
     let id = id.into_inner();
     let r = state.db(move |conn| empi::get_record(conn, &id)).await?;
-    let person = r.link.as_ref().map(|l| l.person_id.clone());
-    let ask = state.policy.ask(&caller, &req);
-    let mut released = state
-        .policy
-        .release(
-            &caller,
-            &ask,
-            vec![Candidate {
-                custodian: r.institution_id.clone(),
-                patient: person.clone(),
-                resource: patient_view(&r),
-            }],
-        )
-        .await?;
-    let mut event = state.auditor.read_event(format!("Patient/{}", r.id));
-    released.annotate(&mut event);
-    if released.kept.is_empty() {
-        event.outcome = yiqiao_registry::audit::outcome::MINOR_FAILURE.into();
-    }
-    state
-        .auditor
-        .record(state.auditor.by_caller(event, &caller, person))
-        .await?;
-    match released.kept.pop() {
-        Some((_, resource)) => Ok(fhir_response(actix_web::http::StatusCode::OK, resource)),
-        None => Err(denied(&released)),
-    }
-}
-
-/// 403 `consent-denied` naming the rule that withheld the (single) resource.
-fn denied(released: &Released) -> ApiError {
-    let (rule, reason) = released
-        .withheld
-        .first()
-        .map(|w| (w.rule.as_str(), w.reason.as_str()))
-        .unwrap_or(("consent", "withheld by the access policy"));
-    ApiError::new(
-        ErrorCode::ConsentDenied,
-        format!("withheld by the access policy (rule {rule}): {reason}"),
+    let candidate = Candidate {
+        custodian: r.institution_id.clone(),
+        patient: r.link.as_ref().map(|l| l.person_id.clone()),
+        resource: patient_view(&r),
+    };
+    let resource = crate::routes::release_read(
+        &state,
+        &caller,
+        &req,
+        format!("Patient/{}", r.id),
+        candidate,
     )
+    .await?;
+    Ok(fhir_response(actix_web::http::StatusCode::OK, resource))
 }
 
 const SEARCH_PARAMS: [&str; 9] = [

@@ -18,7 +18,9 @@ use yiqiao_registry::documents::outbox::{self, NewSubscription, Subscription};
 use yiqiao_registry::empi::store as empi;
 
 use crate::auth::Caller;
-use crate::documents::{FILTER_CRITERIA_EXT, TOPIC_DOCUMENT_URL, TOPIC_MERGE_URL, topic_url};
+use crate::documents::{
+    FILTER_CRITERIA_EXT, PURPOSE_EXT, TOPIC_DOCUMENT_URL, TOPIC_MERGE_URL, topic_url,
+};
 use crate::error::{ApiError, ErrorCode};
 use crate::extract::ValidJson;
 use crate::fhir;
@@ -173,6 +175,19 @@ pub async fn create(
     }
     let owner = caller.institution.id.to_string();
     let endpoint = endpoint.to_string();
+    // Notifications are decided for the purpose of the credential that subscribed.
+    let purpose = caller.purpose.unwrap_or(state.policy.default_purpose());
+    let mut sub = sub;
+    if let Some(obj) = sub.as_object_mut() {
+        let mut exts: Vec<Value> = obj
+            .get("extension")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        exts.retain(|e| e.get("url").and_then(Value::as_str) != Some(PURPOSE_EXT));
+        exts.push(json!({ "url": PURPOSE_EXT, "valueCode": purpose.code() }));
+        obj.insert("extension".into(), Value::Array(exts));
+    }
     let stored = state
         .db(move |conn| -> Result<Subscription, ApiError> {
             let filter_person = match patient {
@@ -311,8 +326,13 @@ async fn audit_op(
     interaction: &str,
     action: &str,
     sub: &Subscription,
+    consent: Option<(&str, Value)>,
 ) -> Result<(), ApiError> {
     let mut event = state.auditor.rest_event(interaction, action);
+    if let Some((decision, reasons)) = consent {
+        event.consent_decision = Some(decision.to_string());
+        event.consent_reasons = Some(reasons);
+    }
     event
         .entities
         .push(EntityRef::resource(format!("Subscription/{}", sub.id)));
@@ -338,7 +358,7 @@ pub async fn read(
 ) -> Result<HttpResponse, ApiError> {
     caller.require("Subscription", 'r')?;
     let sub = own_subscription(&state, &caller, id.into_inner()).await?;
-    audit_op(&state, &caller, "read", "R", &sub).await?;
+    audit_op(&state, &caller, "read", "R", &sub, None).await?;
     Ok(fhir_response(
         StatusCode::OK,
         subscription_view(&state.base_url, &sub),
@@ -363,7 +383,7 @@ pub async fn delete(
             outbox::get_subscription(conn, &sid)
         })
         .await?;
-    audit_op(&state, &caller, "delete", "D", &sub).await?;
+    audit_op(&state, &caller, "delete", "D", &sub, None).await?;
     Ok(fhir_response(
         StatusCode::OK,
         subscription_view(&state.base_url, &sub),
@@ -415,7 +435,7 @@ pub async fn status(
     let st = state
         .db(move |conn| outbox::subscription_status(conn, &sid))
         .await?;
-    audit_op(&state, &caller, "operation", "E", &sub).await?;
+    audit_op(&state, &caller, "operation", "E", &sub, None).await?;
     Ok(fhir_response(
         StatusCode::OK,
         status_resource(&state.base_url, &sub, &st),
@@ -433,7 +453,7 @@ pub async fn events(
     caller: Caller,
     id: web::Path<String>,
     query: web::Query<HashMap<String, String>>,
-    _req: HttpRequest,
+    req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     caller.require("Subscription", 'r')?;
     crate::routes::check_params(&query, &["eventsSinceNumber", "_count"])?;
@@ -457,12 +477,35 @@ pub async fn events(
             Ok((list, st))
         })
         .await?;
-    let events: Vec<_> = list
-        .into_iter()
-        .map(|(e, _)| e)
-        .filter(|e| state.documents.consent.may_notify(&sub.owner_id, e))
-        .collect();
-    audit_op(&state, &caller, "operation", "E", &sub).await?;
+    // The caller asks now, for the purpose of its own credential: decided like a delivery.
+    let purpose = state.policy.ask(&caller, &req).purpose;
+    let mut events = Vec::new();
+    let mut reasons = Vec::new();
+    let mut withheld = 0usize;
+    for (e, _) in list {
+        let d = crate::documents::notify_decision(&state, &caller.institution, purpose, &e).await?;
+        reasons.extend(d.reasons.as_array().cloned().unwrap_or_default());
+        if d.permitted {
+            events.push(e);
+        } else {
+            withheld += 1;
+        }
+    }
+    let decision = match (events.is_empty(), withheld) {
+        (true, 0) => "none",
+        (false, 0) => "permit",
+        (true, _) => "deny",
+        (false, _) => "partial",
+    };
+    audit_op(
+        &state,
+        &caller,
+        "operation",
+        "E",
+        &sub,
+        Some((decision, Value::Array(reasons))),
+    )
+    .await?;
     Ok(fhir_response(
         StatusCode::OK,
         crate::documents::notification_bundle(&state.base_url, &sub, &events, "query-event", &st),
@@ -483,7 +526,7 @@ pub async fn retry_dead(
     let sid = sub.id.clone();
     let n = state.db(move |conn| outbox::retry_dead(conn, &sid)).await?;
     state.documents.wake.notify_one();
-    audit_op(&state, &caller, "operation", "U", &sub).await?;
+    audit_op(&state, &caller, "operation", "U", &sub, None).await?;
     Ok(fhir_response(
         StatusCode::OK,
         json!({ "resourceType": "Parameters", "parameter": [{ "name": "requeued", "valueInteger": n }] }),

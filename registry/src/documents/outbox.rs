@@ -65,8 +65,20 @@ impl NewEvent {
         }
     }
 
+    /// The merge of `source` into `target` was undone.
+    pub fn patient_unmerged(target: &str, source: &str) -> NewEvent {
+        NewEvent {
+            kind: "patient-unmerged".into(),
+            ..NewEvent::patient_merged(target, source)
+        }
+    }
+
+    fn is_merge(&self) -> bool {
+        self.kind == "patient-merged" || self.kind == "patient-unmerged"
+    }
+
     fn topic(&self) -> &'static str {
-        if self.kind == "patient-merged" {
+        if self.is_merge() {
             TOPIC_PATIENT_MERGE
         } else {
             TOPIC_DOCUMENT
@@ -151,7 +163,7 @@ fn matching_subscriptions(conn: &mut DbConn, e: &NewEvent) -> Result<Vec<String>
             .select(empi_persons::id)
             .load(conn)?;
         persons.extend(merged);
-        if e.kind == "patient-merged"
+        if e.is_merge()
             && let Some(src) = e.detail.get("source").and_then(Value::as_str)
         {
             persons.push(src.to_string());

@@ -181,6 +181,27 @@ fn load(conn: &mut DbConn, ids: &[String]) -> Result<Vec<StoredDocument>, Docume
         .into_iter()
         .map(|(r, c)| assemble(r, c))
         .collect::<Result<_, _>>()?;
+    // The person is the one the patient record is linked to now (it follows EMPI merges and
+    // relinks); the person stored at registration is kept only for an unlinked record.
+    let mut records: Vec<String> = docs.iter().map(|d| d.patient_record_id.clone()).collect();
+    records.sort();
+    records.dedup();
+    let mut current: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    for chunk in records.chunks(500) {
+        let links: Vec<(String, String)> = crate::store::schema::empi_links::table
+            .filter(crate::store::schema::empi_links::record_id.eq_any(chunk))
+            .select((
+                crate::store::schema::empi_links::record_id,
+                crate::store::schema::empi_links::person_id,
+            ))
+            .load(conn)?;
+        current.extend(links);
+    }
+    for d in &mut docs {
+        if let Some(p) = current.get(&d.patient_record_id) {
+            d.person_id = p.clone();
+        }
+    }
     // Keep the order of `ids`.
     docs.sort_by_key(|d| ids.iter().position(|i| i == &d.id));
     Ok(docs)

@@ -29,6 +29,7 @@ use super::fs::{
 };
 use super::ident::Sex;
 use super::record::{PreparedRecord, RecordId, SourceRecord, prepare};
+use crate::documents::outbox::{self, NewEvent};
 use crate::store::schema::{
     empi_blocking_keys as keys_t, empi_events as events_t, empi_links as links_t,
     empi_parameters as params_t, empi_persons as persons_t, empi_quality_issues as issues_t,
@@ -1183,13 +1184,15 @@ pub fn merge(
             ))
             .execute(conn)?;
         touch_person(conn, target, "active")?;
+        // The source's consents now apply to the target (consent::for_patients).
+        crate::consent::subjects_changed(conn, &[target, source])?;
         let lineage = MergeLineage {
             target: target.into(),
             source: source.into(),
             source_status,
             moved,
         };
-        record_event(
+        let id = record_event(
             conn,
             "merge",
             Some(target),
@@ -1197,7 +1200,11 @@ pub fn merge(
             None,
             actor,
             serde_json::to_value(&lineage).map_err(ModelError::from)?,
-        )
+        )?;
+        // Subscribers to the patient-merge topic, in the same transaction (outbox; last, it
+        // takes the event counter lock).
+        emit_merge_event(conn, NewEvent::patient_merged(target, source))?;
+        Ok(id)
     })
 }
 
@@ -1268,7 +1275,8 @@ pub fn unmerge(
             ))
             .execute(conn)?;
         touch_person(conn, target, "active")?;
-        record_event(
+        crate::consent::subjects_changed(conn, &[target, source])?;
+        let id = record_event(
             conn,
             "unmerge",
             Some(target),
@@ -1276,8 +1284,20 @@ pub fn unmerge(
             None,
             actor,
             serde_json::json!({ "merge_event": event_id }),
-        )
+        )?;
+        emit_merge_event(conn, NewEvent::patient_unmerged(target, source))?;
+        Ok(id)
     })
+}
+
+fn emit_merge_event(conn: &mut DbConn, event: NewEvent) -> Result<(), EmpiError> {
+    outbox::emit(conn, &[event]).map_err(|e| match e {
+        crate::documents::DocumentError::Store(s) => EmpiError::Store(s),
+        other => EmpiError::Store(StoreError::Unavailable(format!(
+            "merge notification not stored: {other}"
+        ))),
+    })?;
+    Ok(())
 }
 
 /// A review queue item.

@@ -277,6 +277,13 @@ diesel::table! {
 }
 
 diesel::table! {
+    consent_subject_changes (change_seq, person_id) {
+        change_seq -> BigInt,
+        person_id -> Text,
+    }
+}
+
+diesel::table! {
     audit_alerts (id) {
         id -> Text,
         rule -> Text,
