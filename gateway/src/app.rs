@@ -14,8 +14,8 @@ use crate::federation;
 use crate::metrics::Metrics;
 use crate::oauth;
 use crate::routes::{
-    auditing, consent, directory, docs, documents, empi, institutions, metadata, ops, patients,
-    subscriptions,
+    auditing, consent, directory, docs, documents, empi, encounters, institutions, metadata, ops,
+    patients, subscriptions,
 };
 use crate::state::AppState;
 
@@ -156,10 +156,19 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         // Federated queries to member hospitals (crate::federation).
         .service(resource("/federation/key").route(web::get().to(federation::routes::gateway_key)));
     for t in federation::routes::FEDERATED_TYPES {
-        cfg.service(
-            resource(&format!("/fhir/{t}")).route(web::get().to(federation::routes::search)),
-        );
+        let mut res =
+            resource(&format!("/fhir/{t}")).route(web::get().to(federation::routes::search));
+        // Care relationships are registered on the same path; GET stays the federated search.
+        if t == "Encounter" {
+            res = res.route(web::post().to(encounters::create));
+        }
+        cfg.service(res);
     }
+    cfg.service(
+        resource("/fhir/Encounter/{id}")
+            .route(web::get().to(encounters::read))
+            .route(web::put().to(encounters::update)),
+    );
 }
 
 fn resource(path: &str) -> actix_web::Resource {

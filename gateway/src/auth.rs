@@ -302,6 +302,9 @@ scope_needs! {
     ConsentUpdate => ("Consent", 'u'),
     ConsentDelete => ("Consent", 'd'),
     ConsentSearch => ("Consent", 's'),
+    EncounterCreate => ("Encounter", 'c'),
+    EncounterRead => ("Encounter", 'r'),
+    EncounterUpdate => ("Encounter", 'u'),
     AuditEventRead => ("AuditEvent", 'r'),
     AuditEventSearch => ("AuditEvent", 's'),
 }

@@ -263,6 +263,28 @@ impl From<yiqiao_registry::documents::DocumentError> for ApiError {
     }
 }
 
+impl From<yiqiao_registry::encounters::EncounterError> for ApiError {
+    fn from(err: yiqiao_registry::encounters::EncounterError) -> ApiError {
+        use yiqiao_registry::encounters::EncounterError as E;
+        match err {
+            E::Invalid { field, message } => {
+                ApiError::new(ErrorCode::ValidationFailed, message).field(field)
+            }
+            E::Conflict { field, message } => {
+                ApiError::new(ErrorCode::Conflict, message).field(field)
+            }
+            E::NotFound(what) => ApiError::not_found(format!("{what} not found")),
+            v @ E::VersionConflict { .. } => {
+                ApiError::new(ErrorCode::VersionConflict, v.to_string())
+            }
+            c @ E::ChangeRefused { .. } => {
+                ApiError::new(ErrorCode::Conflict, c.to_string()).field("Encounter.identifier")
+            }
+            E::Store(s) => s.into(),
+        }
+    }
+}
+
 impl From<tokio::task::JoinError> for ApiError {
     fn from(err: tokio::task::JoinError) -> ApiError {
         ApiError::internal(format!("blocking task failed: {err}"))

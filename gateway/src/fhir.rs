@@ -17,6 +17,35 @@ pub const REGION_CODE_SYSTEM: &str = "https://yiqiao.health/fhir/sid/gbt2260";
 pub const INSTITUTION_KIND_SYSTEM: &str = "https://yiqiao.health/fhir/CodeSystem/institution-kind";
 pub const HOSPITAL_LEVEL_SYSTEM: &str = "https://yiqiao.health/fhir/CodeSystem/hospital-level";
 
+/// A non-empty string element of `v`, trimmed.
+pub fn text_at<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v.get(key)
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+}
+
+/// `subject.identifier` (system, value) of a resource that names its patient by an identifier
+/// registered in the EMPI. Else the field (relative to the resource) and what is wrong.
+pub fn subject_identifier(
+    resource: &Value,
+) -> Result<(String, String), (&'static str, &'static str)> {
+    let ident = resource
+        .get("subject")
+        .and_then(|s| s.get("identifier"))
+        .ok_or((
+            "subject.identifier",
+            "subject.identifier (system and value of the patient's registered identifier) is required",
+        ))?;
+    match (text_at(ident, "system"), text_at(ident, "value")) {
+        (Some(s), Some(v)) => Ok((s.to_string(), v.to_string())),
+        _ => Err((
+            "subject.identifier",
+            "subject.identifier needs system and value",
+        )),
+    }
+}
+
 fn kind_display(kind: InstitutionKind) -> &'static str {
     match kind {
         InstitutionKind::Hospital => "Hospital (医院)",

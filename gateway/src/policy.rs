@@ -29,8 +29,9 @@
 //! - **Data labels**: a resource's `meta.security` codings in the v3 Confidentiality and
 //!   ActCode systems become the [`DataItem`]'s confidentiality and sensitivity
 //!   ([`data_item_of`]); its class is its resource type.
-//! - **Encounters**: the gateway keeps no encounters yet, so internet hospitals are permitted
-//!   only through a consent naming them.
+//! - **Encounters**: for an internet-hospital requester, the care relationships of the persons
+//!   decided (registered encounters, `registry::encounters::active_for_persons`) are read on
+//!   every decision, uncached, so rule 6 sees a discharge at once. Other kinds never need them.
 //!
 //! ## Freshness across replicas
 //!
@@ -60,14 +61,15 @@ use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 use yiqiao_consent::{
     AccessRequest, Agreement, AgreementId, AgreementStatus, AgreementStore, Confidentiality,
-    Consent, ConsentId, ConsentStatus, DataClass, DataItem, Decision, Effect, InstitutionId,
-    InstitutionKind, Obligation, PatientId, Period, PolicyEngine, PseudonymKey, Pseudonymiser,
-    Purpose, Requester, Sensitivity, apply_obligations, consent_from_fhir,
+    Consent, ConsentId, ConsentStatus, DataClass, DataItem, Decision, Effect, Encounter,
+    InstitutionId, InstitutionKind, Obligation, PatientId, Period, PolicyEngine, PseudonymKey,
+    Pseudonymiser, Purpose, Requester, Sensitivity, apply_obligations, consent_from_fhir,
 };
 use yiqiao_registry::Store;
 use yiqiao_registry::audit::AuditEvent;
 use yiqiao_registry::consent::{self as store, StoredAgreement, StoredConsent};
 use yiqiao_registry::directory;
+use yiqiao_registry::encounters;
 
 use crate::auth::Caller;
 use crate::config::Settings;
@@ -634,6 +636,33 @@ impl Policy {
         Ok((changes.seq, table))
     }
 
+    /// The care relationships (active encounters) of `patients` at `at`, for an internet-
+    /// hospital requester (rule 6); empty for other kinds, which the rule does not concern.
+    async fn encounters_of(
+        &self,
+        requester: &Requester,
+        patients: Vec<String>,
+        at: DateTime<Utc>,
+    ) -> Result<HashMap<String, Vec<Encounter>>, ApiError> {
+        if requester.kind != InstitutionKind::InternetHospital || patients.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows = self
+            .blocking(move |conn| encounters::active_for_persons(conn, &patients, at.naive_utc()))
+            .await?;
+        let mut out: HashMap<String, Vec<Encounter>> = HashMap::new();
+        for (person, institution, start, end) in rows {
+            out.entry(person).or_default().push(Encounter {
+                institution: InstitutionId::new(institution),
+                period: Period {
+                    start: Some(start.and_utc()),
+                    end: end.map(|e| e.and_utc()),
+                },
+            });
+        }
+        Ok(out)
+    }
+
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Cache>, ApiError> {
         self.cache
             .lock()
@@ -732,6 +761,10 @@ impl Policy {
         let (seq, agreements) = self.sync().await?;
         let consents = self.consents_of(vec![patient.to_string()], seq).await?;
         let list = consents.get(patient).cloned().unwrap_or_default();
+        let encounters = self
+            .encounters_of(requester, vec![patient.to_string()], at)
+            .await?;
+        let encounters = encounters.get(patient).map_or(&[][..], Vec::as_slice);
         let patient = PatientId::new(patient);
         let custodian = InstitutionId::new(custodian);
         let request = AccessRequest {
@@ -742,7 +775,7 @@ impl Policy {
             data,
             at,
             break_glass_reason: ask.break_glass_reason.as_deref(),
-            encounters: &[],
+            encounters,
         };
         Ok(self.engine.decide(
             &request,
@@ -795,16 +828,17 @@ impl Policy {
             .into_iter()
             .collect();
         let (seq, agreements) = self.sync().await?;
+        let at = Utc::now();
         let consents = if patients.is_empty() {
             HashMap::new()
         } else {
-            self.consents_of(patients, seq).await?
+            self.consents_of(patients.clone(), seq).await?
         };
+        let encounters = self.encounters_of(requester, patients, at).await?;
         let pseudonymiser = self
             .key
             .as_ref()
             .map(|k| Pseudonymiser::new(k, InstitutionId::new(own)));
-        let at = Utc::now();
         let none: Vec<Consent> = Vec::new();
         for (index, candidate) in candidates.into_iter().enumerate() {
             let data = data_item_of(&candidate.resource);
@@ -824,7 +858,7 @@ impl Policy {
                 data: &data,
                 at,
                 break_glass_reason: ask.break_glass_reason.as_deref(),
-                encounters: &[],
+                encounters: encounters.get(&patient_key).map_or(&[][..], Vec::as_slice),
             };
             let decision = self.engine.decide(
                 &request,

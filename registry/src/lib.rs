@@ -1,5 +1,6 @@
 //! Registry: storage (diesel over SQLite and PostgreSQL), the institution directory,
-//! the enterprise master patient index and the document registry.
+//! the enterprise master patient index, the document registry and care relationships
+//! (encounters).
 //!
 //! This crate knows nothing of HTTP.
 
@@ -9,6 +10,7 @@ pub mod consent;
 pub mod directory;
 pub mod documents;
 pub mod empi;
+pub mod encounters;
 pub mod mtls;
 pub mod staff;
 pub mod store;

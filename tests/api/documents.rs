@@ -1646,8 +1646,78 @@ async fn merges_notify_and_move_consents(backend: Backend) {
     app.stop().await;
 }
 
+/// Rule 6 at the document exits: an internet hospital sees another hospital's documents about
+/// a patient only while it has a consent naming it or an active encounter with the patient
+/// (registered through `POST /fhir/Encounter`); once the visit is finished, no longer.
+async fn internet_hospital_needs_a_care_relationship(backend: Backend) {
+    let app = setup(backend, |_| {}).await;
+    let mut ih = institution(4);
+    ih["kind"] = json!("internet_hospital");
+    ih["allowed_scopes"] = json!([
+        "system/Patient.cruds",
+        "system/DocumentReference.cruds",
+        "system/Encounter.cruds"
+    ]);
+    let resp = app.admin_post("/admin/institutions", &ih).await;
+    assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+    // The platform's own record of 张伟 (same resident ID: the same enterprise person).
+    let patient = json!({
+        "resourceType": "Patient",
+        "identifier": [
+            { "system": system(4), "value": "IH-1" },
+            { "system": RID_SYSTEM, "value": rid(11) },
+        ],
+        "name": [{ "text": "张伟" }],
+        "gender": "male",
+        "birthDate": "1980-03-15",
+    });
+    assert!(
+        post_as(&app, 4, "/fhir/Patient", &patient)
+            .await
+            .status()
+            .is_success()
+    );
+    register(
+        &app,
+        1,
+        &doc(1, "IH-DOC", "MR-1", DISCHARGE, "2024-01-01T08:00:00+08:00"),
+    )
+    .await;
+    let query = format!("patient.identifier={}|IH-1", system(4));
+    assert!(
+        search(&app, 4, &query).await.is_empty(),
+        "no relationship, nothing"
+    );
+    // An online consultation in progress.
+    let start = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+    let mut visit = json!({
+        "resourceType": "Encounter",
+        "identifier": [{ "system": "urn:visit:4", "value": "V-1" }],
+        "status": "in-progress",
+        "class": { "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "VR" },
+        "subject": { "identifier": { "system": system(4), "value": "IH-1" } },
+        "period": { "start": start },
+    });
+    let resp = post_as(&app, 4, "/fhir/Encounter", &visit).await;
+    assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+    let seen = search(&app, 4, &query).await;
+    assert_eq!(seen.len(), 1, "an active encounter is a care relationship");
+    // Finished a minute ago: the relationship is over.
+    visit["status"] = json!("finished");
+    visit["period"]["end"] =
+        json!((chrono::Utc::now() - chrono::Duration::minutes(1)).to_rfc3339());
+    let resp = post_as(&app, 4, "/fhir/Encounter", &visit).await;
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    assert!(
+        search(&app, 4, &query).await.is_empty(),
+        "finished visit, nothing"
+    );
+    app.stop().await;
+}
+
 on_both_backends!(
     registration_is_validated,
+    internet_hospital_needs_a_care_relationship,
     documents_obey_consent,
     notifications_obey_consent,
     merges_notify_and_move_consents,

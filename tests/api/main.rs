@@ -15,6 +15,7 @@ mod cli;
 mod consent;
 mod documents;
 mod empi;
+mod encounters;
 mod errors;
 mod federation;
 mod institutions;

@@ -73,7 +73,7 @@ fn send(addr: SocketAddr, messages: &[String]) -> Vec<Value> {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-async fn send_async(addr: SocketAddr, messages: Vec<String>) -> Vec<Value> {
+pub(crate) async fn send_async(addr: SocketAddr, messages: Vec<String>) -> Vec<Value> {
     tokio::task::spawn_blocking(move || send(addr, &messages))
         .await
         .unwrap()
@@ -132,7 +132,7 @@ fn zhang(control: &str) -> Adt<'_> {
     }
 }
 
-fn assert_ack(ack: &Value, code: &str, control: &str) {
+pub(crate) fn assert_ack(ack: &Value, code: &str, control: &str) {
     assert_eq!(ack["code"], code, "{ack}");
     assert_eq!(ack["control_id"], control, "{ack}");
     assert!(
@@ -141,7 +141,7 @@ fn assert_ack(ack: &Value, code: &str, control: &str) {
     );
 }
 
-fn assert_nak(ack: &Value, code: &str, location: &str, err_code: &str) {
+pub(crate) fn assert_nak(ack: &Value, code: &str, location: &str, err_code: &str) {
     assert_eq!(ack["code"], code, "{ack}");
     assert_eq!(ack["err_location"], location, "{ack}");
     assert_eq!(ack["err_code"], err_code, "{ack}");
@@ -249,8 +249,11 @@ async fn feed_registers_updates_and_merges(backend: Backend) {
     no_name.name = "";
     let mut unknown = zhang("r1");
     unknown.facility = "nowhere-99";
-    let mut discharge = zhang("r2");
+    // A03 (discharge) needs the visit number PV1-19 (the PV1 here has none).
+    let mut discharge = zhang("e6");
     discharge.event = "A03";
+    let mut transfer = zhang("r2");
+    transfer.event = "A02";
     let oru = zhang("r3").message().replace("ADT^A01^ADT_A01", "ORU^R01");
     let acks = send_async(
         addr,
@@ -261,8 +264,9 @@ async fn feed_registers_updates_and_merges(backend: Backend) {
             bad_sex.message(),
             no_name.message(),
             unknown.message(),
-            discharge.message(),
+            transfer.message(),
             oru,
+            discharge.message(),
         ],
     )
     .await;
@@ -275,9 +279,10 @@ async fn feed_registers_updates_and_merges(backend: Backend) {
     assert!(acks[5]["text"].as_str().unwrap().contains("nowhere-99"));
     assert_nak(&acks[6], "AR", "MSH^1^9", "201");
     assert_nak(&acks[7], "AR", "MSH^1^9", "200");
+    assert_nak(&acks[8], "AE", "PV1^1^19", "101");
     for (ack, control) in acks
         .iter()
-        .zip(["e1", "e2", "e3", "e4", "e5", "r1", "r2", "r3"])
+        .zip(["e1", "e2", "e3", "e4", "e5", "r1", "r2", "r3", "e6"])
     {
         assert_eq!(ack["control_id"], control);
     }

@@ -59,7 +59,8 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
         "system/Patient.cruds",
         "system/Consent.cruds",
         "system/DocumentReference.cruds",
-        "system/Subscription.cruds"
+        "system/Subscription.cruds",
+        "system/Encounter.cruds"
     ]);
     app.admin_post("/admin/institutions", &member).await;
     let patient = serde_json::json!({
@@ -150,6 +151,26 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
     .await
     .unwrap();
     let subscription_id = created["id"].as_str().unwrap().to_string();
+    // Encounter needs a registered visit of that patient.
+    let encounter = |visit: &str| {
+        serde_json::json!({ "resourceType": "Encounter",
+            "identifier": [{ "value": visit }], "status": "in-progress",
+            "class": { "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB" },
+            "subject": { "identifier": { "system": "urn:oid:2.16.156.10011.1.99.2", "value": "MR-1" } },
+            "period": { "start": "2026-11-29T08:00:00+08:00" } })
+    };
+    let created: Value = as_member(app.client.post(app.url("/fhir/Encounter")), "Encounter")
+        .json(&encounter("CAP-V1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let encounter_id = created["id"].as_str().unwrap().to_string();
+    let mut encounter_update = encounter("CAP-V1");
+    encounter_update["status"] = serde_json::json!("finished");
+    encounter_update["period"]["end"] = serde_json::json!("2026-11-29T09:00:00+08:00");
     for res in resources {
         let ty = res["type"].as_str().unwrap();
         let read_id = match ty {
@@ -158,11 +179,13 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
             "AuditEvent" => audit_event_id.as_str(),
             "DocumentReference" => document_id.as_str(),
             "Subscription" => subscription_id.as_str(),
+            "Encounter" => encounter_id.as_str(),
             _ => "hosp-001",
         };
         let body = match ty {
             "DocumentReference" => crate::documents::sample_document(2, "CAP-2", "MR-1"),
             "Subscription" => subscription.clone(),
+            "Encounter" => encounter("CAP-V2"),
             _ => patient.clone(),
         };
         for interaction in res["interaction"].as_array().unwrap() {
@@ -177,6 +200,10 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
                     .client
                     .put(app.url(&format!("/fhir/Consent/{consent_id}")))
                     .json(&consent_update),
+                "update" if ty == "Encounter" => app
+                    .client
+                    .put(app.url(&format!("/fhir/Encounter/{encounter_id}")))
+                    .json(&encounter_update),
                 "create" => app.client.post(app.url(&format!("/fhir/{ty}"))).json(&body),
                 "delete" => app.client.delete(app.url(&format!("/fhir/{ty}/{read_id}"))),
                 "update" => app
@@ -209,7 +236,7 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
             let resp = as_member(req, ty).send().await.unwrap();
             assert_eq!(resp.status(), 200, "operation {op} listed but rejected");
         }
-        for param in res["searchParam"].as_array().unwrap() {
+        for param in res["searchParam"].as_array().into_iter().flatten() {
             let name = param["name"].as_str().unwrap();
             let value = match param["type"].as_str().unwrap() {
                 "number" => "5",

@@ -528,7 +528,8 @@ pub async fn gateway_key(state: web::Data<AppState>) -> Result<HttpResponse, Api
 }
 
 /// OpenAPI: the federated search is documented once (on `/fhir/Observation`) and copied to the
-/// other federated types.
+/// other federated types as their GET (other methods on the path, e.g. `POST /fhir/Encounter`,
+/// are kept).
 pub struct FederatedPaths;
 
 impl utoipa::Modify for FederatedPaths {
@@ -537,10 +538,12 @@ impl utoipa::Modify for FederatedPaths {
             return;
         };
         for t in FEDERATED_TYPES.iter().filter(|t| **t != "Observation") {
-            openapi
+            let path = openapi
                 .paths
                 .paths
-                .insert(format!("/fhir/{t}"), item.clone());
+                .entry(format!("/fhir/{t}"))
+                .or_insert_with(|| item.clone());
+            path.get.clone_from(&item.get);
         }
     }
 }

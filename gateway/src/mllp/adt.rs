@@ -5,6 +5,11 @@
 //!   its record number), audited like the FHIR feed.
 //! - A40: the persons of the surviving record (PID-3) and of the prior record (MRG-1) are
 //!   merged (`decided_by = merge`), as `POST /empi/persons/{id}/$merge` would.
+//! - Encounters (care relationships, crate::routes::encounters): A01 (admit) and A04 (register
+//!   an outpatient) with a PV1 carrying a visit number (PV1-19) also open the visit, in the same
+//!   transaction as the patient registration; A03 (discharge) finishes it, A11 (cancel admit)
+//!   cancels it. The visit is mapped to a FHIR Encounter and stored exactly like
+//!   `POST /fhir/Encounter` from the sending institution.
 //!
 //! The sending facility MSH-4.1 must be an active institution id of the directory.
 //! Answers: `AA` accepted; `AE` (application error: a field is wrong, or storage failed; ERR
@@ -13,15 +18,20 @@
 
 use std::net::SocketAddr;
 
-use chrono::NaiveDate;
+use chrono::{Duration, NaiveDate, NaiveDateTime};
 use hl7_parser::Message;
 use hl7_parser::message::{Field, Repeat, Segment, Separators};
 use serde_json::{Value, json};
 use yiqiao_registry::audit::EntityRef;
 use yiqiao_registry::directory::{self, DirectoryError, Institution};
 use yiqiao_registry::empi::store::{self as empi, RegistrationOutcome};
+use yiqiao_registry::encounters::{
+    self, EncounterClass, EncounterStatus, StoredEncounter, UpsertOutcome,
+};
+use yiqiao_registry::store::transaction;
 
 use crate::error::{ApiError, ErrorCode};
+use crate::routes::encounters::{ACT_CODE_SYSTEM, map_encounter};
 use crate::routes::patients::registration;
 use crate::state::AppState;
 
@@ -30,6 +40,10 @@ pub const GATEWAY_APPLICATION: &str = "YIQIAO";
 
 /// Events registering or updating a patient.
 const REGISTER_EVENTS: [&str; 6] = ["A01", "A04", "A05", "A08", "A28", "A31"];
+/// Events changing a registered visit: A03 discharge (finished), A11 cancel admit (cancelled).
+const VISIT_EVENTS: [&str; 2] = ["A03", "A11"];
+/// UTC offset of HL7 timestamps that carry none: China Standard Time (UTC+8, no daylight saving).
+const FEED_UTC_OFFSET_SECS: i64 = 8 * 3600;
 /// Identifier type codes (HL7 table 0203) of a resident ID number: China's national number.
 const RESIDENT_ID_TYPES: [&str; 1] = ["NNCHN"];
 /// Identifier type codes of an institution's own record number.
@@ -341,14 +355,15 @@ async fn process(
         ));
     }
     let event = h.event.as_str();
-    if !REGISTER_EVENTS.contains(&event) && event != "A40" {
+    if !REGISTER_EVENTS.contains(&event) && !VISIT_EVENTS.contains(&event) && event != "A40" {
         return Err(nak(
             AckCode::Reject,
             201,
             Some("MSH^1^9"),
             format!(
-                "unsupported event {event:?}: accepted are {} and A40",
-                REGISTER_EVENTS.join(", ")
+                "unsupported event {event:?}: accepted are {}, {} and A40",
+                REGISTER_EVENTS.join(", "),
+                VISIT_EVENTS.join(", ")
             ),
         ));
     }
@@ -374,7 +389,14 @@ async fn process(
         )
     })?;
     if REGISTER_EVENTS.contains(&event) {
-        register(state, peer, &institution, s, pid).await
+        let visit = match event {
+            "A01" => opening_visit(m, msh, &institution, EncounterStatus::InProgress)?,
+            "A04" => opening_visit(m, msh, &institution, EncounterStatus::Arrived)?,
+            _ => None,
+        };
+        register(state, peer, &institution, s, pid, visit).await
+    } else if VISIT_EVENTS.contains(&event) {
+        change_visit(state, peer, &institution, m, msh, pid, event).await
     } else {
         let mrg = m.segment("MRG").ok_or_else(|| {
             nak(
@@ -429,21 +451,29 @@ fn internal(e: ApiError) -> Nak {
     nak(AckCode::Error, code, None, message)
 }
 
+/// HL7 location of a FHIR field: the first (prefix, location) of `table` whose prefix the
+/// field starts with, else `default`.
+fn hl7_location(
+    fhir_field: &str,
+    table: &[(&str, &'static str)],
+    default: &'static str,
+) -> &'static str {
+    table
+        .iter()
+        .find(|(prefix, _)| fhir_field.starts_with(prefix))
+        .map_or(default, |(_, location)| location)
+}
+
 /// HL7 location of a Patient field named by the registration's validation.
 fn pid_location(fhir_field: &str) -> &'static str {
-    if fhir_field.starts_with("Patient.name") {
-        "PID^1^5"
-    } else if fhir_field.starts_with("Patient.birthDate") {
-        "PID^1^7"
-    } else if fhir_field.starts_with("Patient.gender") {
-        "PID^1^8"
-    } else if fhir_field.starts_with("Patient.telecom") {
-        "PID^1^13"
-    } else if fhir_field.starts_with("Patient.address") {
-        "PID^1^11"
-    } else {
-        "PID^1^3"
-    }
+    const PID: [(&str, &str); 5] = [
+        ("Patient.name", "PID^1^5"),
+        ("Patient.birthDate", "PID^1^7"),
+        ("Patient.gender", "PID^1^8"),
+        ("Patient.telecom", "PID^1^13"),
+        ("Patient.address", "PID^1^11"),
+    ];
+    hl7_location(fhir_field, &PID, "PID^1^3")
 }
 
 fn is_resident_id(s: &Separators, r: &Repeat<'_>, resident_oid: &str) -> bool {
@@ -695,6 +725,7 @@ async fn register(
     institution: &Institution,
     s: &Separators,
     pid: &Segment<'_>,
+    visit: Option<Value>,
 ) -> Result<String, Nak> {
     let resident_system = state.settings.empi.resident_id_system.clone();
     let patient = patient_from_pid(s, pid, institution, &resident_system)?;
@@ -702,11 +733,61 @@ async fn register(
         let loc = pid_location(e.field.as_deref().unwrap_or(""));
         nak(AckCode::Error, 102, Some(loc), e.message)
     })?;
+    // The visit's patient is the PID-3 record just mapped; checked before anything is stored.
+    let visit = match visit {
+        None => None,
+        Some(mut encounter) => {
+            encounter["subject"] =
+                json!({ "identifier": { "system": reg.id_system, "value": reg.id_value } });
+            Some(map_encounter(institution, &encounter).map_err(visit_nak)?)
+        }
+    };
     let actor = actor(institution);
-    let done = state
-        .db(move |conn| empi::register(conn, &reg, &actor))
+    let (done, opened) = state
+        .db(move |conn| -> Result<_, ApiError> {
+            match &visit {
+                None => Ok((empi::register(conn, &reg, &actor)?, None)),
+                // Patient and visit in one transaction: both or neither.
+                Some(v) => transaction(conn, |conn| {
+                    let done = empi::register(conn, &reg, &actor)?;
+                    // A late or replayed admit must not reopen a closed visit.
+                    if let Some(closed) = encounters::find(conn, &v.institution_id, &v.identifier)?
+                        .filter(|e| {
+                            matches!(
+                                e.status,
+                                EncounterStatus::Finished
+                                    | EncounterStatus::Cancelled
+                                    | EncounterStatus::EnteredInError
+                            )
+                        })
+                    {
+                        return Err(ApiError::new(
+                            ErrorCode::Conflict,
+                            format!(
+                                "visit {} is already {} (Encounter/{}); it is not reopened by an admit or registration",
+                                v.identifier,
+                                closed.status.as_str(),
+                                closed.id
+                            ),
+                        )
+                        .field("Encounter.identifier"));
+                    }
+                    let opened = encounters::upsert(conn, v)?;
+                    Ok((done, Some(opened)))
+                }),
+            }
+        })
         .await
-        .map_err(internal)?;
+        .map_err(|e| {
+            if e.field
+                .as_deref()
+                .is_some_and(|f| f.starts_with("Encounter"))
+            {
+                visit_nak(e)
+            } else {
+                internal(e)
+            }
+        })?;
     let (interaction, action) = match done.outcome {
         RegistrationOutcome::Created => ("create", "C"),
         _ => ("update", "U"),
@@ -728,10 +809,320 @@ async fn register(
         RegistrationOutcome::Updated => "updated",
         RegistrationOutcome::Unchanged => "unchanged",
     };
+    let mut text = format!("{outcome} Patient/{} person {person}", done.record.id);
+    if let Some((visit_outcome, encounter)) = opened {
+        audit_visit(state, peer, institution, visit_outcome, &encounter).await?;
+        text.push_str(&format!(
+            "; {} Encounter/{}",
+            outcome_word(visit_outcome, encounter.status),
+            encounter.id
+        ));
+    }
+    Ok(text)
+}
+
+/// HL7 location of an Encounter field named by the encounter validation or store.
+fn visit_location(fhir_field: &str) -> &'static str {
+    const PV1: [(&str, &str); 5] = [
+        ("Encounter.identifier", "PV1^1^19"),
+        ("Encounter.class", "PV1^1^2"),
+        ("Encounter.period.end", "PV1^1^45"),
+        ("Encounter.period", "PV1^1^44"),
+        ("Encounter.subject", "PID^1^3"),
+    ];
+    hl7_location(fhir_field, &PV1, "PV1")
+}
+
+/// AE for a visit that could not be stored: ERR names the PV1 (or PID) field.
+fn visit_nak(e: ApiError) -> Nak {
+    let location = e.field.as_deref().map(visit_location);
+    let validation = matches!(e.code, ErrorCode::ValidationFailed);
+    let mut n = internal(e);
+    if validation {
+        n.code = 102;
+    }
+    if n.location.is_none() {
+        n.location = location.map(String::from);
+    }
+    n
+}
+
+/// What happened to a visit, for the ACK text.
+fn outcome_word(outcome: UpsertOutcome, status: EncounterStatus) -> &'static str {
+    match (outcome, status) {
+        (UpsertOutcome::Unchanged, _) => "unchanged",
+        (UpsertOutcome::Created, _) => "opened",
+        (UpsertOutcome::Updated, EncounterStatus::Finished) => "finished",
+        (UpsertOutcome::Updated, EncounterStatus::Cancelled) => "cancelled",
+        (UpsertOutcome::Updated, _) => "updated",
+    }
+}
+
+/// Record the audit event of a visit write (before the ACK: fail closed).
+async fn audit_visit(
+    state: &AppState,
+    peer: SocketAddr,
+    institution: &Institution,
+    outcome: UpsertOutcome,
+    encounter: &StoredEncounter,
+) -> Result<(), Nak> {
+    let (interaction, action) = match outcome {
+        UpsertOutcome::Created => ("create", "C"),
+        _ => ("update", "U"),
+    };
+    let mut event = feed_event(state, interaction, action, institution, peer);
+    event.entities.push(EntityRef::resource(format!(
+        "Encounter/{}/_history/{}",
+        encounter.id, encounter.version
+    )));
+    event.patient_id = encounter.person_id.clone();
+    state.auditor.record(event).await.map_err(internal)?;
+    Ok(())
+}
+
+/// An HL7 v2 timestamp (DTM: `YYYYMMDD[HH[MM[SS[.S[S[S[S]]]]]]][+/-ZZZZ]`) in UTC; without an
+/// offset it is China Standard Time. At least the day is required.
+pub fn parse_ts(raw: &str) -> Option<NaiveDateTime> {
+    let raw = raw.trim();
+    let (main, offset) = match raw.rfind(['+', '-']) {
+        Some(i) if i >= 8 => (&raw[..i], Some(&raw[i..])),
+        _ => (raw, None),
+    };
+    let (digits, fraction) = main.split_once('.').unwrap_or((main, ""));
+    let all_digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+    if !all_digits(digits)
+        || !all_digits(fraction)
+        || !matches!(digits.len(), 8 | 10 | 12 | 14)
+        || fraction.len() > 4
+        || (!fraction.is_empty() && digits.len() != 14)
+    {
+        return None;
+    }
+    let local = NaiveDateTime::parse_from_str(&format!("{digits:0<14}"), "%Y%m%d%H%M%S").ok()?;
+    let micros: i64 = if fraction.is_empty() {
+        0
+    } else {
+        format!("{fraction:0<6}").parse().ok()?
+    };
+    let offset_secs = match offset {
+        None => FEED_UTC_OFFSET_SECS,
+        Some(o) => {
+            let (sign, hhmm) = o.split_at(1);
+            if hhmm.len() != 4 || !all_digits(hhmm) {
+                return None;
+            }
+            let (h, m): (i64, i64) = (hhmm[..2].parse().ok()?, hhmm[2..].parse().ok()?);
+            if h > 14 || m > 59 {
+                return None;
+            }
+            if sign == "-" {
+                -(h * 3600 + m * 60)
+            } else {
+                h * 3600 + m * 60
+            }
+        }
+    };
+    Some(local + Duration::microseconds(micros) - Duration::seconds(offset_secs))
+}
+
+fn utc_text(t: NaiveDateTime) -> String {
+    format!("{}Z", t.format("%Y-%m-%dT%H:%M:%S%.6f"))
+}
+
+/// A time from `seg`'s field `n` (first component), else the message time MSH-7.
+fn time_or_message_time(
+    seg: &Segment<'_>,
+    n: usize,
+    location: &str,
+    msh: &Segment<'_>,
+) -> Result<NaiveDateTime, Nak> {
+    let (raw, location) = match field(seg, n).and_then(|f| f.component(1)) {
+        Some(c) => (c.raw_value(), location),
+        None => (
+            field(msh, 7)
+                .and_then(|f| f.component(1))
+                .map(|c| c.raw_value())
+                .ok_or_else(|| {
+                    nak(
+                        AckCode::Error,
+                        101,
+                        Some("MSH^1^7"),
+                        format!("{location} is empty and MSH-7 (message time) is missing"),
+                    )
+                })?,
+            "MSH^1^7",
+        ),
+    };
+    parse_ts(raw).ok_or_else(|| {
+        nak(
+            AckCode::Error,
+            102,
+            Some(location),
+            format!("{raw:?} is not a time YYYYMMDD[HHMM[SS[.S]]][+/-ZZZZ]"),
+        )
+    })
+}
+
+/// The visit number PV1-19 (first component), when given.
+fn visit_number(m: &Message<'_>) -> Option<String> {
+    let pv1 = m.segment("PV1")?;
+    let number = field(pv1, 19)?
+        .component(1)
+        .map(|c| decoded(&m.separators, c.raw_value()))?;
+    (!number.is_empty()).then_some(number)
+}
+
+/// A01/A04: the visit of PV1 as a FHIR Encounter without subject (the PID patient is set by
+/// [`register`]); `None` when there is no PV1 or no visit number (PV1-19): then only the
+/// patient is registered, as before encounters were kept.
+fn opening_visit(
+    m: &Message<'_>,
+    msh: &Segment<'_>,
+    institution: &Institution,
+    status: EncounterStatus,
+) -> Result<Option<Value>, Nak> {
+    let (Some(pv1), Some(number)) = (m.segment("PV1"), visit_number(m)) else {
+        return Ok(None);
+    };
+    let class = field(pv1, 2)
+        .map(|f| decoded(&m.separators, f.raw_value()))
+        .unwrap_or_default();
+    let class = match class.as_str() {
+        "I" => EncounterClass::Inpatient,
+        "O" => EncounterClass::Ambulatory,
+        "E" => EncounterClass::Emergency,
+        "" => {
+            return Err(nak(
+                AckCode::Error,
+                101,
+                Some("PV1^1^2"),
+                "PV1-2 (patient class: I, O or E) is required with a visit number",
+            ));
+        }
+        other => {
+            return Err(nak(
+                AckCode::Error,
+                103,
+                Some("PV1^1^2"),
+                format!("PV1-2 (patient class) {other:?} is not one of I, O, E"),
+            ));
+        }
+    };
+    let start = time_or_message_time(pv1, 44, "PV1^1^44", msh)?;
+    Ok(Some(json!({
+        "resourceType": "Encounter",
+        "identifier": [{
+            "type": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "VN" }] },
+            "value": number,
+        }],
+        "status": status.as_str(),
+        "class": { "system": ACT_CODE_SYSTEM, "code": class.code() },
+        "period": { "start": utc_text(start) },
+        "serviceProvider": { "reference": format!("Organization/{}", institution.id) },
+    })))
+}
+
+/// A03 (finished, period.end from PV1-45 or MSH-7) and A11 (cancelled): the new state of a
+/// registered visit (PV1-19) of the PID-3 patient.
+async fn change_visit(
+    state: &AppState,
+    peer: SocketAddr,
+    institution: &Institution,
+    m: &Message<'_>,
+    msh: &Segment<'_>,
+    pid: &Segment<'_>,
+    event: &str,
+) -> Result<String, Nak> {
+    let s = &m.separators;
+    let number = visit_number(m).ok_or_else(|| {
+        nak(
+            AckCode::Error,
+            101,
+            Some("PV1^1^19"),
+            format!("PV1-19 (visit number) is required for {event}"),
+        )
+    })?;
+    let record = pid_record_number(state, s, pid, institution)?;
+    let (status, end) = if event == "A03" {
+        let pv1 = m
+            .segment("PV1")
+            .ok_or_else(|| nak(AckCode::Error, 100, Some("PV1"), "no PV1 segment"))?;
+        let end = time_or_message_time(pv1, 45, "PV1^1^45", msh)?;
+        (EncounterStatus::Finished, Some(end))
+    } else {
+        (EncounterStatus::Cancelled, None)
+    };
+    let inst = institution.clone();
+    let system = institution.patient_id_system.clone();
+    let (outcome, encounter) = state
+        .db(move |conn| {
+            let registered = encounters::find(conn, inst.id.as_str(), &number)?.ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::NotFound,
+                    format!("PV1-19: visit {number} of this institution is not registered (send A01 or A04 first)"),
+                )
+                .field("Encounter.identifier")
+            })?;
+            let mut resource = registered.resource.clone();
+            if !resource.is_object() {
+                return Err(ApiError::internal(format!(
+                    "stored Encounter/{} is not a JSON object",
+                    registered.id
+                )));
+            }
+            resource["status"] = json!(status.as_str());
+            resource["subject"] = json!({ "identifier": { "system": system, "value": record } });
+            if let Some(end) = end {
+                match resource.get_mut("period").and_then(Value::as_object_mut) {
+                    Some(period) => {
+                        period.insert("end".into(), json!(utc_text(end)));
+                    }
+                    None => {
+                        resource["period"] = json!({
+                            "start": utc_text(registered.period_start),
+                            "end": utc_text(end),
+                        });
+                    }
+                }
+            }
+            let new = map_encounter(&inst, &resource)?;
+            Ok::<_, ApiError>(encounters::upsert(conn, &new)?)
+        })
+        .await
+        .map_err(visit_nak)?;
+    audit_visit(state, peer, institution, outcome, &encounter).await?;
     Ok(format!(
-        "{outcome} Patient/{} person {person}",
-        done.record.id
+        "{} Encounter/{}",
+        outcome_word(outcome, encounter.status),
+        encounter.id
     ))
+}
+
+/// The OID of the resident-ID system (PID-3 repetitions assigned by it are not record numbers).
+fn resident_oid(state: &AppState) -> String {
+    state
+        .settings
+        .empi
+        .resident_id_system
+        .trim_start_matches("urn:oid:")
+        .to_string()
+}
+
+/// The sender's own record number in PID-3 (AE 101 at `PID^1^3` when there is none).
+fn pid_record_number(
+    state: &AppState,
+    s: &Separators,
+    pid: &Segment<'_>,
+    institution: &Institution,
+) -> Result<String, Nak> {
+    record_number(s, field(pid, 3), institution, &resident_oid(state)).ok_or_else(|| {
+        nak(
+            AckCode::Error,
+            101,
+            Some("PID^1^3"),
+            format!("PID-3 has no record number of {}", institution.id),
+        )
+    })
 }
 
 async fn merge(
@@ -742,21 +1133,8 @@ async fn merge(
     pid: &Segment<'_>,
     mrg: &Segment<'_>,
 ) -> Result<String, Nak> {
-    let resident_oid = state
-        .settings
-        .empi
-        .resident_id_system
-        .trim_start_matches("urn:oid:")
-        .to_string();
-    let surviving =
-        record_number(s, field(pid, 3), institution, &resident_oid).ok_or_else(|| {
-            nak(
-                AckCode::Error,
-                101,
-                Some("PID^1^3"),
-                format!("PID-3 has no record number of {}", institution.id),
-            )
-        })?;
+    let resident_oid = resident_oid(state);
+    let surviving = pid_record_number(state, s, pid, institution)?;
     let prior = record_number(s, field(mrg, 1), institution, &resident_oid).ok_or_else(|| {
         nak(
             AckCode::Error,
@@ -877,6 +1255,31 @@ mod tests {
             ..Separators::default()
         };
         assert_eq!(unescape(&custom, "王!S!五"), "王#五");
+    }
+
+    #[test]
+    fn hl7_timestamps_become_utc() {
+        let t = |s: &str| NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f").ok();
+        // Without an offset: China Standard Time.
+        assert_eq!(parse_ts("20261129"), t("2026-11-28 16:00:00"));
+        assert_eq!(parse_ts("2026112908"), t("2026-11-29 00:00:00"));
+        assert_eq!(parse_ts("202611290830"), t("2026-11-29 00:30:00"));
+        assert_eq!(parse_ts("20261129083015.25"), t("2026-11-29 00:30:15.25"));
+        assert_eq!(parse_ts("20261129083015+0000"), t("2026-11-29 08:30:15"));
+        assert_eq!(parse_ts("20261129083015-0530"), t("2026-11-29 14:00:15"));
+        for bad in [
+            "",
+            "2026-11-29",
+            "2026112",
+            "202611290",
+            "20261399",
+            "202611290830.5",
+            "20261129083015.12345",
+            "20261129+08",
+            "20261129083015+2500",
+        ] {
+            assert_eq!(parse_ts(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -7,8 +7,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
 use crate::federation::routes::FederatedPaths;
 use crate::routes::{
-    auditing, consent, directory, documents, empi, institutions, metadata, ops, patients,
-    subscriptions,
+    auditing, consent, directory, documents, empi, encounters, institutions, metadata, ops,
+    patients, subscriptions,
 };
 
 #[derive(OpenApi)]
@@ -37,6 +37,7 @@ use crate::routes::{
         documents::create, documents::transaction, documents::read, documents::search,
         documents::retrieve, subscriptions::create, subscriptions::search, subscriptions::read, subscriptions::delete,
         subscriptions::status, subscriptions::events, subscriptions::retry_dead,
+        encounters::create, encounters::update, encounters::read,
     ),
     components(schemas(institutions::InstitutionInput, institutions::InstitutionView,
                         institutions::InstitutionList, institutions::Sm2KeyInput,
@@ -60,6 +61,7 @@ use crate::routes::{
         (name = "audit", description = "Auditors' workspace: AuditEvent search, who accessed a patient's records, anomaly alerts, flagged patients (docs/audit.md)"),
         (name = "federation", description = "Federated queries to member hospitals (docs/federation.md)"),
         (name = "documents", description = "Document registry, retrieval and subscriptions (docs/documents.md)"),
+        (name = "encounters", description = "Care relationships registered by the treating institution (who treats whom, when; not clinical content), read by the consent engine (docs/consent.md)"),
     )
 )]
 pub struct ApiDoc;

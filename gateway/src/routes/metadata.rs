@@ -105,6 +105,13 @@ pub const IMPLEMENTED: &[ResourceCapability] = &[
         operations: &[],
     },
     ResourceCapability {
+        resource: "Encounter",
+        interactions: &["read", "create", "update"],
+        search_params: &[],
+        documentation: "Care relationships (who treats whom, when), registered by the treating institution (serviceProvider = the caller; subject by its own patient identifier; idempotent on the visit number identifier) or from HL7 v2 ADT PV1; read by the consent engine (internet hospitals see a patient only with a consent naming them or during an active encounter). Not clinical content; read only by the registering institution. GET /fhir/Encounter?patient= is the federated search of hospitals' clinical Encounters (docs/federation.md), not a search of these registrations (docs/consent.md).",
+        operations: &[],
+    },
+    ResourceCapability {
         resource: "Subscription",
         interactions: &["read", "search-type", "create", "delete"],
         search_params: &[],
@@ -117,18 +124,21 @@ pub fn capability_statement(base_url: &str) -> Value {
     let resources: Vec<Value> = IMPLEMENTED
         .iter()
         .map(|cap| {
-            let mut params: Vec<Value> = cap
-                .search_params
-                .iter()
-                .map(|(name, kind)| json!({ "name": name, "type": kind }))
-                .collect();
-            params.push(json!({ "name": "_count", "type": "number" }));
             let mut res = json!({
                 "type": cap.resource,
                 "documentation": cap.documentation,
                 "interaction": cap.interactions.iter().map(|i| json!({ "code": i })).collect::<Vec<_>>(),
-                "searchParam": params,
             });
+            // Search parameters only where search-type is offered.
+            if cap.interactions.contains(&"search-type") {
+                let mut params: Vec<Value> = cap
+                    .search_params
+                    .iter()
+                    .map(|(name, kind)| json!({ "name": name, "type": kind }))
+                    .collect();
+                params.push(json!({ "name": "_count", "type": "number" }));
+                res["searchParam"] = Value::Array(params);
+            }
             if !cap.operations.is_empty() {
                 res["operation"] = cap
                     .operations

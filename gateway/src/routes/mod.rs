@@ -6,6 +6,7 @@ pub mod directory;
 pub mod docs;
 pub mod documents;
 pub mod empi;
+pub mod encounters;
 pub mod institutions;
 pub mod metadata;
 pub mod ops;

@@ -7,6 +7,8 @@
 //! - All functions here are synchronous; callers on an async runtime run them on a blocking pool.
 
 pub mod schema;
+#[cfg(test)]
+pub(crate) mod testdb;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -307,6 +309,32 @@ impl Store {
         conn.batch_execute("SELECT 1")
             .map_err(StoreError::from_diesel)
     }
+}
+
+/// What ended a [`transaction`]: the work's own error, or the database's.
+enum TxFailure<E> {
+    Work(E),
+    Db(diesel::result::Error),
+}
+
+impl<E> From<diesel::result::Error> for TxFailure<E> {
+    fn from(e: diesel::result::Error) -> TxFailure<E> {
+        TxFailure::Db(e)
+    }
+}
+
+/// Run `work` in one transaction (a savepoint when inside another): every write of it is
+/// stored, or none. For callers outside this crate that combine several registry writes
+/// without naming diesel; the error type only needs to take a [`StoreError`].
+pub fn transaction<T, E: From<StoreError>>(
+    conn: &mut DbConn,
+    work: impl FnOnce(&mut DbConn) -> Result<T, E>,
+) -> Result<T, E> {
+    conn.transaction(|conn| work(conn).map_err(TxFailure::Work))
+        .map_err(|f| match f {
+            TxFailure::Work(e) => e,
+            TxFailure::Db(d) => E::from(StoreError::from_diesel(d)),
+        })
 }
 
 /// The current UTC time truncated to microseconds, the precision both backends keep.

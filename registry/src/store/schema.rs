@@ -403,5 +403,23 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    encounters (id) {
+        id -> Text,
+        institution_id -> Text,
+        institution_encounter_id -> Text,
+        patient_record_id -> Text,
+        status -> Text,
+        class_code -> Text,
+        period_start -> Timestamp,
+        period_end -> Nullable<Timestamp>,
+        resource -> Text,
+        version -> BigInt,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
 diesel::joinable!(doc_contents -> doc_references (document_id));
 diesel::allow_tables_to_appear_in_same_query!(doc_references, doc_contents);
+diesel::allow_tables_to_appear_in_same_query!(encounters, empi_links);
