@@ -461,6 +461,7 @@ pub fn import(
     let actor = format!("import:{}", institution.id);
     let batch_size = opts.batch.max(1);
     let mut done_rows = 0u64;
+    let mut statistics = empi::StatisticsSchedule::default();
     let run_started = Instant::now();
     loop {
         // Read one batch.
@@ -513,6 +514,9 @@ pub fn import(
             }
         }
         done_rows += batch.len() as u64;
+        statistics
+            .after_batch(&mut conn, done_rows)
+            .map_err(|e| ImportError::Database(e.to_string()))?;
         rejects
             .write_all(report.as_bytes())
             .map_err(|e| io(&opts.rejects, e))?;

@@ -264,6 +264,17 @@ impl RecordRow {
     }
 }
 
+/// Run a statement the multi-backend connection cannot express (multi-row INSERT) on the
+/// concrete connection.
+macro_rules! per_backend {
+    ($conn:expr, |$c:ident| $body:expr) => {
+        match $conn {
+            DbConn::Postgresql($c) => $body,
+            DbConn::Sqlite($c) => $body,
+        }
+    };
+}
+
 fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
@@ -286,11 +297,17 @@ fn lock(conn: &mut DbConn, names: &BTreeSet<String>) -> Result<(), EmpiError> {
                 .collect();
             hashes.sort_unstable();
             hashes.dedup();
-            for h in hashes {
-                diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
-                    .bind::<diesel::sql_types::BigInt, _>(h)
-                    .execute(pg)?;
+            if hashes.is_empty() {
+                return Ok(());
             }
+            // One round trip; the sorted subquery feeds the aggregate in order, so the
+            // locks are taken in ascending key order (no deadlock between writers).
+            diesel::sql_query(
+                "SELECT count(pg_advisory_xact_lock(h)) FROM \
+                 (SELECT unnest($1::bigint[]) AS h ORDER BY 1) AS sorted_keys",
+            )
+            .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(hashes)
+            .execute(pg)?;
             Ok(())
         }
         DbConn::Sqlite(_) => Ok(()),
@@ -448,16 +465,27 @@ fn scored_candidates(
     if keys.is_empty() {
         return Ok(Vec::new());
     }
+    // No DISTINCT in SQL: `SELECT DISTINCT … LIMIT` let PostgreSQL walk the whole
+    // (record_id, key) primary key in order, filtering on the key, instead of looking the
+    // keys up. A record shares at most `keys.len()` keys with the query (one row per key),
+    // so `MAX_CANDIDATES × keys.len()` rows hold at least `MAX_CANDIDATES` distinct records
+    // whenever that many exist: the same candidate set as a distinct query with that limit.
+    let row_limit = MAX_CANDIDATES.saturating_mul(i64::try_from(keys.len()).unwrap_or(i64::MAX));
     let mut query = keys_t::table
         .filter(keys_t::key.eq_any(keys))
         .select(keys_t::record_id)
-        .distinct()
-        .limit(MAX_CANDIDATES)
+        .limit(row_limit)
         .into_boxed();
     if let Some(ex) = exclude {
         query = query.filter(keys_t::record_id.ne(ex.to_string()));
     }
-    let ids: Vec<String> = query.load(conn)?;
+    let mut seen = BTreeSet::new();
+    let ids: Vec<String> = query
+        .load::<String>(conn)?
+        .into_iter()
+        .filter(|id| seen.insert(id.clone()))
+        .take(usize::try_from(MAX_CANDIDATES).unwrap_or(usize::MAX))
+        .collect();
     let records = load_records(conn, &ids)?;
     let mut out: Vec<ScoredCandidate> = records
         .into_iter()
@@ -673,6 +701,48 @@ pub fn register_batch(
     })
 }
 
+/// Refresh the query planner's statistics of the identity tables (PostgreSQL `ANALYZE`; on
+/// SQLite nothing: its planner needs no statistics for these equality lookups). A bulk load
+/// into small tables otherwise keeps the plans made when they were nearly empty — each
+/// connection's cached generic plans read every row of `empi_source_records` and
+/// `empi_links` per registration — until autovacuum analyses them, and autovacuum may be off.
+pub fn refresh_statistics(conn: &mut DbConn) -> Result<(), EmpiError> {
+    if let DbConn::Postgresql(pg) = conn {
+        diesel::sql_query(
+            "ANALYZE empi_source_records, empi_links, empi_blocking_keys, empi_persons, \
+             empi_review_items",
+        )
+        .execute(pg)?;
+    }
+    Ok(())
+}
+
+/// When a bulk load refreshes statistics ([`refresh_statistics`]): after its first batch,
+/// then each time the rows loaded have doubled (a handful of `ANALYZE`s for a million rows).
+#[derive(Debug)]
+pub struct StatisticsSchedule {
+    next_at: u64,
+}
+
+impl Default for StatisticsSchedule {
+    fn default() -> Self {
+        StatisticsSchedule { next_at: 1 }
+    }
+}
+
+impl StatisticsSchedule {
+    /// Call after each committed batch with the rows loaded so far; returns whether it
+    /// refreshed.
+    pub fn after_batch(&mut self, conn: &mut DbConn, rows_done: u64) -> Result<bool, EmpiError> {
+        if rows_done < self.next_at {
+            return Ok(false);
+        }
+        refresh_statistics(conn)?;
+        self.next_at = rows_done.saturating_mul(2);
+        Ok(true)
+    }
+}
+
 /// [`register`] with the match model given (bulk import loads it once per batch; `None`: the
 /// current one). Inside an outer transaction this is a savepoint: a failed registration
 /// leaves nothing behind and the outer transaction goes on.
@@ -788,23 +858,34 @@ pub fn register_with(
                 (id, RegistrationOutcome::Created)
             }
         };
-        for key in &keys {
-            diesel::insert_into(keys_t::table)
-                .values((keys_t::record_id.eq(&record_id), keys_t::key.eq(key)))
-                .execute(conn)?;
+        // One multi-row INSERT each (not one round trip per key or issue).
+        if !keys.is_empty() {
+            let rows: Vec<_> = keys
+                .iter()
+                .map(|key| (keys_t::record_id.eq(&record_id), keys_t::key.eq(key)))
+                .collect();
+            per_backend!(conn, |c| diesel::insert_into(keys_t::table)
+                .values(&rows)
+                .execute(c))?;
         }
         let distinct_issues: BTreeSet<String> = issues
             .iter()
             .map(serde_json::to_string)
             .collect::<Result<_, _>>()
             .map_err(ModelError::from)?;
-        for issue in distinct_issues {
-            diesel::insert_into(issues_t::table)
-                .values((
-                    issues_t::record_id.eq(&record_id),
-                    issues_t::issue.eq(issue),
-                ))
-                .execute(conn)?;
+        if !distinct_issues.is_empty() {
+            let rows: Vec<_> = distinct_issues
+                .iter()
+                .map(|issue| {
+                    (
+                        issues_t::record_id.eq(&record_id),
+                        issues_t::issue.eq(issue),
+                    )
+                })
+                .collect();
+            per_backend!(conn, |c| diesel::insert_into(issues_t::table)
+                .values(&rows)
+                .execute(c))?;
         }
         link_by_matcher(conn, &record_id, &prepared, &keys, actor, model)?;
         Ok(Registered {
