@@ -17,9 +17,9 @@ use diesel::prelude::*;
 use yiqiao_registry::empi::evaluate::pairwise_quality;
 use yiqiao_registry::empi::store::{self as empi, Registration};
 use yiqiao_registry::empi::synth::{PopulationConfig, generate};
+use yiqiao_registry::store::DbConn;
 use yiqiao_registry::store::now_utc;
 use yiqiao_registry::store::schema::{empi_links, institutions};
-use yiqiao_registry::store::DbConn;
 use yiqiao_registry::{Store, StoreOptions};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -33,14 +33,10 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let records: usize = args.next().map_or(Ok(10_000), |a| a.parse())?;
-    let url = args
-        .next()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| {
-            let path =
-                std::env::temp_dir().join(format!("empi-bench-{}.db", std::process::id()));
-            path.to_string_lossy().into_owned()
-        });
+    let url = args.next().filter(|u| !u.is_empty()).unwrap_or_else(|| {
+        let path = std::env::temp_dir().join(format!("empi-bench-{}.db", std::process::id()));
+        path.to_string_lossy().into_owned()
+    });
     let batch: usize = args.next().map_or(Ok(1), |a| a.parse())?;
     let batch = batch.max(1);
     let store = Store::open(&StoreOptions {

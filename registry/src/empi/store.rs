@@ -609,11 +609,23 @@ fn set_link(
     decided_by: DecidedBy,
     actor: &str,
 ) -> Result<(), EmpiError> {
+    diesel::delete(links_t::table.find(record)).execute(conn)?;
+    insert_link(conn, record, person, score, decided_by, actor)
+}
+
+/// [`set_link`] for a record known to have no link (a new record).
+fn insert_link(
+    conn: &mut DbConn,
+    record: &str,
+    person: &str,
+    score: Option<&Score>,
+    decided_by: DecidedBy,
+    actor: &str,
+) -> Result<(), EmpiError> {
     let explanation = score
         .map(|s| serde_json::to_string(&s.explanation))
         .transpose()
         .map_err(ModelError::from)?;
-    diesel::delete(links_t::table.find(record)).execute(conn)?;
     diesel::insert_into(links_t::table)
         .values((
             links_t::record_id.eq(record),
@@ -691,11 +703,13 @@ pub fn register_batch(
         let (_, model) = current_model(conn)?;
         let mut out = Vec::with_capacity(regs.len());
         for reg in regs {
-            out.push(match register_with(conn, reg, actor, Some(&model)) {
-                Ok(done) => Ok(done.outcome),
-                Err(e @ (EmpiError::Invalid { .. } | EmpiError::Conflict(_))) => Err(e),
-                Err(other) => return Err(other),
-            });
+            out.push(
+                match register_inner(conn, reg, actor, Some(&model), false) {
+                    Ok((outcome, _)) => Ok(outcome),
+                    Err(e @ (EmpiError::Invalid { .. } | EmpiError::Conflict(_))) => Err(e),
+                    Err(other) => return Err(other),
+                },
+            );
         }
         Ok(out)
     })
@@ -752,6 +766,27 @@ pub fn register_with(
     actor: &str,
     model: Option<&StoredModel>,
 ) -> Result<Registered, EmpiError> {
+    let (outcome, read) = register_inner(conn, reg, actor, model, true)?;
+    let (record, issues) = read.ok_or_else(|| corrupt("registered record not read back"))?;
+    Ok(Registered {
+        outcome,
+        record,
+        issues,
+    })
+}
+
+/// The stored record and the data-quality issues of a registration.
+type ReadBack = (StoredRecord, Vec<super::ident::DataQualityIssue>);
+
+/// [`register_with`]; reads the stored record back only if `read_back` (a bulk import needs
+/// the outcome alone).
+fn register_inner(
+    conn: &mut DbConn,
+    reg: &Registration,
+    actor: &str,
+    model: Option<&StoredModel>,
+    read_back: bool,
+) -> Result<(RegistrationOutcome, Option<ReadBack>), EmpiError> {
     if reg.record.institution != reg.institution_id {
         return Err(EmpiError::Invalid {
             field: "institution",
@@ -762,7 +797,7 @@ pub fn register_with(
     let keys = blocking_keys(&prepared);
     let record_json = serde_json::to_string(&reg.record).map_err(ModelError::from)?;
     let resource = reg.resource.to_string();
-    let issues = prepared.issues.clone();
+    let issues = &prepared.issues;
     write_transaction(conn, |conn| {
         lock(
             conn,
@@ -788,12 +823,12 @@ pub fn register_with(
                 ));
             }
             if row.record_json == record_json && row.resource == resource {
-                let id = row.id.clone();
-                return Ok(Registered {
-                    outcome: RegistrationOutcome::Unchanged,
-                    record: get_record(conn, &id)?,
-                    issues: issues.clone(),
-                });
+                let record = if read_back {
+                    Some((get_record(conn, &row.id)?, issues.clone()))
+                } else {
+                    None
+                };
+                return Ok((RegistrationOutcome::Unchanged, record));
             }
         }
         let mut names: BTreeSet<String> = keys.iter().map(|k| format!("key:{k}")).collect();
@@ -887,25 +922,41 @@ pub fn register_with(
                 .values(&rows)
                 .execute(c))?;
         }
-        link_by_matcher(conn, &record_id, &prepared, &keys, actor, model)?;
-        Ok(Registered {
-            outcome,
-            record: get_record(conn, &record_id)?,
-            issues: issues.clone(),
-        })
+        link_by_matcher(
+            conn,
+            &record_id,
+            outcome == RegistrationOutcome::Created,
+            &prepared,
+            &keys,
+            actor,
+            model,
+        )?;
+        let record = if read_back {
+            Some((get_record(conn, &record_id)?, issues.clone()))
+        } else {
+            None
+        };
+        Ok((outcome, record))
     })
 }
 
 /// Decide the person of a (new or changed) record; manual and merge links are kept.
+/// `created`: the record was inserted in this transaction, so it has no link and no review
+/// item yet (nothing to read).
 fn link_by_matcher(
     conn: &mut DbConn,
     record_id: &str,
+    created: bool,
     prepared: &PreparedRecord,
     keys: &[String],
     actor: &str,
     model: Option<&StoredModel>,
 ) -> Result<(), EmpiError> {
-    let current = load_link(conn, record_id)?;
+    let current = if created {
+        None
+    } else {
+        load_link(conn, record_id)?
+    };
     if current
         .as_ref()
         .is_some_and(|l| l.decided_by != DecidedBy::Auto)
@@ -920,7 +971,11 @@ fn link_by_matcher(
             &loaded
         }
     };
-    let separate = kept_separate(conn, record_id)?;
+    let separate = if created {
+        BTreeSet::new()
+    } else {
+        kept_separate(conn, record_id)?
+    };
     let candidates: Vec<ScoredCandidate> =
         scored_candidates(conn, prepared, keys, Some(record_id), model)?
             .into_iter()
@@ -942,14 +997,25 @@ fn link_by_matcher(
         (None, _) => (new_person(conn)?, None),
     };
     if current_person.as_deref() != Some(person.as_str()) || current.is_none() {
-        set_link(
-            conn,
-            record_id,
-            &person,
-            score.as_ref(),
-            DecidedBy::Auto,
-            actor,
-        )?;
+        if current.is_none() {
+            insert_link(
+                conn,
+                record_id,
+                &person,
+                score.as_ref(),
+                DecidedBy::Auto,
+                actor,
+            )?;
+        } else {
+            set_link(
+                conn,
+                record_id,
+                &person,
+                score.as_ref(),
+                DecidedBy::Auto,
+                actor,
+            )?;
+        }
         touch_person(conn, &person, "active")?;
         if let Some(old) = current_person.as_deref().filter(|old| *old != person)
             && linked_count(conn, old)? == 0
