@@ -691,20 +691,21 @@ pub fn register(
     register_with(conn, reg, actor, None)
 }
 
-/// Register many records in one transaction (bulk import), the model loaded once; each
-/// registration is a savepoint. Per record: its outcome, or the `Invalid`/`Conflict` error
-/// that rolled it back alone. Any other error rolls the whole batch back and is returned.
+/// Register many records in one write transaction (bulk import), the model loaded once. Per
+/// record: its outcome, or the `Invalid`/`Conflict` error that refused it alone (raised
+/// before the record writes anything, so no savepoint is needed). Any other error rolls the
+/// whole batch back and is returned.
 pub fn register_batch(
     conn: &mut DbConn,
     regs: &[&Registration],
     actor: &str,
 ) -> Result<Vec<Result<RegistrationOutcome, EmpiError>>, EmpiError> {
-    conn.transaction(|conn| {
+    write_transaction(conn, |conn| {
         let (_, model) = current_model(conn)?;
         let mut out = Vec::with_capacity(regs.len());
         for reg in regs {
             out.push(
-                match register_inner(conn, reg, actor, Some(&model), false) {
+                match register_inner(conn, reg, actor, Some(&model), Nesting::InBatch) {
                     Ok((outcome, _)) => Ok(outcome),
                     Err(e @ (EmpiError::Invalid { .. } | EmpiError::Conflict(_))) => Err(e),
                     Err(other) => return Err(other),
@@ -766,7 +767,7 @@ pub fn register_with(
     actor: &str,
     model: Option<&StoredModel>,
 ) -> Result<Registered, EmpiError> {
-    let (outcome, read) = register_inner(conn, reg, actor, model, true)?;
+    let (outcome, read) = register_inner(conn, reg, actor, model, Nesting::Own)?;
     let (record, issues) = read.ok_or_else(|| corrupt("registered record not read back"))?;
     Ok(Registered {
         outcome,
@@ -778,15 +779,28 @@ pub fn register_with(
 /// The stored record and the data-quality issues of a registration.
 type ReadBack = (StoredRecord, Vec<super::ident::DataQualityIssue>);
 
-/// [`register_with`]; reads the stored record back only if `read_back` (a bulk import needs
-/// the outcome alone).
+/// How [`register_inner`] runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Nesting {
+    /// In its own write transaction (a savepoint inside an outer one); reads the stored
+    /// record back.
+    Own,
+    /// Inside [`register_batch`]'s write transaction, no savepoint: its only per-record
+    /// errors (`Invalid`, `Conflict`) are raised before the record writes anything, and any
+    /// other error rolls the whole batch back. Reads nothing back (the import needs the
+    /// outcome alone).
+    InBatch,
+}
+
+/// [`register_with`] and one record of [`register_batch`].
 fn register_inner(
     conn: &mut DbConn,
     reg: &Registration,
     actor: &str,
     model: Option<&StoredModel>,
-    read_back: bool,
+    nesting: Nesting,
 ) -> Result<(RegistrationOutcome, Option<ReadBack>), EmpiError> {
+    let read_back = nesting == Nesting::Own;
     if reg.record.institution != reg.institution_id {
         return Err(EmpiError::Invalid {
             field: "institution",
@@ -798,7 +812,7 @@ fn register_inner(
     let record_json = serde_json::to_string(&reg.record).map_err(ModelError::from)?;
     let resource = reg.resource.to_string();
     let issues = &prepared.issues;
-    write_transaction(conn, |conn| {
+    let body = |conn: &mut DbConn| {
         lock(
             conn,
             &BTreeSet::from([format!("id:{}|{}", reg.id_system, reg.id_value)]),
@@ -937,7 +951,11 @@ fn register_inner(
             None
         };
         Ok((outcome, record))
-    })
+    };
+    match nesting {
+        Nesting::Own => write_transaction(conn, body),
+        Nesting::InBatch => body(conn),
+    }
 }
 
 /// Decide the person of a (new or changed) record; manual and merge links are kept.
