@@ -1,9 +1,14 @@
-//! Load figures of the identity store: registration throughput (one writer, each record in its
-//! own transaction, as the FHIR feed does), `$match` and PIXm-style lookup latency, and the
-//! linkage quality of the online (one record at a time) matcher against the synthetic truth.
+//! Load figures of the identity store: registration throughput (one writer; batch 1: each
+//! record in its own transaction, as the FHIR feed does; batch N: `register_batch` of N records
+//! per transaction, as `yiqiao mpi import` does), `$match` and PIXm-style lookup latency, the
+//! linkage quality of the online (one record at a time) matcher against the synthetic truth,
+//! and same-run baselines: a bare multi-row INSERT of the same rows into a scratch table and a
+//! read of a source record by id.
 //!
-//! `cargo run --release -p yiqiao-registry --example empi_store_bench -- [records] [database-url]`
-//! (default 10000 records on a fresh SQLite file in the temp directory).
+//! `cargo run --release -p yiqiao-registry --example empi_store_bench -- [records] [database-url] [batch]`
+//! (default 10000 records on a fresh SQLite file in the temp directory, batch 1). Planner
+//! statistics are refreshed on the import's schedule (`StatisticsSchedule`) in both modes:
+//! autovacuum, which would do it for the FHIR feed, is off on the test server.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -12,6 +17,7 @@ use diesel::prelude::*;
 use yiqiao_registry::empi::evaluate::pairwise_quality;
 use yiqiao_registry::empi::store::{self as empi, Registration};
 use yiqiao_registry::empi::synth::{PopulationConfig, generate};
+use yiqiao_registry::store::DbConn;
 use yiqiao_registry::store::now_utc;
 use yiqiao_registry::store::schema::{empi_links, institutions};
 use yiqiao_registry::{Store, StoreOptions};
@@ -27,10 +33,12 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let records: usize = args.next().map_or(Ok(10_000), |a| a.parse())?;
-    let url = args.next().unwrap_or_else(|| {
+    let url = args.next().filter(|u| !u.is_empty()).unwrap_or_else(|| {
         let path = std::env::temp_dir().join(format!("empi-bench-{}.db", std::process::id()));
         path.to_string_lossy().into_owned()
     });
+    let batch: usize = args.next().map_or(Ok(1), |a| a.parse())?;
+    let batch = batch.max(1);
     let store = Store::open(&StoreOptions {
         url: url.clone(),
         pool_size: 2,
@@ -72,10 +80,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         pop.persons
     );
 
-    let started = Instant::now();
-    let mut ids = Vec::with_capacity(pop.records.len());
-    for r in &pop.records {
-        let reg = Registration {
+    let regs: Vec<Registration> = pop
+        .records
+        .iter()
+        .map(|r| Registration {
             institution_id: r.institution.clone(),
             id_system: format!("urn:bench:{}", r.institution),
             id_value: r.record_id.0.to_string(),
@@ -83,16 +91,99 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             family: String::new(),
             given: String::new(),
             resource: serde_json::json!({ "resourceType": "Patient" }),
-        };
-        let done = empi::register(&mut conn, &reg, "bench")?;
-        ids.push(done.record.id);
+        })
+        .collect();
+    let mut statistics = empi::StatisticsSchedule::default();
+    let started = Instant::now();
+    let mut done = 0u64;
+    for chunk in regs.chunks(batch) {
+        if batch == 1 {
+            empi::register(&mut conn, &chunk[0], "bench")?;
+        } else {
+            let refs: Vec<&Registration> = chunk.iter().collect();
+            for outcome in empi::register_batch(&mut conn, &refs, "bench")? {
+                outcome?;
+            }
+        }
+        done += chunk.len() as u64;
+        statistics.after_batch(&mut conn, done)?;
     }
     let elapsed = started.elapsed();
     println!(
-        "registration: {:.1} s, {:.0} records/s",
+        "registration (batch {batch}): {:.1} s, {:.0} records/s",
         elapsed.as_secs_f64(),
         pop.records.len() as f64 / elapsed.as_secs_f64()
     );
+    let ids: Vec<String> = regs
+        .iter()
+        .map(|r| -> Result<String, Box<dyn std::error::Error>> {
+            empi::find_by_identifier(&mut conn, &r.id_system, &r.id_value)?
+                .map(|s| s.id)
+                .ok_or_else(|| "registered record not found".into())
+        })
+        .collect::<Result<_, Box<dyn std::error::Error>>>()?;
+
+    // Baseline: the same rows (columns of empi_source_records) inserted bare, in batches of
+    // the same size, one transaction each, into a scratch table.
+    diesel::sql_query("DROP TABLE IF EXISTS bench_bare_records").execute(&mut *conn)?;
+    diesel::sql_query(
+        "CREATE TABLE bench_bare_records (id TEXT PRIMARY KEY NOT NULL, id_system TEXT NOT NULL, \
+         id_value TEXT NOT NULL, record_json TEXT NOT NULL, UNIQUE (id_system, id_value))",
+    )
+    .execute(&mut *conn)?;
+    diesel::table! {
+        bench_bare_records (id) {
+            id -> Text,
+            id_system -> Text,
+            id_value -> Text,
+            record_json -> Text,
+        }
+    }
+    let bare: Vec<(String, String, String, String)> = regs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            Ok((
+                format!("{i:012}"),
+                r.id_system.clone(),
+                r.id_value.clone(),
+                serde_json::to_string(&r.record)?,
+            ))
+        })
+        .collect::<Result<_, serde_json::Error>>()?;
+    let started = Instant::now();
+    // 4 binds a row; stay under SQLite's 32766 bound parameters per statement.
+    for chunk in bare.chunks(batch.min(5_000)) {
+        let rows: Vec<_> = chunk
+            .iter()
+            .map(|(id, s, v, j)| {
+                (
+                    bench_bare_records::id.eq(id),
+                    bench_bare_records::id_system.eq(s),
+                    bench_bare_records::id_value.eq(v),
+                    bench_bare_records::record_json.eq(j),
+                )
+            })
+            .collect();
+        conn.transaction(|c| match &mut **c {
+            DbConn::Postgresql(pg) => diesel::insert_into(bench_bare_records::table)
+                .values(&rows)
+                .execute(pg),
+            DbConn::Sqlite(lite) => diesel::insert_into(bench_bare_records::table)
+                .values(&rows)
+                .execute(lite),
+        })?;
+    }
+    let bare_elapsed = started.elapsed();
+    println!(
+        "baseline bare INSERT (batch {}): {:.1} s, {:.0} rows/s; registration / bare = {:.3}",
+        batch.min(5_000),
+        bare_elapsed.as_secs_f64(),
+        bare.len() as f64 / bare_elapsed.as_secs_f64(),
+        (pop.records.len() as f64 / elapsed.as_secs_f64())
+            / (bare.len() as f64 / bare_elapsed.as_secs_f64())
+    );
+    diesel::sql_query("DROP TABLE bench_bare_records").execute(&mut *conn)?;
 
     let links: HashMap<String, String> = empi_links::table
         .select((empi_links::record_id, empi_links::person_id))
@@ -132,6 +223,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         percentile(&match_times, 0.99),
         match_times.last().copied().unwrap_or_default(),
         match_times.len()
+    );
+    let mut read_times = Vec::with_capacity(sample.len());
+    for &i in &sample {
+        let t = Instant::now();
+        std::hint::black_box(empi::get_record(&mut conn, &ids[i])?);
+        read_times.push(t.elapsed());
+    }
+    read_times.sort();
+    println!(
+        "baseline read by id: p50 {:?}, p99 {:?}; $match p50 / read p50 = {:.1}, p99 / p99 = {:.1}",
+        percentile(&read_times, 0.5),
+        percentile(&read_times, 0.99),
+        percentile(&match_times, 0.5).as_secs_f64()
+            / percentile(&read_times, 0.5).as_secs_f64().max(1e-9),
+        percentile(&match_times, 0.99).as_secs_f64()
+            / percentile(&read_times, 0.99).as_secs_f64().max(1e-9)
     );
     let mut pix_times = Vec::with_capacity(sample.len());
     for &i in &sample {

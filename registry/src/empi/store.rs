@@ -265,6 +265,17 @@ impl RecordRow {
     }
 }
 
+/// Run a statement the multi-backend connection cannot express (multi-row INSERT) on the
+/// concrete connection.
+macro_rules! per_backend {
+    ($conn:expr, |$c:ident| $body:expr) => {
+        match $conn {
+            DbConn::Postgresql($c) => $body,
+            DbConn::Sqlite($c) => $body,
+        }
+    };
+}
+
 fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
@@ -287,11 +298,17 @@ fn lock(conn: &mut DbConn, names: &BTreeSet<String>) -> Result<(), EmpiError> {
                 .collect();
             hashes.sort_unstable();
             hashes.dedup();
-            for h in hashes {
-                diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
-                    .bind::<diesel::sql_types::BigInt, _>(h)
-                    .execute(pg)?;
+            if hashes.is_empty() {
+                return Ok(());
             }
+            // One round trip; the sorted subquery feeds the aggregate in order, so the
+            // locks are taken in ascending key order (no deadlock between writers).
+            diesel::sql_query(
+                "SELECT count(pg_advisory_xact_lock(h)) FROM \
+                 (SELECT unnest($1::bigint[]) AS h ORDER BY 1) AS sorted_keys",
+            )
+            .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(hashes)
+            .execute(pg)?;
             Ok(())
         }
         DbConn::Sqlite(_) => Ok(()),
@@ -449,16 +466,27 @@ fn scored_candidates(
     if keys.is_empty() {
         return Ok(Vec::new());
     }
+    // No DISTINCT in SQL: `SELECT DISTINCT … LIMIT` let PostgreSQL walk the whole
+    // (record_id, key) primary key in order, filtering on the key, instead of looking the
+    // keys up. A record shares at most `keys.len()` keys with the query (one row per key),
+    // so `MAX_CANDIDATES × keys.len()` rows hold at least `MAX_CANDIDATES` distinct records
+    // whenever that many exist: the same candidate set as a distinct query with that limit.
+    let row_limit = MAX_CANDIDATES.saturating_mul(i64::try_from(keys.len()).unwrap_or(i64::MAX));
     let mut query = keys_t::table
         .filter(keys_t::key.eq_any(keys))
         .select(keys_t::record_id)
-        .distinct()
-        .limit(MAX_CANDIDATES)
+        .limit(row_limit)
         .into_boxed();
     if let Some(ex) = exclude {
         query = query.filter(keys_t::record_id.ne(ex.to_string()));
     }
-    let ids: Vec<String> = query.load(conn)?;
+    let mut seen = BTreeSet::new();
+    let ids: Vec<String> = query
+        .load::<String>(conn)?
+        .into_iter()
+        .filter(|id| seen.insert(id.clone()))
+        .take(usize::try_from(MAX_CANDIDATES).unwrap_or(usize::MAX))
+        .collect();
     let records = load_records(conn, &ids)?;
     let mut out: Vec<ScoredCandidate> = records
         .into_iter()
@@ -582,11 +610,23 @@ fn set_link(
     decided_by: DecidedBy,
     actor: &str,
 ) -> Result<(), EmpiError> {
+    diesel::delete(links_t::table.find(record)).execute(conn)?;
+    insert_link(conn, record, person, score, decided_by, actor)
+}
+
+/// [`set_link`] for a record known to have no link (a new record).
+fn insert_link(
+    conn: &mut DbConn,
+    record: &str,
+    person: &str,
+    score: Option<&Score>,
+    decided_by: DecidedBy,
+    actor: &str,
+) -> Result<(), EmpiError> {
     let explanation = score
         .map(|s| serde_json::to_string(&s.explanation))
         .transpose()
         .map_err(ModelError::from)?;
-    diesel::delete(links_t::table.find(record)).execute(conn)?;
     diesel::insert_into(links_t::table)
         .values((
             links_t::record_id.eq(record),
@@ -652,26 +692,71 @@ pub fn register(
     register_with(conn, reg, actor, None)
 }
 
-/// Register many records in one transaction (bulk import), the model loaded once; each
-/// registration is a savepoint. Per record: its outcome, or the `Invalid`/`Conflict` error
-/// that rolled it back alone. Any other error rolls the whole batch back and is returned.
+/// Register many records in one write transaction (bulk import), the model loaded once. Per
+/// record: its outcome, or the `Invalid`/`Conflict` error that refused it alone (raised
+/// before the record writes anything, so no savepoint is needed). Any other error rolls the
+/// whole batch back and is returned.
 pub fn register_batch(
     conn: &mut DbConn,
     regs: &[&Registration],
     actor: &str,
 ) -> Result<Vec<Result<RegistrationOutcome, EmpiError>>, EmpiError> {
-    conn.transaction(|conn| {
+    write_transaction(conn, |conn| {
         let (_, model) = current_model(conn)?;
         let mut out = Vec::with_capacity(regs.len());
         for reg in regs {
-            out.push(match register_with(conn, reg, actor, Some(&model)) {
-                Ok(done) => Ok(done.outcome),
-                Err(e @ (EmpiError::Invalid { .. } | EmpiError::Conflict(_))) => Err(e),
-                Err(other) => return Err(other),
-            });
+            out.push(
+                match register_inner(conn, reg, actor, Some(&model), Nesting::InBatch) {
+                    Ok((outcome, _)) => Ok(outcome),
+                    Err(e @ (EmpiError::Invalid { .. } | EmpiError::Conflict(_))) => Err(e),
+                    Err(other) => return Err(other),
+                },
+            );
         }
         Ok(out)
     })
+}
+
+/// Refresh the query planner's statistics of the identity tables (PostgreSQL `ANALYZE`; on
+/// SQLite nothing: its planner needs no statistics for these equality lookups). A bulk load
+/// into small tables otherwise keeps the plans made when they were nearly empty — each
+/// connection's cached generic plans read every row of `empi_source_records` and
+/// `empi_links` per registration — until autovacuum analyses them, and autovacuum may be off.
+pub fn refresh_statistics(conn: &mut DbConn) -> Result<(), EmpiError> {
+    if let DbConn::Postgresql(pg) = conn {
+        diesel::sql_query(
+            "ANALYZE empi_source_records, empi_links, empi_blocking_keys, empi_persons, \
+             empi_review_items",
+        )
+        .execute(pg)?;
+    }
+    Ok(())
+}
+
+/// When a bulk load refreshes statistics ([`refresh_statistics`]): after its first batch,
+/// then each time the rows loaded have doubled (a handful of `ANALYZE`s for a million rows).
+#[derive(Debug)]
+pub struct StatisticsSchedule {
+    next_at: u64,
+}
+
+impl Default for StatisticsSchedule {
+    fn default() -> Self {
+        StatisticsSchedule { next_at: 1 }
+    }
+}
+
+impl StatisticsSchedule {
+    /// Call after each committed batch with the rows loaded so far; returns whether it
+    /// refreshed.
+    pub fn after_batch(&mut self, conn: &mut DbConn, rows_done: u64) -> Result<bool, EmpiError> {
+        if rows_done < self.next_at {
+            return Ok(false);
+        }
+        refresh_statistics(conn)?;
+        self.next_at = rows_done.saturating_mul(2);
+        Ok(true)
+    }
 }
 
 /// [`register`] with the match model given (bulk import loads it once per batch; `None`: the
@@ -683,6 +768,40 @@ pub fn register_with(
     actor: &str,
     model: Option<&StoredModel>,
 ) -> Result<Registered, EmpiError> {
+    let (outcome, read) = register_inner(conn, reg, actor, model, Nesting::Own)?;
+    let (record, issues) = read.ok_or_else(|| corrupt("registered record not read back"))?;
+    Ok(Registered {
+        outcome,
+        record,
+        issues,
+    })
+}
+
+/// The stored record and the data-quality issues of a registration.
+type ReadBack = (StoredRecord, Vec<super::ident::DataQualityIssue>);
+
+/// How [`register_inner`] runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Nesting {
+    /// In its own write transaction (a savepoint inside an outer one); reads the stored
+    /// record back.
+    Own,
+    /// Inside [`register_batch`]'s write transaction, no savepoint: its only per-record
+    /// errors (`Invalid`, `Conflict`) are raised before the record writes anything, and any
+    /// other error rolls the whole batch back. Reads nothing back (the import needs the
+    /// outcome alone).
+    InBatch,
+}
+
+/// [`register_with`] and one record of [`register_batch`].
+fn register_inner(
+    conn: &mut DbConn,
+    reg: &Registration,
+    actor: &str,
+    model: Option<&StoredModel>,
+    nesting: Nesting,
+) -> Result<(RegistrationOutcome, Option<ReadBack>), EmpiError> {
+    let read_back = nesting == Nesting::Own;
     if reg.record.institution != reg.institution_id {
         return Err(EmpiError::Invalid {
             field: "institution",
@@ -693,8 +812,8 @@ pub fn register_with(
     let keys = blocking_keys(&prepared);
     let record_json = serde_json::to_string(&reg.record).map_err(ModelError::from)?;
     let resource = reg.resource.to_string();
-    let issues = prepared.issues.clone();
-    write_transaction(conn, |conn| {
+    let issues = &prepared.issues;
+    let body = |conn: &mut DbConn| {
         lock(
             conn,
             &BTreeSet::from([format!("id:{}|{}", reg.id_system, reg.id_value)]),
@@ -719,12 +838,12 @@ pub fn register_with(
                 ));
             }
             if row.record_json == record_json && row.resource == resource {
-                let id = row.id.clone();
-                return Ok(Registered {
-                    outcome: RegistrationOutcome::Unchanged,
-                    record: get_record(conn, &id)?,
-                    issues: issues.clone(),
-                });
+                let record = if read_back {
+                    Some((get_record(conn, &row.id)?, issues.clone()))
+                } else {
+                    None
+                };
+                return Ok((RegistrationOutcome::Unchanged, record));
             }
         }
         let mut names: BTreeSet<String> = keys.iter().map(|k| format!("key:{k}")).collect();
@@ -789,43 +908,74 @@ pub fn register_with(
                 (id, RegistrationOutcome::Created)
             }
         };
-        for key in &keys {
-            diesel::insert_into(keys_t::table)
-                .values((keys_t::record_id.eq(&record_id), keys_t::key.eq(key)))
-                .execute(conn)?;
+        // One multi-row INSERT each (not one round trip per key or issue).
+        if !keys.is_empty() {
+            let rows: Vec<_> = keys
+                .iter()
+                .map(|key| (keys_t::record_id.eq(&record_id), keys_t::key.eq(key)))
+                .collect();
+            per_backend!(conn, |c| diesel::insert_into(keys_t::table)
+                .values(&rows)
+                .execute(c))?;
         }
         let distinct_issues: BTreeSet<String> = issues
             .iter()
             .map(serde_json::to_string)
             .collect::<Result<_, _>>()
             .map_err(ModelError::from)?;
-        for issue in distinct_issues {
-            diesel::insert_into(issues_t::table)
-                .values((
-                    issues_t::record_id.eq(&record_id),
-                    issues_t::issue.eq(issue),
-                ))
-                .execute(conn)?;
+        if !distinct_issues.is_empty() {
+            let rows: Vec<_> = distinct_issues
+                .iter()
+                .map(|issue| {
+                    (
+                        issues_t::record_id.eq(&record_id),
+                        issues_t::issue.eq(issue),
+                    )
+                })
+                .collect();
+            per_backend!(conn, |c| diesel::insert_into(issues_t::table)
+                .values(&rows)
+                .execute(c))?;
         }
-        link_by_matcher(conn, &record_id, &prepared, &keys, actor, model)?;
-        Ok(Registered {
-            outcome,
-            record: get_record(conn, &record_id)?,
-            issues: issues.clone(),
-        })
-    })
+        link_by_matcher(
+            conn,
+            &record_id,
+            outcome == RegistrationOutcome::Created,
+            &prepared,
+            &keys,
+            actor,
+            model,
+        )?;
+        let record = if read_back {
+            Some((get_record(conn, &record_id)?, issues.clone()))
+        } else {
+            None
+        };
+        Ok((outcome, record))
+    };
+    match nesting {
+        Nesting::Own => write_transaction(conn, body),
+        Nesting::InBatch => body(conn),
+    }
 }
 
 /// Decide the person of a (new or changed) record; manual and merge links are kept.
+/// `created`: the record was inserted in this transaction, so it has no link and no review
+/// item yet (nothing to read).
 fn link_by_matcher(
     conn: &mut DbConn,
     record_id: &str,
+    created: bool,
     prepared: &PreparedRecord,
     keys: &[String],
     actor: &str,
     model: Option<&StoredModel>,
 ) -> Result<(), EmpiError> {
-    let current = load_link(conn, record_id)?;
+    let current = if created {
+        None
+    } else {
+        load_link(conn, record_id)?
+    };
     if current
         .as_ref()
         .is_some_and(|l| l.decided_by != DecidedBy::Auto)
@@ -840,7 +990,11 @@ fn link_by_matcher(
             &loaded
         }
     };
-    let separate = kept_separate(conn, record_id)?;
+    let separate = if created {
+        BTreeSet::new()
+    } else {
+        kept_separate(conn, record_id)?
+    };
     let candidates: Vec<ScoredCandidate> =
         scored_candidates(conn, prepared, keys, Some(record_id), model)?
             .into_iter()
@@ -862,14 +1016,25 @@ fn link_by_matcher(
         (None, _) => (new_person(conn)?, None),
     };
     if current_person.as_deref() != Some(person.as_str()) || current.is_none() {
-        set_link(
-            conn,
-            record_id,
-            &person,
-            score.as_ref(),
-            DecidedBy::Auto,
-            actor,
-        )?;
+        if current.is_none() {
+            insert_link(
+                conn,
+                record_id,
+                &person,
+                score.as_ref(),
+                DecidedBy::Auto,
+                actor,
+            )?;
+        } else {
+            set_link(
+                conn,
+                record_id,
+                &person,
+                score.as_ref(),
+                DecidedBy::Auto,
+                actor,
+            )?;
+        }
         touch_person(conn, &person, "active")?;
         if let Some(old) = current_person.as_deref().filter(|old| *old != person)
             && linked_count(conn, old)? == 0
