@@ -22,29 +22,18 @@
     clippy::field_reassign_with_default
 )]
 
-use std::net::TcpListener;
 use std::time::Instant;
 
 use serde_json::{Value, json};
-use yiqiao_gateway::Application;
 use yiqiao_gateway::auth::{Caller, CallerVia};
 use yiqiao_gateway::config::{Secret, Settings};
 use yiqiao_gateway::policy::{Ask, Candidate};
-use yiqiao_gateway::state::AppState;
 use yiqiao_registry::consent::{ConsentWrite, create};
 
-const ADMIN: &str = "bench-admin-token-0123456789";
+#[path = "support/mod.rs"]
+mod support;
 
-async fn start(settings: Settings) -> (String, AppState) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let app = Application::build_with_listener(settings, listener)
-        .await
-        .unwrap();
-    let base = format!("http://127.0.0.1:{}", app.port());
-    let state = app.state().clone();
-    tokio::spawn(app.into_server());
-    (base, state)
-}
+const ADMIN: &str = "bench-admin-token-0123456789";
 
 fn stats(label: &str, mut us: Vec<f64>) -> f64 {
     us.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -85,8 +74,8 @@ async fn main() {
     settings.consent.policy.default_mode = yiqiao_consent::DefaultMode::OptIn;
     let mut plain = settings.clone();
     plain.consent.enforce = false;
-    let (on, state) = start(settings).await;
-    let (off, _) = start(plain).await;
+    let (on, state) = support::start(settings).await;
+    let (off, _) = support::start(plain).await;
     let client = reqwest::Client::new();
     for n in [1u32, 2] {
         let uscc_body = format!("91350100M{n:08}");

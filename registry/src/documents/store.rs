@@ -408,20 +408,78 @@ fn register_one(
             },
             other => DocumentError::Store(other),
         })?;
+    let sensitivity = doc.sensitivity.join(" ");
+    let resource = doc.resource.to_string();
     diesel::insert_into(contents_t::table)
         .values((
             contents_t::document_id.eq(&id),
-            contents_t::sensitivity.eq(doc.sensitivity.join(" ")),
+            contents_t::sensitivity.eq(&sensitivity),
             contents_t::content_type.eq(&doc.content_type),
             contents_t::content_size.eq(doc.content_size),
             contents_t::sm3_hash.eq(&doc.sm3_hash),
             contents_t::location.eq(&doc.location),
-            contents_t::resource.eq(doc.resource.to_string()),
+            contents_t::resource.eq(&resource),
         ))
         .execute(conn)?;
-    let stored = get(conn, &id)?;
+    // Build the stored document from what was just inserted rather than reading it back
+    // (one round trip fewer per document); read it back when the values might not survive
+    // storage unchanged (storage keeps microseconds, not a date's sub-microsecond digits).
+    let built = inserted_document(
+        &id,
+        doc,
+        (&record.id, &person),
+        now,
+        &sensitivity,
+        &resource,
+    );
+    let stored = match built {
+        Some(stored) => stored,
+        None => get(conn, &id)?,
+    };
     let event = NewEvent::document(kind, &stored);
     Ok((RegisterOutcome::Created, stored, Some(event)))
+}
+
+/// The document a registration just inserted, exactly as [`get`] would read it back: the
+/// same values, the sensitivity split and the resource parsed from the stored text as
+/// `assemble` does. `None` when that cannot be guaranteed (the date has sub-microsecond
+/// digits, which storage does not keep; the resource text does not parse). A test
+/// (`registry/tests/documents_register.rs`) checks the result against `get` on both backends.
+fn inserted_document(
+    id: &str,
+    doc: &NewDocument,
+    (patient_record_id, person_id): (&str, &str),
+    now: NaiveDateTime,
+    sensitivity: &str,
+    resource: &str,
+) -> Option<StoredDocument> {
+    use chrono::Timelike;
+    if !doc.date.nanosecond().is_multiple_of(1000) || !now.nanosecond().is_multiple_of(1000) {
+        return None;
+    }
+    Some(StoredDocument {
+        id: id.to_string(),
+        custodian_id: doc.custodian_id.clone(),
+        custodian_doc_id: doc.custodian_doc_id.clone(),
+        patient_record_id: patient_record_id.to_string(),
+        person_id: person_id.to_string(),
+        type_code: doc.type_code.clone(),
+        category_code: doc.category_code.clone(),
+        date: doc.date,
+        author_id: doc.author_id.clone(),
+        confidentiality: doc.confidentiality.clone(),
+        status: DocStatus::Current,
+        replaces: doc.replaces.clone(),
+        version: 1,
+        created_at: now,
+        updated_at: now,
+        sensitivity: sensitivity.split_whitespace().map(String::from).collect(),
+        content_type: doc.content_type.clone(),
+        content_size: doc.content_size,
+        sm3_hash: doc.sm3_hash.clone(),
+        location: doc.location.clone(),
+        resource: serde_json::from_str(resource).ok()?,
+    })
 }
 
 /// Search criteria; every set field narrows the result (values within one field are OR).

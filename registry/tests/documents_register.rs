@@ -1,0 +1,125 @@
+//! `register_batch` returns each created document exactly as `documents::get` reads it back
+//! afterwards (it builds the result from what it inserted instead of re-reading it), on
+//! SQLite and on PostgreSQL (a fresh database on the server of `YIQIAO_TEST_DATABASE_URL`,
+//! default postgres://postgres@127.0.0.1:5432/test; unreachable means the test fails).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use chrono::NaiveDateTime;
+use diesel::prelude::*;
+use serde_json::json;
+use yiqiao_registry::documents::{DocStatus, NewDocument, RegisterOutcome, get, register_batch};
+use yiqiao_registry::store::now_utc;
+use yiqiao_registry::{Store, StoreOptions};
+
+#[path = "support/documents.rs"]
+mod support;
+
+fn open(url: &str) -> Store {
+    let store = Store::open(&StoreOptions {
+        url: url.to_string(),
+        pool_size: 1,
+        min_idle: None,
+        acquire_timeout: Duration::from_secs(10),
+        connect_timeout: Duration::from_secs(5),
+        statement_timeout: Duration::from_secs(30),
+        sqlite_busy_timeout: Duration::from_secs(10),
+    })
+    .unwrap();
+    store.migrate().unwrap();
+    store
+}
+
+fn date(s: &str) -> NaiveDateTime {
+    chrono::DateTime::parse_from_rfc3339(s).unwrap().naive_utc()
+}
+
+fn document(doc_id: &str, when: NaiveDateTime) -> NewDocument {
+    support::new_document(
+        "H1",
+        doc_id,
+        ("urn:test:1", "MR-1"),
+        ("http://loinc.org|18842-5", "summary"),
+        when,
+    )
+}
+
+fn check(url: &str) {
+    let store = open(url);
+    let mut conn = store.conn().unwrap();
+    let now = now_utc();
+    support::insert_institution(&mut conn, "H1", "TEST0000000000001", "urn:test:1", now).unwrap();
+    support::insert_patient(
+        &mut conn,
+        ("P1", "R1", 1),
+        "H1",
+        ("urn:test:1", "MR-1"),
+        now,
+    )
+    .unwrap();
+    let plain = document("D-1", date("2024-03-01T08:00:00+08:00"));
+    let mut rich = document("D-2", date("2024-03-01T08:00:00.123456+08:00"));
+    rich.author_id = Some("H1".into());
+    rich.confidentiality = "R".into();
+    rich.sensitivity = vec!["PSY".into(), "HIV".into()];
+    rich.resource = json!({ "resourceType": "DocumentReference",
+        "masterIdentifier": { "value": "D-2" }, "description": "出院小结 \u{1F600} \"quoted\" \\ \u{0007}",
+        "extension": [{ "url": "urn:x", "valueDecimal": 0.1 }, { "url": "urn:y", "valueDecimal": 1e-7 },
+                      { "url": "urn:z", "valueDecimal": 12345.678901234567 }],
+        "content": [{ "attachment": { "size": 2048 } }] });
+    // Sub-microsecond digits: storage keeps microseconds, so the result must be read back.
+    let fine = document("D-3", date("2024-03-01T08:00:00.123456789+08:00"));
+    let done = register_batch(&mut conn, &[plain, rich, fine]).unwrap();
+    assert_eq!(done.len(), 3);
+    for (outcome, d) in &done {
+        assert_eq!(*outcome, RegisterOutcome::Created);
+        assert_eq!(d, &get(&mut conn, &d.id).unwrap(), "{}", d.custodian_doc_id);
+    }
+    assert_eq!(done[1].1.sensitivity, vec!["PSY", "HIV"]);
+    assert_eq!(done[1].1.author_id.as_deref(), Some("H1"));
+    assert_eq!(done[0].1.person_id, "P1");
+    assert_eq!(done[0].1.patient_record_id, "R1");
+    // A replacement (the replaced one becomes superseded) and a re-registration.
+    let mut next = document("D-4", date("2024-03-02T08:00:00Z"));
+    next.replaces = Some(done[0].1.id.clone());
+    let again = document("D-1", date("2024-03-01T08:00:00+08:00"));
+    let done2 = register_batch(&mut conn, &[next, again]).unwrap();
+    assert_eq!(done2[0].0, RegisterOutcome::Created);
+    assert_eq!(done2[0].1, get(&mut conn, &done2[0].1.id).unwrap());
+    assert_eq!(done2[0].1.replaces.as_deref(), Some(done[0].1.id.as_str()));
+    assert_eq!(done2[1].0, RegisterOutcome::Unchanged);
+    assert_eq!(done2[1].1, get(&mut conn, &done[0].1.id).unwrap());
+    assert_eq!(done2[1].1.status, DocStatus::Superseded);
+}
+
+#[test]
+fn registered_documents_are_returned_as_stored_sqlite() {
+    let dir = std::env::temp_dir().join(format!(
+        "yq-documents-register-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    check(&format!("sqlite://{}", dir.join("test.db").display()));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn registered_documents_are_returned_as_stored_postgres() {
+    let admin = std::env::var("YIQIAO_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let name = format!("yq_docreg_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = PgConnection::establish(&admin)
+        .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is unreachable: {e}"));
+    diesel::sql_query(format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .unwrap();
+    let mut url = url::Url::parse(&admin).unwrap();
+    url.set_path(&format!("/{name}"));
+    let result = std::panic::catch_unwind(|| check(url.as_str()));
+    let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut conn);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
