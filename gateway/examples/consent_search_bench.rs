@@ -327,7 +327,7 @@ async fn main() {
 }
 
 /// The 50 first PDQm results as release candidates.
-async fn patient_candidates(state: &AppState) -> Vec<Candidate> {
+async fn patient_candidates(state: &yiqiao_gateway::state::AppState) -> Vec<Candidate> {
     let store = state.store.clone();
     let found = tokio::task::spawn_blocking(move || {
         let mut conn = store.conn().unwrap();
