@@ -1,0 +1,1 @@
+DROP INDEX doc_deliveries_pending_idx;
