@@ -161,7 +161,7 @@ fn history_row(conn: &mut DbConn, c: &StoredConsent, by: &str) -> QueryResult<us
 
 /// Store a new consent (version 1). A duplicate id is a [`StoreError::Conflict`].
 pub fn create(conn: &mut DbConn, w: &ConsentWrite) -> Result<StoredConsent, StoreError> {
-    conn.transaction(|conn| {
+    crate::store::write_tx(conn, |conn| {
         let seq = bump(conn)?;
         let now = now_utc();
         let row = StoredConsent {
@@ -228,7 +228,7 @@ pub fn update(
     w: &ConsentWrite,
     expected: Option<i64>,
 ) -> Result<StoredConsent, UpdateError> {
-    conn.transaction(|conn| {
+    crate::store::write_tx(conn, |conn| {
         let seq = bump(conn)?;
         let old: StoredConsent = consents::table
             .find(&w.id)
@@ -446,7 +446,7 @@ pub struct AgreementWrite {
 
 /// Create or replace an agreement (version 1, or the next version).
 pub fn put_agreement(conn: &mut DbConn, w: &AgreementWrite) -> Result<StoredAgreement, StoreError> {
-    conn.transaction(|conn| {
+    crate::store::write_tx(conn, |conn| {
         let seq = bump(conn)?;
         let old: Option<i64> = data_sharing_agreements::table
             .find(&w.id)

@@ -692,7 +692,7 @@ fn check_unique(conn: &mut DbConn, spec: &ValidSpec) -> Result<(), DirectoryErro
 
 /// Register a new institution (active). Atomic: on any error nothing is stored.
 pub fn create(conn: &mut DbConn, spec: &ValidSpec) -> Result<Institution, DirectoryError> {
-    conn.transaction(|conn| {
+    crate::store::write_tx(conn, |conn| {
         let exists: i64 = institutions::table
             .filter(institutions::id.eq(spec.id.as_str()))
             .count()
@@ -763,7 +763,7 @@ pub fn update(
     spec: &ValidSpec,
     expected_version: Option<i64>,
 ) -> Result<Institution, DirectoryError> {
-    conn.transaction(|conn| {
+    crate::store::write_tx(conn, |conn| {
         let current = get(conn, spec.id.as_str())?;
         check_version(&current, expected_version)?;
         check_unique(conn, spec)?;
@@ -807,7 +807,7 @@ pub fn set_status(
     status: InstitutionStatus,
     expected_version: Option<i64>,
 ) -> Result<Institution, DirectoryError> {
-    conn.transaction(|conn| {
+    crate::store::write_tx(conn, |conn| {
         let current = get(conn, id)?;
         check_version(&current, expected_version)?;
         if current.status == status {

@@ -391,7 +391,7 @@ pub fn upsert_with(
     pre: Precondition,
 ) -> Result<(UpsertOutcome, StoredEncounter), EncounterError> {
     validate(new)?;
-    conn.transaction(|conn| {
+    crate::store::write_tx(conn, |conn| {
         lock_visit(conn, &new.institution_id, &new.identifier)?;
         let record = empi::find_by_identifier(conn, &new.patient_system, &new.patient_value)?
             .ok_or_else(|| {

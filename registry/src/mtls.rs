@@ -8,7 +8,7 @@ use crate::store::{DbConn, StoreError, now_utc};
 
 /// Bind (or re-bind) `institution` to the certificate with this fingerprint.
 pub fn bind(conn: &mut DbConn, institution: &str, sha256: &str) -> Result<(), StoreError> {
-    conn.transaction(|conn| {
+    crate::store::write_tx(conn, |conn| {
         diesel::delete(certs::table.filter(certs::institution_id.eq(institution))).execute(conn)?;
         diesel::insert_into(certs::table)
             .values((

@@ -239,7 +239,7 @@ fn lock_cursor(tx: &mut DbConn) -> Result<i64, diesel::result::Error> {
 
 /// Evaluate the rules over up to `batch` records after the cursor; see the module docs.
 pub fn scan(conn: &mut DbConn, rules: &Rules, batch: i64) -> Result<ScanOutcome, StoreError> {
-    conn.transaction::<_, diesel::result::Error, _>(|tx| {
+    crate::store::write_tx::<_, diesel::result::Error>(conn, |tx| {
         let cursor = lock_cursor(tx)?;
         let events = query::after_seq(tx, cursor, batch).map_err(|e| match e {
             StoreError::Query(q) => q,

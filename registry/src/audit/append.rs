@@ -320,7 +320,7 @@ where
     if let DbConn::Sqlite(lite) = conn {
         lite.batch_execute("PRAGMA synchronous = FULL")?;
     }
-    conn.transaction::<_, ChangeError<E>, _>(|tx| {
+    crate::store::write_tx::<_, ChangeError<E>>(conn, |tx| {
         if matches!(tx, DbConn::Sqlite(_)) {
             diesel::update(audit_chain_head::table.find(1))
                 .set(audit_chain_head::head_seq.eq(audit_chain_head::head_seq))

@@ -399,28 +399,45 @@ pub struct Claimed {
     pub attempts: i32,
 }
 
-const CLAIM_PG: &str = "UPDATE doc_deliveries SET lease_owner = $1, lease_until = $2, attempts = attempts + 1 \
-    WHERE (subscription_id, event_seq) IN ( \
-      SELECT d.subscription_id, d.event_seq FROM doc_deliveries d \
-      JOIN doc_subscriptions s ON s.id = d.subscription_id AND s.status = 'active' \
-      WHERE d.status = 'pending' AND d.next_attempt_at <= $3 \
-        AND (d.lease_until IS NULL OR d.lease_until < $3) \
-        AND NOT EXISTS (SELECT 1 FROM doc_deliveries e WHERE e.subscription_id = d.subscription_id \
-                        AND e.status = 'pending' AND e.event_seq < d.event_seq) \
-      ORDER BY d.next_attempt_at, d.event_seq LIMIT $4 \
-      FOR UPDATE OF d SKIP LOCKED) \
-    RETURNING subscription_id, event_seq, attempts";
-
-const CLAIM_SQLITE: &str = "UPDATE doc_deliveries SET lease_owner = ?1, lease_until = ?2, attempts = attempts + 1 \
-    WHERE (subscription_id, event_seq) IN ( \
-      SELECT d.subscription_id, d.event_seq FROM doc_deliveries d \
-      JOIN doc_subscriptions s ON s.id = d.subscription_id AND s.status = 'active' \
-      WHERE d.status = 'pending' AND d.next_attempt_at <= ?3 \
-        AND (d.lease_until IS NULL OR d.lease_until < ?3) \
-        AND NOT EXISTS (SELECT 1 FROM doc_deliveries e WHERE e.subscription_id = d.subscription_id \
-                        AND e.status = 'pending' AND e.event_seq < d.event_seq) \
-      ORDER BY d.next_attempt_at, d.event_seq LIMIT ?4) \
-    RETURNING subscription_id, event_seq, attempts";
+// Driven from the subscriptions, not from the pending deliveries: for each active
+// subscription the oldest pending delivery (a probe of the partial index
+// `doc_deliveries_pending_idx`), claimable when due and not leased. Only the head of a
+// subscriber's queue is ever claimable, which is per-subscriber order; and the cost of a claim
+// is one probe per active subscription whatever the backlog (the earlier form filtered every
+// pending delivery, so the drain slowed as the backlog grew: BENCHMARKS.md, "Notification
+// delivery"). On PostgreSQL, `SKIP LOCKED` skips a head another worker is claiming or
+// completing right now; it cannot let a later delivery overtake, because only heads are
+// candidates.
+macro_rules! claim_sql {
+    ($owner:literal, $until:literal, $now:literal, $limit:literal, $lock:literal) => {
+        concat!(
+            "UPDATE doc_deliveries SET lease_owner = ",
+            $owner,
+            ", lease_until = ",
+            $until,
+            ", attempts = attempts + 1 WHERE (subscription_id, event_seq) IN ( \
+               SELECT d.subscription_id, d.event_seq FROM ( \
+                 SELECT s.id AS sid, (SELECT e.event_seq FROM doc_deliveries e \
+                                      WHERE e.subscription_id = s.id AND e.status = 'pending' \
+                                      ORDER BY e.event_seq LIMIT 1) AS head \
+                 FROM doc_subscriptions s WHERE s.status = 'active') h \
+               JOIN doc_deliveries d ON d.subscription_id = h.sid AND d.event_seq = h.head \
+               WHERE d.status = 'pending' AND d.next_attempt_at <= ",
+            $now,
+            " AND (d.lease_until IS NULL OR d.lease_until < ",
+            $now,
+            ") \
+               ORDER BY d.next_attempt_at, d.event_seq LIMIT ",
+            $limit,
+            " ",
+            $lock,
+            ") \
+             RETURNING subscription_id, event_seq, attempts"
+        )
+    };
+}
+const CLAIM_PG: &str = claim_sql!("$1", "$2", "$3", "$4", "FOR UPDATE OF d SKIP LOCKED");
+const CLAIM_SQLITE: &str = claim_sql!("?1", "?2", "?3", "?4", "");
 
 /// Lease up to `limit` due deliveries for `owner` (a worker id) until `now + lease`.
 pub fn claim(

@@ -239,7 +239,7 @@ pub fn register_batch(
     conn: &mut DbConn,
     docs: &[NewDocument],
 ) -> Result<Vec<(RegisterOutcome, StoredDocument)>, DocumentError> {
-    conn.transaction(|conn| {
+    crate::store::write_tx(conn, |conn| {
         outbox::take_write_lock(conn)?;
         let mut results = Vec::with_capacity(docs.len());
         let mut events = Vec::new();

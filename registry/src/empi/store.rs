@@ -320,7 +320,7 @@ fn write_transaction<T>(
     conn: &mut DbConn,
     f: impl FnOnce(&mut DbConn) -> Result<T, EmpiError>,
 ) -> Result<T, EmpiError> {
-    conn.transaction(|conn| {
+    crate::store::write_tx(conn, |conn| {
         if matches!(conn, DbConn::Sqlite(_)) {
             diesel::update(empi_write_lock::table)
                 .set(empi_write_lock::counter.eq(empi_write_lock::counter + 1))
@@ -346,7 +346,7 @@ pub fn current_model(conn: &mut DbConn) -> Result<(i64, StoredModel), EmpiError>
 /// Store a new model version; returns the version.
 pub fn store_model(conn: &mut DbConn, model: &StoredModel) -> Result<i64, EmpiError> {
     let json = model.to_json()?;
-    conn.transaction(|conn| {
+    crate::store::write_tx(conn, |conn| {
         let max: Option<i64> = params_t::table
             .select(diesel::dsl::max(params_t::version))
             .first(conn)?;

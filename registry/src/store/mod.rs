@@ -3,6 +3,10 @@
 //! Invariants:
 //! - The backend is chosen from the URL scheme ([`Backend::from_url`]), never by trying to connect.
 //! - Every SQLite connection runs with WAL, a busy timeout and foreign keys on.
+//! - Every writing transaction goes through [`write_tx`] (or [`transaction`]): on SQLite it
+//!   starts with `BEGIN IMMEDIATE`, so it queues for the write lock under the busy timeout
+//!   instead of failing with "database is locked" when it reads first and another connection
+//!   commits before its first write (a deferred transaction cannot upgrade a stale snapshot).
 //! - Migrations for each backend are embedded in the binary and applied by [`Store::migrate`].
 //! - All functions here are synchronous; callers on an async runtime run them on a blocking pool.
 
@@ -330,11 +334,41 @@ pub fn transaction<T, E: From<StoreError>>(
     conn: &mut DbConn,
     work: impl FnOnce(&mut DbConn) -> Result<T, E>,
 ) -> Result<T, E> {
-    conn.transaction(|conn| work(conn).map_err(TxFailure::Work))
-        .map_err(|f| match f {
-            TxFailure::Work(e) => e,
-            TxFailure::Db(d) => E::from(StoreError::from_diesel(d)),
-        })
+    write_tx(conn, |conn| work(conn).map_err(TxFailure::Work)).map_err(|f| match f {
+        TxFailure::Work(e) => e,
+        TxFailure::Db(d) => E::from(StoreError::from_diesel(d)),
+    })
+}
+
+/// Run `work` in one writing transaction, like diesel's `Connection::transaction`, except that
+/// an outermost transaction on SQLite begins with `BEGIN IMMEDIATE`: it takes the write lock
+/// first (waiting under the busy timeout), so a read followed by a write inside it can never
+/// fail with `SQLITE_BUSY` because another connection committed in between. Nested calls are
+/// savepoints; PostgreSQL transactions are unchanged.
+pub fn write_tx<T, E: From<diesel::result::Error>>(
+    conn: &mut DbConn,
+    work: impl FnOnce(&mut DbConn) -> Result<T, E>,
+) -> Result<T, E> {
+    use diesel::connection::{AnsiTransactionManager, TransactionManager};
+    type Manager = <DbConn as Connection>::TransactionManager;
+    let DbConn::Sqlite(lite) = conn else {
+        return conn.transaction(work);
+    };
+    let depth = AnsiTransactionManager::transaction_manager_status_mut(lite).transaction_depth()?;
+    if depth.is_some() {
+        return conn.transaction(work);
+    }
+    AnsiTransactionManager::begin_transaction_sql(lite, "BEGIN IMMEDIATE")?;
+    match work(conn) {
+        Ok(value) => {
+            Manager::commit_transaction(conn)?;
+            Ok(value)
+        }
+        Err(error) => match Manager::rollback_transaction(conn) {
+            Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => Err(error),
+            Err(rollback) => Err(rollback.into()),
+        },
+    }
 }
 
 /// The current UTC time truncated to microseconds, the precision both backends keep.
@@ -344,6 +378,7 @@ pub fn now_utc() -> chrono::NaiveDateTime {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -369,6 +404,75 @@ mod tests {
             Backend::from_url("mysql://h/db"),
             Err(StoreError::UnsupportedUrl(_))
         ));
+    }
+
+    /// Read, let another connection commit a write, then write: the interleaving the
+    /// simulated-region loader met with the gateway's background writers. A deferred SQLite
+    /// transaction fails on its write ("database is locked": its snapshot is stale); [`write_tx`]
+    /// holds the write lock from the start, so the other writer waits and both succeed.
+    #[test]
+    fn sqlite_write_transactions_do_not_fail_on_a_concurrent_commit() {
+        use std::sync::mpsc;
+
+        let db = testdb::TestStore::new(Backend::Sqlite);
+        let mut a = db.store.conn().unwrap();
+        a.batch_execute("CREATE TABLE tx_probe (id INTEGER PRIMARY KEY, v INTEGER NOT NULL)")
+            .unwrap();
+        let count = |c: &mut DbConn| -> Result<i64, diesel::result::Error> {
+            diesel::sql_query("SELECT COUNT(*) AS n FROM tx_probe")
+                .get_result::<Count>(c)
+                .map(|r| r.n)
+        };
+
+        // The control: a deferred transaction that reads before another connection commits.
+        let mut b = db.store.conn().unwrap();
+        let deferred = a.transaction::<_, diesel::result::Error, _>(|a| {
+            count(a)?;
+            b.batch_execute("INSERT INTO tx_probe (v) VALUES (1)")?;
+            a.batch_execute("INSERT INTO tx_probe (v) VALUES (2)")
+        });
+        let err = deferred.expect_err("a stale deferred transaction cannot write");
+        assert!(err.to_string().contains("locked"), "{err}");
+
+        // The same interleaving through write_tx: the other writer queues behind it.
+        let (read_done, wait_read) = mpsc::channel();
+        let other = std::thread::spawn(move || {
+            wait_read.recv().unwrap();
+            b.batch_execute("INSERT INTO tx_probe (v) VALUES (3)")
+        });
+        let seen = write_tx::<_, diesel::result::Error>(&mut a, |a| {
+            let n = count(a)?;
+            read_done.send(()).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            a.batch_execute("INSERT INTO tx_probe (v) VALUES (4)")?;
+            Ok(n)
+        })
+        .expect("write_tx commits");
+        assert_eq!(seen, 1);
+        other
+            .join()
+            .unwrap()
+            .expect("the other writer waited and committed");
+        assert_eq!(count(&mut a).unwrap(), 3);
+        // Nested write_tx is a savepoint inside the outer transaction: its rollback keeps the
+        // outer work.
+        write_tx::<_, diesel::result::Error>(&mut a, |a| {
+            a.batch_execute("INSERT INTO tx_probe (v) VALUES (5)")?;
+            let inner = write_tx::<(), diesel::result::Error>(a, |a| {
+                a.batch_execute("INSERT INTO tx_probe (v) VALUES (6)")?;
+                Err(diesel::result::Error::RollbackTransaction)
+            });
+            assert!(inner.is_err());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(count(&mut a).unwrap(), 4);
+    }
+
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
     }
 
     #[test]
