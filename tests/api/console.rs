@@ -346,28 +346,22 @@ async fn chain_status_stats_and_report_api(backend: Backend) {
             .bearer_auth(crate::auditing::AUDITOR_TOKEN)
             .send()
     };
-    let chain: Value = get("/audit/chain").await.unwrap().json().await.unwrap();
+    let get_json = |path: String| {
+        let sent = get(&path);
+        async move { sent.await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let chain = get_json("/audit/chain".into()).await;
     assert_eq!(chain["status"], "verified", "{chain}");
     assert!(chain["records"].as_u64().unwrap() >= 4, "{chain}");
     assert!(chain["broken_at"].is_null() && chain["problems"] == json!([]));
-    let part: Value = get("/audit/chain?from=2&to=3")
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let part = get_json("/audit/chain?from=2&to=3".into()).await;
     assert_eq!(
         (part["first_seq"].clone(), part["records"].clone()),
         (json!(2), json!(2))
     );
 
     let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
-    let stats: Value = get(&format!("/audit/stats/daily?from={today}&to={today}"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = get_json(format!("/audit/stats/daily?from={today}&to={today}")).await;
     assert_eq!(stats["days"], json!([today]));
     let hosp1 = stats["rows"]
         .as_array()
@@ -442,7 +436,7 @@ async fn chain_status_stats_and_report_api(backend: Backend) {
         "UPDATE audit_events SET agent_user = 'forged' WHERE seq = 2",
     )
     .await;
-    let broken: Value = get("/audit/chain").await.unwrap().json().await.unwrap();
+    let broken = get_json("/audit/chain".into()).await;
     assert_eq!(broken["status"], "failed", "{broken}");
     assert_eq!(broken["broken_at"], 2, "{broken}");
     assert_eq!(broken["problems"][0]["kind"], "modified", "{broken}");

@@ -357,7 +357,7 @@
         ['Records', r.records],
         ['Checkpoints verified', r.checkpoints],
         ['Chain head', r.head_seq],
-        ['Last signed checkpoint', r.checkpoint_seq],
+        ['Last signed checkpoint', r.checkpoint_seq || 'none yet'],
         ['Checkpoint key id', r.key_id],
         ['Verified at (UTC)', r.verified_at],
         ['Took', `${r.duration_ms} ms`],
@@ -399,6 +399,7 @@
     const slot = Math.max(8, Math.min(40, Math.floor(860 / Math.max(n, 1))));
     const barW = Math.max(3, Math.floor((slot - 2) / 2));
     const plotH = 80;
+    const top = 12;
     const width = 40 + n * slot;
     const labelEvery = Math.ceil(n / Math.floor(860 / 44));
     for (const r of stats.rows) {
@@ -412,13 +413,16 @@
           const h = v === 0 ? 0 : Math.max(1, Math.round((v / max) * plotH));
           parts.push(svg('rect', { x: x0 + dx, y: plotH + 4 - h, width: barW, height: h, class: kind, 'data-day': day, 'data-value': v },
             svg('title', {}, `${r.requester} ${day}: ${v} ${kind}`)));
+          if (v > 0) {
+            parts.push(svg('text', { x: x0 + dx + barW / 2, y: plotH + 1 - h, 'text-anchor': 'middle', class: `value ${kind}` }, String(v)));
+          }
         }
         if (i % labelEvery === 0) parts.push(svg('text', { x: x0, y: plotH + 18 }, day.slice(5)));
       });
       rows.append(el('figure', { class: 'chart-row', 'data-requester': r.requester },
         el('h3', {}, el('span', { class: 'requester' }, r.requester),
           el('span', { class: 'totals' }, `${r.total_accesses} accesses, ${r.total_denials} refused or failed`)),
-        svg('svg', { width, height: plotH + 24, viewBox: `0 0 ${width} ${plotH + 24}`, role: 'img',
+        svg('svg', { width, height: plotH + 24 + top, viewBox: `0 ${-top} ${width} ${plotH + 24 + top}`, role: 'img',
           'aria-label': `${r.requester}: accesses and denials per day` }, parts)));
     }
     if (stats.rows.length === 0) rows.append(el('p', {}, 'No records in this period.'));
