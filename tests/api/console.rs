@@ -153,6 +153,8 @@ async fn console_in_headless_chromium(backend: Backend) {
         "patient_institutions": ["hosp-001", "hosp-002", "hosp-003"],
         "refused_institution": "hosp-002",
         "refused_count": refused_by_hosp2.len(),
+        // The (UTC) day of the records, for the date filters and the chart bars.
+        "day": refused_by_hosp2[0].recorded_at.format("%Y-%m-%d").to_string(),
         "alert_rule": "break-the-glass",
         "ack_note": ACK_NOTE,
         "chart": chart,

@@ -123,16 +123,32 @@ try {
   check(purposes.includes('ETREAT'), `the break-the-glass read is listed (purposes ${purposes})`);
   result.event_rows = await rows.count();
 
-  await step('filters: agent and outcome');
+  await step('filters: agent, outcome, dates, purpose');
   await page.fill('#f-patient', '');
   await page.fill('#f-agent', expect.refused_institution);
   await page.selectOption('#f-outcome', '4');
+  await page.fill('#f-from', expect.day);
+  await page.fill('#f-to', expect.day);
   await page.click('#event-search');
   await waitText(page, '#event-status', `${expect.refused_count} event(s)`);
   const outcomes = await page.locator('#event-table tbody tr[data-id] td:nth-child(3)').allTextContents();
   check(outcomes.length === expect.refused_count && outcomes.every((o) => o.startsWith('4 ')), `refusals only: ${outcomes}`);
+  // The day before the records: nothing.
+  const before = new Date(Date.parse(`${expect.day}T00:00:00Z`) - 86400000).toISOString().slice(0, 10);
+  await page.fill('#f-from', before);
+  await page.fill('#f-to', before);
+  await page.click('#event-search');
+  await waitText(page, '#event-status', '0 event(s)');
+  // Purpose: the one break-the-glass access.
   await page.fill('#f-agent', '');
+  await page.fill('#f-from', '');
+  await page.fill('#f-to', '');
   await page.selectOption('#f-outcome', '');
+  await page.selectOption('#f-purpose', 'ETREAT');
+  await page.click('#event-search');
+  await waitText(page, '#event-status', '1 event(s)');
+  check(await page.textContent('#event-table tbody td.institution') === 'hosp-003', 'ETREAT by hosp-003');
+  await page.selectOption('#f-purpose', '');
 
   await step('the patient timeline');
   await page.click('nav a[data-view="timeline"]');
@@ -186,11 +202,10 @@ try {
     const fig = page.locator(`#chart-rows figure.chart-row[data-requester="${inst}"]`);
     const totals = await fig.locator('.totals').textContent();
     check(totals === `${accesses} accesses, ${denials} refused or failed`, `${inst} totals: ${totals}`);
-    const today = new Date().toISOString().slice(0, 10);
-    const bar = await fig.locator(`rect.accesses[data-day="${today}"]`).getAttribute('data-value');
-    check(Number(bar) === accesses, `${inst} bar for ${today}: ${bar} accesses`);
-    const denialBar = await fig.locator(`rect.denials[data-day="${today}"]`).getAttribute('data-value');
-    check(Number(denialBar) === denials, `${inst} denial bar for ${today}: ${denialBar}`);
+    const bar = await fig.locator(`rect.accesses[data-day="${expect.day}"]`).getAttribute('data-value');
+    check(Number(bar) === accesses, `${inst} bar for ${expect.day}: ${bar} accesses`);
+    const denialBar = await fig.locator(`rect.denials[data-day="${expect.day}"]`).getAttribute('data-value');
+    check(Number(denialBar) === denials, `${inst} denial bar for ${expect.day}: ${denialBar}`);
   }
   result.chart_rows = requesters;
 
