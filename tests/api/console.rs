@@ -11,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use yiqiao_registry::audit::alerts;
@@ -45,6 +46,46 @@ fn console_dir() -> PathBuf {
         "playwright-core is not installed: run `npm ci --prefix tests/console` (scripts/test.sh does)"
     );
     dir
+}
+
+/// The longest the browser script may run before it is killed (it takes about 10 s).
+const SCRIPT_DEADLINE: Duration = Duration::from_secs(240);
+
+/// Run tests/console/console.mjs; its exit status (`None`: killed at the deadline), stdout and
+/// stderr.
+fn run_console_script(
+    dir: &Path,
+    base: &str,
+    expect: &str,
+    out: &Path,
+    chromium: &Path,
+) -> (Option<std::process::ExitStatus>, String, String) {
+    let (stdout_path, stderr_path) = (out.join("node.stdout"), out.join("node.stderr"));
+    let mut child = Command::new("node")
+        .arg(dir.join("console.mjs"))
+        .current_dir(dir)
+        .env("CONSOLE_BASE", base)
+        .env("CONSOLE_EXPECT", expect)
+        .env("CONSOLE_OUT", out)
+        .env("CHROMIUM", chromium)
+        .stdout(std::fs::File::create(&stdout_path).unwrap())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .expect("cannot start node (is Node.js installed?)");
+    let deadline = Instant::now() + SCRIPT_DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    (status, read(&stdout_path), read(&stderr_path))
 }
 
 async fn get_with(app: &TestApp, path: &str, token: &str, reason: Option<&str>) -> u16 {
@@ -160,28 +201,15 @@ async fn console_in_headless_chromium(backend: Backend) {
         "chart": chart,
     });
     let out = TempDir::new();
-    let run = tokio::task::spawn_blocking({
+    let (status, stdout, stderr) = tokio::task::spawn_blocking({
         let (base, out) = (app.base.clone(), out.path.clone());
-        move || {
-            Command::new("node")
-                .arg(dir.join("console.mjs"))
-                .current_dir(&dir)
-                .env("CONSOLE_BASE", base)
-                .env("CONSOLE_EXPECT", expect.to_string())
-                .env("CONSOLE_OUT", out)
-                .env("CHROMIUM", chromium)
-                .output()
-                .expect("cannot start node (is Node.js installed?)")
-        }
+        move || run_console_script(&dir, &base, &expect.to_string(), &out, &chromium)
     })
     .await
     .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(
-        run.status.success(),
-        "the console test failed ({}):\n{stdout}\n{stderr}",
-        run.status
+        status.is_some_and(|s| s.success()),
+        "the console test failed ({status:?}; None: killed after {SCRIPT_DEADLINE:?}):\n{stdout}\n{stderr}"
     );
     let result: Value = stdout
         .lines()
