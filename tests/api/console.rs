@@ -51,21 +51,21 @@ fn console_dir() -> PathBuf {
 /// The longest the browser script may run before it is killed (it takes about 10 s).
 const SCRIPT_DEADLINE: Duration = Duration::from_secs(240);
 
-/// Run tests/console/console.mjs; its exit status (`None`: killed at the deadline), stdout and
-/// stderr.
-fn run_console_script(
+/// Run tests/console/console.mjs against the gateway at `base`; panics unless it passes (under
+/// [`SCRIPT_DEADLINE`]), returns its RESULT.
+async fn run_console_script(
     dir: &Path,
     base: &str,
-    expect: &str,
+    expect: &Value,
     out: &Path,
     chromium: &Path,
-) -> (Option<std::process::ExitStatus>, String, String) {
+) -> Value {
     let (stdout_path, stderr_path) = (out.join("node.stdout"), out.join("node.stderr"));
     let mut child = Command::new("node")
         .arg(dir.join("console.mjs"))
         .current_dir(dir)
         .env("CONSOLE_BASE", base)
-        .env("CONSOLE_EXPECT", expect)
+        .env("CONSOLE_EXPECT", expect.to_string())
         .env("CONSOLE_OUT", out)
         .env("CHROMIUM", chromium)
         .stdout(std::fs::File::create(&stdout_path).unwrap())
@@ -82,10 +82,21 @@ fn run_console_script(
             let _ = child.wait();
             break None;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
-    (status, read(&stdout_path), read(&stderr_path))
+    let stdout = std::fs::read_to_string(&stdout_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the console test failed ({status:?}; None: killed after {SCRIPT_DEADLINE:?}):\n{stdout}\n{stderr}"
+    );
+    let result: Value = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .unwrap_or_else(|| panic!("no RESULT line:\n{stdout}\n{stderr}"));
+    eprintln!("{stderr}console test result: {result}");
+    result
 }
 
 async fn get_with(app: &TestApp, path: &str, token: &str, reason: Option<&str>) -> u16 {
@@ -201,22 +212,7 @@ async fn console_in_headless_chromium(backend: Backend) {
         "chart": chart,
     });
     let out = TempDir::new();
-    let (status, stdout, stderr) = tokio::task::spawn_blocking({
-        let (base, out) = (app.base.clone(), out.path.clone());
-        move || run_console_script(&dir, &base, &expect.to_string(), &out, &chromium)
-    })
-    .await
-    .unwrap();
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "the console test failed ({status:?}; None: killed after {SCRIPT_DEADLINE:?}):\n{stdout}\n{stderr}"
-    );
-    let result: Value = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("RESULT "))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .unwrap_or_else(|| panic!("no RESULT line:\n{stdout}\n{stderr}"));
-    eprintln!("{stderr}console test result: {result}");
+    let result = run_console_script(&dir, &app.base, &expect, &out.path, &chromium).await;
 
     // The acknowledgement is stored, by the person, with the note.
     let bob = format!("{}#bob", provider.issuer);
@@ -300,6 +296,23 @@ async fn console_in_headless_chromium(backend: Backend) {
         "the refusal of the non-auditor is recorded"
     );
     chain_ok(&app).await;
+
+    // A record edited behind the gateway's back: the chain view says where.
+    crate::auditing::sql(
+        &app,
+        "UPDATE audit_events SET agent_user = 'forged' WHERE seq = 3",
+    )
+    .await;
+    let mut expect = expect;
+    expect["broken_at"] = json!(3);
+    let broken = run_console_script(&dir, &app.base, &expect, &out.path, &chromium).await;
+    assert!(
+        broken["chain_summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("audit verification FAILED at position 3"),
+        "{broken}"
+    );
     app.stop().await;
 }
 

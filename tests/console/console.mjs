@@ -10,7 +10,8 @@
 // patient's timeline; a break-the-glass alert acknowledged with a note (and a change without
 // the CSRF token refused); chain status "verified"; the per-institution charts; both reports
 // downloaded; a person without the auditor role refused. No Content Security Policy violation
-// may occur. Prints one line "RESULT <json>" for the Rust test and exits 0; any failed check
+// may occur. With `broken_at` in CONSOLE_EXPECT (after the test edited a record), it logs in and
+// checks only that chain status shows "failed" and names that position. Prints one line "RESULT <json>" for the Rust test and exits 0; any failed check
 // throws (exit 1) after saving a screenshot to CONSOLE_OUT. CONSOLE_SCREENSHOTS=<dir> keeps a
 // screenshot of every step there (to look at the console).
 import { readFileSync } from 'node:fs';
@@ -84,31 +85,8 @@ function watchCsp(page, sink) {
   page.on('pageerror', (err) => sink.push(`page error: ${err.message}`));
 }
 
-const browser = await chromium.launch({
-  executablePath,
-  headless: true,
-  // Root in a container: Chromium's sandbox needs user namespaces it may not have.
-  args: ['--no-sandbox'],
-});
-try {
-  // ---- The auditor ---------------------------------------------------------------------------
-  const context = await browser.newContext({ acceptDownloads: true, locale: 'en-GB', timezoneId: 'UTC' });
-  page = await context.newPage();
-  page.setDefaultTimeout(TIMEOUT);
-  const problems = [];
-  watchCsp(page, problems);
-
-  await step('an unauthenticated visit goes to the login');
-  await page.goto(`${base}/console`);
-  check(page.url().startsWith(expect.issuer), `redirected to the provider, at ${page.url()}`);
-  const landing = await signIn(page, expect.auditor);
-  check(landing.status() === 200, `the console answers 200 after login, got ${landing.status()}`);
-  check(new URL(page.url()).pathname === '/console', `back at the console: ${page.url()}`);
-  const csp = landing.headers()['content-security-policy'] || '';
-  check(csp.includes("script-src 'self'") && !csp.includes('unsafe-inline'), `CSP without inline scripts: ${csp}`);
-  await waitText(page, '#who', expect.auditor_name);
-  result.who = await page.textContent('#who');
-
+/** What the auditor does and sees, view by view. */
+async function walkthrough() {
   await step('events of the patient');
   await page.fill('#f-patient', expect.patient);
   await page.click('#event-search');
@@ -225,12 +203,23 @@ try {
   const csv = readFileSync(files.csv, 'utf8');
   check(csv.startsWith('section,key1,key2,key3,value') && csv.includes('verification,ok'), 'the CSV report, chain OK');
   result.reports = files;
+}
 
-  check(problems.length === 0, `no CSP violations or script errors: ${problems.join(' | ')}`);
-  await screenshot();
-  await context.close();
+/** The chain view after the test edited a record: failed, and where. */
+async function brokenChain() {
+  await step('chain status names the tampered position');
+  await page.click('nav a[data-view="chain"]');
+  await page.click('#verify-chain');
+  await waitText(page, '#chain-verdict', 'failed');
+  await waitText(page, '#chain-broken-at', String(expect.broken_at));
+  const first = await page.locator('#chain-problem-table tbody tr').first().locator('td').allTextContents();
+  check(first[0] === String(expect.broken_at) && first[1] === 'modified', `the first problem: ${first}`);
+  result.chain_summary = await page.textContent('#chain-summary');
+  check(result.chain_summary.startsWith(`audit verification FAILED at position ${expect.broken_at}: modified`), result.chain_summary);
+}
 
-  // ---- A person without the auditor role -----------------------------------------------------
+/** A person without the auditor role. */
+async function nonAuditor() {
   await step('a non-auditor is refused');
   const other = await browser.newContext({ locale: 'en-GB' });
   page = await other.newPage();
@@ -248,6 +237,42 @@ try {
   result.refused_roles = roles;
   await screenshot();
   await other.close();
+}
+
+const browser = await chromium.launch({
+  executablePath,
+  headless: true,
+  // Root in a container: Chromium's sandbox needs user namespaces it may not have.
+  args: ['--no-sandbox'],
+});
+try {
+  // ---- The auditor ---------------------------------------------------------------------------
+  const context = await browser.newContext({ acceptDownloads: true, locale: 'en-GB', timezoneId: 'UTC' });
+  page = await context.newPage();
+  page.setDefaultTimeout(TIMEOUT);
+  const problems = [];
+  watchCsp(page, problems);
+
+  await step('an unauthenticated visit goes to the login');
+  await page.goto(`${base}/console`);
+  check(page.url().startsWith(expect.issuer), `redirected to the provider, at ${page.url()}`);
+  const landing = await signIn(page, expect.auditor);
+  check(landing.status() === 200, `the console answers 200 after login, got ${landing.status()}`);
+  check(new URL(page.url()).pathname === '/console', `back at the console: ${page.url()}`);
+  const csp = landing.headers()['content-security-policy'] || '';
+  check(csp.includes("script-src 'self'") && !csp.includes('unsafe-inline'), `CSP without inline scripts: ${csp}`);
+  await waitText(page, '#who', expect.auditor_name);
+  result.who = await page.textContent('#who');
+
+  if (expect.broken_at) {
+    await brokenChain();
+  } else {
+    await walkthrough();
+  }
+  check(problems.length === 0, `no CSP violations or script errors: ${problems.join(' | ')}`);
+  await screenshot();
+  await context.close();
+  if (!expect.broken_at) await nonAuditor();
 
   console.log(`RESULT ${JSON.stringify(result)}`);
 } catch (err) {
