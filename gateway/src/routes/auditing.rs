@@ -568,7 +568,9 @@ fn check_note(note: &str) -> Result<String, ApiError> {
 /// Acknowledge an alert with a note (auditor role; recorded in the audit trail with the change).
 #[utoipa::path(post, path = "/audit/alerts/{id}/ack", tag = "audit",
     params(("id" = String, Path)), request_body = NoteInput,
-    responses((status = 200, body = AlertView), (status = 404, description = "No such alert"),
+    responses((status = 200, body = AlertView),
+        (status = 403, description = "Not the auditor role, or a session cookie without X-CSRF-Token (from /console/session)"),
+        (status = 404, description = "No such alert"),
         (status = 409, description = "Already acknowledged"), (status = 422, description = "Empty note")),
     security(("auditor_token" = [])))]
 pub async fn ack_alert(
@@ -644,7 +646,9 @@ pub async fn list_flags(
 /// Flag a patient (enterprise id) as VIP, with a note (auditor role; audited).
 #[utoipa::path(put, path = "/audit/flagged-patients/{patient}", tag = "audit",
     params(("patient" = String, Path, description = "Enterprise (EMPI) patient id")), request_body = NoteInput,
-    responses((status = 200, body = FlagView), (status = 422, description = "Empty note")),
+    responses((status = 200, body = FlagView),
+        (status = 403, description = "Not the auditor role, or a session cookie without X-CSRF-Token"),
+        (status = 422, description = "Empty note")),
     security(("auditor_token" = [])))]
 pub async fn put_flag(
     auditor: RequireRole<Auditor>,
@@ -687,7 +691,9 @@ pub async fn put_flag(
 /// Remove a flag (auditor role; audited).
 #[utoipa::path(delete, path = "/audit/flagged-patients/{patient}", tag = "audit",
     params(("patient" = String, Path)),
-    responses((status = 204, description = "Removed"), (status = 404, description = "Not flagged")),
+    responses((status = 204, description = "Removed"),
+        (status = 403, description = "Not the auditor role, or a session cookie without X-CSRF-Token"),
+        (status = 404, description = "Not flagged")),
     security(("auditor_token" = [])))]
 pub async fn delete_flag(
     auditor: RequireRole<Auditor>,
