@@ -242,8 +242,9 @@ async function nonAuditor() {
 const browser = await chromium.launch({
   executablePath,
   headless: true,
-  // Root in a container: Chromium's sandbox needs user namespaces it may not have.
-  args: ['--no-sandbox'],
+  // Root in a container: Chromium's sandbox needs user namespaces it may not have; a small
+  // /dev/shm must not crash the renderer.
+  args: ['--no-sandbox', '--disable-dev-shm-usage'],
 });
 try {
   // ---- The auditor ---------------------------------------------------------------------------
