@@ -2,7 +2,8 @@
 # Run Yiqiao's whole test suite on a fresh machine.
 #
 # Installs what the tests need (Python packages for the interop tests, OpenSSL's CLI, the npm
-# oidc-provider for the login tests), makes sure
+# oidc-provider for the login tests, Debian's chromium and npm playwright-core for the audit
+# console's browser tests), makes sure
 # PostgreSQL and Redis are running (starting them if they are down), then runs every test on both
 # storage backends. Fails loudly — never skips — when a service cannot be reached.
 #
@@ -21,6 +22,7 @@ need_apt=()
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v pg_isready >/dev/null 2>&1 || need_apt+=(postgresql-client)
 command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   say "installing Debian packages: ${need_apt[*]}"
   apt-get update -qq
@@ -33,6 +35,11 @@ python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements
 say "installing the OpenID Connect provider for the login tests (tests/oidc, npm ci)"
 command -v node >/dev/null 2>&1 || { echo "FATAL: Node.js (node, npm) is required for the login tests" >&2; exit 1; }
 npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error
+
+say "installing playwright-core for the audit console's browser tests (tests/console, npm ci)"
+# The browser is Debian's chromium (installed above); playwright-core downloads none.
+npm ci --prefix tests/console --no-audit --no-fund --loglevel=error
+command -v chromium >/dev/null 2>&1 || { echo "FATAL: chromium is required for the audit console tests" >&2; exit 1; }
 
 pg_host=$(python3 -c 'import sys,urllib.parse as u; p=u.urlparse(sys.argv[1]); print(p.hostname or "127.0.0.1", p.port or 5432)' "$YIQIAO_TEST_DATABASE_URL")
 read -r PGH PGP <<<"$pg_host"

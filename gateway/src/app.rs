@@ -153,6 +153,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::put().to(auditing::put_flag))
                 .route(web::delete().to(auditing::delete_flag)),
         )
+        .service(resource("/audit/chain").route(web::get().to(auditing::chain_status)))
+        .service(resource("/audit/stats/daily").route(web::get().to(auditing::daily_stats)))
+        .service(resource("/audit/report").route(web::get().to(auditing::report)))
+        // The auditors' web console (page, script and style compiled into the binary).
+        .service(resource("/console").route(web::get().to(crate::console::page)))
+        .service(resource("/console/console.js").route(web::get().to(crate::console::script)))
+        .service(resource("/console/console.css").route(web::get().to(crate::console::style)))
+        .service(resource("/console/session").route(web::get().to(crate::console::session)))
         // Federated queries to member hospitals (crate::federation).
         .service(resource("/federation/key").route(web::get().to(federation::routes::gateway_key)));
     for t in federation::routes::FEDERATED_TYPES {

@@ -218,22 +218,12 @@ pub enum ReportFormat {
 
 /// `--from`/`--to` of a report: a date or an RFC 3339 time; a `--to` date includes that day.
 fn report_time(raw: &str, is_to: bool) -> Result<chrono::NaiveDateTime, Failure> {
-    if let Ok(day) = chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d") {
-        let day = if is_to {
-            day.succ_opt().unwrap_or(day)
-        } else {
-            day
-        };
-        return Ok(day.and_time(chrono::NaiveTime::MIN));
-    }
-    chrono::DateTime::parse_from_rfc3339(raw)
-        .map(|t| t.naive_utc())
-        .map_err(|_| {
-            Failure::new(
-                EXIT_REJECTED,
-                format!("{raw}: expected a date (YYYY-MM-DD) or an RFC 3339 time"),
-            )
-        })
+    crate::report::period_bound(raw, is_to).ok_or_else(|| {
+        Failure::new(
+            EXIT_REJECTED,
+            format!("{raw}: expected a date (YYYY-MM-DD) or an RFC 3339 time"),
+        )
+    })
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod authlog;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod demo;
 pub mod documents;
 pub mod error;

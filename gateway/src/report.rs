@@ -12,6 +12,22 @@ use yiqiao_registry::audit::{Report, format_time, verify_db};
 use yiqiao_registry::store::{DbConn, StoreError};
 use yiqiao_sm::Sm2PublicKey;
 
+/// A bound of a report period: a date (`YYYY-MM-DD`, UTC) or an RFC 3339 time. An end date
+/// (`is_end`) includes that whole day. `None` when `raw` is neither.
+pub fn period_bound(raw: &str, is_end: bool) -> Option<NaiveDateTime> {
+    if let Ok(day) = chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d") {
+        let day = if is_end {
+            day.succ_opt().unwrap_or(day)
+        } else {
+            day
+        };
+        return Some(day.and_time(chrono::NaiveTime::MIN));
+    }
+    chrono::DateTime::parse_from_rfc3339(raw)
+        .ok()
+        .map(|t| t.naive_utc())
+}
+
 /// Everything the report shows.
 #[derive(Debug)]
 pub struct ReportData {
@@ -162,7 +178,7 @@ pub fn csv(d: &ReportData) -> String {
     out
 }
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

@@ -16,7 +16,8 @@
 //!
 //! A request authenticated by the session cookie with an unsafe method (POST, PUT, DELETE…)
 //! must not carry an `Origin` other than the gateway's own (cross-site request forgery; the
-//! cookie is also `SameSite=Lax`).
+//! cookie is also `SameSite=Lax`). The auditors' changes also check a CSRF token
+//! (crate::console::require_csrf).
 
 use std::future::Future;
 use std::marker::PhantomData;

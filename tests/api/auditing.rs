@@ -21,9 +21,9 @@ use crate::helpers::{
 };
 use crate::on_both_backends;
 
-const AUDITOR_TOKEN: &str = "test-auditor-token-9876543210";
+pub(crate) const AUDITOR_TOKEN: &str = "test-auditor-token-9876543210";
 
-fn settings(s: &mut Settings) {
+pub(crate) fn settings(s: &mut Settings) {
     s.auditor_token = Secret::new(AUDITOR_TOKEN);
     s.audit.alert_scan_interval_secs = 0;
     s.auth.ip_burst = 10_000;
@@ -57,7 +57,7 @@ fn public_key() -> Sm2PublicKey {
     Sm2PublicKey::from_spki_pem(&std::fs::read_to_string(&test_audit_key().1).unwrap()).unwrap()
 }
 
-async fn chain_ok(app: &TestApp) {
+pub(crate) async fn chain_ok(app: &TestApp) {
     let store = app.state.store.clone();
     let report = tokio::task::spawn_blocking(move || {
         verify_db(&mut store.conn().unwrap(), None, None, &public_key()).unwrap()
@@ -67,7 +67,7 @@ async fn chain_ok(app: &TestApp) {
     assert!(report.ok(), "{:#?}", report.problems);
 }
 
-async fn sql(app: &TestApp, statements: &str) {
+pub(crate) async fn sql(app: &TestApp, statements: &str) {
     let store = app.state.store.clone();
     let statements = statements.to_string();
     tokio::task::spawn_blocking(move || {
@@ -275,7 +275,7 @@ async fn refusals_are_recorded_and_a_flood_is_counted(backend: Backend) {
 
 /// Register hosp-001 (keys for tokens, AuditEvent scope) and hosp-002; hosp-001 registers a
 /// patient; returns (source record id, enterprise person id).
-async fn region_with_patient(app: &TestApp, key: &Sm2PrivateKey) -> (String, String) {
+pub(crate) async fn region_with_patient(app: &TestApp, key: &Sm2PrivateKey) -> (String, String) {
     for n in [1, 2, 3] {
         let mut body = institution(n);
         body["sm2_keys"] = json!([{"kid": "k1", "pem": key.public_key().to_spki_pem().unwrap()}]);
@@ -315,6 +315,17 @@ async fn access_token(
     institution: &str,
     scope: &str,
 ) -> String {
+    access_token_for(app, key, institution, scope, "TREAT").await
+}
+
+/// [`access_token`] with a purpose of use.
+pub(crate) async fn access_token_for(
+    app: &TestApp,
+    key: &Sm2PrivateKey,
+    institution: &str,
+    scope: &str,
+    purpose: &str,
+) -> String {
     let aud = format!("{}/oauth2/token", app.state.base_url);
     let now = chrono::Utc::now().timestamp();
     let claims = json!({"iss": institution, "sub": institution, "aud": aud, "iat": now,
@@ -336,7 +347,7 @@ async fn access_token(
             ),
             ("client_assertion", &assertion),
             ("scope", scope),
-            ("purpose_of_use", "TREAT"),
+            ("purpose_of_use", purpose),
         ])
         .send()
         .await

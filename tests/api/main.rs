@@ -13,6 +13,7 @@ mod auditing;
 mod auth;
 mod cli;
 mod consent;
+mod console;
 mod documents;
 mod empi;
 mod encounters;

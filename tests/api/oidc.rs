@@ -26,9 +26,9 @@ const CLIENT_ID: &str = "yiqiao-console";
 const CLIENT_SECRET: &str = "console-secret-0123456789abcdef";
 
 /// The oidc-provider process; killed when dropped.
-struct Provider {
+pub(crate) struct Provider {
     child: Child,
-    issuer: String,
+    pub(crate) issuer: String,
     /// Kept open: the provider logs to stdout, and a closed pipe would kill it (EPIPE).
     _stdout: BufReader<std::process::ChildStdout>,
 }
@@ -79,7 +79,10 @@ impl Drop for Provider {
 }
 
 /// A provider and a gateway configured to log people in through it.
-async fn spawn(backend: Backend, adjust: impl FnOnce(&mut Settings)) -> (Provider, TestApp) {
+pub(crate) async fn spawn(
+    backend: Backend,
+    adjust: impl FnOnce(&mut Settings),
+) -> (Provider, TestApp) {
     // The provider must know the gateway's redirect URI before the gateway knows the issuer:
     // reserve the gateway's port first.
     let port = TcpListener::bind("127.0.0.1:0")

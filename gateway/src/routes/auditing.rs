@@ -256,6 +256,34 @@ fn trimmed(e: &StoredEvent) -> Value {
     v
 }
 
+/// The record of an auditor's read of the trail: who, the role, the query text and the patient
+/// the query names.
+fn auditor_search_event(
+    state: &AppState,
+    staff: &Staff,
+    query: String,
+    patient: Option<String>,
+) -> yiqiao_registry::audit::AuditEvent {
+    let mut e = state.auditor.search_event(query);
+    e.agent_user = Some(staff.subject.clone());
+    e.agent_role = Some("auditor".into());
+    e.patient_id = patient;
+    e
+}
+
+/// Record an auditor's read (the request's path and query) durably, before the answer is built.
+async fn record_auditor_read(
+    state: &AppState,
+    staff: &Staff,
+    req: &HttpRequest,
+    patient: Option<String>,
+) -> Result<(), ApiError> {
+    let query = format!("{}?{}", req.path(), req.query_string());
+    let event = auditor_search_event(state, staff, query, patient);
+    state.auditor.record(event).await?;
+    Ok(())
+}
+
 fn fhir_ok(body: Value) -> HttpResponse {
     HttpResponse::Ok().content_type(fhir::FHIR_JSON).json(body)
 }
@@ -346,13 +374,7 @@ pub async fn search(
     // The reader's own access, recorded before the response is built.
     let query_text = format!("{}?{}", req.path(), req.query_string());
     let event = match &viewer {
-        Viewer::Auditor(staff) => {
-            let mut e = state.auditor.search_event(query_text);
-            e.agent_user = Some(staff.subject.clone());
-            e.agent_role = Some("auditor".into());
-            e.patient_id = person.clone();
-            e
-        }
+        Viewer::Auditor(staff) => auditor_search_event(&state, staff, query_text, person.clone()),
         Viewer::Platform(caller) => {
             let e = state.auditor.search_event(query_text);
             state.auditor.by_caller(e, caller, person.clone())
@@ -516,12 +538,7 @@ pub async fn list_alerts(
         .await?;
     let next_offset = (items.len() as i64 > count).then_some(offset + count);
     items.truncate(count as usize);
-    let mut event = state
-        .auditor
-        .search_event(format!("{}?{}", req.path(), req.query_string()));
-    event.agent_user = Some(auditor.subject.clone());
-    event.agent_role = Some("auditor".into());
-    state.auditor.record(event).await?;
+    record_auditor_read(&state, &auditor.staff, &req, None).await?;
     Ok(HttpResponse::Ok().json(AlertList {
         items: items.into_iter().map(AlertView::from).collect(),
         next_offset,
@@ -551,7 +568,9 @@ fn check_note(note: &str) -> Result<String, ApiError> {
 /// Acknowledge an alert with a note (auditor role; recorded in the audit trail with the change).
 #[utoipa::path(post, path = "/audit/alerts/{id}/ack", tag = "audit",
     params(("id" = String, Path)), request_body = NoteInput,
-    responses((status = 200, body = AlertView), (status = 404, description = "No such alert"),
+    responses((status = 200, body = AlertView),
+        (status = 403, description = "Not the auditor role, or a session cookie without X-CSRF-Token (from /console/session)"),
+        (status = 404, description = "No such alert"),
         (status = 409, description = "Already acknowledged"), (status = 422, description = "Empty note")),
     security(("auditor_token" = [])))]
 pub async fn ack_alert(
@@ -559,7 +578,9 @@ pub async fn ack_alert(
     state: web::Data<AppState>,
     id: web::Path<String>,
     body: ValidJson<NoteInput>,
+    req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
+    crate::console::require_csrf(&req, &auditor.staff)?;
     let note = check_note(&body.0.note)?;
     let id = id.into_inner();
     let by = auditor.subject.clone();
@@ -602,9 +623,12 @@ pub async fn list_flags(
     let flags = state
         .db(|conn| alerts::flagged(conn).map_err(yiqiao_registry::StoreError::from_diesel))
         .await?;
-    let mut event = state.auditor.search_event("/audit/flagged-patients".into());
-    event.agent_user = Some(auditor.subject.clone());
-    event.agent_role = Some("auditor".into());
+    let event = auditor_search_event(
+        &state,
+        &auditor.staff,
+        "/audit/flagged-patients".into(),
+        None,
+    );
     state.auditor.record(event).await?;
     Ok(HttpResponse::Ok().json(
         flags
@@ -622,14 +646,18 @@ pub async fn list_flags(
 /// Flag a patient (enterprise id) as VIP, with a note (auditor role; audited).
 #[utoipa::path(put, path = "/audit/flagged-patients/{patient}", tag = "audit",
     params(("patient" = String, Path, description = "Enterprise (EMPI) patient id")), request_body = NoteInput,
-    responses((status = 200, body = FlagView), (status = 422, description = "Empty note")),
+    responses((status = 200, body = FlagView),
+        (status = 403, description = "Not the auditor role, or a session cookie without X-CSRF-Token"),
+        (status = 422, description = "Empty note")),
     security(("auditor_token" = [])))]
 pub async fn put_flag(
     auditor: RequireRole<Auditor>,
     state: web::Data<AppState>,
     patient: web::Path<String>,
     body: ValidJson<NoteInput>,
+    req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
+    crate::console::require_csrf(&req, &auditor.staff)?;
     let note = check_note(&body.0.note)?;
     let patient = patient.into_inner();
     if patient.is_empty() || patient.len() > 128 {
@@ -663,13 +691,17 @@ pub async fn put_flag(
 /// Remove a flag (auditor role; audited).
 #[utoipa::path(delete, path = "/audit/flagged-patients/{patient}", tag = "audit",
     params(("patient" = String, Path)),
-    responses((status = 204, description = "Removed"), (status = 404, description = "Not flagged")),
+    responses((status = 204, description = "Removed"),
+        (status = 403, description = "Not the auditor role, or a session cookie without X-CSRF-Token"),
+        (status = 404, description = "Not flagged")),
     security(("auditor_token" = [])))]
 pub async fn delete_flag(
     auditor: RequireRole<Auditor>,
     state: web::Data<AppState>,
     patient: web::Path<String>,
+    req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
+    crate::console::require_csrf(&req, &auditor.staff)?;
     let patient = patient.into_inner();
     let mut event =
         state
@@ -689,4 +721,315 @@ pub async fn delete_flag(
         })
         .await?;
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// A problem verification found.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChainProblem {
+    /// The chain position (0 for a manifest).
+    pub seq: i64,
+    /// modified | deleted | inserted | reordered | truncated | bad-checkpoint-signature | checkpoint-mismatch
+    pub kind: String,
+    pub detail: String,
+}
+
+/// The result of verifying the audit chain (what `yiqiao audit verify` prints).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChainStatus {
+    /// `verified`, `failed` or `empty` (no records in the range).
+    pub status: String,
+    /// One line, as `yiqiao audit verify` prints it.
+    pub summary: String,
+    pub first_seq: Option<i64>,
+    pub last_seq: Option<i64>,
+    /// Records checked.
+    pub records: u64,
+    /// Signed checkpoints checked.
+    pub checkpoints: u64,
+    /// The chain head (last position) and the last signed checkpoint's position.
+    pub head_seq: i64,
+    pub checkpoint_seq: i64,
+    /// Key id of the SM2 key checkpoints were verified with.
+    pub key_id: String,
+    /// The first broken position, when verification failed.
+    pub broken_at: Option<i64>,
+    pub problem_count: usize,
+    /// The first 100 problems, by position.
+    pub problems: Vec<ChainProblem>,
+    pub verified_at: String,
+    pub duration_ms: u64,
+}
+
+fn position_param(
+    q: &std::collections::HashMap<String, String>,
+    name: &str,
+) -> Result<Option<i64>, ApiError> {
+    q.get(name)
+        .map(|raw| {
+            raw.parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| ApiError::invalid_param(name, "must be a chain position (≥ 1)"))
+        })
+        .transpose()
+}
+
+/// Verify the audit chain now (auditor role): every record's hash and link, the columns against
+/// the hashed resource, and every signed checkpoint, over positions `from..=to` (default: the
+/// whole chain). Names the first broken position. The read is audited.
+#[utoipa::path(get, path = "/audit/chain", tag = "audit",
+    params(("from" = Option<i64>, Query, description = "First position (default 1)"),
+           ("to" = Option<i64>, Query, description = "Last position (default the chain head)")),
+    responses((status = 200, description = "Verification result (also when it failed)", body = ChainStatus),
+              (status = 400, description = "OperationOutcome naming the parameter")),
+    security(("auditor_token" = [])))]
+pub async fn chain_status(
+    auditor: RequireRole<Auditor>,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    q: web::Query<std::collections::HashMap<String, String>>,
+) -> Result<HttpResponse, ApiError> {
+    crate::routes::check_params(&q, &["from", "to"])?;
+    let (from, to) = (position_param(&q, "from")?, position_param(&q, "to")?);
+    record_auditor_read(&state, &auditor.staff, &req, None).await?;
+    let key = state.auditor.signer().public_key().clone();
+    let key_id = state.auditor.signer().key_id().to_string();
+    let started = std::time::Instant::now();
+    let ((head_seq, _, checkpoint_seq), report) = state
+        .db(move |conn| {
+            let head = yiqiao_registry::audit::chain_head(conn)?;
+            let report = yiqiao_registry::audit::verify_db(conn, from, to, &key)?;
+            Ok::<_, yiqiao_registry::StoreError>((head, report))
+        })
+        .await?;
+    let (status, summary) = match (report.first_problem(), report.records) {
+        (Some(p), _) => (
+            "failed",
+            format!(
+                "audit verification FAILED at position {}: {}: {} ({} problem(s))",
+                p.seq,
+                p.kind.as_str(),
+                p.detail,
+                report.problems.len()
+            ),
+        ),
+        (None, 0) => ("empty", "no records in this range".to_string()),
+        (None, n) => (
+            "verified",
+            format!(
+                "audit chain OK: positions {}..{} ({n} records, {} checkpoints verified)",
+                report.first_seq.unwrap_or(0),
+                report.last_seq.unwrap_or(0),
+                report.checkpoints
+            ),
+        ),
+    };
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(ChainStatus {
+            status: status.into(),
+            summary,
+            first_seq: report.first_seq,
+            last_seq: report.last_seq,
+            records: report.records,
+            checkpoints: report.checkpoints,
+            head_seq,
+            checkpoint_seq,
+            key_id,
+            broken_at: report.first_problem().map(|p| p.seq),
+            problem_count: report.problems.len(),
+            problems: report
+                .problems
+                .iter()
+                .take(100)
+                .map(|p| ChainProblem {
+                    seq: p.seq,
+                    kind: p.kind.as_str().into(),
+                    detail: p.detail.clone(),
+                })
+                .collect(),
+            verified_at: ts(yiqiao_registry::store::now_utc()),
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        }))
+}
+
+/// One requester's records per day.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DailyRow {
+    /// Institution id, `staff` (people and operators) or `unauthenticated`.
+    pub requester: String,
+    /// Successful records per day, aligned with `days`.
+    pub accesses: Vec<u64>,
+    /// Refused or failed requests per day, aligned with `days`.
+    pub denials: Vec<u64>,
+    pub total_accesses: u64,
+    pub total_denials: u64,
+}
+
+/// Access volume and denials per requester per day.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DailyStats {
+    pub from: String,
+    pub to: String,
+    /// Every day of the period (UTC), oldest first.
+    pub days: Vec<String>,
+    /// One row per requester with any record in the period, by requester.
+    pub rows: Vec<DailyRow>,
+}
+
+fn day_param(
+    q: &std::collections::HashMap<String, String>,
+    name: &str,
+) -> Result<Option<NaiveDate>, ApiError> {
+    q.get(name)
+        .map(|raw| {
+            NaiveDate::parse_from_str(raw, "%Y-%m-%d")
+                .map_err(|_| ApiError::invalid_param(name, "must be a date YYYY-MM-DD"))
+        })
+        .transpose()
+}
+
+/// Access volume and denials per institution per day (auditor role): successful records and
+/// refused or failed requests of each requester on each day (UTC) of `from..=to` (default: the
+/// last 14 days; at most 366 days). The read is audited.
+#[utoipa::path(get, path = "/audit/stats/daily", tag = "audit",
+    params(("from" = Option<String>, Query, description = "First day YYYY-MM-DD (default 13 days before `to`)"),
+           ("to" = Option<String>, Query, description = "Last day YYYY-MM-DD, included (default today, UTC)")),
+    responses((status = 200, body = DailyStats),
+              (status = 400, description = "OperationOutcome naming the parameter")),
+    security(("auditor_token" = [])))]
+pub async fn daily_stats(
+    auditor: RequireRole<Auditor>,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    q: web::Query<std::collections::HashMap<String, String>>,
+) -> Result<HttpResponse, ApiError> {
+    crate::routes::check_params(&q, &["from", "to"])?;
+    let to = day_param(&q, "to")?.unwrap_or_else(|| yiqiao_registry::store::now_utc().date());
+    let from = day_param(&q, "from")?.unwrap_or(to - chrono::Duration::days(13));
+    let span = (to - from).num_days();
+    if !(0..366).contains(&span) {
+        return Err(ApiError::invalid_param(
+            "from",
+            "must be on or before `to`, at most 366 days",
+        ));
+    }
+    record_auditor_read(&state, &auditor.staff, &req, None).await?;
+    let (start, end) = (
+        from.and_time(chrono::NaiveTime::MIN),
+        (to + chrono::Duration::days(1)).and_time(chrono::NaiveTime::MIN),
+    );
+    let counts = state
+        .db(move |conn| query::daily_by_requester(conn, start, end))
+        .await?;
+    let days: Vec<String> = from
+        .iter_days()
+        .take_while(|d| *d <= to)
+        .map(|d| d.format("%Y-%m-%d").to_string())
+        .collect();
+    let mut rows: Vec<DailyRow> = Vec::new();
+    for c in counts {
+        if rows.last().is_none_or(|r| r.requester != c.requester) {
+            rows.push(DailyRow {
+                requester: c.requester.clone(),
+                accesses: vec![0; days.len()],
+                denials: vec![0; days.len()],
+                total_accesses: 0,
+                total_denials: 0,
+            });
+        }
+        let (Some(row), Some(i)) = (rows.last_mut(), days.iter().position(|d| *d == c.day)) else {
+            continue;
+        };
+        row.accesses[i] = c.accesses;
+        row.denials[i] = c.denials;
+        row.total_accesses += c.accesses;
+        row.total_denials += c.denials;
+    }
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(DailyStats {
+            from: from.format("%Y-%m-%d").to_string(),
+            to: to.format("%Y-%m-%d").to_string(),
+            days,
+            rows,
+        }))
+}
+
+/// The compliance report over a period (auditor role), as `yiqiao audit report` writes it:
+/// `format=html` (one self-contained page) or `csv`, sent as a download. The period's chain
+/// verification is in the report and in the `X-Audit-Chain` header (`verified` or `failed`).
+/// The read is audited.
+#[utoipa::path(get, path = "/audit/report", tag = "audit",
+    params(("from" = String, Query, description = "Start: YYYY-MM-DD or RFC 3339 time (UTC)"),
+           ("to" = String, Query, description = "End: YYYY-MM-DD (that day included) or RFC 3339 time (excluded)"),
+           ("format" = Option<String>, Query, description = "html (default) | csv")),
+    responses((status = 200, description = "The report (text/html or text/csv, Content-Disposition: attachment)"),
+              (status = 400, description = "OperationOutcome naming the parameter")),
+    security(("auditor_token" = [])))]
+pub async fn report(
+    auditor: RequireRole<Auditor>,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    q: web::Query<std::collections::HashMap<String, String>>,
+) -> Result<HttpResponse, ApiError> {
+    crate::routes::check_params(&q, &["from", "to", "format"])?;
+    let bound = |name: &str, is_end: bool| {
+        let raw = q
+            .get(name)
+            .ok_or_else(|| ApiError::invalid_param(name, "is required"))?;
+        crate::report::period_bound(raw, is_end).ok_or_else(|| {
+            ApiError::invalid_param(name, "must be a date YYYY-MM-DD or an RFC 3339 time")
+        })
+    };
+    let (from, to) = (bound("from", false)?, bound("to", true)?);
+    if from >= to {
+        return Err(ApiError::invalid_param("to", "must be after `from`"));
+    }
+    let csv = match q.get("format").map(String::as_str) {
+        None | Some("html") => false,
+        Some("csv") => true,
+        Some(_) => return Err(ApiError::invalid_param("format", "must be html or csv")),
+    };
+    record_auditor_read(&state, &auditor.staff, &req, None).await?;
+    let key = state.auditor.signer().public_key().clone();
+    let data = state
+        .db(move |conn| crate::report::gather(conn, from, to, &key))
+        .await?;
+    let name = format!(
+        "yiqiao-audit-report-{}-{}",
+        from.format("%Y%m%dT%H%M%S"),
+        to.format("%Y%m%dT%H%M%S")
+    );
+    let (body, content_type, ext) = if csv {
+        (crate::report::csv(&data), "text/csv; charset=utf-8", "csv")
+    } else {
+        (
+            crate::report::html(&data),
+            "text/html; charset=utf-8",
+            "html",
+        )
+    };
+    Ok(HttpResponse::Ok()
+        .content_type(content_type)
+        .insert_header((
+            header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"{name}.{ext}\""),
+        ))
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        // The HTML report has inline styles and no scripts: allow nothing else.
+        .insert_header((
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; style-src 'unsafe-inline'; sandbox",
+        ))
+        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .insert_header((
+            "X-Audit-Chain",
+            if data.verified() {
+                "verified"
+            } else {
+                "failed"
+            },
+        ))
+        .body(body))
 }

@@ -191,26 +191,30 @@ pub struct Summary {
     pub break_glass: Vec<StoredEvent>,
 }
 
-/// Summarise events recorded in `[from, to)`. Reads the indexed columns only (not the
-/// resources), page by page.
-pub fn summarise(
+/// The indexed columns the aggregates read: position, time, outcome, institution, user,
+/// purpose, consent decision.
+type AggregateRow = (
+    i64,
+    NaiveDateTime,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+/// Call `each` for every event recorded in `[from, to)`, oldest first, reading the indexed
+/// columns only (not the resources), 10,000 rows at a time.
+fn for_each_in_range(
     conn: &mut DbConn,
     from: NaiveDateTime,
     to: NaiveDateTime,
-) -> Result<Summary, StoreError> {
+    mut each: impl FnMut(AggregateRow),
+) -> Result<(), StoreError> {
     use audit_events as e;
-    type Cols = (
-        i64,
-        NaiveDateTime,
-        String,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-    );
-    let mut s = Summary::default();
     let mut after = 0i64;
     loop {
-        let rows: Vec<Cols> = e::table
+        let rows: Vec<AggregateRow> = e::table
             .filter(e::recorded_at.ge(from))
             .filter(e::recorded_at.lt(to))
             .filter(e::seq.gt(after))
@@ -221,14 +225,34 @@ pub fn summarise(
                 e::recorded_at,
                 e::outcome,
                 e::agent_institution,
+                e::agent_user,
                 e::purpose_of_use,
                 e::consent_decision,
             ))
             .load(conn)
             .map_err(StoreError::from_diesel)?;
-        let Some(last) = rows.last() else { break };
+        let Some(last) = rows.last() else {
+            return Ok(());
+        };
         after = last.0;
-        for (seq, at, outcome, inst, purpose, decision) in rows {
+        rows.into_iter().for_each(&mut each);
+    }
+}
+
+/// Summarise events recorded in `[from, to)`. Reads the indexed columns only (not the
+/// resources), page by page.
+pub fn summarise(
+    conn: &mut DbConn,
+    from: NaiveDateTime,
+    to: NaiveDateTime,
+) -> Result<Summary, StoreError> {
+    use audit_events as e;
+    let mut s = Summary::default();
+    for_each_in_range(
+        conn,
+        from,
+        to,
+        |(seq, at, outcome, inst, _user, purpose, decision)| {
             s.total += 1;
             s.first_seq.get_or_insert(seq);
             s.last_seq = Some(seq);
@@ -251,8 +275,8 @@ pub fn summarise(
             } else {
                 day.0 += 1;
             }
-        }
-    }
+        },
+    )?;
     let rows: Vec<EventRow> = e::table
         .filter(e::recorded_at.ge(from))
         .filter(e::recorded_at.lt(to))
@@ -263,6 +287,60 @@ pub fn summarise(
         .map_err(StoreError::from_diesel)?;
     s.break_glass = rows.into_iter().map(StoredEvent::from).collect();
     Ok(s)
+}
+
+/// Who a daily count is about: the requesting institution; `staff` for records of people and
+/// operators (auditors' reads, administrators' changes); `unauthenticated` when nobody was.
+pub fn requester_label(institution: Option<String>, user: Option<&str>) -> String {
+    match (institution, user) {
+        (Some(i), _) => i,
+        (None, Some(_)) => "staff".into(),
+        (None, None) => "unauthenticated".into(),
+    }
+}
+
+/// The records of one requester on one day (UTC).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DailyCount {
+    /// `YYYY-MM-DD` (UTC).
+    pub day: String,
+    /// Institution id, `staff` or `unauthenticated` ([`requester_label`]).
+    pub requester: String,
+    /// Records with outcome 0 (success).
+    pub accesses: u64,
+    /// Refused or failed requests (outcome 4, 8 or 12).
+    pub denials: u64,
+}
+
+/// Accesses and denials per requester per day over `[from, to)`, sorted by requester then day;
+/// days without records are absent.
+pub fn daily_by_requester(
+    conn: &mut DbConn,
+    from: NaiveDateTime,
+    to: NaiveDateTime,
+) -> Result<Vec<DailyCount>, StoreError> {
+    let mut counts: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
+    for_each_in_range(conn, from, to, |(_, at, outcome, inst, user, _, _)| {
+        let key = (
+            requester_label(inst, user.as_deref()),
+            at.format("%Y-%m-%d").to_string(),
+        );
+        let entry = counts.entry(key).or_default();
+        if outcome == super::outcome::SUCCESS {
+            entry.0 += 1;
+        } else {
+            entry.1 += 1;
+        }
+    })?;
+    Ok(counts
+        .into_iter()
+        .map(|((requester, day), (accesses, denials))| DailyCount {
+            day,
+            requester,
+            accesses,
+            denials,
+        })
+        .collect())
 }
 
 #[cfg(test)]
