@@ -697,23 +697,40 @@ async fn search_filters_and_paging(backend: Backend) {
     app.stop().await;
 }
 
-/// A small content server standing in for a custodian's document endpoint.
+/// A small content server standing in for a custodian's document endpoint: plain content
+/// at `/docs/{id}`.
 async fn content_server(docs: BTreeMap<String, Vec<u8>>) -> (String, actix_web::dev::ServerHandle) {
-    let docs = web::Data::new(docs);
+    content_server_sealing(docs, None).await
+}
+
+type Sealing = Option<(yiqiao_sm::Sm2PrivateKey, String)>;
+
+/// [`content_server`], and with `sealing` = (signer, gateway key id) also `/sealed/{id}`: the
+/// content in an SM envelope sealed to the gateway key and bound to the request it answers
+/// (path, `X-Yiqiao-Requester`, `X-Request-Id`), signed by the signer as hosp-001.
+async fn content_server_sealing(
+    docs: BTreeMap<String, Vec<u8>>,
+    sealing: Sealing,
+) -> (String, actix_web::dev::ServerHandle) {
+    let state = web::Data::new((docs, sealing));
     let server = HttpServer::new(move || {
-        App::new().app_data(docs.clone()).route(
-            "/docs/{id}",
-            web::get().to(
-                |id: web::Path<String>, docs: web::Data<BTreeMap<String, Vec<u8>>>| async move {
-                    match docs.get(id.as_str()) {
-                        Some(b) => HttpResponse::Ok()
-                            .content_type("application/xml")
-                            .body(b.clone()),
-                        None => HttpResponse::NotFound().finish(),
-                    }
-                },
-            ),
-        )
+        App::new()
+            .app_data(state.clone())
+            .route(
+                "/docs/{id}",
+                web::get().to(
+                    |id: web::Path<String>,
+                     state: web::Data<(BTreeMap<String, Vec<u8>>, Sealing)>| async move {
+                        match state.0.get(id.as_str()) {
+                            Some(b) => HttpResponse::Ok()
+                                .content_type("application/xml")
+                                .body(b.clone()),
+                            None => HttpResponse::NotFound().finish(),
+                        }
+                    },
+                ),
+            )
+            .route("/sealed/{id}", web::get().to(sealed_content))
     })
     .workers(1)
     .bind("127.0.0.1:0")
@@ -723,6 +740,56 @@ async fn content_server(docs: BTreeMap<String, Vec<u8>>) -> (String, actix_web::
     let handle = server.handle();
     tokio::spawn(server);
     (format!("http://127.0.0.1:{port}"), handle)
+}
+
+async fn sealed_content(
+    req: HttpRequest,
+    id: web::Path<String>,
+    state: web::Data<(BTreeMap<String, Vec<u8>>, Sealing)>,
+) -> HttpResponse {
+    let (docs, sealing) = state.get_ref();
+    let (Some(content), Some((signer, key_id))) = (docs.get(id.as_str()), sealing) else {
+        return HttpResponse::NotFound().finish();
+    };
+    let h = |n: &str| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let binding = yiqiao_sm::RequestBinding::new(
+        "GET",
+        req.uri().path_and_query().unwrap().as_str(),
+        &h("x-yiqiao-requester"),
+        &h("x-request-id"),
+    )
+    .unwrap();
+    let sender = yiqiao_sm::SenderKeys::new("hosp-001", signer).unwrap();
+    let recipient = yiqiao_sm::RecipientKey {
+        key_id: key_id.clone(),
+        public_key: crate::helpers::test_gateway_key().1.public_key(),
+    };
+    let sealed = yiqiao_sm::Envelope::seal(
+        content,
+        "application/xml",
+        &sender,
+        &recipient,
+        &binding,
+        chrono::Utc::now(),
+    )
+    .unwrap();
+    HttpResponse::Ok()
+        .content_type(yiqiao_sm::ENVELOPE_MEDIA_TYPE)
+        .body(sealed.to_json().unwrap())
+}
+
+/// hosp-002 retrieves document `id` and gets the content of "GOOD", as registered.
+async fn retrieves_good(app: &TestApp, id: &str) {
+    let resp = get_as(app, 2, &format!("/fhir/Binary/{id}")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/xml");
+    assert_eq!(resp.bytes().await.unwrap().to_vec(), content_of("GOOD"));
 }
 
 async fn retrieval_checks_the_sm3_hash(backend: Backend) {
@@ -741,10 +808,7 @@ async fn retrieval_checks_the_sm3_hash(backend: Backend) {
         let v = register(&app, 1, &d).await;
         ids.insert(name, v["id"].as_str().unwrap().to_string());
     }
-    let resp = get_as(&app, 2, &format!("/fhir/Binary/{}", ids["GOOD"])).await;
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers()["content-type"], "application/xml");
-    assert_eq!(resp.bytes().await.unwrap().to_vec(), content_of("GOOD"));
+    retrieves_good(&app, &ids["GOOD"]).await;
     assert_outcome(
         get_as(&app, 2, &format!("/fhir/Binary/{}", ids["TAMPERED"])).await,
         502,
@@ -765,6 +829,127 @@ async fn retrieval_checks_the_sm3_hash(backend: Backend) {
     )
     .await;
     assert_outcome(get_as(&app, 2, "/fhir/Binary/nope").await, 404, "not-found").await;
+    app.stop().await;
+}
+
+/// Retrieval under the federation issue's envelope rules: a custodian's sealed answer is
+/// verified against its registered SM2 key and opened before the SM3 check; an answer signed
+/// by any other key is refused (502 upstream-integrity) and the refusal is in the audit trail;
+/// a requester that asks for an envelope gets the content sealed to its own key, signed by
+/// the gateway and bound to its request.
+async fn retrieval_in_sm_envelopes(backend: Backend) {
+    let app = setup(backend, |_| {}).await;
+    let custodian = yiqiao_sm::Sm2PrivateKey::generate().unwrap();
+    let requester = yiqiao_sm::Sm2PrivateKey::generate().unwrap();
+    for (n, key) in [(1, &custodian), (2, &requester)] {
+        let mut inst = institution(n);
+        inst["allowed_scopes"] = json!([
+            "system/Patient.cruds",
+            "system/DocumentReference.cruds",
+            "system/Subscription.cruds",
+            "system/Consent.cruds"
+        ]);
+        inst["sm2_keys"] = json!([{ "kid": format!("hosp-{n}-sm2"), "pem": key.public_key().to_spki_pem().unwrap() }]);
+        let resp = app
+            .admin_put(&format!("/admin/institutions/{}", inst_id(n)), &inst)
+            .await;
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    }
+    let key_id = app.state.settings.federation.key_id.clone();
+    let served = BTreeMap::from([("GOOD".to_string(), content_of("GOOD"))]);
+    let (good_base, good) =
+        content_server_sealing(served.clone(), Some((custodian.clone(), key_id.clone()))).await;
+    let forger = yiqiao_sm::Sm2PrivateKey::generate().unwrap();
+    let (forged_base, forged) = content_server_sealing(served, Some((forger, key_id))).await;
+    let mut ids = BTreeMap::new();
+    for (name, base) in [("GOOD", &good_base), ("FORGED", &forged_base)] {
+        let mut d = doc(1, name, "MR-1", DISCHARGE, "2024-01-01T08:00:00+08:00");
+        d["content"][0]["attachment"]["url"] = json!(format!("{base}/sealed/GOOD"));
+        d["content"][0]["attachment"]["size"] = json!(content_of("GOOD").len());
+        d["content"][0]["attachment"]["extension"][0]["valueString"] =
+            json!(yiqiao_sm::sm3_hex(&content_of("GOOD")));
+        let v = register(&app, 1, &d).await;
+        ids.insert(name, v["id"].as_str().unwrap().to_string());
+    }
+
+    // Sealed by the custodian: opened, checked, relayed plain to a plain requester.
+    retrieves_good(&app, &ids["GOOD"]).await;
+
+    // Signed by a key the directory does not hold: refused and audited.
+    let out = assert_outcome(
+        get_as(&app, 2, &format!("/fhir/Binary/{}", ids["FORGED"])).await,
+        502,
+        "upstream-integrity",
+    )
+    .await;
+    assert!(out.to_string().contains("tampered"), "{out}");
+    let refusals: Vec<Value> = crate::helpers::audit_rows(&app)
+        .into_iter()
+        .map(|(_, v)| v)
+        .filter(|v| v["outcome"] == "8")
+        .collect();
+    assert_eq!(
+        refusals.len(),
+        1,
+        "the refused content is in the audit trail"
+    );
+    assert!(
+        refusals[0]["outcomeDesc"]
+            .as_str()
+            .unwrap()
+            .contains("hosp-001"),
+        "{}",
+        refusals[0]
+    );
+
+    // The requester asks for an envelope: sealed to its key, bound to its request.
+    let path = format!("/fhir/Binary/{}", ids["GOOD"]);
+    let resp = app
+        .client
+        .get(app.url(&path))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("X-On-Behalf-Of", inst_id(2))
+        .header("Accept", yiqiao_sm::ENVELOPE_MEDIA_TYPE)
+        .header("X-Request-Id", "req-binary-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap(),
+        yiqiao_sm::ENVELOPE_MEDIA_TYPE
+    );
+    let envelope = yiqiao_sm::Envelope::from_json(&resp.bytes().await.unwrap()).unwrap();
+    assert_eq!(envelope.recipient_key_id, "hosp-2-sm2");
+    let gateway = crate::helpers::test_gateway_key().1.public_key();
+    let binding =
+        yiqiao_sm::RequestBinding::new("GET", &path, &inst_id(2), "req-binary-1").unwrap();
+    let (payload, content_type) = envelope
+        .open(
+            &requester,
+            &gateway,
+            &binding,
+            chrono::Utc::now(),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    assert_eq!(content_type, "application/xml");
+    assert_eq!(payload, content_of("GOOD"));
+    // Bound to that request: the same envelope does not open for another request id.
+    let other = yiqiao_sm::RequestBinding::new("GET", &path, &inst_id(2), "req-binary-2").unwrap();
+    assert!(
+        envelope
+            .open(
+                &requester,
+                &gateway,
+                &other,
+                chrono::Utc::now(),
+                Duration::from_secs(60)
+            )
+            .is_err()
+    );
+    good.stop(false).await;
+    forged.stop(false).await;
     app.stop().await;
 }
 
@@ -1736,6 +1921,7 @@ async fn internet_hospital_needs_a_care_relationship(backend: Backend) {
 
 on_both_backends!(
     registration_is_validated,
+    retrieval_in_sm_envelopes,
     internet_hospital_needs_a_care_relationship,
     documents_obey_consent,
     notifications_obey_consent,

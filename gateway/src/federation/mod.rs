@@ -456,6 +456,58 @@ impl Federation {
         done(result, attempts.get())
     }
 
+    /// Open an SM envelope that institution `sender` sealed to the gateway in answer to the
+    /// request `binding`: sender and recipient key checked, signature verified against any of
+    /// `keys` (the institution's registered SM2 keys), freshness, binding, key unwrap and GCM
+    /// tag. Returns the payload and its content type. `Garbage` for what is not a well-formed
+    /// envelope, `Tampered` for what fails a check, `Failed` for an envelope sealed to another
+    /// key. Shared by the fan-out and document retrieval.
+    pub async fn open_answer(
+        &self,
+        body: &[u8],
+        sender: &str,
+        keys: &[Sm2PublicKey],
+        binding: RequestBinding,
+    ) -> Result<(Vec<u8>, String), Problem> {
+        let settings = &self.inner.settings;
+        let envelope = Envelope::from_json(body)
+            .map_err(|e| Problem::Garbage(format!("not an SM envelope: {e}")))?;
+        if envelope.sender_id != sender {
+            return Err(Problem::Tampered(format!(
+                "envelope sender_id {:?} is not the institution queried",
+                envelope.sender_id
+            )));
+        }
+        if envelope.recipient_key_id != settings.key_id {
+            return Err(Problem::Failed(format!(
+                "envelope sealed to key {:?}, not the gateway key {:?}",
+                envelope.recipient_key_id, settings.key_id
+            )));
+        }
+        let key = self.inner.key.clone();
+        let keys = keys.to_vec();
+        let skew = Duration::from_secs(settings.max_skew_secs);
+        let opened = tokio::task::spawn_blocking(move || {
+            let now = chrono::Utc::now();
+            let mut last = Err(EnvelopeError::BadSignature);
+            for k in &keys {
+                last = envelope.open(&key, k, &binding, now, skew);
+                if !matches!(last, Err(EnvelopeError::BadSignature)) {
+                    break;
+                }
+            }
+            last
+        })
+        .await
+        .map_err(|e| Problem::Failed(format!("verification task: {e}")))?;
+        opened.map_err(|e| match e {
+            EnvelopeError::Malformed { .. }
+            | EnvelopeError::TooLarge { .. }
+            | EnvelopeError::Unsupported { .. } => Problem::Garbage(e.to_string()),
+            other => Problem::Tampered(other.to_string()),
+        })
+    }
+
     /// One HTTP call. `Err((problem, retryable))`.
     async fn attempt(
         &self,
@@ -551,51 +603,10 @@ impl Federation {
                 false,
             ));
         }
-        let envelope = Envelope::from_json(&body)
-            .map_err(|e| (Problem::Garbage(format!("not an SM envelope: {e}")), false))?;
-        if envelope.sender_id != id {
-            return Err((
-                Problem::Tampered(format!(
-                    "envelope sender_id {:?} is not the institution queried",
-                    envelope.sender_id
-                )),
-                false,
-            ));
-        }
-        if envelope.recipient_key_id != settings.key_id {
-            return Err((
-                Problem::Failed(format!(
-                    "envelope sealed to key {:?}, not the gateway key {:?}",
-                    envelope.recipient_key_id, settings.key_id
-                )),
-                false,
-            ));
-        }
-        let key = self.inner.key.clone();
-        let keys = keys.to_vec();
-        let skew = Duration::from_secs(settings.max_skew_secs);
-        let opened = tokio::task::spawn_blocking(move || {
-            let now = chrono::Utc::now();
-            let mut last = Err(EnvelopeError::BadSignature);
-            for k in &keys {
-                last = envelope.open(&key, k, &binding, now, skew);
-                if !matches!(last, Err(EnvelopeError::BadSignature)) {
-                    break;
-                }
-            }
-            last
-        })
-        .await
-        .map_err(|e| (Problem::Failed(format!("verification task: {e}")), false))?;
-        let (payload, _) = opened.map_err(|e| {
-            let p = match e {
-                EnvelopeError::Malformed { .. }
-                | EnvelopeError::TooLarge { .. }
-                | EnvelopeError::Unsupported { .. } => Problem::Garbage(e.to_string()),
-                other => Problem::Tampered(other.to_string()),
-            };
-            (p, false)
-        })?;
+        let (payload, _) = self
+            .open_answer(&body, id, keys, binding)
+            .await
+            .map_err(|p| (p, false))?;
         let bundle: Value = serde_json::from_slice(&payload)
             .map_err(|e| (Problem::Garbage(format!("payload is not JSON: {e}")), false))?;
         if bundle["resourceType"] != "Bundle" {

@@ -175,51 +175,7 @@ pub async fn search(
     if let Some(raw) = single.get("_endpointTimeout") {
         deadlines.endpoint = millis_param("_endpointTimeout", raw, settings.max_timeout_ms)?;
     }
-    // Does the requester want (or must it get) an SM envelope?
-    let wants_envelope = req
-        .headers()
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.to_ascii_lowercase().contains(ENVELOPE_MEDIA_TYPE))
-        || caller.institution.require_sm_envelope;
-    let requester_envelope = if wants_envelope {
-        let request_id = req
-            .headers()
-            .get(crate::middleware::REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| {
-                ApiError::invalid_param(
-                    "X-Request-Id",
-                    "an SM envelope answer is bound to your X-Request-Id; send one",
-                )
-            })?
-            .to_string();
-        let key = caller
-            .institution
-            .sm2_keys
-            .iter()
-            .find_map(|k| {
-                Sm2PublicKey::from_spki_pem(&k.pem)
-                    .ok()
-                    .map(|pk| RecipientKey {
-                        key_id: k.kid.clone(),
-                        public_key: pk,
-                    })
-            })
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::Forbidden,
-                    format!(
-                        "institution {} has no SM2 key registered; an SM envelope cannot be sealed to it",
-                        caller.institution.id
-                    ),
-                )
-            })?;
-        Some((request_id, key))
-    } else {
-        None
-    };
+    let requester_envelope = requester_envelope(&req, &caller)?;
 
     // Where does the person have records?
     let lookup = person.clone();
@@ -486,29 +442,96 @@ pub async fn search(
             .insert_header(("Server-Timing", timing))
             .json(bundle));
     };
-    let requester = caller.institution.id.to_string();
-    let sender = fed.sender().clone();
-    let sealed = web::block(move || -> Result<String, String> {
-        let binding = RequestBinding::new("GET", &target, &requester, &request_id)
-            .map_err(|e| e.to_string())?;
-        let payload = serde_json::to_vec(&bundle).map_err(|e| e.to_string())?;
-        Envelope::seal(
-            &payload,
-            "application/fhir+json",
-            &sender,
-            &key,
-            &binding,
-            Utc::now(),
-        )
-        .and_then(|e| e.to_json())
-        .map_err(|e| e.to_string())
-    })
-    .await?
-    .map_err(ApiError::internal)?;
+    let payload = serde_json::to_vec(&bundle).map_err(ApiError::internal)?;
+    let sealed = seal_for(
+        &state,
+        &caller,
+        &target,
+        (request_id, key),
+        payload,
+        "application/fhir+json",
+    )
+    .await?;
     Ok(HttpResponse::Ok()
         .content_type(ENVELOPE_MEDIA_TYPE)
         .insert_header(("Server-Timing", timing))
         .body(sealed))
+}
+
+/// Whether the requester wants (Accept) or must get (its directory entry) an SM envelope
+/// answer: its X-Request-Id (the envelope is bound to it) and its registered SM2 key. An error
+/// when it wants one but sent no request id or has no key.
+pub fn requester_envelope(
+    req: &HttpRequest,
+    caller: &Caller,
+) -> Result<Option<(String, RecipientKey)>, ApiError> {
+    let wants_envelope = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.to_ascii_lowercase().contains(ENVELOPE_MEDIA_TYPE))
+        || caller.institution.require_sm_envelope;
+    if !wants_envelope {
+        return Ok(None);
+    }
+    let request_id = req
+        .headers()
+        .get(crate::middleware::REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| {
+            ApiError::invalid_param(
+                "X-Request-Id",
+                "an SM envelope answer is bound to your X-Request-Id; send one",
+            )
+        })?
+        .to_string();
+    let key = caller
+        .institution
+        .sm2_keys
+        .iter()
+        .find_map(|k| {
+            Sm2PublicKey::from_spki_pem(&k.pem)
+                .ok()
+                .map(|pk| RecipientKey {
+                    key_id: k.kid.clone(),
+                    public_key: pk,
+                })
+        })
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "institution {} has no SM2 key registered; an SM envelope cannot be sealed to it",
+                    caller.institution.id
+                ),
+            )
+        })?;
+    Ok(Some((request_id, key)))
+}
+
+/// Seal `payload` (of `content_type`) to the requester, signed by the gateway and bound to
+/// `GET target` with the requester's request id; the envelope's JSON text.
+pub async fn seal_for(
+    state: &AppState,
+    caller: &Caller,
+    target: &str,
+    (request_id, key): (String, RecipientKey),
+    payload: Vec<u8>,
+    content_type: &str,
+) -> Result<String, ApiError> {
+    let requester = caller.institution.id.to_string();
+    let sender = state.federation.sender().clone();
+    let (target, content_type) = (target.to_string(), content_type.to_string());
+    web::block(move || -> Result<String, String> {
+        let binding = RequestBinding::new("GET", &target, &requester, &request_id)
+            .map_err(|e| e.to_string())?;
+        Envelope::seal(&payload, &content_type, &sender, &key, &binding, Utc::now())
+            .and_then(|e| e.to_json())
+            .map_err(|e| e.to_string())
+    })
+    .await?
+    .map_err(ApiError::internal)
 }
 
 /// The gateway's SM2 envelope key: hospitals seal answers to it; requesters verify the

@@ -15,11 +15,13 @@ use chrono::{DateTime, Duration as ChronoDuration, NaiveDate, NaiveDateTime};
 use serde_json::{Value, json};
 use yiqiao_consent::{Confidentiality, Decision, Obligation, Sensitivity};
 use yiqiao_registry::audit::EntityRef;
+use yiqiao_registry::directory;
 use yiqiao_registry::documents::{
     self as registry, DocStatus, DocumentError, DocumentFilter, NewDocument, RegisterOutcome,
     StoredDocument,
 };
 use yiqiao_registry::empi::store as empi;
+use yiqiao_sm::{ENVELOPE_MEDIA_TYPE, RequestBinding, Sm2PublicKey};
 
 use crate::auth::Caller;
 use crate::documents::{ACT_CODE_SYSTEM, CONFIDENTIALITY_SYSTEM, SM3_HASH_EXT, document_view};
@@ -832,13 +834,22 @@ async fn fill_page(
         let mut f = filter.clone();
         f.offset = pos;
         f.limit = want + 1;
-        let found = state.db(move |conn| registry::search(conn, &f)).await?;
+        // The consent caches' change-counter read runs beside the registry query (two
+        // independent round trips, overlapped), not after it.
+        let (found, synced) = tokio::join!(
+            state.db(move |conn| registry::search(conn, &f)),
+            state.policy.synced()
+        );
+        let (found, synced) = (found?, synced?);
         let n = found.len();
         let candidates = found
             .iter()
             .map(|d| crate::documents::candidate(&state.base_url, d))
             .collect();
-        let mut released = state.policy.release(caller, ask, candidates).await?;
+        let mut released = state
+            .policy
+            .release_with(caller, ask, candidates, synced)
+            .await?;
         // Take released documents in order until the page is full.
         let mut kept: HashMap<usize, Value> =
             std::mem::take(&mut released.kept).into_iter().collect();
@@ -899,10 +910,29 @@ pub async fn retrieve(
         e.internal = Some(msg);
         e
     };
+    let wanted = crate::federation::routes::requester_envelope(&req, &caller)?;
+    // Ask the custodian for an SM envelope bound to this request (a custodian that only
+    // serves plain content may ignore it; its content is still checked against the
+    // registered SM3 hash and size below).
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let gateway_id = state.federation.settings().gateway_id.clone();
+    let location = url::Url::parse(&doc.location).map_err(|e| upstream(e.to_string()))?;
+    let target = match location.query() {
+        Some(q) => format!("{}?{q}", location.path()),
+        None => location.path().to_string(),
+    };
+    let binding = RequestBinding::new("GET", &target, &gateway_id, &request_id)
+        .map_err(|e| upstream(format!("request binding: {e}")))?;
     let resp = state
         .documents
         .http
-        .get(&doc.location)
+        .get(location)
+        .header(
+            reqwest::header::ACCEPT,
+            format!("{ENVELOPE_MEDIA_TYPE}, {};q=0.5", doc.content_type),
+        )
+        .header(crate::federation::REQUEST_ID_HEADER, &request_id)
+        .header(crate::federation::REQUESTER_HEADER, &gateway_id)
         .timeout(std::time::Duration::from_millis(
             settings.retrieval_timeout_ms,
         ))
@@ -912,7 +942,19 @@ pub async fn retrieve(
     if !resp.status().is_success() {
         return Err(upstream(format!("HTTP {}", resp.status())));
     }
-    let limit = (doc.content_size as u64).min(settings.max_retrieval_bytes);
+    let sealed = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case(ENVELOPE_MEDIA_TYPE));
+    let content_limit = (doc.content_size as u64).min(settings.max_retrieval_bytes);
+    // An envelope carries the content base64-encoded (4/3) with a bounded header.
+    let limit = if sealed {
+        content_limit.saturating_mul(4) / 3 + 8 * 1024
+    } else {
+        content_limit
+    };
     let mut body: Vec<u8> = Vec::new();
     let mut stream = resp.bytes_stream();
     use futures::StreamExt;
@@ -923,16 +965,54 @@ pub async fn retrieve(
             break;
         }
     }
-    let digest = yiqiao_sm::sm3_hex(&body);
-    if body.len() as i64 != doc.content_size || digest != doc.sm3_hash {
-        tracing::warn!(document = %doc.id, custodian = %doc.custodian_id, "retrieved content does not match the registered size or SM3 hash");
-        return Err(ApiError::new(
+    let (st, who, d) = (&state, &caller, &doc);
+    let integrity = |why: String| async move {
+        tracing::warn!(document = %d.id, custodian = %d.custodian_id, cause = %why, "retrieved content refused");
+        // Reported in the audit trail as well as to the requester; nothing is relayed.
+        let mut event = st.auditor.read_event(format!("Binary/{}", d.id));
+        event.outcome = yiqiao_registry::audit::outcome::SERIOUS_FAILURE.into();
+        event.outcome_desc = Some(format!("content from {} refused: {why}", d.custodian_id));
+        let recorded = st
+            .auditor
+            .record(st.auditor.by_caller(event, who, Some(d.person_id.clone())))
+            .await;
+        if let Err(e) = recorded {
+            return e;
+        }
+        ApiError::new(
             ErrorCode::UpstreamIntegrity,
             format!(
-                "the content served by {} does not match the registered SM3 hash and size of DocumentReference/{}",
-                doc.custodian_id, doc.id
+                "the content served by {} for DocumentReference/{} was refused: {why}",
+                d.custodian_id, d.id
             ),
-        ));
+        )
+    };
+    if sealed {
+        let custodian = doc.custodian_id.clone();
+        let institution = state
+            .db(move |conn| directory::get(conn, &custodian))
+            .await?;
+        let keys: Vec<Sm2PublicKey> = institution
+            .sm2_keys
+            .iter()
+            .filter_map(|k| Sm2PublicKey::from_spki_pem(&k.pem).ok())
+            .collect();
+        match state
+            .federation
+            .open_answer(&body, &doc.custodian_id, &keys, binding)
+            .await
+        {
+            Ok((payload, _)) => body = payload,
+            Err(p) => {
+                return Err(integrity(format!("SM envelope {}: {}", p.label(), p.detail())).await);
+            }
+        }
+    }
+    let digest = yiqiao_sm::sm3_hex(&body);
+    if body.len() as i64 != doc.content_size || digest != doc.sm3_hash {
+        return Err(
+            integrity("it does not match the registered SM3 hash and size".to_string()).await,
+        );
     }
     let mut event = state.auditor.read_event(format!("Binary/{}", doc.id));
     if let Some(decision) = &decision {
@@ -946,6 +1026,25 @@ pub async fn retrieve(
                 .by_caller(event, &caller, Some(doc.person_id.clone())),
         )
         .await?;
+    if let Some(envelope) = wanted {
+        let target = req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| req.path().to_string(), |pq| pq.as_str().to_string());
+        let sealed = crate::federation::routes::seal_for(
+            &state,
+            &caller,
+            &target,
+            envelope,
+            body,
+            &doc.content_type,
+        )
+        .await?;
+        return Ok(HttpResponse::Ok()
+            .content_type(ENVELOPE_MEDIA_TYPE)
+            .insert_header(("X-Content-SM3", doc.sm3_hash.clone()))
+            .body(sealed));
+    }
     Ok(HttpResponse::Ok()
         .content_type(doc.content_type.clone())
         .insert_header(("X-Content-SM3", doc.sm3_hash.clone()))
