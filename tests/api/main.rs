@@ -24,3 +24,4 @@ mod mllp;
 mod mpi_import;
 mod oidc;
 mod ops;
+mod retention;

@@ -202,6 +202,12 @@ pub fn latest(conn: &mut DbConn) -> Result<Option<ArchiveManifest>, StoreError> 
         .map_err(StoreError::from_diesel)
 }
 
+/// The end of the months an archive covers (the first instant of the month after its month):
+/// records recorded before it may be archived rather than stored.
+pub fn covered_until(m: &ArchiveManifest) -> Option<NaiveDateTime> {
+    parse_month(&m.month).map(|month| start_of(next_month(month)))
+}
+
 /// What the manifests say was archived: positions `1..=last_seq`, ending with `last_hash`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchivedRange {
