@@ -1016,6 +1016,19 @@ mod tests {
         assert!(err.to_string().contains("log.format"), "{err}");
     }
 
+    /// Audit retention below six months is refused unless explicitly allowed (tests).
+    #[test]
+    fn short_audit_retention_needs_an_explicit_override() {
+        let err = load_toml("[audit]\nretention_months = 5\n").unwrap_err();
+        assert!(err.to_string().contains("audit.retention_months"), "{err}");
+        let err =
+            load_toml("[audit]\nretention_months = 0\nallow_short_retention = true\n").unwrap_err();
+        assert!(err.to_string().contains("audit.retention_months"), "{err}");
+        let s = load_toml("[audit]\nretention_months = 1\nallow_short_retention = true\n").unwrap();
+        assert_eq!(s.audit.retention_months, 1);
+        assert_eq!(Settings::default().audit.retention_months, 6);
+    }
+
     #[test]
     fn secrets_never_show() {
         let s = load_toml(

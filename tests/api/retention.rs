@@ -25,14 +25,7 @@ fn signer() -> AuditSigner {
 }
 
 fn yiqiao(app: &TestApp, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_yiqiao"))
-        .args(args)
-        .env_remove("YIQIAO_CONFIG")
-        .env("YIQIAO_DATABASE_URL", app.state.settings.database_url())
-        .env("YIQIAO_AUDIT__SIGNING_KEY_FILE", &test_audit_key().0)
-        .env("YIQIAO_DATA_DIR", std::env::temp_dir())
-        .output()
-        .unwrap();
+    let out = crate::helpers::yiqiao_cli(app, args);
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
