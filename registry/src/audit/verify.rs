@@ -356,9 +356,9 @@ impl ChainVerifier {
                         format!("the chain head is {end}, the records end at {l}"),
                     );
                 }
-                None if end >= 1 => {
+                None if end >= self.expected_first.unwrap_or(1) => {
                     self.problem(
-                        1,
+                        self.expected_first.unwrap_or(1),
                         ProblemKind::Truncated,
                         format!("the chain head is {end}, there are no records"),
                     );
