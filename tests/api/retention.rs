@@ -141,35 +141,29 @@ async fn archive_through_the_cli(backend: Backend) {
         .map(|e| e.unwrap().path())
         .collect();
     assert_eq!(files.len(), 2, "{files:?}");
+    // ...with the binary and with the independent Python (gmssl) verifier.
+    let python = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/interop/verify_audit_export.py"
+    );
     for file in &files {
-        let out = Command::new(env!("CARGO_BIN_EXE_yiqiao"))
-            .args(["audit", "verify-export"])
-            .arg(file)
-            .arg("--public-key")
-            .arg(&test_audit_key().1)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // And with the independent Python (gmssl) verifier.
-        let out = Command::new("python3")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../tests/interop/verify_audit_export.py"
-            ))
-            .arg(file)
-            .arg("--public-key")
-            .arg(&test_audit_key().1)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        for (program, first_args) in [
+            (
+                env!("CARGO_BIN_EXE_yiqiao"),
+                &["audit", "verify-export"][..],
+            ),
+            ("python3", &[python][..]),
+        ] {
+            let out = Command::new(program)
+                .args(first_args)
+                .arg(file)
+                .arg("--public-key")
+                .arg(&test_audit_key().1)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{program}: {stderr}");
+        }
     }
     // What remains (the recent record and the auditor's own searches) verifies from the
     // last manifest.
