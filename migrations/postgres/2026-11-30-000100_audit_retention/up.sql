@@ -46,7 +46,8 @@ CREATE INDEX audit_events_agent_user_idx ON audit_events (agent_user);
 
 -- Create the partition audit_events_pYYYYMM of the month containing month_start, unless it
 -- exists; rows of that month already in the DEFAULT partition are moved into it. True when it
--- created the partition. Concurrent callers are serialised by a transaction advisory lock.
+-- created the partition. Concurrent callers are serialised by a transaction advisory lock; the
+-- lock on audit_events is waited for at most 2 s (lock_timeout, for the rest of the transaction).
 CREATE FUNCTION yiqiao_audit_ensure_partition(month_start DATE) RETURNS BOOLEAN
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -57,6 +58,9 @@ BEGIN
     IF to_regclass(part) IS NOT NULL THEN
         RETURN FALSE;
     END IF;
+    -- Creating a partition locks audit_events: appends queue behind a waiting lock, so give up
+    -- after 2 s rather than hold them (the next maintenance run tries again).
+    PERFORM set_config('lock_timeout', '2s', true);
     PERFORM pg_advisory_xact_lock(730520261130);
     IF to_regclass(part) IS NOT NULL THEN
         RETURN FALSE;

@@ -22,6 +22,7 @@
 use std::path::{Path, PathBuf};
 
 use chrono::{Datelike, Months, NaiveDate, NaiveDateTime, NaiveTime};
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Date, Text};
 use serde::{Deserialize, Serialize};
@@ -498,6 +499,36 @@ pub fn check_file(
     Ok((yiqiao_sm::sm3_hex(&bytes), m.last_hash))
 }
 
+/// Take the exclusive lock on `audit_events` for dropping a partition, waiting at most 2 s: a
+/// waiting exclusive lock holds every append queued behind it, and a request waits for its
+/// audit record only `audit.write_timeout_ms` (5 s by default) before it fails closed.
+const LOCK_AUDIT_EVENTS: &str =
+    "SET LOCAL lock_timeout = '2s'; LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE";
+
+/// Attempts at a transaction that needs [`LOCK_AUDIT_EVENTS`] (a long reader, e.g. a
+/// verification, holds it off), one second apart.
+const LOCK_ATTEMPTS: u32 = 10;
+
+fn lock_timed_out(e: &ArchiveError) -> bool {
+    matches!(e, ArchiveError::Store(s) if s.to_string().contains("lock timeout"))
+}
+
+/// Run `work` again while it fails on the lock timeout, up to [`LOCK_ATTEMPTS`] times.
+fn with_lock_retries<T>(
+    mut work: impl FnMut() -> Result<T, ArchiveError>,
+) -> Result<T, ArchiveError> {
+    let mut attempt = 1;
+    loop {
+        match work() {
+            Err(e) if lock_timed_out(&e) && attempt < LOCK_ATTEMPTS => {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Steps 1–3 for one range. `None` when another run archived an overlapping range first.
 #[allow(clippy::too_many_arguments)]
 fn archive_range(
@@ -558,7 +589,7 @@ fn archive_range(
     manifest.signature = signer
         .sign_hex(archive_message(&manifest).as_bytes())
         .map_err(|e| ArchiveError::Sign(e.to_string()))?;
-    if commit(conn, &manifest, month)? {
+    if with_lock_retries(|| commit(conn, &manifest, month))? {
         Ok(Some(manifest))
     } else {
         // Lost to a concurrent run: our file is not referenced by any manifest.
@@ -579,10 +610,9 @@ fn commit(conn: &mut DbConn, m: &ArchiveManifest, month: NaiveDate) -> Result<bo
     };
     write_tx::<_, ArchiveError>(conn, |tx| {
         if let DbConn::Postgresql(pg) = tx {
-            // Appends wait (briefly) while the month goes: nothing can be added to it between
-            // the checks below and the drop.
-            diesel::sql_query("SET LOCAL lock_timeout = '30s'").execute(pg)?;
-            diesel::sql_query("LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE").execute(pg)?;
+            // Appends wait while the month goes: nothing can be added to it between the checks
+            // below and the drop.
+            pg.batch_execute(LOCK_AUDIT_EVENTS)?;
         }
         let overlapping: i64 = audit_archives::table
             .filter(audit_archives::first_seq.le(m.last_seq))
@@ -681,17 +711,18 @@ fn drop_empty_partitions(
         let DbConn::Postgresql(pg) = &mut *conn else {
             break;
         };
-        let gone = pg.transaction::<_, diesel::result::Error, _>(|pg| {
-            diesel::sql_query("SET LOCAL lock_timeout = '30s'").execute(pg)?;
-            diesel::sql_query("LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE").execute(pg)?;
-            let rows: Count = diesel::sql_query(format!(
-                "SELECT count(*) AS n FROM (SELECT 1 FROM {part} LIMIT 1) AS any_row"
-            ))
-            .get_result(pg)?;
-            if rows.n == 0 {
-                diesel::sql_query(format!("DROP TABLE {part}")).execute(pg)?;
-            }
-            Ok(rows.n == 0)
+        let gone = with_lock_retries(|| {
+            Ok(pg.transaction::<_, diesel::result::Error, _>(|pg| {
+                pg.batch_execute(LOCK_AUDIT_EVENTS)?;
+                let rows: Count = diesel::sql_query(format!(
+                    "SELECT count(*) AS n FROM (SELECT 1 FROM {part} LIMIT 1) AS any_row"
+                ))
+                .get_result(pg)?;
+                if rows.n == 0 {
+                    diesel::sql_query(format!("DROP TABLE {part}")).execute(pg)?;
+                }
+                Ok(rows.n == 0)
+            })?)
         })?;
         if gone {
             dropped.push(part);
@@ -1146,6 +1177,40 @@ mod tests {
                 .unwrap()
                 .ok()
         );
+    }
+
+    /// PostgreSQL: a long reader holding `audit_events` (a verification) delays the drop
+    /// beyond one lock timeout; the archive waits and retries instead of failing, and appends
+    /// are never held longer than the lock timeout.
+    #[test]
+    fn postgres_archive_waits_out_a_long_reader() {
+        let db = TestStore::new(Backend::Postgres);
+        let signer = signer();
+        let mut pooled = db.store.conn().unwrap();
+        append_at(
+            &mut pooled,
+            &signer,
+            &["2025-01-05 08:00:00", "2026-11-29 10:00:00"],
+        );
+        let reader_store = db.store.clone();
+        let (held, release) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut conn = reader_store.conn().unwrap();
+            conn.batch_execute("BEGIN; SELECT count(*) FROM audit_events")
+                .unwrap();
+            held.send(()).unwrap();
+            std::thread::sleep(std::time::Duration::from_secs(3));
+            conn.batch_execute("COMMIT").unwrap();
+        });
+        release.recv().unwrap();
+        let dir = scratch_dir();
+        let started = std::time::Instant::now();
+        let run = archive(&mut pooled, &signer, &opts(&dir)).unwrap();
+        assert!(started.elapsed() >= std::time::Duration::from_secs(2));
+        assert_eq!(run.archived.len(), 1);
+        assert_eq!(stored_positions(&mut pooled), vec![2]);
+        reader.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     macro_rules! on_both_backends {
