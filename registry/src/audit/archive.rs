@@ -529,6 +529,34 @@ fn with_lock_retries<T>(
     }
 }
 
+/// Steps 1–2 with a new file: export, write durably, read back and verify. Returns the file
+/// name and what [`check_file`] found.
+fn write_archive_file(
+    conn: &mut DbConn,
+    signer: &AuditSigner,
+    dir: &Path,
+    prefix: &str,
+    first: i64,
+    last: i64,
+    anchor: &str,
+) -> Result<(String, (String, String)), ArchiveError> {
+    let bundle = export(conn, Some(first), Some(last), signer)?;
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let name = format!("{prefix}{}.json", &run_id[..8]);
+    let path = dir.join(&name);
+    let bytes =
+        serde_json::to_vec_pretty(&bundle).map_err(|e| ArchiveError::Sign(e.to_string()))?;
+    write_durably(&path, &bytes)?;
+    let checked =
+        check_file(&path, signer.public_key(), first, last, anchor).map_err(|reason| {
+            ArchiveError::Unverified {
+                month: String::new(),
+                reason,
+            }
+        })?;
+    Ok((name, checked))
+}
+
 /// Steps 1–3 for one range. `None` when another run archived an overlapping range first.
 #[allow(clippy::too_many_arguments)]
 fn archive_range(
@@ -553,25 +581,26 @@ fn archive_range(
         }
     }
     let mut created = None;
-    let (file_name, (file_sm3, last_hash)) = match chosen {
-        Some(c) => c,
-        None => {
-            let bundle = export(conn, Some(first), Some(last), signer)?;
-            let run_id = uuid::Uuid::new_v4().simple().to_string();
-            let name = format!("{prefix}{}.json", &run_id[..8]);
-            let path = dir.join(&name);
-            let bytes = serde_json::to_vec_pretty(&bundle)
-                .map_err(|e| ArchiveError::Sign(e.to_string()))?;
-            write_durably(&path, &bytes)?;
-            let checked = check_file(&path, key, first, last, anchor).map_err(|reason| {
-                ArchiveError::Unverified {
-                    month: label.clone(),
-                    reason,
-                }
-            })?;
-            created = Some(path);
-            (name, checked)
+    let prepared = match chosen {
+        Some(c) => Ok(c),
+        None => write_archive_file(conn, signer, dir, &prefix, first, last, anchor).map(
+            |(name, checked)| {
+                created = Some(dir.join(&name));
+                (name, checked)
+            },
+        ),
+    };
+    let (file_name, (file_sm3, last_hash)) = match prepared {
+        Ok(p) => p,
+        // Another run archived the range meanwhile (its rows are gone): look again.
+        Err(_) if latest(conn)?.is_some_and(|m| m.last_seq >= first) => return Ok(None),
+        Err(ArchiveError::Unverified { reason, .. }) => {
+            return Err(ArchiveError::Unverified {
+                month: label,
+                reason,
+            });
         }
+        Err(e) => return Err(e),
     };
     let mut manifest = ArchiveManifest {
         first_seq: first,
@@ -592,9 +621,17 @@ fn archive_range(
     if with_lock_retries(|| commit(conn, &manifest, month))? {
         Ok(Some(manifest))
     } else {
-        // Lost to a concurrent run: our file is not referenced by any manifest.
+        // Lost to a concurrent run: remove the file we wrote unless that run took it (it may
+        // have found and verified it as an interrupted run's file).
         if let Some(path) = created {
-            let _ = std::fs::remove_file(path);
+            let ours = manifest.file_name.clone();
+            let taken: i64 = audit_archives::table
+                .filter(audit_archives::file_name.eq(ours))
+                .count()
+                .get_result(conn)?;
+            if taken == 0 {
+                let _ = std::fs::remove_file(path);
+            }
         }
         Ok(None)
     }
@@ -1179,6 +1216,59 @@ mod tests {
         );
     }
 
+    /// Two runs at once (replicas with the scheduled archive) into one directory: every month
+    /// is archived once, and no file is left that no manifest names.
+    fn concurrent_runs_archive_each_month_once(backend: Backend) {
+        let db = TestStore::new(backend);
+        let signer = std::sync::Arc::new(signer());
+        {
+            let mut pooled = db.store.conn().unwrap();
+            append_at(
+                &mut pooled,
+                &signer,
+                &[
+                    "2025-01-05 08:00:00",
+                    "2025-02-05 08:00:00",
+                    "2025-03-05 08:00:00",
+                    "2025-04-05 08:00:00",
+                    "2026-11-29 10:00:00",
+                ],
+            );
+        }
+        let dir = scratch_dir();
+        let runs: Vec<_> = (0..2)
+            .map(|_| {
+                let (store, signer, dir) = (db.store.clone(), signer.clone(), dir.clone());
+                std::thread::spawn(move || {
+                    let mut conn = store.conn().unwrap();
+                    archive(&mut conn, &signer, &opts(&dir))
+                        .unwrap()
+                        .archived
+                        .len()
+                })
+            })
+            .collect();
+        let archived: usize = runs.into_iter().map(|r| r.join().unwrap()).sum();
+        assert_eq!(archived, 4);
+        let mut pooled = db.store.conn().unwrap();
+        let rows = manifests(&mut pooled).unwrap();
+        let mut named: Vec<String> = rows.iter().map(|m| m.file_name.clone()).collect();
+        named.sort();
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        on_disk.sort();
+        assert_eq!(on_disk, named);
+        assert_eq!(stored_positions(&mut pooled), vec![5]);
+        assert!(
+            verify_db(&mut pooled, None, None, signer.public_key())
+                .unwrap()
+                .ok()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// PostgreSQL: a long reader holding `audit_events` (a verification) delays the drop
     /// beyond one lock timeout; the archive waits and retries instead of failing, and appends
     /// are never held longer than the lock timeout.
@@ -1224,5 +1314,6 @@ mod tests {
         archives_old_months_and_verifies_across_them,
         resumes_after_a_crash_and_never_drops_unverified,
         late_record_inside_the_window_defers_its_month,
+        concurrent_runs_archive_each_month_once,
     );
 }
