@@ -227,6 +227,22 @@ impl Application {
                 tracing::info!(count = applied.len(), "applied database migrations");
             }
         }
+        // Monthly audit partitions ahead (PostgreSQL), before the first record is written. A
+        // failure is not fatal: the DEFAULT partition takes the records meanwhile.
+        let partitioning = (store.clone(), settings.clone());
+        match tokio::task::spawn_blocking(move || {
+            crate::retention::ensure_partitions(&partitioning.0, &partitioning.1)
+        })
+        .await?
+        {
+            Ok(created) if !created.is_empty() => {
+                tracing::info!(?created, "made audit partitions ahead")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(cause = %e, "could not make audit partitions ahead; the maintenance run retries")
+            }
+        }
         let redis = match settings.redis.url.expose() {
             "" => None,
             url => Some(redis::Client::open(url).map_err(|e| anyhow::anyhow!("redis.url: {e}"))?),
@@ -278,6 +294,7 @@ impl Application {
             oidc: Arc::new(crate::oidc::OidcRuntime::default()),
         };
         crate::alerting::start(state.clone());
+        crate::retention::start(state.clone());
         crate::documents::start_worker(state.clone());
         let http = state.settings.http.clone();
         let data = web::Data::new(state.clone());

@@ -189,6 +189,19 @@ pub enum AuditCommand {
         #[arg(long, value_name = "PEM")]
         public_key: Option<PathBuf>,
     },
+    /// Archive whole months older than the retention window (`audit.retention_months`): each
+    /// is written as a signed export bundle, read back and verified, recorded in a signed
+    /// manifest row, and only then dropped (PostgreSQL partition) or deleted (SQLite).
+    /// Idempotent and resumable (exit 7 when a month's records do not verify: nothing of it is
+    /// dropped).
+    Archive {
+        /// Archive only months before this one (YYYY-MM); it may not reach into the window.
+        #[arg(long, value_name = "YYYY-MM")]
+        before: Option<String>,
+        /// Directory for the archive files (default: `audit.archive_dir`).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// Verify an exported bundle offline with only the gateway's public key (no database).
     VerifyExport {
         file: PathBuf,
@@ -482,11 +495,15 @@ fn print_report(report: &yiqiao_registry::audit::Report, json: bool) -> Result<(
         None => {
             if !json {
                 println!(
-                    "audit chain OK: positions {}..{} ({} records, {} checkpoints verified)",
+                    "audit chain OK: positions {}..{} ({} records, {} checkpoints verified){}",
                     report.first_seq.map_or("-".into(), |s| s.to_string()),
                     report.last_seq.map_or("-".into(), |s| s.to_string()),
                     report.records,
-                    report.checkpoints
+                    report.checkpoints,
+                    report.archived_through.map_or(String::new(), |a| format!(
+                        "; positions 1..{a} archived ({} signed manifests verified)",
+                        report.archive_manifests
+                    ))
                 );
             }
             Ok(())
@@ -593,6 +610,7 @@ fn audit(settings: &Settings, cmd: AuditCommand) -> Result<(), Failure> {
                 ))
             }
         }
+        AuditCommand::Archive { before, out } => archive(settings, before, out),
         AuditCommand::Export { from, to, out } => {
             let signer = audit_signer(settings)?;
             let store = open_store(settings)?;
@@ -601,7 +619,8 @@ fn audit(settings: &Settings, cmd: AuditCommand) -> Result<(), Failure> {
             let to = audit_position(&mut conn, to.as_deref(), false)?;
             let bundle = yiqiao_registry::audit::export::export(&mut conn, from, to, &signer)
                 .map_err(|e| match e {
-                    yiqiao_registry::audit::export::ExportError::Empty(..) => {
+                    yiqiao_registry::audit::export::ExportError::Empty(..)
+                    | yiqiao_registry::audit::export::ExportError::Archived(..) => {
                         Failure::new(EXIT_NOT_FOUND, e.to_string())
                     }
                     yiqiao_registry::audit::export::ExportError::Store(s) => s.into(),
@@ -623,6 +642,76 @@ fn audit(settings: &Settings, cmd: AuditCommand) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// `yiqiao audit archive`.
+fn archive(
+    settings: &Settings,
+    before: Option<String>,
+    out: Option<PathBuf>,
+) -> Result<(), Failure> {
+    use yiqiao_registry::audit::archive::{self as arc, ArchiveError};
+    let before = match before.as_deref() {
+        None => None,
+        Some(text) => Some(arc::parse_month(text).ok_or_else(|| {
+            Failure::new(EXIT_REJECTED, format!("--before {text}: expected YYYY-MM"))
+        })?),
+    };
+    let dir = match out {
+        Some(dir) => dir,
+        None if !settings.audit.archive_dir.is_empty() => {
+            PathBuf::from(&settings.audit.archive_dir)
+        }
+        None => {
+            return Err(Failure::new(
+                EXIT_REJECTED,
+                "--out DIR is required (or configure audit.archive_dir)",
+            ));
+        }
+    };
+    let signer = audit_signer(settings)?;
+    let store = open_store(settings)?;
+    let created = crate::retention::ensure_partitions(&store, settings)
+        .map_err(|e| Failure::new(EXIT_DATABASE, e.to_string()))?;
+    for p in &created {
+        println!("made partition {p}");
+    }
+    let opts = crate::retention::archive_options(settings, dir.clone(), before);
+    let mut conn = store.conn()?;
+    let run = arc::archive(&mut conn, &signer, &opts).map_err(|e| match e {
+        ArchiveError::Refused(_) => Failure::new(EXIT_REJECTED, e.to_string()),
+        ArchiveError::Unverified { .. } => Failure::new(EXIT_TAMPERED, e.to_string()),
+        ArchiveError::Store(s) => s.into(),
+        other => Failure::new(EXIT_RUNTIME, other.to_string()),
+    })?;
+    for name in &run.reused_files {
+        println!("reused {name} (written by an interrupted run, verified)");
+    }
+    for m in &run.archived {
+        println!(
+            "archived {}: positions {}..{} ({} records) to {} (sm3 {})",
+            m.month,
+            m.first_seq,
+            m.last_seq,
+            m.record_count,
+            dir.join(&m.file_name).display(),
+            m.file_sm3
+        );
+    }
+    for p in &run.dropped_empty {
+        println!("dropped empty partition {p}");
+    }
+    if let Some(why) = &run.deferred {
+        println!("deferred: {why}");
+    }
+    if run.archived.is_empty() && run.deferred.is_none() {
+        println!(
+            "nothing to archive: no records before {} (retention {} months)",
+            run.cutoff.map_or("-".into(), arc::month_label),
+            settings.audit.retention_months
+        );
+    }
+    Ok(())
 }
 
 fn mpi(settings: &Settings, cmd: MpiCommand) -> Result<(), Failure> {

@@ -434,6 +434,19 @@ pub struct AuditSettings {
     pub alert_webhook_max_attempts: u32,
     /// Timeout of one webhook request.
     pub alert_webhook_timeout_ms: u64,
+    /// Months of audit records kept in the database (whole months older than this may be
+    /// archived and dropped). At least 6 (Cybersecurity Law) unless `allow_short_retention`.
+    pub retention_months: u32,
+    /// Allow `retention_months` below 6 (tests only; not compliant).
+    pub allow_short_retention: bool,
+    /// PostgreSQL: monthly partitions of `audit_events` are kept this many months ahead.
+    pub partition_months_ahead: u32,
+    /// Directory for scheduled archives (`yiqiao audit archive` on a timer). Empty: no
+    /// scheduled archive; run the command instead.
+    pub archive_dir: String,
+    /// Seconds between maintenance runs on this replica (partitions ahead; the scheduled
+    /// archive when `archive_dir` is set). 0: none (start-up still makes the partitions).
+    pub maintenance_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -604,6 +617,11 @@ impl Default for Settings {
                 alert_webhook_url: String::new(),
                 alert_webhook_max_attempts: 8,
                 alert_webhook_timeout_ms: 5000,
+                retention_months: 6,
+                allow_short_retention: false,
+                partition_months_ahead: 3,
+                archive_dir: String::new(),
+                maintenance_interval_secs: 3600,
             },
             consent: ConsentSettings::default(),
             mllp: MllpSettings::default(),
@@ -703,6 +721,21 @@ impl Settings {
                     );
                 }
             }
+        }
+        let audit = &self.audit;
+        if audit.retention_months == 0 {
+            return bad("audit.retention_months", "must be at least 1");
+        }
+        if audit.retention_months < yiqiao_registry::audit::archive::MIN_RETENTION_MONTHS
+            && !audit.allow_short_retention
+        {
+            return bad(
+                "audit.retention_months",
+                "must be at least 6 (the Cybersecurity Law keeps network logs at least six months); audit.allow_short_retention = true overrides it for tests",
+            );
+        }
+        if audit.partition_months_ahead == 0 || audit.partition_months_ahead > 24 {
+            return bad("audit.partition_months_ahead", "must be between 1 and 24");
         }
         let auth = &self.auth;
         if !(1..=900).contains(&auth.access_token_ttl_secs) {
@@ -981,6 +1014,19 @@ mod tests {
         assert!(err.to_string().contains("listen"), "{err}");
         let err = load_toml("[log]\nformat = \"xml\"\n").unwrap_err();
         assert!(err.to_string().contains("log.format"), "{err}");
+    }
+
+    /// Audit retention below six months is refused unless explicitly allowed (tests).
+    #[test]
+    fn short_audit_retention_needs_an_explicit_override() {
+        let err = load_toml("[audit]\nretention_months = 5\n").unwrap_err();
+        assert!(err.to_string().contains("audit.retention_months"), "{err}");
+        let err =
+            load_toml("[audit]\nretention_months = 0\nallow_short_retention = true\n").unwrap_err();
+        assert!(err.to_string().contains("audit.retention_months"), "{err}");
+        let s = load_toml("[audit]\nretention_months = 1\nallow_short_retention = true\n").unwrap();
+        assert_eq!(s.audit.retention_months, 1);
+        assert_eq!(Settings::default().audit.retention_months, 6);
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod oauth;
 pub mod oidc;
 pub mod policy;
 pub mod report;
+pub mod retention;
 pub mod routes;
 pub mod sim;
 pub mod staff;

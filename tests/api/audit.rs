@@ -494,14 +494,7 @@ async fn database_cut_answers_503_without_data() {
 }
 
 fn yiqiao(app: &TestApp, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_yiqiao"))
-        .args(args)
-        .env_remove("YIQIAO_CONFIG")
-        .env("YIQIAO_DATABASE_URL", app.state.settings.database_url())
-        .env("YIQIAO_AUDIT__SIGNING_KEY_FILE", &test_audit_key().0)
-        .env("YIQIAO_DATA_DIR", std::env::temp_dir())
-        .output()
-        .unwrap()
+    crate::helpers::yiqiao_cli(app, args)
 }
 
 fn cli_verify_fails(app: &TestApp, expected: &str) {

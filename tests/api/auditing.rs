@@ -936,14 +936,7 @@ async fn anomaly_rules_raise_alerts_once(backend: Backend) {
 }
 
 fn yiqiao(app: &TestApp, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_yiqiao"))
-        .args(args)
-        .env_remove("YIQIAO_CONFIG")
-        .env("YIQIAO_DATABASE_URL", app.state.settings.database_url())
-        .env("YIQIAO_AUDIT__SIGNING_KEY_FILE", &test_audit_key().0)
-        .env("YIQIAO_DATA_DIR", std::env::temp_dir())
-        .output()
-        .unwrap()
+    crate::helpers::yiqiao_cli(app, args)
 }
 
 /// `yiqiao audit report` in CSV and HTML: the figures, the break-the-glass review status,

@@ -169,6 +169,18 @@ pub fn test_gateway_key() -> &'static (PathBuf, yiqiao_sm::Sm2PrivateKey) {
     })
 }
 
+/// Run the `yiqiao` binary against this app's database with the test audit key.
+pub fn yiqiao_cli(app: &TestApp, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_yiqiao"))
+        .args(args)
+        .env_remove("YIQIAO_CONFIG")
+        .env("YIQIAO_DATABASE_URL", app.state.settings.database_url())
+        .env("YIQIAO_AUDIT__SIGNING_KEY_FILE", &test_audit_key().0)
+        .env("YIQIAO_DATA_DIR", std::env::temp_dir())
+        .output()
+        .unwrap()
+}
+
 /// One SM2 audit checkpoint key per test process (every replica of every test shares it):
 /// (private key PEM file, public key PEM file).
 pub fn test_audit_key() -> &'static (PathBuf, PathBuf) {

@@ -25,3 +25,4 @@ mod mllp;
 mod mpi_import;
 mod oidc;
 mod ops;
+mod retention;

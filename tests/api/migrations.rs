@@ -40,7 +40,8 @@ fn columns(backend: Backend) -> BTreeMap<(String, String), bool> {
             "SELECT table_name::text AS table_name, column_name::text AS column_name, \
              CASE WHEN is_nullable = 'NO' THEN 1 ELSE 0 END AS not_null \
              FROM information_schema.columns WHERE table_schema = 'public' \
-             AND table_name <> '__diesel_schema_migrations'",
+             AND table_name <> '__diesel_schema_migrations' \
+             AND table_name NOT IN (SELECT relname FROM pg_class WHERE relispartition)",
         )
         .load(pg)
         .unwrap(),

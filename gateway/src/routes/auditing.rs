@@ -336,7 +336,7 @@ pub async fn search(
     };
     let raw_patient = s.patient.clone();
     let mut filter = s.filter.clone();
-    let (person, found) = state
+    let (person, found, archived) = state
         .db(move |conn| -> Result<_, ApiError> {
             let person = match &raw_patient {
                 None => None,
@@ -365,7 +365,8 @@ pub async fn search(
                 }
                 None => query::search(conn, &filter)?,
             };
-            Ok((person.flatten(), found))
+            let archived = yiqiao_registry::audit::archive::latest(conn)?;
+            Ok((person.flatten(), found, archived))
         })
         .await?;
     let mut found = found;
@@ -406,13 +407,44 @@ pub async fn search(
     };
     let self_url = build(s.filter.before_seq);
     let next = more.then(|| build(found.last().map(|e| e.seq)));
-    Ok(fhir_ok(fhir::searchset(
-        &state.base_url,
-        &self_url,
-        next,
-        None,
-        resources,
-    )))
+    let mut bundle = fhir::searchset(&state.base_url, &self_url, next, None, resources);
+    if let Some(note) = archived.and_then(|m| archive_note(&m, &s.filter))
+        && let Some(entries) = bundle["entry"].as_array_mut()
+    {
+        entries.push(note);
+    }
+    Ok(fhir_ok(bundle))
+}
+
+/// When older months were archived (docs/audit.md "Retention, partitions and archives") and
+/// the search may reach them: an OperationOutcome entry saying the result covers only the
+/// records still stored.
+fn archive_note(
+    latest: &yiqiao_registry::audit::archive::ArchiveManifest,
+    filter: &EventFilter,
+) -> Option<Value> {
+    let until = yiqiao_registry::audit::archive::covered_until(latest)?;
+    let starts_after = filter.time.iter().any(|b| match *b {
+        TimeBound::From(t) | TimeBound::After(t) => t >= until,
+        TimeBound::Until(_) | TimeBound::Before(_) => false,
+    });
+    if starts_after {
+        return None;
+    }
+    Some(json!({
+        "resource": {
+            "resourceType": "OperationOutcome",
+            "issue": [{
+                "severity": "information",
+                "code": "informational",
+                "details": {"text": format!(
+                    "audit records of months up to {} (chain positions 1..{}) are archived: this search covers only the records still stored; search the archive files for earlier ones",
+                    latest.month, latest.last_seq
+                )},
+            }],
+        },
+        "search": {"mode": "outcome"},
+    }))
 }
 
 /// Read one AuditEvent (auditor role).

@@ -60,6 +60,10 @@ pub struct Bundle {
 pub enum ExportError {
     #[error("no audit records in positions {0}..{1}")]
     Empty(i64, i64),
+    #[error(
+        "positions 1..{0} are archived (yiqiao audit archive): verify their archive files instead; the database holds the later positions"
+    )]
+    Archived(i64),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("signing failed: {0}")]
@@ -73,7 +77,13 @@ pub fn export(
     to: Option<i64>,
     signer: &AuditSigner,
 ) -> Result<Bundle, ExportError> {
-    let from = from.unwrap_or(1).max(1);
+    // Archived positions are no longer stored: by default the export starts after them.
+    let archived_last = super::archive::latest(conn)?.map_or(0, |m| m.last_seq);
+    let from = match from {
+        Some(f) if f <= archived_last => return Err(ExportError::Archived(archived_last)),
+        Some(f) => f.max(1),
+        None => archived_last + 1,
+    };
     let (head, _, _) = super::chain_head(conn)?;
     let to = to.unwrap_or(head).min(head);
     if to < from {

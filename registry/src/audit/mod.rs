@@ -13,6 +13,7 @@
 
 pub mod alerts;
 mod append;
+pub mod archive;
 pub mod export;
 pub mod query;
 mod verify;

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use yiqiao_sm::Sm2PublicKey;
 
 use super::append::{EventRow, IndexColumns};
+use super::archive;
 use super::{
     GENESIS_HASH, chain_hash, checkpoint_message, format_time, key_id_of, verify_hex_signature,
 };
@@ -47,6 +48,9 @@ pub enum ProblemKind {
     CheckpointMismatch,
     /// An export's manifest signature does not verify, or the manifest disagrees with the records.
     BadManifest,
+    /// An archive manifest row does not verify with the gateway key, or does not continue the
+    /// previous archive.
+    BadArchiveManifest,
 }
 
 impl ProblemKind {
@@ -60,6 +64,7 @@ impl ProblemKind {
             ProblemKind::BadCheckpointSignature => "bad-checkpoint-signature",
             ProblemKind::CheckpointMismatch => "checkpoint-mismatch",
             ProblemKind::BadManifest => "bad-manifest",
+            ProblemKind::BadArchiveManifest => "bad-archive-manifest",
         }
     }
 }
@@ -78,6 +83,13 @@ pub struct Report {
     pub last_seq: Option<i64>,
     pub records: u64,
     pub checkpoints: u64,
+    /// Positions `1..=archived_through` were archived (`yiqiao audit archive`); verification
+    /// continued from the last archive manifest's hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archived_through: Option<i64>,
+    /// Archive manifests checked (signatures and continuity).
+    #[serde(default)]
+    pub archive_manifests: u64,
     /// Sorted by position; the first is the first broken position.
     pub problems: Vec<Problem>,
 }
@@ -109,6 +121,7 @@ struct Entry {
 /// Keeps 72 bytes per record for the link analysis.
 pub struct ChainVerifier {
     anchor: Option<[u8; 32]>,
+    expected_first: Option<i64>,
     entries: Vec<Entry>,
     problems: Vec<Problem>,
     /// Positions with a reported gap or modification (their link problems are consequences).
@@ -122,11 +135,18 @@ impl ChainVerifier {
     pub fn new(anchor: Option<&str>) -> ChainVerifier {
         ChainVerifier {
             anchor: anchor.map(decode32),
+            expected_first: None,
             entries: Vec::new(),
             problems: Vec::new(),
             explained: Default::default(),
             stored_hash_at: HashMap::new(),
         }
+    }
+
+    /// The position the first pushed record must have: records missing before it are reported
+    /// as deleted from this position on.
+    pub fn expect_first(&mut self, seq: i64) {
+        self.expected_first = Some(seq);
     }
 
     /// Record a problem found outside the chain itself (e.g. an export manifest).
@@ -152,8 +172,29 @@ impl ChainVerifier {
         resource: &str,
         columns_match: bool,
     ) {
+        if let Some(expected) = self.expected_first.filter(|_| self.entries.is_empty())
+            && seq > expected
+        {
+            self.problem(
+                expected,
+                ProblemKind::Deleted,
+                if seq == expected + 1 {
+                    format!("record {expected} is missing")
+                } else {
+                    format!("records {expected}..{} are missing", seq - 1)
+                },
+            );
+            self.explained.insert(seq);
+        }
         if let Some(last) = self.entries.last() {
-            if seq <= last.seq {
+            if seq == last.seq {
+                self.problem(
+                    seq,
+                    ProblemKind::Inserted,
+                    format!("position {seq} is stored twice"),
+                );
+                self.explained.insert(seq);
+            } else if seq < last.seq {
                 self.problem(
                     seq,
                     ProblemKind::Reordered,
@@ -315,9 +356,9 @@ impl ChainVerifier {
                         format!("the chain head is {end}, the records end at {l}"),
                     );
                 }
-                None if end >= 1 => {
+                None if end >= self.expected_first.unwrap_or(1) => {
                     self.problem(
-                        1,
+                        self.expected_first.unwrap_or(1),
                         ProblemKind::Truncated,
                         format!("the chain head is {end}, there are no records"),
                     );
@@ -331,6 +372,8 @@ impl ChainVerifier {
             last_seq: last,
             records: self.entries.len() as u64,
             checkpoints: checkpoints.len() as u64,
+            archived_through: None,
+            archive_manifests: 0,
             problems: self.problems,
         }
     }
@@ -395,18 +438,33 @@ fn verify_snapshot(
     public_key: &Sm2PublicKey,
 ) -> Result<Report, StoreError> {
     let (head_seq, _, _) = super::chain_head(conn)?;
-    let from = from.unwrap_or(1).max(1);
+    // Archived positions are verified from their files; the manifests say where the stored
+    // records continue and with which hash.
+    let (manifest_problems, archived) =
+        archive::check_manifests(&archive::manifests(conn)?, public_key);
+    let archived_last = archived.as_ref().map_or(0, |a| a.last_seq);
+    let requested = from.unwrap_or(1).max(1);
+    let at_boundary = requested <= archived_last + 1;
+    let from = requested.max(archived_last + 1);
     let anchor: Option<String> = if from == 1 {
         Some(GENESIS_HASH.to_string())
+    } else if from == archived_last + 1 {
+        archived.as_ref().map(|a| a.last_hash.clone())
     } else {
         audit_events::table
-            .find(from - 1)
+            .filter(audit_events::seq.eq(from - 1))
             .select(audit_events::hash)
             .first(conn)
             .optional()
             .map_err(StoreError::from_diesel)?
     };
     let mut verifier = ChainVerifier::new(anchor.as_deref());
+    verifier.expect_first(from);
+    if at_boundary {
+        for p in manifest_problems {
+            verifier.push_problem(p.seq, p.kind, p.detail);
+        }
+    }
     let mut next = from;
     loop {
         let mut q = audit_events::table
@@ -450,7 +508,12 @@ fn verify_snapshot(
         None => head_seq,
     };
     let expected_end = (expected_end >= from).then_some(expected_end);
-    Ok(verifier.finish(&checkpoints, public_key, expected_end))
+    let mut report = verifier.finish(&checkpoints, public_key, expected_end);
+    if at_boundary && let Some(a) = &archived {
+        report.archived_through = Some(a.last_seq);
+        report.archive_manifests = a.manifests;
+    }
+    Ok(report)
 }
 
 /// The first position recorded at or after `t`.

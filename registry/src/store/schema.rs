@@ -423,3 +423,19 @@ diesel::table! {
 diesel::joinable!(doc_contents -> doc_references (document_id));
 diesel::allow_tables_to_appear_in_same_query!(doc_references, doc_contents);
 diesel::allow_tables_to_appear_in_same_query!(encounters, empi_links);
+
+diesel::table! {
+    audit_archives (first_seq) {
+        first_seq -> BigInt,
+        month -> Text,
+        last_seq -> BigInt,
+        record_count -> BigInt,
+        anchor_prev_hash -> Text,
+        last_hash -> Text,
+        file_name -> Text,
+        file_sm3 -> Text,
+        archived_at -> Timestamp,
+        key_id -> Text,
+        signature -> Text,
+    }
+}
