@@ -887,7 +887,7 @@ async fn fill_page(
 /// checks size and SM3 hash against the registry, and relays it only when both match.
 #[utoipa::path(get, path = "/fhir/Binary/{id}", tag = "documents",
     params(("id" = String, Path, description = "DocumentReference id")),
-    responses((status = 200, description = "The content, with the registered content type"),
+    responses((status = 200, description = "The content, with the registered content type; an SM envelope (application/yiqiao-sm-envelope+json) sealed to the requester's key when asked with Accept and X-Request-Id or required by its directory entry"),
         (status = 404, description = "No such document"),
         (status = 502, description = "Custodian unreachable (upstream-unavailable) or content does not match the registry (upstream-integrity)")))]
 pub async fn retrieve(

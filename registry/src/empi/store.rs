@@ -276,6 +276,17 @@ macro_rules! per_backend {
     };
 }
 
+/// Multi-row INSERT of `rows` into `table`, `chunk` rows per statement.
+macro_rules! insert_chunks {
+    ($conn:expr, $table:expr, $rows:expr, $chunk:expr) => {
+        for chunk in $rows.chunks($chunk) {
+            per_backend!($conn, |c| diesel::insert_into($table)
+                .values(chunk)
+                .execute(c))?;
+        }
+    };
+}
+
 fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
@@ -1014,11 +1025,7 @@ fn register_new_set(
             )
         })
         .collect();
-    for chunk in records.chunks(SET_CHUNK) {
-        per_backend!(conn, |c| diesel::insert_into(records_t::table)
-            .values(chunk)
-            .execute(c))?;
-    }
+    insert_chunks!(conn, records_t::table, records, SET_CHUNK);
     let keys: Vec<_> = items
         .iter()
         .flat_map(|item| {
@@ -1030,11 +1037,7 @@ fn register_new_set(
             })
         })
         .collect();
-    for chunk in keys.chunks(SET_CHUNK * 4) {
-        per_backend!(conn, |c| diesel::insert_into(keys_t::table)
-            .values(chunk)
-            .execute(c))?;
-    }
+    insert_chunks!(conn, keys_t::table, keys, SET_CHUNK * 4);
     let issues: Vec<_> = items
         .iter()
         .flat_map(|item| {
@@ -1046,11 +1049,7 @@ fn register_new_set(
             })
         })
         .collect();
-    for chunk in issues.chunks(SET_CHUNK * 4) {
-        per_backend!(conn, |c| diesel::insert_into(issues_t::table)
-            .values(chunk)
-            .execute(c))?;
-    }
+    insert_chunks!(conn, issues_t::table, issues, SET_CHUNK * 4);
     // A new person is created (version 1) and touched once per record linked to it.
     let created: Vec<_> = new_persons
         .iter()
@@ -1064,11 +1063,7 @@ fn register_new_set(
             )
         })
         .collect();
-    for chunk in created.chunks(SET_CHUNK) {
-        per_backend!(conn, |c| diesel::insert_into(persons_t::table)
-            .values(chunk)
-            .execute(c))?;
-    }
+    insert_chunks!(conn, persons_t::table, created, SET_CHUNK);
     let mut by_count: BTreeMap<i64, Vec<&str>> = BTreeMap::new();
     for (person, n) in &touches {
         if !new_persons.contains(person) {
@@ -1086,21 +1081,9 @@ fn register_new_set(
                 .execute(conn)?;
         }
     }
-    for chunk in links.chunks(SET_CHUNK) {
-        per_backend!(conn, |c| diesel::insert_into(links_t::table)
-            .values(chunk)
-            .execute(c))?;
-    }
-    for chunk in events.chunks(SET_CHUNK) {
-        per_backend!(conn, |c| diesel::insert_into(events_t::table)
-            .values(chunk)
-            .execute(c))?;
-    }
-    for chunk in reviews.chunks(SET_CHUNK) {
-        per_backend!(conn, |c| diesel::insert_into(review_t::table)
-            .values(chunk)
-            .execute(c))?;
-    }
+    insert_chunks!(conn, links_t::table, links, SET_CHUNK);
+    insert_chunks!(conn, events_t::table, events, SET_CHUNK);
+    insert_chunks!(conn, review_t::table, reviews, SET_CHUNK);
 
     let mut out = Vec::with_capacity(regs.len());
     for index in 0..regs.len() {
