@@ -111,13 +111,6 @@ pub struct Withheld {
     pub reason: String,
 }
 
-/// Consent caches synchronised for one request ([`Policy::synced`]): the change counter
-/// read and the agreements in force at that moment.
-pub struct Synced {
-    seq: i64,
-    agreements: Arc<AgreementStore>,
-}
-
 /// The result of [`Policy::release`].
 #[derive(Debug, Default)]
 pub struct Released {
@@ -844,39 +837,6 @@ impl Policy {
         ask: &Ask,
         candidates: Vec<Candidate>,
     ) -> Result<Released, ApiError> {
-        self.release_synced(requester, ask, candidates, None).await
-    }
-
-    /// Bring the consent and agreement caches up to date (the change-counter read) ahead of a
-    /// release, so a caller can run it concurrently with its own data query and hand the
-    /// result to [`Policy::release_with`]. `None` when enforcement is off (nothing to read).
-    pub async fn synced(&self) -> Result<Option<Synced>, ApiError> {
-        if !self.enforce {
-            return Ok(None);
-        }
-        let (seq, agreements) = self.sync().await?;
-        Ok(Some(Synced { seq, agreements }))
-    }
-
-    /// [`Policy::release`] with caches synchronised by [`Policy::synced`] during this request.
-    pub async fn release_with(
-        &self,
-        caller: &Caller,
-        ask: &Ask,
-        candidates: Vec<Candidate>,
-        synced: Option<Synced>,
-    ) -> Result<Released, ApiError> {
-        self.release_synced(&Self::requester(caller), ask, candidates, synced)
-            .await
-    }
-
-    async fn release_synced(
-        &self,
-        requester: &Requester,
-        ask: &Ask,
-        candidates: Vec<Candidate>,
-        synced: Option<Synced>,
-    ) -> Result<Released, ApiError> {
         if !self.enforce {
             return Ok(Released {
                 kept: candidates
@@ -901,10 +861,7 @@ impl Policy {
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
-        let (seq, agreements) = match synced {
-            Some(Synced { seq, agreements }) => (seq, agreements),
-            None => self.sync().await?,
-        };
+        let (seq, agreements) = self.sync().await?;
         let at = Utc::now();
         let consents = if patients.is_empty() {
             HashMap::new()

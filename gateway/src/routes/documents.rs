@@ -834,22 +834,13 @@ async fn fill_page(
         let mut f = filter.clone();
         f.offset = pos;
         f.limit = want + 1;
-        // The consent caches' change-counter read runs beside the registry query (two
-        // independent round trips, overlapped), not after it.
-        let (found, synced) = tokio::join!(
-            state.db(move |conn| registry::search(conn, &f)),
-            state.policy.synced()
-        );
-        let (found, synced) = (found?, synced?);
+        let found = state.db(move |conn| registry::search(conn, &f)).await?;
         let n = found.len();
         let candidates = found
             .iter()
             .map(|d| crate::documents::candidate(&state.base_url, d))
             .collect();
-        let mut released = state
-            .policy
-            .release_with(caller, ask, candidates, synced)
-            .await?;
+        let mut released = state.policy.release(caller, ask, candidates).await?;
         // Take released documents in order until the page is full.
         let mut kept: HashMap<usize, Value> =
             std::mem::take(&mut released.kept).into_iter().collect();
