@@ -9,7 +9,7 @@
 # CONCURRENCY in flight with throughput, errors and the gateway's RSS; then the SM primitives
 # beside `openssl speed` in the same run.
 #
-#   scripts/bench-federation.sh [REQUESTS] [CONCURRENCY] [PERSONS]
+#   scripts/bench-federation.sh [REQUESTS] [CONCURRENCY] [PERSONS]   (SKIP_PRIMITIVES=1: no SM part)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requests="${1:-4000}"; conc="${2:-200}"; persons="${3:-100}"
@@ -40,6 +40,7 @@ echo "--- loaded: $conc in flight, $requests requests"; run "$conc" "$requests"
 echo "--- gateway memory after the load: $(grep -E 'VmRSS|VmHWM' /proc/$gw/status | tr -s ' \t' ' ' | tr '\n' ' ')"
 kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true
 
+[ "${SKIP_PRIMITIVES:-0}" = 1 ] && exit 0
 echo "--- SM primitives, ours (criterion) then OpenSSL, same run"
 cargo bench -q -p yiqiao-sm --bench sm -- --noplot 'sm4_gcm_1MiB|sm2/' 2>/dev/null \
   | grep -E '^(sm4_gcm|sm2)|time:|thrpt:' || true

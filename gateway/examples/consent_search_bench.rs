@@ -204,6 +204,8 @@ async fn main() {
         50.min(patients)
     };
     let mut timings: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    // The gateway's own stages (`Server-Timing`, document search), summed per side.
+    let mut stages: [std::collections::BTreeMap<String, f64>; 2] = Default::default();
     // Pairs of requests, enforced then not (order swapped every other pair), so both sides see
     // the same machine load; the first 20 pairs of each round warm up.
     for _round in 0..rounds {
@@ -219,15 +221,45 @@ async fn main() {
                 .await
                 .unwrap();
             assert_eq!(r.status(), 200);
-            let body: Value = r.json().await.unwrap();
+            let timing = r
+                .headers()
+                .get("server-timing")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let bytes = r.bytes().await.unwrap();
             let elapsed = t.elapsed().as_secs_f64() * 1e6;
+            let body: Value = serde_json::from_slice(&bytes).unwrap();
             assert_eq!(body["entry"].as_array().unwrap().len(), expected);
             if i >= 40 {
                 timings[which].push(elapsed);
+                for part in timing.split(',') {
+                    let mut fields = part.split(';').map(str::trim);
+                    let (Some(name), Some(dur)) =
+                        (fields.next(), fields.find_map(|f| f.strip_prefix("dur=")))
+                    else {
+                        continue;
+                    };
+                    if let Ok(ms) = dur.parse::<f64>() {
+                        *stages[which].entry(name.to_string()).or_default() += ms * 1000.0;
+                    }
+                }
             }
         }
     }
     let [enforced, plain] = timings;
+    if !stages[0].is_empty() {
+        let n = [enforced.len() as f64, plain.len() as f64];
+        println!("gateway stages (Server-Timing), mean per search: on / off / difference");
+        for (name, on_sum) in &stages[0] {
+            let on_mean = on_sum / n[0];
+            let off_mean = stages[1].get(name).copied().unwrap_or(0.0) / n[1];
+            println!(
+                "  {name:<10} {on_mean:>9.1}us {off_mean:>9.1}us {:>+9.1}us",
+                on_mean - off_mean
+            );
+        }
+    }
     let mean_on = stats(
         &format!("{what}, enforcement on (HTTP round trip)"),
         enforced,

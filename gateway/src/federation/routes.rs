@@ -47,6 +47,10 @@ const GATEWAY_PARAMS: [&str; 5] = [
     "_endpointTimeout",
 ];
 
+fn ms_since(t: std::time::Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
 fn millis_param(name: &str, raw: &str, max: u64) -> Result<Duration, ApiError> {
     raw.parse::<u64>()
         .ok()
@@ -123,6 +127,7 @@ pub async fn search(
         .to_string();
     caller.require(&resource_type, 'r')?;
     caller.require(&resource_type, 's')?;
+    let handler_started = std::time::Instant::now();
     let fed = state.federation.clone();
     let settings = fed.settings().clone();
     let query = query.into_inner();
@@ -178,6 +183,7 @@ pub async fn search(
     let requester_envelope = requester_envelope(&req, &caller)?;
 
     // Where does the person have records?
+    let resolve_started = std::time::Instant::now();
     let lookup = person.clone();
     let sites: Vec<Site> = state
         .db(move |conn| -> Result<Vec<Site>, ApiError> {
@@ -206,18 +212,16 @@ pub async fn search(
         )));
     }
 
+    let resolve_ms = ms_since(resolve_started);
     let fan_out_started = std::time::Instant::now();
     let results = fed.fan_out(&resource_type, sites, &params, deadlines).await;
-    let fan_out_ms = fan_out_started.elapsed().as_secs_f64() * 1000.0;
+    let fan_out_ms = ms_since(fan_out_started);
     let slowest_ms = results
         .iter()
         .filter_map(|r| r.round_trip)
         .max()
         .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
-    // Server-Timing (W3C): the slowest successful upstream round trip and the whole fan-out.
-    let timing = format!(
-        "upstream;dur={slowest_ms:.2};desc=\"slowest endpoint round trip\", fanout;dur={fan_out_ms:.2}"
-    );
+    let release_started = std::time::Instant::now();
 
     // Release policy per institution and resource, then merge.
     let policy = fed.policy();
@@ -352,6 +356,8 @@ pub async fn search(
     }
 
     // The audit record, before anything is sent.
+    let release_ms = ms_since(release_started);
+    let audit_started = std::time::Instant::now();
     let target = req
         .uri()
         .path_and_query()
@@ -397,8 +403,10 @@ pub async fn search(
                 .by_caller(event, &caller, Some(person.clone())),
         )
         .await?;
+    let audit_ms = ms_since(audit_started);
 
     // The page.
+    let encode_started = std::time::Instant::now();
     let total = items.len();
     let start = (offset as usize).min(total);
     let end = (start + count as usize).min(total);
@@ -436,13 +444,23 @@ pub async fn search(
         "entry": entries,
     });
 
+    let payload = serde_json::to_vec(&bundle).map_err(ApiError::internal)?;
+    // Server-Timing (W3C): the slowest successful upstream round trip, the whole fan-out, and
+    // the gateway's own stages around it (what the gateway adds over its slowest hospital).
+    let timing = |encode_ms: f64| {
+        format!(
+            "upstream;dur={slowest_ms:.2};desc=\"slowest endpoint round trip\", fanout;dur={fan_out_ms:.2}, \
+             resolve;dur={resolve_ms:.2}, release;dur={release_ms:.2}, audit;dur={audit_ms:.2}, \
+             encode;dur={encode_ms:.2}, handler;dur={:.2}",
+            ms_since(handler_started)
+        )
+    };
     let Some((request_id, key)) = requester_envelope else {
         return Ok(HttpResponse::Ok()
             .content_type(fhir::FHIR_JSON)
-            .insert_header(("Server-Timing", timing))
-            .json(bundle));
+            .insert_header(("Server-Timing", timing(ms_since(encode_started))))
+            .body(payload));
     };
-    let payload = serde_json::to_vec(&bundle).map_err(ApiError::internal)?;
     let sealed = seal_for(
         &state,
         &caller,
@@ -454,7 +472,7 @@ pub async fn search(
     .await?;
     Ok(HttpResponse::Ok()
         .content_type(ENVELOPE_MEDIA_TYPE)
-        .insert_header(("Server-Timing", timing))
+        .insert_header(("Server-Timing", timing(ms_since(encode_started))))
         .body(sealed))
 }
 

@@ -8,6 +8,7 @@
 //! decision's obligations, and every decision is audited with its reasons.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use actix_web::http::{StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -651,6 +652,7 @@ pub async fn search(
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     caller.require("DocumentReference", 's')?;
+    let started = Instant::now();
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(req.query_string())
         .map_err(|e| ApiError::new(ErrorCode::InvalidParameter, format!("query string: {e}")))?;
     let mut single: HashMap<String, String> = HashMap::new();
@@ -780,11 +782,13 @@ pub async fn search(
             Ok((Some(f), person))
         })
         .await?;
+    let resolve_ms = ms_since(started);
     let ask = state.policy.ask(&caller, &req);
     let page = match filter {
         Some(f) => fill_page(&state, &caller, &ask, f, offset, count).await?,
         None => Page::default(),
     };
+    let audit_started = Instant::now();
     let (self_url, next) =
         crate::routes::directory::page_urls_at(&state, &req, offset, count, page.next_offset);
     let mut event = state
@@ -795,10 +799,33 @@ pub async fn search(
         .auditor
         .record(state.auditor.by_caller(event, &caller, person))
         .await?;
-    Ok(fhir_response(
-        StatusCode::OK,
-        fhir::searchset(&state.base_url, &self_url, next, None, page.entries),
+    let audit_ms = ms_since(audit_started);
+    let encode_started = Instant::now();
+    let body = serde_json::to_vec(&fhir::searchset(
+        &state.base_url,
+        &self_url,
+        next,
+        None,
+        page.entries,
     ))
+    .map_err(ApiError::internal)?;
+    // Server-Timing (W3C, ms): where the search's time went (BENCHMARKS.md, consent share).
+    let timing = format!(
+        "resolve;dur={resolve_ms:.3}, query;dur={:.3}, policy;dur={:.3}, audit;dur={audit_ms:.3}, \
+         encode;dur={:.3}, handler;dur={:.3}",
+        page.query_ms,
+        page.policy_ms,
+        ms_since(encode_started),
+        ms_since(started)
+    );
+    Ok(HttpResponse::Ok()
+        .content_type(fhir::FHIR_JSON)
+        .insert_header(("Server-Timing", timing))
+        .body(body))
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
 }
 
 /// Most stored documents read to fill one page (the rest of a page the consent policy
@@ -812,6 +839,9 @@ struct Page {
     released: Released,
     /// Offset (in stored documents) of the next page, when there may be one.
     next_offset: Option<i64>,
+    /// Time spent in the registry queries and in the consent policy (ms).
+    query_ms: f64,
+    policy_ms: f64,
 }
 
 /// Read stored documents from `offset` in filter order and release them through the consent
@@ -834,13 +864,17 @@ async fn fill_page(
         let mut f = filter.clone();
         f.offset = pos;
         f.limit = want + 1;
+        let t = Instant::now();
         let found = state.db(move |conn| registry::search(conn, &f)).await?;
+        page.query_ms += ms_since(t);
+        let t = Instant::now();
         let n = found.len();
         let candidates = found
             .iter()
             .map(|d| crate::documents::candidate(&state.base_url, d))
             .collect();
         let mut released = state.policy.release(caller, ask, candidates).await?;
+        page.policy_ms += ms_since(t);
         // Take released documents in order until the page is full.
         let mut kept: HashMap<usize, Value> =
             std::mem::take(&mut released.kept).into_iter().collect();
