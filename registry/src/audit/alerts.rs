@@ -223,14 +223,17 @@ fn to_diesel(e: StoreError) -> diesel::result::Error {
     }
 }
 
-/// (source record id, surname key, address key) of every record linked to these enterprise
-/// persons now, by person. A record's surname is its `family` column (the EMPI's normalised
-/// HumanName.family), else the surname of a Han full name.
+/// (source record id, surname key, address key) of one EMPI source record.
+type RecordKeys = (String, String, Option<String>);
+
+/// The [`RecordKeys`] of every record linked to these enterprise persons now, by person. A
+/// record's surname is its `family` column (the EMPI's normalised HumanName.family), else the
+/// surname of a Han full name.
 fn person_keys(
     conn: &mut DbConn,
     persons: &[String],
-) -> Result<BTreeMap<String, Vec<(String, String, Option<String>)>>, diesel::result::Error> {
-    let mut out: BTreeMap<String, Vec<(String, String, Option<String>)>> = BTreeMap::new();
+) -> Result<BTreeMap<String, Vec<RecordKeys>>, diesel::result::Error> {
+    let mut out: BTreeMap<String, Vec<RecordKeys>> = BTreeMap::new();
     for chunk in persons.chunks(500) {
         let rows: Vec<(String, String, String, String)> = empi_links::table
             .inner_join(
