@@ -279,6 +279,7 @@ async fn main() {
         institution,
         via: CallerVia::AdminOnBehalf,
         purpose: None,
+        user: None,
     };
     let store = state.store.clone();
     let candidates: Vec<Candidate> = if documents {

@@ -29,6 +29,7 @@ pub fn rules(a: &AuditSettings) -> Rules {
         break_glass_window_secs: a.alert_break_glass_window_secs as i64,
         denials_threshold: a.alert_denials_threshold,
         denials_window_secs: a.alert_denials_window_secs as i64,
+        same_surname_address: a.alert_same_surname_address,
         webhook: !a.alert_webhook_url.is_empty(),
     }
 }

@@ -15,7 +15,7 @@ use crate::metrics::Metrics;
 use crate::oauth;
 use crate::routes::{
     auditing, consent, directory, docs, documents, empi, encounters, institutions, metadata, ops,
-    patients, subscriptions,
+    patients, practitioners, subscriptions,
 };
 use crate::state::AppState;
 
@@ -89,6 +89,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/fhir/Patient/$ihe-pix").route(web::get().to(patients::pix)))
         .service(resource("/fhir/Patient/$match").route(web::post().to(patients::match_patient)))
         .service(resource("/fhir/Patient/{id}").route(web::get().to(patients::read)))
+        // Staff rosters (FHIR Practitioner): who the X-Yiqiao-User of a member is.
+        .service(
+            resource("/fhir/Practitioner")
+                .route(web::get().to(practitioners::search))
+                .route(web::post().to(practitioners::create))
+                .route(web::put().to(practitioners::conditional_update)),
+        )
+        .service(resource("/fhir/Practitioner/{id}").route(web::get().to(practitioners::read)))
         // Document registry (MHD-style) and subscriptions.
         .service(resource("/fhir").route(web::post().to(documents::transaction)))
         .service(

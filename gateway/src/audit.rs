@@ -164,8 +164,9 @@ impl Auditor {
         e
     }
 
-    /// Attribute `event` to an authenticated member institution (agent, purpose of use) and,
-    /// when known, to an enterprise patient.
+    /// Attribute `event` to an authenticated member institution (agent, purpose of use, the
+    /// end user it named with `X-Yiqiao-User` as `agent_user` / BALP `altId`) and, when known,
+    /// to an enterprise patient.
     pub fn by_caller(
         &self,
         mut event: AuditEvent,
@@ -177,6 +178,8 @@ impl Auditor {
         if matches!(caller.via, crate::auth::CallerVia::AdminOnBehalf) {
             event.agent_user = Some("admin-token".into());
             event.agent_role = Some("admin".into());
+        } else if let Some(user) = &caller.user {
+            event.agent_user = Some(user.clone());
         }
         event.patient_id = patient;
         event

@@ -11,6 +11,16 @@
 //!   `auth.directory_cache_ttl_ms`) and must still be active; the scopes are the token's,
 //!   narrowed to what the directory still allows; the purpose of use comes from the token.
 //!
+//! The end user: a member's system may name the person acting with `X-Yiqiao-User: <staff
+//! number>` (the identifier value in the institution's practitioner namespace, the same one its
+//! FHIR `Practitioner` roster entries carry; docs/hospital-contract.md). The value is checked
+//! (at most 128 characters, UTF-8, no control characters, no surrounding white space; else 400
+//! `invalid-parameter` naming the header) and becomes [`Caller::user`]: every audit record made
+//! through `Auditor::by_caller` carries it as `agent_user` (BALP `agent.altId`), so the anomaly
+//! rules work per user. The gateway does not authenticate the person: the institution vouches
+//! for it with its own credential. The admin credential acting on behalf of an institution is
+//! recorded as `admin-token` and may not name a user (400).
+//!
 //! [`Scoped<N>`] puts the scope a handler needs into its signature: `Scoped<PatientRead>`
 //! answers 403 OperationOutcome (and `WWW-Authenticate: Bearer error="insufficient_scope"`)
 //! when the scope is not granted.
@@ -31,6 +41,10 @@ use crate::extract::AdminAuth;
 use crate::state::AppState;
 
 pub const ON_BEHALF_OF: HeaderName = HeaderName::from_static("x-on-behalf-of");
+/// The end user acting at a member institution (module docs).
+pub const YIQIAO_USER: HeaderName = HeaderName::from_static("x-yiqiao-user");
+/// How error messages name [`YIQIAO_USER`].
+pub const YIQIAO_USER_NAME: &str = "X-Yiqiao-User";
 
 /// How the caller proved who it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +64,32 @@ pub struct Caller {
     pub via: CallerVia,
     /// Purpose of use bound to the access token (`None` for the admin-on-behalf path).
     pub purpose: Option<Purpose>,
+    /// The end user the institution named with `X-Yiqiao-User` (its staff number), if any.
+    pub user: Option<String>,
+}
+
+/// The `X-Yiqiao-User` value of a request: `Ok(None)` when absent, 400 naming the header when
+/// repeated or malformed.
+pub fn stated_user(req: &HttpRequest) -> Result<Option<String>, ApiError> {
+    let mut values = req.headers().get_all(YIQIAO_USER);
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::invalid_param(
+            YIQIAO_USER_NAME,
+            "must be sent at most once",
+        ));
+    }
+    let value = std::str::from_utf8(first.as_bytes())
+        .map_err(|_| ApiError::invalid_param(YIQIAO_USER_NAME, "must be UTF-8 text"))?;
+    if let Some(problem) = yiqiao_registry::practitioners::identifier_problem(value) {
+        return Err(ApiError::invalid_param(
+            YIQIAO_USER_NAME,
+            format!("the user's staff identifier {problem}"),
+        ));
+    }
+    Ok(Some(value.to_string()))
 }
 
 impl Caller {
@@ -116,6 +156,7 @@ impl FromRequest for Caller {
         let state = req.app_data::<web::Data<AppState>>().cloned();
         let client_ip = req.peer_addr().map(|a| a.ip().to_string());
         let client_cert = crate::mtls::presented(req);
+        let user = stated_user(req);
         let request_id = req
             .extensions()
             .get::<crate::middleware::RequestId>()
@@ -188,15 +229,27 @@ impl FromRequest for Caller {
                 institution,
                 via: CallerVia::AdminOnBehalf,
                 purpose: None,
+                user: None,
             })
         };
         Box::pin(async move {
-            let caller = inner.await?;
+            let mut caller = inner.await?;
+            caller.user = user?;
+            if caller.user.is_some() && caller.via == CallerVia::AdminOnBehalf {
+                return Err(ApiError::invalid_param(
+                    YIQIAO_USER_NAME,
+                    "the admin credential acting on behalf of an institution is recorded as admin-token and cannot name a user; use the institution's access token",
+                ));
+            }
             // Attribution of a later refusal (e.g. a missing scope) in the audit trail.
             let admin = caller.via == CallerVia::AdminOnBehalf;
             http.extensions_mut().insert(crate::audit::AuditAgent {
                 institution: Some(caller.institution.id.to_string()),
-                user: admin.then(|| "admin-token".to_string()),
+                user: if admin {
+                    Some("admin-token".to_string())
+                } else {
+                    caller.user.clone()
+                },
                 role: admin.then(|| "admin".to_string()),
                 purpose: caller.purpose.map(|p| p.code().to_string()),
             });
@@ -267,6 +320,7 @@ async fn from_access_token(
         scopes,
         via: CallerVia::AccessToken,
         purpose: Purpose::from_code(&claims.purpose_of_use),
+        user: None,
     })
 }
 
@@ -307,6 +361,10 @@ scope_needs! {
     EncounterUpdate => ("Encounter", 'u'),
     AuditEventRead => ("AuditEvent", 'r'),
     AuditEventSearch => ("AuditEvent", 's'),
+    PractitionerCreate => ("Practitioner", 'c'),
+    PractitionerRead => ("Practitioner", 'r'),
+    PractitionerUpdate => ("Practitioner", 'u'),
+    PractitionerSearch => ("Practitioner", 's'),
 }
 
 /// A [`Caller`] holding the scope `N` — the requirement is visible in the handler signature.

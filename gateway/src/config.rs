@@ -428,6 +428,9 @@ pub struct AuditSettings {
     /// Alert when one agent has at least this many refused requests within the window (0: off).
     pub alert_denials_threshold: u64,
     pub alert_denials_window_secs: u64,
+    /// Alert when a user on an institution's staff roster (named by `X-Yiqiao-User`) accesses a
+    /// patient sharing their surname and address (`same-surname-address`).
+    pub alert_same_surname_address: bool,
     /// POST every new alert as JSON to this URL (empty: no webhook).
     pub alert_webhook_url: String,
     /// Delivery attempts per alert before it is marked failed (exponential back-off, ≤ 5 min).
@@ -614,6 +617,7 @@ impl Default for Settings {
                 alert_break_glass_window_secs: 86_400,
                 alert_denials_threshold: 20,
                 alert_denials_window_secs: 300,
+                alert_same_surname_address: true,
                 alert_webhook_url: String::new(),
                 alert_webhook_max_attempts: 8,
                 alert_webhook_timeout_ms: 5000,

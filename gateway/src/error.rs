@@ -285,6 +285,31 @@ impl From<yiqiao_registry::encounters::EncounterError> for ApiError {
     }
 }
 
+impl From<yiqiao_registry::practitioners::PractitionerError> for ApiError {
+    fn from(err: yiqiao_registry::practitioners::PractitionerError) -> ApiError {
+        use yiqiao_registry::practitioners::PractitionerError;
+        match err {
+            PractitionerError::Invalid { field, message } => {
+                ApiError::new(ErrorCode::ValidationFailed, message).field(field)
+            }
+            PractitionerError::NotFound(what) => ApiError::not_found(format!("{what} not found")),
+            PractitionerError::CreateRefused { identifier } => ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "practitioner {identifier} is not registered; registering it needs scope system/Practitioner.c"
+                ),
+            ),
+            PractitionerError::ChangeRefused { id, identifier } => ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "practitioner {identifier} is registered (Practitioner/{id}) with other content; changing it needs scope system/Practitioner.u"
+                ),
+            ),
+            PractitionerError::Store(s) => s.into(),
+        }
+    }
+}
+
 impl From<tokio::task::JoinError> for ApiError {
     fn from(err: tokio::task::JoinError) -> ApiError {
         ApiError::internal(format!("blocking task failed: {err}"))

@@ -46,6 +46,91 @@ pub fn subject_identifier(
     }
 }
 
+/// Whether `s` holds a Han character (CJK unified ideographs, extension A).
+pub fn has_han(s: &str) -> bool {
+    s.chars()
+        .any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c) || ('\u{3400}'..='\u{4dbf}').contains(&c))
+}
+
+/// A person's name taken from a resource's `name` (HumanName list): the `official` one, else
+/// the first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NameParts {
+    /// `family`, or the surname split from a Han `text` when neither family nor given is sent.
+    pub family: String,
+    /// The `given` parts joined by a space (or the rest of a split Han `text`).
+    pub given: String,
+    /// `text`, else family + given (Han: no space) or given + family (other scripts).
+    pub full: String,
+}
+
+/// The name of a Patient or Practitioner (see [`NameParts`]); all parts empty without a name.
+pub fn human_name(resource: &Value) -> NameParts {
+    let names = resource
+        .get("name")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let Some(n) = names
+        .iter()
+        .find(|n| n.get("use").and_then(Value::as_str) == Some("official"))
+        .or_else(|| names.first())
+    else {
+        return NameParts::default();
+    };
+    let mut family = n
+        .get("family")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let givens: Vec<&str> = n
+        .get("given")
+        .and_then(Value::as_array)
+        .map(|g| g.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let mut given = givens.join(" ").trim().to_string();
+    let full = match n.get("text").and_then(Value::as_str) {
+        Some(t) if !t.trim().is_empty() => t.trim().to_string(),
+        _ if has_han(&family) || has_han(&given) => format!("{family}{}", givens.join("")),
+        _ => format!("{given} {family}").trim().to_string(),
+    };
+    if family.is_empty() && given.is_empty() && has_han(&full) {
+        let (f, g) = yiqiao_registry::empi::normalize::split_han_name(&full);
+        family = f;
+        given = g;
+    }
+    NameParts {
+        family,
+        given,
+        full,
+    }
+}
+
+/// One FHIR `Address` as a single line: its `text`, else state + city + district + lines
+/// concatenated (Chinese order, no separators). `None` when it says nothing.
+pub fn address_line(address: &Value) -> Option<String> {
+    match address.get("text").and_then(Value::as_str) {
+        Some(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+        _ => {
+            let mut parts: Vec<String> = ["state", "city", "district"]
+                .iter()
+                .filter_map(|k| address.get(*k).and_then(Value::as_str).map(String::from))
+                .collect();
+            parts.extend(
+                address
+                    .get("line")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|l| l.as_str().map(String::from)),
+            );
+            let joined = parts.concat();
+            (!joined.is_empty()).then_some(joined)
+        }
+    }
+}
+
 fn kind_display(kind: InstitutionKind) -> &'static str {
     match kind {
         InstitutionKind::Hospital => "Hospital (医院)",

@@ -163,14 +163,7 @@ pub struct StoredEncounter {
 }
 
 /// What [`upsert`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpsertOutcome {
-    Created,
-    /// A new version of a registered visit.
-    Updated,
-    /// The same content was registered before: nothing stored.
-    Unchanged,
-}
+pub use crate::store::UpsertOutcome;
 
 /// One care relationship found by [`active_for_persons`]:
 /// (enterprise person id, institution id, period start, period end), times in UTC.
@@ -962,12 +955,7 @@ mod tests {
         );
     }
 
-    macro_rules! on_both_backends {
-        ($($name:ident),* $(,)?) => {
-            mod sqlite { $( #[test] fn $name() { super::$name(crate::Backend::Sqlite) } )* }
-            mod postgres { $( #[test] fn $name() { super::$name(crate::Backend::Postgres) } )* }
-        };
-    }
+    use crate::store::testdb::on_both_backends;
 
     on_both_backends!(
         upsert_is_idempotent_and_versions_changes,

@@ -1,6 +1,6 @@
 //! Registry: storage (diesel over SQLite and PostgreSQL), the institution directory,
 //! the enterprise master patient index, the document registry and care relationships
-//! (encounters).
+//! (encounters) and the staff roster (practitioners).
 //!
 //! This crate knows nothing of HTTP.
 
@@ -12,6 +12,7 @@ pub mod documents;
 pub mod empi;
 pub mod encounters;
 pub mod mtls;
+pub mod practitioners;
 pub mod staff;
 pub mod store;
 

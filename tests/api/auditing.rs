@@ -32,7 +32,7 @@ pub(crate) fn settings(s: &mut Settings) {
 }
 
 /// Every stored record, newest first.
-async fn records(app: &TestApp) -> Vec<StoredEvent> {
+pub(crate) async fn records(app: &TestApp) -> Vec<StoredEvent> {
     let store = app.state.store.clone();
     tokio::task::spawn_blocking(move || {
         let mut conn = store.conn().unwrap();
@@ -277,11 +277,13 @@ async fn refusals_are_recorded_and_a_flood_is_counted(backend: Backend) {
 /// patient; returns (source record id, enterprise person id).
 pub(crate) async fn region_with_patient(app: &TestApp, key: &Sm2PrivateKey) -> (String, String) {
     for n in [1, 2, 3] {
-        let mut body = institution(n);
-        body["sm2_keys"] = json!([{"kid": "k1", "pem": key.public_key().to_spki_pem().unwrap()}]);
-        body["allowed_scopes"] = json!(["system/Patient.cruds", "system/AuditEvent.rs"]);
-        let resp = app.admin_post("/admin/institutions", &body).await;
-        assert_eq!(resp.status(), 201);
+        register_with_key(
+            app,
+            n,
+            key,
+            &["system/Patient.cruds", "system/AuditEvent.rs"],
+        )
+        .await;
     }
     let patient = json!({
         "resourceType": "Patient",
@@ -308,8 +310,17 @@ pub(crate) async fn region_with_patient(app: &TestApp, key: &Sm2PrivateKey) -> (
     (id, person)
 }
 
+/// Register institution `n` with `key` (kid `k1`) for client assertions and these scopes.
+pub(crate) async fn register_with_key(app: &TestApp, n: u32, key: &Sm2PrivateKey, scopes: &[&str]) {
+    let mut body = institution(n);
+    body["sm2_keys"] = json!([{"kid": "k1", "pem": key.public_key().to_spki_pem().unwrap()}]);
+    body["allowed_scopes"] = json!(scopes);
+    let resp = app.admin_post("/admin/institutions", &body).await;
+    assert_eq!(resp.status(), 201);
+}
+
 /// A gateway access token for `institution` through the real SMART flow (SM2SM3 assertion).
-async fn access_token(
+pub(crate) async fn access_token(
     app: &TestApp,
     key: &Sm2PrivateKey,
     institution: &str,
@@ -687,7 +698,7 @@ async fn webhook_receiver() -> (String, Arc<Mutex<Vec<Value>>>) {
     (url, got)
 }
 
-async fn alerts(app: &TestApp, query: &str) -> Vec<Value> {
+pub(crate) async fn alerts(app: &TestApp, query: &str) -> Vec<Value> {
     let resp = auditor_get(app, &format!("/audit/alerts{query}")).await;
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();

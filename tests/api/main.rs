@@ -26,3 +26,4 @@ mod mpi_import;
 mod oidc;
 mod ops;
 mod retention;
+mod roster;

@@ -10,6 +10,12 @@ use crate::on_both_backends;
 
 on_both_backends!(health_metrics_and_capability_statement);
 
+/// Send a create request; the id of what it created.
+async fn created_id(request: reqwest::RequestBuilder) -> String {
+    let created: Value = request.send().await.unwrap().json().await.unwrap();
+    created["id"].as_str().unwrap().to_string()
+}
+
 async fn health_metrics_and_capability_statement(backend: Backend) {
     const AUDITOR: &str = "test-auditor-token-0123";
     let app = TestApp::spawn_with(backend, |s| {
@@ -60,7 +66,8 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
         "system/Consent.cruds",
         "system/DocumentReference.cruds",
         "system/Subscription.cruds",
-        "system/Encounter.cruds"
+        "system/Encounter.cruds",
+        "system/Practitioner.cruds"
     ]);
     app.admin_post("/admin/institutions", &member).await;
     let patient = serde_json::json!({
@@ -171,6 +178,18 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
     let mut encounter_update = encounter("CAP-V1");
     encounter_update["status"] = serde_json::json!("finished");
     encounter_update["period"]["end"] = serde_json::json!("2026-11-29T09:00:00+08:00");
+    // Practitioner needs a roster entry of hosp-002.
+    let practitioner_system = "https://yiqiao.health/fhir/sid/practitioner/hosp-002";
+    let practitioner = |staff: &str| {
+        serde_json::json!({ "resourceType": "Practitioner",
+            "identifier": [{ "system": practitioner_system, "value": staff }],
+            "name": [{ "family": "李", "given": ["明"] }] })
+    };
+    let request = as_member(
+        app.client.post(app.url("/fhir/Practitioner")),
+        "Practitioner",
+    );
+    let practitioner_id = created_id(request.json(&practitioner("CAP-D1"))).await;
     for res in resources {
         let ty = res["type"].as_str().unwrap();
         let read_id = match ty {
@@ -180,12 +199,14 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
             "DocumentReference" => document_id.as_str(),
             "Subscription" => subscription_id.as_str(),
             "Encounter" => encounter_id.as_str(),
+            "Practitioner" => practitioner_id.as_str(),
             _ => "hosp-001",
         };
         let body = match ty {
             "DocumentReference" => crate::documents::sample_document(2, "CAP-2", "MR-1"),
             "Subscription" => subscription.clone(),
             "Encounter" => encounter("CAP-V2"),
+            "Practitioner" => practitioner("CAP-D2"),
             _ => patient.clone(),
         };
         for interaction in res["interaction"].as_array().unwrap() {
@@ -204,6 +225,12 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
                     .client
                     .put(app.url(&format!("/fhir/Encounter/{encounter_id}")))
                     .json(&encounter_update),
+                "update" if ty == "Practitioner" => app
+                    .client
+                    .put(app.url(&format!(
+                        "/fhir/Practitioner?identifier={practitioner_system}|CAP-D1"
+                    )))
+                    .json(&practitioner("CAP-D1")),
                 "create" => app.client.post(app.url(&format!("/fhir/{ty}"))).json(&body),
                 "delete" => app.client.delete(app.url(&format!("/fhir/{ty}/{read_id}"))),
                 "update" => app

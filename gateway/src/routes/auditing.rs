@@ -489,7 +489,8 @@ pub async fn read(
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AlertView {
     pub id: String,
-    /// many-patients | off-hours | break-the-glass | break-the-glass-frequent | flagged-patient | denials
+    /// many-patients | off-hours | break-the-glass | break-the-glass-frequent |
+    /// flagged-patient | denials | same-surname-address
     pub rule: String,
     pub agent: Option<String>,
     pub patient_id: Option<String>,

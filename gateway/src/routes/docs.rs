@@ -8,13 +8,13 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use crate::federation::routes::FederatedPaths;
 use crate::routes::{
     auditing, consent, directory, documents, empi, encounters, institutions, metadata, ops,
-    patients, subscriptions,
+    patients, practitioners, subscriptions,
 };
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Yiqiao (医桥) regional health information exchange gateway",
-         description = "FHIR R4 / IHE gateway for a region's hospitals. Errors are FHIR OperationOutcome resources with a stable code in issue.details.coding (system https://yiqiao.health/fhir/CodeSystem/error-code)."),
+         description = "FHIR R4 / IHE gateway for a region's hospitals. Errors are FHIR OperationOutcome resources with a stable code in issue.details.coding (system https://yiqiao.health/fhir/CodeSystem/error-code). Member institutions' calls may name the acting end user with the header X-Yiqiao-User: <staff number> (its Practitioner identifier value; at most 128 characters, no control characters; a malformed value answers 400 invalid-parameter naming the header); it is recorded as the audit agent's altId (docs/hospital-contract.md, section 6)."),
     paths(
         ops::healthz, ops::readyz, ops::metrics, metadata::metadata,
         institutions::create, institutions::list, institutions::read, institutions::update,
@@ -40,6 +40,8 @@ use crate::routes::{
         documents::retrieve, subscriptions::create, subscriptions::search, subscriptions::read, subscriptions::delete,
         subscriptions::status, subscriptions::events, subscriptions::retry_dead,
         encounters::create, encounters::update, encounters::read,
+        practitioners::create, practitioners::conditional_update, practitioners::read,
+        practitioners::search,
     ),
     components(schemas(institutions::InstitutionInput, institutions::InstitutionView,
                         institutions::InstitutionList, institutions::Sm2KeyInput,
@@ -65,6 +67,7 @@ use crate::routes::{
         (name = "audit", description = "Auditors' workspace: AuditEvent search, who accessed a patient's records, anomaly alerts, flagged patients (docs/audit.md)"),
         (name = "federation", description = "Federated queries to member hospitals (docs/federation.md)"),
         (name = "documents", description = "Document registry, retrieval and subscriptions (docs/documents.md)"),
+        (name = "roster", description = "Members' staff rosters (FHIR Practitioner): who the X-Yiqiao-User of a call is; used by the audit rule same-surname-address (docs/audit.md)"),
         (name = "encounters", description = "Care relationships registered by the treating institution (who treats whom, when; not clinical content), read by the consent engine (docs/consent.md)"),
     )
 )]

@@ -16,7 +16,7 @@
 //! The HL7 v2 feed (crate::mllp::adt, PV1 of A01/A04/A03/A11) maps to the same
 //! [`map_encounter`] and store.
 
-use actix_web::http::{StatusCode, header};
+use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, NaiveDateTime, SubsecRound};
 use serde_json::{Value, json};
@@ -30,7 +30,7 @@ use yiqiao_registry::encounters::{
 use crate::auth::{Caller, EncounterCreate, EncounterRead, EncounterUpdate, Scoped};
 use crate::error::{ApiError, ErrorCode};
 use crate::extract::ValidJson;
-use crate::fhir::{self, subject_identifier, text_at};
+use crate::fhir::{subject_identifier, text_at};
 use crate::state::AppState;
 
 /// Code system of `Encounter.class`.
@@ -195,19 +195,12 @@ pub fn encounter_view(e: &StoredEncounter) -> Value {
 }
 
 fn respond(state: &AppState, status: StatusCode, e: &StoredEncounter) -> HttpResponse {
-    let mut resp = HttpResponse::build(status)
-        .content_type(fhir::FHIR_JSON)
-        .json(encounter_view(e));
-    if let Ok(v) = header::HeaderValue::from_str(&format!("W/\"{}\"", e.version)) {
-        resp.headers_mut().insert(header::ETAG, v);
-    }
-    if status == StatusCode::CREATED
-        && let Ok(v) =
-            header::HeaderValue::from_str(&format!("{}/fhir/Encounter/{}", state.base_url, e.id))
-    {
-        resp.headers_mut().insert(header::LOCATION, v);
-    }
-    resp
+    crate::routes::versioned_response(
+        &state.base_url,
+        status,
+        ("Encounter", &e.id, e.version),
+        encounter_view(e),
+    )
 }
 
 /// Store a mapped encounter and record the audit event (`create` or `update`) before answering.

@@ -112,6 +112,13 @@ pub const IMPLEMENTED: &[ResourceCapability] = &[
         operations: &[],
     },
     ResourceCapability {
+        resource: "Practitioner",
+        interactions: &["read", "search-type", "create", "update"],
+        search_params: &[("identifier", "token")],
+        documentation: "The staff roster of each member institution: identifier https://yiqiao.health/fhir/sid/practitioner/<institution id>|<staff number> (the value members send in X-Yiqiao-User), name, home address. create is idempotent on the identifier; update is the conditional update PUT /fhir/Practitioner?identifier=system|value (creates when absent). Read and searched only by the registering institution; used by the audit anomaly rule same-surname-address (docs/audit.md, docs/hospital-contract.md).",
+        operations: &[],
+    },
+    ResourceCapability {
         resource: "Subscription",
         interactions: &["read", "search-type", "create", "delete"],
         search_params: &[],

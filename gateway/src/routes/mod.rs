@@ -11,6 +11,7 @@ pub mod institutions;
 pub mod metadata;
 pub mod ops;
 pub mod patients;
+pub mod practitioners;
 pub mod subscriptions;
 
 use std::collections::HashMap;
@@ -58,6 +59,29 @@ pub fn paging(
             })?,
         };
     Ok((count, offset))
+}
+
+/// A stored FHIR resource as an answer: `ETag: W/"<version>"` and, for 201 Created,
+/// `Location: <base>/fhir/<type>/<id>`.
+pub(crate) fn versioned_response(
+    base_url: &str,
+    status: actix_web::http::StatusCode,
+    (resource_type, id, version): (&str, &str, i64),
+    body: serde_json::Value,
+) -> actix_web::HttpResponse {
+    use actix_web::http::header::{ETAG, HeaderValue, LOCATION};
+    let mut resp = actix_web::HttpResponse::build(status)
+        .content_type(crate::fhir::FHIR_JSON)
+        .json(body);
+    if let Ok(v) = HeaderValue::from_str(&format!("W/\"{version}\"")) {
+        resp.headers_mut().insert(ETAG, v);
+    }
+    if status == actix_web::http::StatusCode::CREATED
+        && let Ok(v) = HeaderValue::from_str(&format!("{base_url}/fhir/{resource_type}/{id}"))
+    {
+        resp.headers_mut().insert(LOCATION, v);
+    }
+    resp
 }
 
 /// One resource read through the consent policy: released (masked) or refused with

@@ -54,11 +54,6 @@ struct MappedPatient {
     given: String,
 }
 
-fn has_han(s: &str) -> bool {
-    s.chars()
-        .any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c) || ('\u{3400}'..='\u{4dbf}').contains(&c))
-}
-
 /// Map a FHIR Patient to a source record. `institution` namespaces record numbers.
 fn map_patient(
     patient: &Value,
@@ -72,41 +67,11 @@ fn map_patient(
             "resourceType must be Patient",
         ));
     }
-    // Name: the official one, else the first.
-    let names = patient
-        .get("name")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let name = names
-        .iter()
-        .find(|n| n.get("use").and_then(Value::as_str) == Some("official"))
-        .or_else(|| names.first());
-    let (mut family, mut given, mut full) = (String::new(), String::new(), String::new());
-    if let Some(n) = name {
-        family = n
-            .get("family")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .trim()
-            .to_string();
-        let givens: Vec<&str> = n
-            .get("given")
-            .and_then(Value::as_array)
-            .map(|g| g.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        given = givens.join(" ").trim().to_string();
-        full = match n.get("text").and_then(Value::as_str) {
-            Some(t) if !t.trim().is_empty() => t.trim().to_string(),
-            _ if has_han(&family) || has_han(&given) => format!("{family}{}", givens.join("")),
-            _ => format!("{given} {family}").trim().to_string(),
-        };
-        if family.is_empty() && given.is_empty() && has_han(&full) {
-            let (f, g) = yiqiao_registry::empi::normalize::split_han_name(&full);
-            family = f;
-            given = g;
-        }
-    }
+    let fhir::NameParts {
+        family,
+        given,
+        full,
+    } = fhir::human_name(patient);
     if full.is_empty() {
         return Err(invalid(
             "Patient.name",
@@ -196,24 +161,7 @@ fn map_patient(
         .get("address")
         .and_then(Value::as_array)
         .and_then(|a| a.first())
-        .and_then(|a| match a.get("text").and_then(Value::as_str) {
-            Some(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
-            _ => {
-                let mut parts: Vec<String> = ["state", "city", "district"]
-                    .iter()
-                    .filter_map(|k| a.get(*k).and_then(Value::as_str).map(String::from))
-                    .collect();
-                parts.extend(
-                    a.get("line")
-                        .and_then(Value::as_array)
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|l| l.as_str().map(String::from)),
-                );
-                let joined = parts.concat();
-                (!joined.is_empty()).then_some(joined)
-            }
-        });
+        .and_then(fhir::address_line);
     Ok(MappedPatient {
         record: SourceRecord {
             record_id: RecordId(0),

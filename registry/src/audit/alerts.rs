@@ -6,6 +6,12 @@
 //! A crash before commit leaves cursor and alerts untouched, so the batch is evaluated again;
 //! alerts carry a unique `dedupe_key` (rule + subject + window), so a window that spans batches
 //! raises one alert, not one per batch.
+//!
+//! `same-surname-address` compares the acting user (the `agent_user` a member institution
+//! states with `X-Yiqiao-User`) through the staff roster ([`crate::practitioners`]) with every
+//! source record linked to the accessed enterprise person now: surname and address keys equal
+//! (normalised, see the practitioners module). The lookups are batched: one roster query and
+//! one EMPI query per chunk of 500 agents or persons per scan batch, not one per event.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -16,8 +22,12 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::query::{self, StoredEvent};
+use crate::empi::normalize::{NameScript, normalise_name};
+use crate::empi::record::SourceRecord;
+use crate::practitioners::{self, comparable, surname_key};
 use crate::store::schema::{
-    audit_alert_cursor, audit_alerts, audit_events, audit_flagged_patients,
+    audit_alert_cursor, audit_alerts, audit_events, audit_flagged_patients, empi_links,
+    empi_source_records,
 };
 use crate::store::{DbConn, StoreError, now_utc};
 
@@ -42,6 +52,9 @@ pub struct Rules {
     /// At least this many refused requests by one agent (or unauthenticated) within the window.
     pub denials_threshold: u64,
     pub denials_window_secs: i64,
+    /// Raise `same-surname-address` when a user on the institution's staff roster accesses a
+    /// patient sharing their surname and address.
+    pub same_surname_address: bool,
     /// New alerts wait for webhook delivery.
     pub webhook: bool,
 }
@@ -51,7 +64,7 @@ pub struct Rules {
 pub struct Alert {
     pub id: String,
     /// many-patients | off-hours | break-the-glass | break-the-glass-frequent |
-    /// flagged-patient | denials
+    /// flagged-patient | denials | same-surname-address
     pub rule: String,
     #[serde(skip)]
     pub dedupe_key: String,
@@ -199,6 +212,131 @@ fn count_in_window(
     }
 }
 
+/// The `agent_user` of the admin credential acting on behalf of an institution (not a person
+/// on any roster).
+const ADMIN_ON_BEHALF_USER: &str = "admin-token";
+
+fn to_diesel(e: StoreError) -> diesel::result::Error {
+    match e {
+        StoreError::Query(q) => q,
+        other => diesel::result::Error::QueryBuilderError(Box::new(other)),
+    }
+}
+
+/// (source record id, surname key, address key) of one EMPI source record.
+type RecordKeys = (String, String, Option<String>);
+
+/// The [`RecordKeys`] of every record linked to these enterprise persons now, by person. A
+/// record's surname is its `family` column (the EMPI's normalised HumanName.family), else the
+/// surname of a Han full name.
+fn person_keys(
+    conn: &mut DbConn,
+    persons: &[String],
+) -> Result<BTreeMap<String, Vec<RecordKeys>>, diesel::result::Error> {
+    let mut out: BTreeMap<String, Vec<RecordKeys>> = BTreeMap::new();
+    for chunk in persons.chunks(500) {
+        let rows: Vec<(String, String, String, String)> = empi_links::table
+            .inner_join(
+                empi_source_records::table.on(empi_source_records::id.eq(empi_links::record_id)),
+            )
+            .filter(empi_links::person_id.eq_any(chunk))
+            .select((
+                empi_links::person_id,
+                empi_source_records::id,
+                empi_source_records::family,
+                empi_source_records::record_json,
+            ))
+            .load(conn)?;
+        for (person, record_id, family, json) in rows {
+            let record: SourceRecord = match serde_json::from_str(&json) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(record = %record_id, cause = %e, "unreadable EMPI record skipped by the same-surname-address rule");
+                    continue;
+                }
+            };
+            let mut surname = surname_key(&family);
+            if surname.is_empty() {
+                let name = normalise_name(&record.name);
+                if name.script == NameScript::Han {
+                    surname = comparable(&name.surname);
+                }
+            }
+            let address = record
+                .address
+                .as_deref()
+                .map(comparable)
+                .filter(|a| !a.is_empty());
+            out.entry(person)
+                .or_default()
+                .push((record_id, surname, address));
+        }
+    }
+    Ok(out)
+}
+
+/// The `same-surname-address` rule over one scan batch's accesses by named users.
+fn same_surname_address(
+    tx: &mut DbConn,
+    c: &mut Candidates<'_>,
+    accesses: &[&StoredEvent],
+    offset: Duration,
+) -> Result<(), diesel::result::Error> {
+    let agents: Vec<(String, String)> = accesses
+        .iter()
+        .filter_map(|e| Some((e.agent_institution.clone()?, e.agent_user.clone()?)))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let roster = practitioners::keys_of(tx, &agents).map_err(to_diesel)?;
+    // Only entries with both keys can match.
+    let roster: BTreeMap<_, _> = roster
+        .into_iter()
+        .filter_map(|(k, (s, a))| Some((k, (s, a?))))
+        .filter(|(_, (s, _))| !s.is_empty())
+        .collect();
+    if roster.is_empty() {
+        return Ok(());
+    }
+    let lookup = |e: &StoredEvent| {
+        let key = (e.agent_institution.clone()?, e.agent_user.clone()?);
+        roster.get(&key)
+    };
+    let persons: Vec<String> = accesses
+        .iter()
+        .filter(|e| lookup(e).is_some())
+        .filter_map(|e| e.patient_id.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let records = person_keys(tx, &persons)?;
+    for e in accesses {
+        let (Some((surname, address)), Some(patient)) = (lookup(e), &e.patient_id) else {
+            continue;
+        };
+        let Some(matched) = records.get(patient).and_then(|rs| {
+            rs.iter()
+                .find(|(_, s, a)| s == surname && a.as_ref() == Some(address))
+        }) else {
+            continue;
+        };
+        let agent = agent_of(e);
+        let day = (e.recorded_at + offset).format("%Y-%m-%d");
+        c.add(
+            "same-surname-address",
+            format!("same-surname-address:{agent}:{patient}:{day}"),
+            e,
+            Some(patient.clone()),
+            json!({
+                "message": format!("{agent} accessed the records of patient {patient}, who shares the user's surname and address (staff roster entry and EMPI record Patient/{}): a relative, a neighbour or the user themself", matched.0),
+                "patient_record": format!("Patient/{}", matched.0),
+                "local_date": day.to_string(),
+            }),
+        );
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Copy)]
 enum WindowCount {
     DistinctPatients,
@@ -241,10 +379,7 @@ fn lock_cursor(tx: &mut DbConn) -> Result<i64, diesel::result::Error> {
 pub fn scan(conn: &mut DbConn, rules: &Rules, batch: i64) -> Result<ScanOutcome, StoreError> {
     crate::store::write_tx::<_, diesel::result::Error>(conn, |tx| {
         let cursor = lock_cursor(tx)?;
-        let events = query::after_seq(tx, cursor, batch).map_err(|e| match e {
-            StoreError::Query(q) => q,
-            other => diesel::result::Error::QueryBuilderError(Box::new(other)),
-        })?;
+        let events = query::after_seq(tx, cursor, batch).map_err(to_diesel)?;
         let Some(last) = events.last().map(|e| e.seq) else {
             return Ok(ScanOutcome {
                 cursor,
@@ -266,6 +401,8 @@ pub fn scan(conn: &mut DbConn, rules: &Rules, batch: i64) -> Result<ScanOutcome,
         let mut last_access: BTreeMap<String, &StoredEvent> = BTreeMap::new();
         let mut last_btg: BTreeMap<String, &StoredEvent> = BTreeMap::new();
         let mut last_denial: BTreeMap<String, &StoredEvent> = BTreeMap::new();
+        // Accesses by a named user of an institution (same-surname-address).
+        let mut by_user: Vec<&StoredEvent> = Vec::new();
         for e in &events {
             let agent = agent_of(e);
             let local = e.recorded_at + offset;
@@ -279,6 +416,13 @@ pub fn scan(conn: &mut DbConn, rules: &Rules, batch: i64) -> Result<ScanOutcome,
                 continue;
             };
             last_access.insert(agent.clone(), e);
+            if rules.same_surname_address
+                && e.agent_user
+                    .as_deref()
+                    .is_some_and(|u| u != ADMIN_ON_BEHALF_USER)
+            {
+                by_user.push(e);
+            }
             if in_off_hours(rules, local.hour()) {
                 c.add(
                     "off-hours",
@@ -307,6 +451,9 @@ pub fn scan(conn: &mut DbConn, rules: &Rules, batch: i64) -> Result<ScanOutcome,
                 );
                 last_btg.insert(agent.clone(), e);
             }
+        }
+        if !by_user.is_empty() {
+            same_surname_address(tx, &mut c, &by_user, offset)?;
         }
         let bucket = |e: &StoredEvent, w: i64| e.recorded_at.and_utc().timestamp() / w.max(1);
         if rules.many_patients_threshold > 0 {
@@ -570,7 +717,9 @@ pub fn unflag(conn: &mut DbConn, patient: &str) -> Result<bool, diesel::result::
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use crate::audit::{AppendOptions, AuditEvent, AuditSigner, PreparedEvent, append_batch};
 
     fn rules(start: u32, end: u32) -> Rules {
         Rules {
@@ -583,9 +732,149 @@ mod tests {
             break_glass_window_secs: 60,
             denials_threshold: 0,
             denials_window_secs: 60,
+            same_surname_address: false,
             webhook: false,
         }
     }
+
+    /// Register a patient of hosp-001; returns the enterprise person id.
+    fn patient(conn: &mut DbConn, mrn: &str, name: &str, born: u32, address: &str) -> String {
+        use crate::empi::record::RecordId;
+        use crate::empi::store::{self as empi, Registration};
+        let (family, given) = crate::empi::normalize::split_han_name(name);
+        let reg = Registration {
+            institution_id: "hosp-001".into(),
+            id_system: "urn:oid:2.16.156.10011.1.99.1".into(),
+            id_value: mrn.into(),
+            record: SourceRecord {
+                record_id: RecordId(0),
+                institution: "hosp-001".into(),
+                name: name.into(),
+                sex: None,
+                birth_date: chrono::NaiveDate::from_ymd_opt(
+                    1940 + born as i32,
+                    born % 12 + 1,
+                    born % 28 + 1,
+                ),
+                identifiers: vec![],
+                address: Some(address.into()),
+            },
+            family,
+            given,
+            resource: json!({ "resourceType": "Patient", "id": mrn }),
+        };
+        let done = empi::register(conn, &reg, "test").unwrap();
+        done.record.link.unwrap().person_id
+    }
+
+    fn access(inst: &str, user: Option<&str>, person: &str, outcome: &str) -> PreparedEvent {
+        let mut e = AuditEvent::rest("read", "R", "test");
+        e.agent_institution = Some(inst.into());
+        e.agent_user = user.map(String::from);
+        e.patient_id = Some(person.into());
+        e.purpose_of_use = Some("TREAT".into());
+        e.outcome = outcome.into();
+        PreparedEvent::new(e)
+    }
+
+    /// One alert per agent, patient and day when a rostered user reads a patient with the same
+    /// surname and address (any linked record); none for another address or surname, users
+    /// not on the roster, other institutions, refusals, or with the rule off.
+    fn same_surname_address_rule(backend: crate::Backend) {
+        use crate::practitioners::tests::{institution, staff};
+        use crate::practitioners::{Allowed, upsert};
+        let db = crate::store::testdb::TestStore::new(backend);
+        let mut conn = db.store.conn().unwrap();
+        institution(&mut conn, 1);
+        institution(&mut conn, 2);
+        let all = Allowed {
+            create: true,
+            change: true,
+        };
+        upsert(
+            &mut conn,
+            &staff(
+                1,
+                "D001",
+                "王",
+                Some("福建省福州市鼓楼区 五四路８８号－３０１室"),
+            ),
+            all,
+        )
+        .unwrap();
+        upsert(&mut conn, &staff(1, "D002", "王", None), all).unwrap();
+        let same = patient(
+            &mut conn,
+            "MR-1",
+            "王芳",
+            15,
+            "福建省福州市鼓楼区五四路88号301室",
+        );
+        let moved = patient(
+            &mut conn,
+            "MR-2",
+            "王强",
+            33,
+            "福建省福州市鼓楼区五四路88号302室",
+        );
+        let other = patient(
+            &mut conn,
+            "MR-3",
+            "李娜",
+            47,
+            "福建省福州市鼓楼区五四路88号301室",
+        );
+        let signer = AuditSigner::new(&yiqiao_sm::Sm2PrivateKey::generate().unwrap()).unwrap();
+        let opts = AppendOptions {
+            checkpoint_every: 1000,
+            force_checkpoint: false,
+        };
+        let batch = vec![
+            access("hosp-001", Some("D001"), &same, "0"),
+            access("hosp-001", Some("D001"), &same, "0"),
+            access("hosp-001", Some("D001"), &moved, "0"),
+            access("hosp-001", Some("D001"), &other, "0"),
+            access("hosp-001", Some("D002"), &same, "0"),
+            access("hosp-001", Some("D404"), &same, "0"),
+            access("hosp-002", Some("D001"), &same, "0"),
+            access("hosp-001", None, &same, "0"),
+            access("hosp-001", Some("admin-token"), &same, "0"),
+            access("hosp-001", Some("D001"), &same, "4"),
+        ];
+        append_batch(&mut conn, &batch, &signer, opts).unwrap();
+        let mut off = rules(0, 0);
+        let done = scan(&mut conn, &off, 100).unwrap();
+        assert!(done.raised.is_empty(), "the rule is off");
+        // Again with the rule on, over the same records (cursor moved back).
+        diesel::update(audit_alert_cursor::table.find(1))
+            .set(audit_alert_cursor::last_seq.eq(done.cursor - batch.len() as i64))
+            .execute(&mut conn)
+            .unwrap();
+        off.same_surname_address = true;
+        let done = scan(&mut conn, &off, 100).unwrap();
+        assert_eq!(done.raised.len(), 1);
+        let got = list(&mut conn, None, Some("same-surname-address"), 10, 0).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].agent.as_deref(), Some("hosp-001/D001"));
+        assert_eq!(got[0].patient_id.as_deref(), Some(same.as_str()));
+        assert!(
+            got[0]
+                .detail
+                .contains("shares the user's surname and address")
+        );
+        // Another batch the same day: the same agent and patient raise nothing new.
+        append_batch(
+            &mut conn,
+            &[access("hosp-001", Some("D001"), &same, "0")],
+            &signer,
+            opts,
+        )
+        .unwrap();
+        assert!(scan(&mut conn, &off, 100).unwrap().raised.is_empty());
+        assert_eq!(list(&mut conn, None, None, 10, 0).unwrap().len(), 1);
+    }
+
+    crate::store::testdb::on_both_backends!(same_surname_address_rule);
 
     #[test]
     fn off_hours_wrap_midnight() {

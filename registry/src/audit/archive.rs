@@ -1303,12 +1303,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    macro_rules! on_both_backends {
-        ($($name:ident),* $(,)?) => {
-            mod sqlite { $( #[test] fn $name() { super::$name(crate::Backend::Sqlite) } )* }
-            mod postgres { $( #[test] fn $name() { super::$name(crate::Backend::Postgres) } )* }
-        };
-    }
+    use crate::store::testdb::on_both_backends;
 
     on_both_backends!(
         archives_old_months_and_verifies_across_them,

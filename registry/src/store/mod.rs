@@ -340,6 +340,16 @@ pub fn transaction<T, E: From<StoreError>>(
     })
 }
 
+/// What an idempotent registration (upsert on an external identifier) did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpsertOutcome {
+    Created,
+    /// A new version of a registered entry.
+    Updated,
+    /// The same content was registered before: nothing stored.
+    Unchanged,
+}
+
 /// Run `work` in one writing transaction, like diesel's `Connection::transaction`, except that
 /// an outermost transaction on SQLite begins with `BEGIN IMMEDIATE`: it takes the write lock
 /// first (waiting under the busy timeout), so a read followed by a write inside it can never

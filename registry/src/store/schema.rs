@@ -420,9 +420,26 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    practitioners (id) {
+        id -> Text,
+        institution_id -> Text,
+        identifier_value -> Text,
+        family -> Text,
+        given -> Text,
+        surname_key -> Text,
+        address_key -> Nullable<Text>,
+        resource -> Text,
+        version -> BigInt,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
 diesel::joinable!(doc_contents -> doc_references (document_id));
 diesel::allow_tables_to_appear_in_same_query!(doc_references, doc_contents);
 diesel::allow_tables_to_appear_in_same_query!(encounters, empi_links);
+diesel::allow_tables_to_appear_in_same_query!(empi_links, empi_source_records);
 
 diesel::table! {
     audit_archives (first_seq) {

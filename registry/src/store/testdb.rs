@@ -80,3 +80,13 @@ impl Drop for TestStore {
         }
     }
 }
+
+/// Run each listed `fn name(backend: Backend)` of a test module as two tests, `sqlite::name`
+/// and `postgres::name`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite { $( #[test] fn $name() { super::$name(crate::Backend::Sqlite) } )* }
+        mod postgres { $( #[test] fn $name() { super::$name(crate::Backend::Postgres) } )* }
+    };
+}
+pub(crate) use on_both_backends;
