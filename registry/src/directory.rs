@@ -602,6 +602,28 @@ pub fn get(conn: &mut DbConn, id: &str) -> Result<Institution, DirectoryError> {
         .map_err(DirectoryError::from)
 }
 
+/// Several institutions in one query, in the order of `ids`; `NotFound` names the first id
+/// that is not in the directory. (A federated query needs every holder's entry at once.)
+pub fn get_many(conn: &mut DbConn, ids: &[String]) -> Result<Vec<Institution>, DirectoryError> {
+    let rows: Vec<InstitutionRow> = institutions::table
+        .filter(institutions::id.eq_any(ids))
+        .select(InstitutionRow::as_select())
+        .load(conn)?;
+    let mut by_id = std::collections::HashMap::with_capacity(rows.len());
+    for row in rows {
+        let inst = row.into_institution().map_err(DirectoryError::from)?;
+        by_id.insert(inst.id.as_str().to_string(), inst);
+    }
+    ids.iter()
+        .map(|id| {
+            by_id
+                .get(id)
+                .cloned()
+                .ok_or_else(|| DirectoryError::NotFound(id.clone()))
+        })
+        .collect()
+}
+
 /// The institution whose patient-identifier namespace is `system`.
 pub fn find_by_patient_system(
     conn: &mut DbConn,
@@ -927,4 +949,33 @@ mod tests {
             assert_eq!(err.field, field, "{err}");
         }
     }
+
+    /// `get_many` answers in the order asked, with one query, and names a missing id.
+    fn get_many_keeps_the_order_and_names_the_missing(backend: crate::Backend) {
+        let db = crate::store::testdb::TestStore::new(backend);
+        let mut conn = db.store.conn().unwrap();
+        for n in 1..=3 {
+            let mut s = spec();
+            s.id = format!("hosp-00{n}");
+            let body = format!("91350100M00010{n}Y4");
+            s.uscc = format!("{body}{}", super::uscc_check_character(&body).unwrap());
+            s.patient_id_system = format!("urn:oid:2.16.156.10011.1.99.{n}");
+            create(&mut conn, &validate(&s).unwrap()).unwrap();
+        }
+        let ids: Vec<String> = ["hosp-003", "hosp-001", "hosp-002"]
+            .map(String::from)
+            .to_vec();
+        let got = get_many(&mut conn, &ids).unwrap();
+        let got_ids: Vec<&str> = got.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(got_ids, ["hosp-003", "hosp-001", "hosp-002"]);
+        assert_eq!(got[1], get(&mut conn, "hosp-001").unwrap());
+        let missing = get_many(&mut conn, &["hosp-002".into(), "hosp-404".into()]);
+        assert!(
+            matches!(&missing, Err(DirectoryError::NotFound(id)) if id == "hosp-404"),
+            "{missing:?}"
+        );
+        assert!(get_many(&mut conn, &[]).unwrap().is_empty());
+    }
+
+    crate::store::testdb::on_both_backends!(get_many_keeps_the_order_and_names_the_missing);
 }

@@ -195,15 +195,16 @@ pub async fn search(
                     .or_default()
                     .push((r.id_system, r.id_value));
             }
-            let mut sites = Vec::new();
-            for (inst, identifiers) in by_inst {
-                let institution = directory::get(conn, &inst).map_err(ApiError::from)?;
-                sites.push(Site {
+            let ids: Vec<String> = by_inst.keys().cloned().collect();
+            let institutions = directory::get_many(conn, &ids).map_err(ApiError::from)?;
+            Ok(institutions
+                .into_iter()
+                .zip(by_inst.into_values())
+                .map(|(institution, identifiers)| Site {
                     institution,
                     identifiers,
-                });
-            }
-            Ok(sites)
+                })
+                .collect())
         })
         .await?;
     if sites.is_empty() {
@@ -214,7 +215,7 @@ pub async fn search(
 
     let resolve_ms = ms_since(resolve_started);
     let fan_out_started = std::time::Instant::now();
-    let results = fed.fan_out(&resource_type, sites, &params, deadlines).await;
+    let mut results = fed.fan_out(&resource_type, sites, &params, deadlines).await;
     let fan_out_ms = ms_since(fan_out_started);
     let slowest_ms = results
         .iter()
@@ -229,15 +230,23 @@ pub async fn search(
     let mut withheld: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut problems: Vec<(&SiteResult, &super::Problem)> = Vec::new();
     let mut answered = 0usize;
-    for site in &results {
+    // The answers are moved out (not copied) into the merge; `results` keeps the rest.
+    let found_by_site: Vec<Vec<Value>> = results
+        .iter_mut()
+        .map(|site| match &mut site.result {
+            Ok(found) => std::mem::take(found),
+            Err(_) => Vec::new(),
+        })
+        .collect();
+    for (site, found) in results.iter().zip(found_by_site) {
         let custodian = site.institution.id.as_str();
         match &site.result {
             Err(p) => problems.push((site, p)),
-            Ok(found) => {
+            Ok(_) => {
                 answered += 1;
                 let base = site.institution.endpoint_url.clone().unwrap_or_default();
                 for r in found {
-                    match policy.release(&caller, &person, custodian, r.clone()) {
+                    match policy.release(&caller, &person, custodian, r) {
                         Release::Keep(mut r) => {
                             if !r["meta"].is_object() {
                                 r["meta"] = json!({});
@@ -268,11 +277,11 @@ pub async fn search(
     // it releases; its decisions and reasons go into the audit record below.
     let ask = state.policy.ask(&caller, &req);
     let candidates = items
-        .iter()
+        .iter_mut()
         .map(|i| crate::policy::Candidate {
             custodian: i.custodian.clone(),
             patient: Some(person.clone()),
-            resource: i.resource.clone(),
+            resource: std::mem::take(&mut i.resource),
         })
         .collect();
     let released = state.policy.release(&caller, &ask, candidates).await?;
