@@ -70,6 +70,7 @@ use yiqiao_registry::audit::AuditEvent;
 use yiqiao_registry::consent::{self as store, StoredAgreement, StoredConsent};
 use yiqiao_registry::directory;
 use yiqiao_registry::encounters;
+use yiqiao_registry::store::DbConn;
 
 use crate::auth::Caller;
 use crate::config::Settings;
@@ -109,6 +110,27 @@ pub struct Withheld {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub consent: Option<String>,
     pub reason: String,
+}
+
+/// Consent caches brought up to date during one request ([`Policy::sync_on`]): the change
+/// counter read and the agreements in force then; hand it to [`Policy::release_with`].
+pub struct Synced {
+    seq: i64,
+    agreements: Arc<AgreementStore>,
+}
+
+/// What [`Policy::sync`] does next.
+enum SyncPlan {
+    /// The cache is current (Redis marker unchanged): its counter and agreements.
+    Fresh(i64, Arc<AgreementStore>),
+    Read(SyncRead),
+}
+
+/// A database read the cache needs: changes after `since`, agreements unless `cached`.
+struct SyncRead {
+    since: i64,
+    cached: Option<Arc<AgreementStore>>,
+    marker: Option<i64>,
 }
 
 /// The result of [`Policy::release`].
@@ -190,37 +212,88 @@ impl Released {
     }
 }
 
-/// Group per-candidate audit reasons by everything but the resource: one entry per distinct
-/// decision (effect, rule, reason text, consent, agreement, obligations, notes, custodian,
-/// patient), in order of first appearance, with `count` (candidates it decided) and
-/// `resources` (their references, in candidate order). A page of 50 documents of one patient
-/// at one hospital is one entry naming 50 resources instead of 50 copies of the same rule and
-/// text, which is what made the audit record a visible share of a search's latency
-/// (BENCHMARKS.md, "Consent enforcement"). Nothing an auditor reads is lost: every candidate
-/// is in exactly one entry with its own decision.
+/// Group per-candidate audit reasons into one entry per distinct decision, in order of first
+/// appearance, so a page of 50 results is not 50 copies of the same rule and text (the audit
+/// record's size was a visible share of a search's latency; BENCHMARKS.md, "Consent engine").
+///
+/// Candidates fall into one group when everything but their resource, patient and consent is
+/// equal (effect, rule, custodian, agreement, obligations, notes), the reason text compared
+/// with the consent's id in it replaced by `{consent}`. Each group carries `count`, and:
+/// - when all its candidates share one patient and one consent: those at the group level, the
+///   reason text as the engine wrote it, and `resources` (their references, in candidate order);
+/// - otherwise `items`, one `{resource, patient, consent}` per candidate (absent fields left
+///   out), and the reason text with `{consent}` standing for each item's consent.
+///
+/// Nothing an auditor reads is lost: every candidate is in exactly one group with its own
+/// decision, patient, consent and resource, and each reason text can be restored exactly.
 pub fn group_reasons(entries: &[Value]) -> Value {
-    let mut groups: Vec<Value> = Vec::new();
+    type Item = (Option<Value>, Option<Value>, Option<Value>);
+    let mut groups: Vec<(serde_json::Map<String, Value>, Vec<Item>)> = Vec::new();
     let mut by_key: HashMap<String, usize> = HashMap::new();
     for entry in entries {
-        let mut decision = entry.clone();
-        let resource = decision.as_object_mut().and_then(|o| o.remove("resource"));
-        let key = decision.to_string();
-        let at = match by_key.get(&key) {
-            Some(&at) => at,
-            None => {
-                decision["count"] = json!(0);
-                decision["resources"] = json!([]);
-                groups.push(decision);
-                by_key.insert(key, groups.len() - 1);
-                groups.len() - 1
+        let mut decision = match entry {
+            Value::Object(o) => o.clone(),
+            other => {
+                // Not a decision object: kept as it is, in a group of its own.
+                let mut o = serde_json::Map::new();
+                o.insert("entry".into(), other.clone());
+                o
             }
         };
-        let group = &mut groups[at];
-        group["count"] = json!(group["count"].as_u64().unwrap_or(0) + 1);
-        if let (Some(r), Some(list)) = (resource, group["resources"].as_array_mut()) {
-            list.push(r);
+        let resource = decision.remove("resource");
+        let patient = decision.remove("patient");
+        let consent = decision.remove("consent");
+        if let (Some(Value::String(id)), Some(Value::String(text))) =
+            (&consent, decision.get_mut("reason"))
+            && !id.is_empty()
+        {
+            *text = text.replace(id.as_str(), "{consent}");
         }
+        let key = Value::Object(decision.clone()).to_string();
+        let at = *by_key.entry(key).or_insert_with(|| {
+            groups.push((decision, Vec::new()));
+            groups.len() - 1
+        });
+        groups[at].1.push((resource, patient, consent));
     }
+    let groups = groups
+        .into_iter()
+        .map(|(mut out, items)| {
+            out.insert("count".into(), json!(items.len()));
+            let (_, patient, consent) = items[0].clone();
+            let uniform = items.iter().all(|(_, p, c)| *p == patient && *c == consent);
+            if uniform {
+                if let Some(p) = patient {
+                    out.insert("patient".into(), p);
+                }
+                if let Some(Value::String(id)) = &consent
+                    && let Some(Value::String(text)) = out.get_mut("reason")
+                {
+                    *text = text.replace("{consent}", id);
+                }
+                if let Some(c) = consent {
+                    out.insert("consent".into(), c);
+                }
+                let resources: Vec<Value> = items.into_iter().filter_map(|(r, _, _)| r).collect();
+                out.insert("resources".into(), Value::Array(resources));
+            } else {
+                let items: Vec<Value> = items
+                    .into_iter()
+                    .map(|(r, p, c)| {
+                        let mut item = serde_json::Map::new();
+                        for (k, v) in [("resource", r), ("patient", p), ("consent", c)] {
+                            if let Some(v) = v {
+                                item.insert(k.into(), v);
+                            }
+                        }
+                        Value::Object(item)
+                    })
+                    .collect();
+                out.insert("items".into(), Value::Array(items));
+            }
+            Value::Object(out)
+        })
+        .collect();
     Value::Array(groups)
 }
 
@@ -618,32 +691,76 @@ impl Policy {
     /// Bring the cache up to date with the database; returns the counter it reflects.
     async fn sync(&self) -> Result<(i64, Arc<AgreementStore>), ApiError> {
         let marker = self.redis_marker().await;
-        let (since, cached) = {
-            let c = self.lock()?;
-            if let (Some(m), Some(seen), Some(at), Some(agreements)) =
-                (marker, c.marker, c.synced_at, &c.agreements)
-                && m == seen
-                && at.elapsed() < self.max_age
-            {
-                return Ok((c.seq, agreements.clone()));
-            }
-            (c.seq, c.agreements.clone())
+        let plan = match self.sync_plan(marker)? {
+            SyncPlan::Fresh(seq, agreements) => return Ok((seq, agreements)),
+            SyncPlan::Read(plan) => plan,
         };
-        // One round trip: the counter, what changed, and the agreements only when they did.
-        let have_agreements = cached.is_some();
-        let (changes, agreements) = self
-            .blocking(move |conn| {
-                let changes = store::changes_since(conn, since.max(0))?;
-                let reload = since < 0 || changes.agreements || !have_agreements;
-                let agreements = if reload {
-                    Some(store::list_agreements(conn)?)
-                } else {
-                    None
-                };
-                Ok((changes, agreements))
-            })
+        let (since, have) = (plan.since, plan.cached.is_some());
+        let read = self
+            .blocking(move |conn| Self::sync_read(conn, since, have))
             .await?;
-        let table = match (agreements, cached) {
+        self.sync_apply(plan, read)
+    }
+
+    /// [`Policy::sync`] on a database connection the caller already holds (inside its own
+    /// blocking call, e.g. next to its data query), so the per-request read costs no extra
+    /// trip to the blocking pool. Without Redis only: with Redis the marker decides whether to
+    /// read at all, and `None` leaves that to [`Policy::release`]. `None` too when enforcement
+    /// is off (nothing to read).
+    pub fn sync_on(&self, conn: &mut DbConn) -> Result<Option<Synced>, ApiError> {
+        if !self.enforce || self.redis.is_some() {
+            return Ok(None);
+        }
+        let plan = match self.sync_plan(None)? {
+            SyncPlan::Fresh(seq, agreements) => return Ok(Some(Synced { seq, agreements })),
+            SyncPlan::Read(plan) => plan,
+        };
+        let read = Self::sync_read(conn, plan.since, plan.cached.is_some())?;
+        let (seq, agreements) = self.sync_apply(plan, read)?;
+        Ok(Some(Synced { seq, agreements }))
+    }
+
+    /// Whether the cache is known fresh (the Redis marker has not moved within `max_age`), or
+    /// what must be read.
+    fn sync_plan(&self, marker: Option<i64>) -> Result<SyncPlan, ApiError> {
+        let c = self.lock()?;
+        if let (Some(m), Some(seen), Some(at), Some(agreements)) =
+            (marker, c.marker, c.synced_at, &c.agreements)
+            && m == seen
+            && at.elapsed() < self.max_age
+        {
+            return Ok(SyncPlan::Fresh(c.seq, agreements.clone()));
+        }
+        Ok(SyncPlan::Read(SyncRead {
+            since: c.seq,
+            cached: c.agreements.clone(),
+            marker,
+        }))
+    }
+
+    /// One round trip: the counter, what changed, and the agreements only when they did.
+    fn sync_read(
+        conn: &mut DbConn,
+        since: i64,
+        have_agreements: bool,
+    ) -> Result<(store::Changes, Option<Vec<StoredAgreement>>), yiqiao_registry::StoreError> {
+        let changes = store::changes_since(conn, since.max(0))?;
+        let reload = since < 0 || changes.agreements || !have_agreements;
+        let agreements = if reload {
+            Some(store::list_agreements(conn)?)
+        } else {
+            None
+        };
+        Ok((changes, agreements))
+    }
+
+    /// Drop what changed from the cache; returns the counter and agreements it now reflects.
+    fn sync_apply(
+        &self,
+        plan: SyncRead,
+        (changes, agreements): (store::Changes, Option<Vec<StoredAgreement>>),
+    ) -> Result<(i64, Arc<AgreementStore>), ApiError> {
+        let table = match (agreements, plan.cached) {
             (Some(rows), _) => {
                 let mut table = AgreementStore::new();
                 for row in &rows {
@@ -655,7 +772,7 @@ impl Policy {
             (None, None) => Arc::new(AgreementStore::new()),
         };
         let mut c = self.lock()?;
-        if since < 0 {
+        if plan.since < 0 {
             c.patients.clear();
         }
         if changes.seq >= c.seq {
@@ -664,7 +781,7 @@ impl Policy {
             }
             c.seq = changes.seq;
             c.agreements = Some(table.clone());
-            c.marker = marker;
+            c.marker = plan.marker;
             c.synced_at = Some(Instant::now());
         }
         Ok((changes.seq, table))
@@ -830,12 +947,35 @@ impl Policy {
             .await
     }
 
+    /// [`Policy::release`] with the caches synchronised by [`Policy::sync_on`] earlier in
+    /// this request (`None`: synchronise now).
+    pub async fn release_with(
+        &self,
+        caller: &Caller,
+        ask: &Ask,
+        candidates: Vec<Candidate>,
+        synced: Option<Synced>,
+    ) -> Result<Released, ApiError> {
+        self.release_synced(&Self::requester(caller), ask, candidates, synced)
+            .await
+    }
+
     /// [`Policy::release`] for a requester that is not the caller (a subscriber).
     pub async fn release_for(
         &self,
         requester: &Requester,
         ask: &Ask,
         candidates: Vec<Candidate>,
+    ) -> Result<Released, ApiError> {
+        self.release_synced(requester, ask, candidates, None).await
+    }
+
+    async fn release_synced(
+        &self,
+        requester: &Requester,
+        ask: &Ask,
+        candidates: Vec<Candidate>,
+        synced: Option<Synced>,
     ) -> Result<Released, ApiError> {
         if !self.enforce {
             return Ok(Released {
@@ -861,7 +1001,10 @@ impl Policy {
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
-        let (seq, agreements) = self.sync().await?;
+        let (seq, agreements) = match synced {
+            Some(Synced { seq, agreements }) => (seq, agreements),
+            None => self.sync().await?,
+        };
         let at = Utc::now();
         let consents = if patients.is_empty() {
             HashMap::new()
@@ -1038,11 +1181,67 @@ mod tests {
             groups[1]["resources"],
             json!(["DocumentReference/b", "DocumentReference/d"])
         );
-        // The same decision for another patient or custodian is another entry.
-        let other = json!({"effect": "permit", "rule": "custodian", "reason": "own data",
-                           "custodian": "h1", "patient": "P2", "resource": "DocumentReference/e"});
-        let grouped = group_reasons(&[entries[0].clone(), other]);
+        // The same decision at another custodian is another entry.
+        let elsewhere = json!({"effect": "permit", "rule": "custodian", "reason": "own data",
+                               "custodian": "h3", "patient": "P1", "resource": "DocumentReference/e"});
+        let grouped = group_reasons(&[entries[0].clone(), elsewhere]);
         assert_eq!(grouped.as_array().unwrap().len(), 2);
         assert_eq!(group_reasons(&[]), json!([]));
+    }
+
+    #[test]
+    fn decisions_that_differ_only_by_patient_and_consent_share_an_entry_with_items() {
+        let permit = |patient: &str, consent: &str, doc: &str| {
+            json!({"effect": "permit", "rule": "consent-permit", "custodian": "h1",
+                   "reason": format!("The patient's consent {consent} permits Organization/h2 access for purpose TREAT."),
+                   "consent": consent, "patient": patient, "resource": doc})
+        };
+        let entries = vec![
+            permit("P1", "Consent/c1", "DocumentReference/a"),
+            permit("P2", "Consent/c2", "DocumentReference/b"),
+            permit("P2", "Consent/c2", "DocumentReference/c"),
+        ];
+        let grouped = group_reasons(&entries);
+        let groups = grouped.as_array().unwrap();
+        assert_eq!(groups.len(), 1, "{grouped}");
+        let g = &groups[0];
+        assert_eq!(g["count"], 3);
+        assert_eq!(
+            g["reason"],
+            "The patient's consent {consent} permits Organization/h2 access for purpose TREAT."
+        );
+        assert!(g.get("patient").is_none() && g.get("consent").is_none());
+        assert_eq!(
+            g["items"],
+            json!([
+                {"resource": "DocumentReference/a", "patient": "P1", "consent": "Consent/c1"},
+                {"resource": "DocumentReference/b", "patient": "P2", "consent": "Consent/c2"},
+                {"resource": "DocumentReference/c", "patient": "P2", "consent": "Consent/c2"},
+            ])
+        );
+        // Every original entry can be restored exactly from its group and item.
+        for (entry, item) in entries.iter().zip(g["items"].as_array().unwrap()) {
+            let mut restored = g.as_object().unwrap().clone();
+            restored.remove("count");
+            restored.remove("items");
+            for (k, v) in item.as_object().unwrap() {
+                restored.insert(k.clone(), v.clone());
+            }
+            let text = restored["reason"]
+                .as_str()
+                .unwrap()
+                .replace("{consent}", item["consent"].as_str().unwrap());
+            restored.insert("reason".into(), json!(text));
+            assert_eq!(&Value::Object(restored), entry);
+        }
+        // One patient and one consent: the plain form, with the text as written.
+        let one = group_reasons(&entries[1..]);
+        assert_eq!(one[0]["consent"], "Consent/c2");
+        assert_eq!(one[0]["patient"], "P2");
+        assert_eq!(entries[1]["reason"], one[0]["reason"]);
+        assert_eq!(
+            one[0]["resources"],
+            json!(["DocumentReference/b", "DocumentReference/c"])
+        );
     }
 }

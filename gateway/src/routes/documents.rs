@@ -865,7 +865,18 @@ async fn fill_page(
         f.offset = pos;
         f.limit = want + 1;
         let t = Instant::now();
-        let found = state.db(move |conn| registry::search(conn, &f)).await?;
+        // The consent caches are brought up to date on the same connection as the first
+        // query (one trip to the blocking pool instead of two).
+        let policy = (pos == offset).then(|| state.policy.clone());
+        let (found, synced) = state
+            .db(move |conn| -> Result<_, ApiError> {
+                let synced = match &policy {
+                    Some(p) => p.sync_on(conn)?,
+                    None => None,
+                };
+                Ok((registry::search(conn, &f).map_err(ApiError::from)?, synced))
+            })
+            .await?;
         page.query_ms += ms_since(t);
         let t = Instant::now();
         let n = found.len();
@@ -873,7 +884,10 @@ async fn fill_page(
             .iter()
             .map(|d| crate::documents::candidate(&state.base_url, d))
             .collect();
-        let mut released = state.policy.release(caller, ask, candidates).await?;
+        let mut released = state
+            .policy
+            .release_with(caller, ask, candidates, synced)
+            .await?;
         page.policy_ms += ms_since(t);
         // Take released documents in order until the page is full.
         let mut kept: HashMap<usize, Value> =
