@@ -447,6 +447,10 @@ pub struct AuditSettings {
     /// Directory for scheduled archives (`yiqiao audit archive` on a timer). Empty: no
     /// scheduled archive; run the command instead.
     pub archive_dir: String,
+    /// Most records in one archive file: a month holding more is archived as several files
+    /// (consecutive ranges, each a signed bundle), so archiving never holds more than this
+    /// many records in memory.
+    pub archive_file_max_records: i64,
     /// Seconds between maintenance runs on this replica (partitions ahead; the scheduled
     /// archive when `archive_dir` is set). 0: none (start-up still makes the partitions).
     pub maintenance_interval_secs: u64,
@@ -625,6 +629,7 @@ impl Default for Settings {
                 allow_short_retention: false,
                 partition_months_ahead: 3,
                 archive_dir: String::new(),
+                archive_file_max_records: yiqiao_registry::audit::archive::DEFAULT_FILE_MAX_RECORDS,
                 maintenance_interval_secs: 3600,
             },
             consent: ConsentSettings::default(),
@@ -736,6 +741,12 @@ impl Settings {
             return bad(
                 "audit.retention_months",
                 "must be at least 6 (the Cybersecurity Law keeps network logs at least six months); audit.allow_short_retention = true overrides it for tests",
+            );
+        }
+        if !(1..=10_000_000).contains(&audit.archive_file_max_records) {
+            return bad(
+                "audit.archive_file_max_records",
+                "must be between 1 and 10000000",
             );
         }
         if audit.partition_months_ahead == 0 || audit.partition_months_ahead > 24 {

@@ -35,6 +35,7 @@ pub fn archive_options(
         retention_months: settings.audit.retention_months,
         before,
         now: now_utc(),
+        max_records_per_file: settings.audit.archive_file_max_records,
     }
 }
 

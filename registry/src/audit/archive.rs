@@ -298,7 +298,14 @@ pub struct ArchiveOptions {
     pub before: Option<NaiveDate>,
     /// The current time (a parameter so tests are deterministic).
     pub now: NaiveDateTime,
+    /// Most records in one archive file ([`DEFAULT_FILE_MAX_RECORDS`]); a month with more is
+    /// archived as several consecutive ranges, each its own signed file and manifest.
+    pub max_records_per_file: i64,
 }
+
+/// Default of [`ArchiveOptions::max_records_per_file`]: about 200 MB of records, a few times
+/// that in memory while a file is written and checked.
+pub const DEFAULT_FILE_MAX_RECORDS: i64 = 100_000;
 
 /// What one run did.
 #[derive(Debug, Default)]
@@ -408,9 +415,16 @@ pub fn archive(
             ));
             break;
         }
-        match archive_range(
-            conn, signer, &opts.dir, month, first, last, &anchor, &mut run,
-        )? {
+        // A large month goes in consecutive files of at most `max_records_per_file` records;
+        // only the month's last one drops its partition.
+        let chunk_last = last.min(first + opts.max_records_per_file.max(1) - 1);
+        let range = Range {
+            month,
+            first,
+            last: chunk_last,
+            month_ends: chunk_last == last,
+        };
+        match archive_range(conn, signer, &opts.dir, range, &anchor, &mut run)? {
             Some(m) => run.archived.push(m),
             // Another run archived it meanwhile: look again.
             None => continue,
@@ -557,18 +571,27 @@ fn write_archive_file(
     Ok((name, checked))
 }
 
+/// Positions `first..=last` of `month`; `month_ends`: the month has no later positions.
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    month: NaiveDate,
+    first: i64,
+    last: i64,
+    month_ends: bool,
+}
+
 /// Steps 1–3 for one range. `None` when another run archived an overlapping range first.
-#[allow(clippy::too_many_arguments)]
 fn archive_range(
     conn: &mut DbConn,
     signer: &AuditSigner,
     dir: &Path,
-    month: NaiveDate,
-    first: i64,
-    last: i64,
+    range: Range,
     anchor: &str,
     run: &mut ArchiveRun,
 ) -> Result<Option<ArchiveManifest>, ArchiveError> {
+    let Range {
+        month, first, last, ..
+    } = range;
     let key = signer.public_key();
     let label = month_label(month);
     let prefix = format!("{FILE_PREFIX}{label}-{first}-{last}-");
@@ -618,7 +641,7 @@ fn archive_range(
     manifest.signature = signer
         .sign_hex(archive_message(&manifest).as_bytes())
         .map_err(|e| ArchiveError::Sign(e.to_string()))?;
-    if with_lock_retries(|| commit(conn, &manifest, month))? {
+    if with_lock_retries(|| commit(conn, &manifest, range))? {
         Ok(Some(manifest))
     } else {
         // Lost to a concurrent run: remove the file we wrote unless that run took it (it may
@@ -640,7 +663,8 @@ fn archive_range(
 /// Step 3: in one transaction, check the range is unchanged, record the manifest, drop the
 /// month's partition (PostgreSQL) and delete the range's remaining rows. False when an
 /// overlapping manifest exists (another run won).
-fn commit(conn: &mut DbConn, m: &ArchiveManifest, month: NaiveDate) -> Result<bool, ArchiveError> {
+fn commit(conn: &mut DbConn, m: &ArchiveManifest, range: Range) -> Result<bool, ArchiveError> {
+    let month = range.month;
     let changed = |why: String| ArchiveError::Unverified {
         month: m.month.clone(),
         reason: why,
@@ -688,7 +712,10 @@ fn commit(conn: &mut DbConn, m: &ArchiveManifest, month: NaiveDate) -> Result<bo
             .values(m)
             .execute(tx)?;
         let mut removed = 0i64;
-        if let DbConn::Postgresql(pg) = tx {
+        // The month's partition goes with its last range; earlier ranges delete their rows.
+        if range.month_ends
+            && let DbConn::Postgresql(pg) = tx
+        {
             let part = partition_name(month);
             let exists: Count = diesel::sql_query(
                 "SELECT count(*) AS n FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
@@ -872,6 +899,7 @@ mod tests {
             retention_months: 6,
             before: None,
             now: at(NOW),
+            max_records_per_file: DEFAULT_FILE_MAX_RECORDS,
         }
     }
 
@@ -883,6 +911,14 @@ mod tests {
             .unwrap()
     }
 
+    /// (month, first, last) of each manifest a run wrote.
+    fn ranges(run: &ArchiveRun) -> Vec<(String, i64, i64)> {
+        run.archived
+            .iter()
+            .map(|m| (m.month.clone(), m.first_seq, m.last_seq))
+            .collect()
+    }
+
     fn scratch_dir() -> PathBuf {
         let dir = std::env::temp_dir().join(format!(
             "yiqiao-archive-test-{}",
@@ -890,6 +926,67 @@ mod tests {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    /// A month larger than `max_records_per_file` goes in consecutive files of at most that
+    /// many records, each verifiable alone; the month's partition is dropped with its last
+    /// file only, and what remains verifies across all the manifests.
+    fn archives_a_large_month_in_several_files(backend: Backend) {
+        let db = TestStore::new(backend);
+        let mut pooled = db.store.conn().unwrap();
+        let conn = &mut *pooled;
+        let signer = signer();
+        let key = signer.public_key().clone();
+        let jan = parse_month("2025-01").unwrap();
+        ensure_partition(conn, jan).unwrap();
+        let times: Vec<String> = (1..=7)
+            .map(|d| format!("2025-01-{d:02} 08:00:00"))
+            .chain([
+                "2025-02-03 10:00:00".to_string(),
+                "2026-11-29 10:00:00".to_string(),
+            ])
+            .collect();
+        append_at(
+            conn,
+            &signer,
+            &times.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let dir = scratch_dir();
+        let mut small = opts(&dir);
+        small.max_records_per_file = 3;
+        let run = archive(conn, &signer, &small).unwrap();
+        assert_eq!(
+            ranges(&run),
+            vec![
+                ("2025-01".to_string(), 1, 3),
+                ("2025-01".to_string(), 4, 6),
+                ("2025-01".to_string(), 7, 7),
+                ("2025-02".to_string(), 8, 8),
+            ]
+        );
+        let mut anchor = GENESIS_HASH.to_string();
+        for m in &run.archived {
+            assert_eq!(m.anchor_prev_hash, anchor, "files chain on");
+            let path = dir.join(&m.file_name);
+            check_file(&path, &key, m.first_seq, m.last_seq, &m.anchor_prev_hash).unwrap();
+            let bundle: Bundle = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            assert!(bundle.records.len() <= 3);
+            assert!(verify_bundle(&bundle, &key).ok());
+            anchor = m.last_hash.clone();
+        }
+        assert_eq!(stored_positions(conn), vec![9]);
+        if backend == Backend::Postgres {
+            let parts = partitions(conn).unwrap();
+            assert!(
+                !parts.contains(&"audit_events_p202501".to_string()),
+                "{parts:?}"
+            );
+        }
+        let report = verify_db(conn, None, None, &key).unwrap();
+        assert!(report.ok(), "{:#?}", report.problems);
+        assert_eq!(report.archive_manifests, 4);
+        assert_eq!((report.first_seq, report.last_seq), (Some(9), Some(9)));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Old months (one with a record of the next month appended before its last record, one
@@ -935,13 +1032,8 @@ mod tests {
         ));
 
         let run = archive(conn, &signer, &opts(&dir)).unwrap();
-        let ranges: Vec<(String, i64, i64)> = run
-            .archived
-            .iter()
-            .map(|m| (m.month.clone(), m.first_seq, m.last_seq))
-            .collect();
         assert_eq!(
-            ranges,
+            ranges(&run),
             vec![
                 ("2025-01".to_string(), 1, 5),
                 ("2025-02".to_string(), 6, 6),
@@ -1307,6 +1399,7 @@ mod tests {
 
     on_both_backends!(
         archives_old_months_and_verifies_across_them,
+        archives_a_large_month_in_several_files,
         resumes_after_a_crash_and_never_drops_unverified,
         late_record_inside_the_window_defers_its_month,
         concurrent_runs_archive_each_month_once,
