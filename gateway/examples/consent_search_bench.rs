@@ -1,7 +1,9 @@
 //! What consent enforcement costs in a PDQm or document search, measured through the real
 //! server.
 //!
-//! cargo run --release -p yiqiao --example consent_search_bench -- [PATIENTS] [REQUESTS] [ROUNDS] [patient|document]
+//! cargo run --release -p yiqiao --example consent_search_bench -- [PATIENTS] [REQUESTS] [ROUNDS] [patient|document] [DATABASE_URL]
+//!
+//! DATABASE_URL: an empty PostgreSQL database for both gateways (default: SQLite in a temp dir).
 //!
 //! `document` mode: hospital 1 also registers two DocumentReferences per patient (a discharge
 //! summary and a WS/T 500 lab report), and the timed request is
@@ -72,6 +74,9 @@ async fn main() {
     settings.log.level = "warn".into();
     settings.http.workers = 2;
     settings.consent.policy.default_mode = yiqiao_consent::DefaultMode::OptIn;
+    if let Some(url) = args.get(5) {
+        settings.database.url = Secret::new(url.clone());
+    }
     let mut plain = settings.clone();
     plain.consent.enforce = false;
     let (on, state) = support::start(settings).await;

@@ -207,8 +207,19 @@ pub fn load_key(settings: &Settings) -> anyhow::Result<Sm2PrivateKey> {
     Ok(key)
 }
 
+/// Answers worth another attempt: the hospital timed out waiting for our request (408; it
+/// was never processed, RFC 9110 §15.5.9), is busy (429) or its gateway failed (502–504).
 fn retryable_status(status: u16) -> bool {
-    matches!(status, 429 | 502 | 503 | 504)
+    matches!(status, 408 | 429 | 502 | 503 | 504)
+}
+
+/// A non-2xx answer as a problem: a 4xx is the hospital refusing the request, except the
+/// transient 408 and 429; the rest is a failure. `(problem, retryable)`.
+fn status_problem(status: u16, text: String) -> (Problem, bool) {
+    match status {
+        400..=499 if !retryable_status(status) => (Problem::Refused(text), false),
+        _ => (Problem::Failed(text), retryable_status(status)),
+    }
 }
 
 /// The OperationOutcome diagnostics of an upstream error body, shortened.
@@ -589,10 +600,7 @@ impl Federation {
             } else {
                 format!("HTTP {status}: {reason}")
             };
-            return Err(match status {
-                400..=499 if status != 429 => (Problem::Refused(text), false),
-                _ => (Problem::Failed(text), retryable_status(status)),
-            });
+            return Err(status_problem(status, text));
         }
         let media = content_type.split(';').next().unwrap_or("").trim();
         if !media.eq_ignore_ascii_case(ENVELOPE_MEDIA_TYPE) {
@@ -627,5 +635,27 @@ impl Federation {
             })
             .unwrap_or_default();
         Ok((found, rtt))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_statuses_are_retried_and_refusals_are_not() {
+        for status in [408, 429, 502, 503, 504] {
+            let (problem, retry) = status_problem(status, format!("HTTP {status}"));
+            assert!(retry, "{status}");
+            assert_eq!(problem.label(), "failed", "{status}");
+        }
+        for status in [400, 401, 403, 404, 410, 422] {
+            let (problem, retry) = status_problem(status, format!("HTTP {status}"));
+            assert!(!retry, "{status}");
+            assert_eq!(problem.label(), "refused", "{status}");
+        }
+        let (problem, retry) = status_problem(500, "HTTP 500".into());
+        assert!(!retry);
+        assert_eq!(problem.label(), "failed");
     }
 }
