@@ -9,13 +9,14 @@
 # CONCURRENCY in flight with throughput, errors and the gateway's RSS; then the SM primitives
 # beside `openssl speed` in the same run.
 #
-#   scripts/bench-federation.sh [REQUESTS] [CONCURRENCY] [PERSONS]   (SKIP_PRIMITIVES=1: no SM part)
+#   scripts/bench-federation.sh [REQUESTS] [CONCURRENCY] [PERSONS]
+#   (SKIP_PRIMITIVES=1: no SM part; BENCH_GATEWAY_BIN=PATH: another build of the gateway, for an A/B)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requests="${1:-4000}"; conc="${2:-200}"; persons="${3:-100}"
 tgt="${CARGO_TARGET_DIR:-target}"
 cargo build --release -q -p yiqiao --bin yiqiao --example federation_load
-bin="$tgt/release/yiqiao"; load="$tgt/release/examples/federation_load"
+bin="${BENCH_GATEWAY_BIN:-$tgt/release/yiqiao}"; load="$tgt/release/examples/federation_load"
 work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 export YIQIAO_DATA_DIR="$work" YIQIAO_DATABASE_URL="sqlite://$work/y.db" \
   YIQIAO_ADMIN_TOKEN=bench-admin-token YIQIAO_LOG__LEVEL=warn \
