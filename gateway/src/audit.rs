@@ -176,7 +176,7 @@ impl Auditor {
         event.agent_institution = Some(caller.institution.id.to_string());
         event.purpose_of_use = caller.purpose.map(|p| p.code().to_string());
         if matches!(caller.via, crate::auth::CallerVia::AdminOnBehalf) {
-            event.agent_user = Some("admin-token".into());
+            event.agent_user = Some(yiqiao_registry::audit::ADMIN_ON_BEHALF_USER.into());
             event.agent_role = Some("admin".into());
         } else if let Some(user) = &caller.user {
             event.agent_user = Some(user.clone());

@@ -246,7 +246,7 @@ impl FromRequest for Caller {
             http.extensions_mut().insert(crate::audit::AuditAgent {
                 institution: Some(caller.institution.id.to_string()),
                 user: if admin {
-                    Some("admin-token".to_string())
+                    Some(yiqiao_registry::audit::ADMIN_ON_BEHALF_USER.to_string())
                 } else {
                     caller.user.clone()
                 },

@@ -21,6 +21,7 @@ use diesel::prelude::*;
 use serde::Serialize;
 use serde_json::json;
 
+use super::ADMIN_ON_BEHALF_USER;
 use super::query::{self, StoredEvent};
 use crate::empi::normalize::{NameScript, normalise_name};
 use crate::empi::record::SourceRecord;
@@ -211,10 +212,6 @@ fn count_in_window(
             .get_result(conn),
     }
 }
-
-/// The `agent_user` of the admin credential acting on behalf of an institution (not a person
-/// on any roster).
-const ADMIN_ON_BEHALF_USER: &str = "admin-token";
 
 fn to_diesel(e: StoreError) -> diesel::result::Error {
     match e {

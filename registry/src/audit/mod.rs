@@ -45,6 +45,9 @@ pub const AUDIT_EVENT_TYPE_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem
 pub const DICOM_SYSTEM: &str = "http://dicom.nema.org/resources/ontology/DCM";
 pub const RESTFUL_INTERACTION_SYSTEM: &str = "http://hl7.org/fhir/restful-interaction";
 pub const OBJECT_ROLE_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/object-role";
+/// The `agent_user` of records made by the admin credential acting on behalf of an institution
+/// (`X-On-Behalf-Of`): not a person on any staff roster.
+pub const ADMIN_ON_BEHALF_USER: &str = "admin-token";
 pub const PURPOSE_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/v3-ActReason";
 pub const INSTITUTION_SYSTEM: &str = "https://yiqiao.health/fhir/sid/institution-id";
 pub const EMPI_SYSTEM: &str = "https://yiqiao.health/fhir/sid/empi";
