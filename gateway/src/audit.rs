@@ -1,6 +1,8 @@
 //! The audit recorder handed to handlers: `state.auditor.record(event).await?` before any data
 //! leaves. Fail closed: when the record cannot be made durable the request answers 503
-//! (`audit-unavailable`) and the data is not sent.
+//! (`audit-unavailable`) and the data is not sent. A handler with a large answer may instead
+//! `submit` the record, encode its answer while the record is written, and await
+//! `PendingAudit::durable` before sending (searches do).
 //!
 //! Group commit: one writer task per process takes every pending record (up to
 //! `audit.batch_max`) into one database transaction; each caller awaits its own receipt.
@@ -187,26 +189,54 @@ impl Auditor {
 
     /// Record `event` durably; the caller must not send data before this returns `Ok`.
     pub async fn record(&self, event: AuditEvent) -> Result<AuditReceipt, ApiError> {
+        self.submit(event).await?.durable().await
+    }
+
+    /// Hand `event` to the writer and return at once; the caller may prepare its answer while
+    /// the record is being made durable, and must not send it before
+    /// [`PendingAudit::durable`] returns `Ok`. The write timeout counts from this call.
+    pub async fn submit(&self, event: AuditEvent) -> Result<PendingAudit, ApiError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let (done, wait) = oneshot::channel();
         let job = Job {
             event: PreparedEvent::new(event),
             done,
         };
-        let outcome = tokio::time::timeout(self.timeout, async {
-            self.tx
-                .send(job)
-                .await
-                .map_err(|_| "the audit writer has stopped".to_string())?;
-            wait.await
-                .map_err(|_| "the audit writer dropped the record".to_string())?
-        })
-        .await;
-        match outcome {
-            Ok(Ok(a)) => Ok(AuditReceipt {
+        match tokio::time::timeout_at(deadline, self.tx.send(job)).await {
+            Ok(Ok(())) => Ok(PendingAudit {
+                wait,
+                deadline,
+                timeout: self.timeout,
+            }),
+            Ok(Err(_)) => Err(unavailable("the audit writer has stopped".to_string())),
+            Err(_) => Err(unavailable(format!(
+                "no durable audit record within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+}
+
+/// An audit record handed to the writer ([`Auditor::submit`]) and not yet known durable.
+#[must_use = "data must not be sent before the audit record is durable"]
+pub struct PendingAudit {
+    wait: oneshot::Receiver<Result<Appended, String>>,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+}
+
+impl PendingAudit {
+    /// Wait until the record is durable (fail closed: 503 `audit-unavailable` otherwise).
+    pub async fn durable(self) -> Result<AuditReceipt, ApiError> {
+        match tokio::time::timeout_at(self.deadline, self.wait).await {
+            Ok(Ok(Ok(a))) => Ok(AuditReceipt {
                 seq: a.seq,
                 hash: a.hash,
             }),
-            Ok(Err(cause)) => Err(unavailable(cause)),
+            Ok(Ok(Err(cause))) => Err(unavailable(cause)),
+            Ok(Err(_)) => Err(unavailable(
+                "the audit writer dropped the record".to_string(),
+            )),
             Err(_) => Err(unavailable(format!(
                 "no durable audit record within {:?}",
                 self.timeout

@@ -3,8 +3,9 @@
 //!
 //! Credentials accepted today:
 //! - the admin credential plus `X-On-Behalf-Of: <institution id>`: an operator acting for an
-//!   institution (bulk loads, the demo). The institution must exist and be active; the caller
-//!   gets the institution's allowed scopes.
+//!   institution (bulk loads, the demo). The institution must exist and be active (read from
+//!   the same directory cache as for access tokens, at most `auth.directory_cache_ttl_ms`
+//!   old); the caller gets the institution's allowed scopes.
 //!
 //! - a gateway access token (`Authorization: Bearer <JWT>` from `POST /oauth2/token`, signed
 //!   by the gateway, docs/auth.md): the institution is read from the directory (cached at most
@@ -34,7 +35,7 @@ use actix_web::http::header::{self, HeaderName};
 use actix_web::{FromRequest, HttpMessage, HttpRequest, web};
 use yiqiao_consent::Purpose;
 use yiqiao_registry::auth::NewAuthEvent;
-use yiqiao_registry::directory::{self, Institution};
+use yiqiao_registry::directory::Institution;
 
 use crate::error::{ApiError, ErrorCode};
 use crate::extract::AdminAuth;
@@ -204,13 +205,8 @@ impl FromRequest for Caller {
                     "the admin credential needs X-On-Behalf-Of: <institution id>",
                 )
             })?;
-            let lookup = id.clone();
-            let institution = state
-                .db(move |conn| match directory::get(conn, &lookup) {
-                    Ok(inst) => Ok(Some(inst)),
-                    Err(directory::DirectoryError::NotFound(_)) => Ok(None),
-                    Err(e) => Err(e),
-                })
+            // The same directory cache as access tokens (at most `directory_cache_ttl_ms`).
+            let institution = crate::oauth::cached_institution(&state, &id)
                 .await?
                 .ok_or_else(|| {
                     ApiError::new(

@@ -410,7 +410,7 @@ async fn attempt(state: &AppState, c: &Claimed) -> AttemptResult {
     // Audit before the notification leaves, and when it is withheld (fail closed).
     let mut audit = state.auditor.rest_event("notification", "E");
     audit.consent_decision = Some(decision.summary.to_string());
-    audit.consent_reasons = Some(decision.reasons.clone());
+    audit.consent_reasons = Some(decision.reasons.to_string());
     if !decision.permitted {
         audit.outcome = yiqiao_registry::audit::outcome::MINOR_FAILURE.into();
     }

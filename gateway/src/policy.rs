@@ -140,7 +140,7 @@ pub struct Released {
     pub kept: Vec<(usize, Value)>,
     pub withheld: Vec<Withheld>,
     /// One audit entry per candidate (decision and reasons).
-    reasons: Vec<Value>,
+    reasons: Vec<ReasonEntry>,
     /// Whether enforcement was switched off (`consent.enforce = false`).
     unenforced: bool,
 }
@@ -208,8 +208,138 @@ impl Released {
     /// Put the decision and its reasons (rule ids, consent and agreement ids) into an audit event.
     pub fn annotate(&self, event: &mut AuditEvent) {
         event.consent_decision = Some(self.summary().to_string());
-        event.consent_reasons = Some(self.reasons());
+        event.consent_reasons = Some(reasons_json(&self.reasons));
     }
+}
+
+/// The audit form of one candidate's decision: what [`group_reasons`] groups and writes.
+/// Typed (not a JSON tree) so that a page of results costs a few allocations per candidate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReasonEntry {
+    /// `permit` or `deny`.
+    pub effect: &'static str,
+    /// The deciding rule's id.
+    pub rule: &'static str,
+    /// The engine's sentence for the auditor.
+    pub reason: String,
+    /// The consent the decision rests on.
+    pub consent: Option<String>,
+    /// The agreement the decision rests on.
+    pub agreement: Option<String>,
+    /// `mask`, `pseudonymise`, `flag-for-review`.
+    pub obligations: Vec<&'static str>,
+    /// Further rules relied on.
+    pub notes: Vec<NoteEntry>,
+    pub custodian: Option<String>,
+    pub patient: Option<String>,
+    /// `Type/id` of the resource decided on.
+    pub resource: Option<String>,
+    /// Why a permitted resource was withheld after all (its obligations could not be met).
+    pub masking_failed: Option<String>,
+}
+
+/// A further rule a decision relied on (its sentence is not audited, its ids are).
+/// Fields in name order: the audited JSON has its keys sorted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct NoteEntry {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consent: Option<String>,
+    pub rule: &'static str,
+}
+
+impl ReasonEntry {
+    /// The audit form of `decision` (no custodian, patient or resource yet).
+    pub fn of(decision: &Decision) -> ReasonEntry {
+        ReasonEntry {
+            effect: match decision.effect {
+                Effect::Permit => "permit",
+                Effect::Deny => "deny",
+            },
+            rule: decision.decided_by.rule.as_str(),
+            reason: decision.decided_by.text.clone(),
+            consent: decision
+                .decided_by
+                .consent
+                .as_ref()
+                .map(|c| c.as_str().to_string()),
+            agreement: decision
+                .decided_by
+                .agreement
+                .as_ref()
+                .map(|a| a.as_str().to_string()),
+            obligations: decision
+                .obligations
+                .iter()
+                .map(|o| match o {
+                    Obligation::Mask { .. } => "mask",
+                    Obligation::Pseudonymise { .. } => "pseudonymise",
+                    Obligation::FlagForReview { .. } => "flag-for-review",
+                })
+                .collect(),
+            notes: decision
+                .notes
+                .iter()
+                .map(|n| NoteEntry {
+                    rule: n.rule.as_str(),
+                    consent: n.consent.as_ref().map(|c| c.as_str().to_string()),
+                    agreement: n.agreement.as_ref().map(|a| a.as_str().to_string()),
+                })
+                .collect(),
+            ..ReasonEntry::default()
+        }
+    }
+
+    /// The whole entry as one JSON object (sorted keys, absent fields left out).
+    pub fn to_value(&self) -> Value {
+        let mut out = serde_json::Map::new();
+        out.insert("effect".into(), Value::from(self.effect));
+        out.insert("rule".into(), Value::from(self.rule));
+        out.insert("reason".into(), Value::from(self.reason.as_str()));
+        if !self.obligations.is_empty() {
+            out.insert("obligations".into(), json!(self.obligations));
+        }
+        if !self.notes.is_empty() {
+            out.insert("notes".into(), json!(self.notes));
+        }
+        for (k, v) in [
+            ("agreement", &self.agreement),
+            ("custodian", &self.custodian),
+            ("masking_failed", &self.masking_failed),
+            ("consent", &self.consent),
+            ("patient", &self.patient),
+            ("resource", &self.resource),
+        ] {
+            if let Some(v) = v {
+                out.insert(k.into(), Value::from(v.as_str()));
+            }
+        }
+        Value::Object(out)
+    }
+
+    /// The reason text with this entry's consent id replaced by `{consent}`.
+    fn template(&self) -> std::borrow::Cow<'_, str> {
+        match &self.consent {
+            Some(id) if !id.is_empty() && self.reason.contains(id.as_str()) => {
+                std::borrow::Cow::Owned(self.reason.replace(id.as_str(), "{consent}"))
+            }
+            _ => std::borrow::Cow::Borrowed(&self.reason),
+        }
+    }
+}
+
+/// What entries of one group share: everything but resource, patient and consent.
+#[derive(PartialEq, Eq, Hash)]
+struct GroupKey<'a> {
+    effect: &'static str,
+    rule: &'static str,
+    template: std::borrow::Cow<'a, str>,
+    agreement: Option<&'a str>,
+    obligations: &'a [&'static str],
+    notes: &'a [NoteEntry],
+    custodian: Option<&'a str>,
+    masking_failed: Option<&'a str>,
 }
 
 /// Group per-candidate audit reasons into one entry per distinct decision, in order of first
@@ -226,120 +356,126 @@ impl Released {
 ///
 /// Nothing an auditor reads is lost: every candidate is in exactly one group with its own
 /// decision, patient, consent and resource, and each reason text can be restored exactly.
-pub fn group_reasons(entries: &[Value]) -> Value {
-    type Item = (Option<Value>, Option<Value>, Option<Value>);
-    let mut groups: Vec<(serde_json::Map<String, Value>, Vec<Item>)> = Vec::new();
-    let mut by_key: HashMap<String, usize> = HashMap::new();
+pub fn group_reasons(entries: &[ReasonEntry]) -> Value {
+    serde_json::to_value(grouped(entries)).unwrap_or_else(|_| json!([]))
+}
+
+/// [`group_reasons`] as JSON text, written straight from the entries (the form audited).
+pub fn reasons_json(entries: &[ReasonEntry]) -> String {
+    serde_json::to_string(&grouped(entries)).unwrap_or_else(|_| "[]".to_string())
+}
+
+/// One audited entry of [`group_reasons`]. Fields in name order: the JSON is the same as a
+/// `serde_json::Value` object's (sorted keys).
+#[derive(Serialize)]
+struct Group<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agreement: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    consent: Option<&'a str>,
+    count: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    custodian: Option<&'a str>,
+    effect: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    items: Option<Vec<Item<'a>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    masking_failed: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    notes: &'a [NoteEntry],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    obligations: &'a [&'static str],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patient: Option<&'a str>,
+    reason: std::borrow::Cow<'a, str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resources: Option<Vec<&'a str>>,
+    rule: &'static str,
+}
+
+/// One result of a group whose results differ by patient or consent.
+#[derive(Serialize)]
+struct Item<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    consent: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patient: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resource: Option<&'a str>,
+}
+
+fn grouped(entries: &[ReasonEntry]) -> Vec<Group<'_>> {
+    let mut groups: Vec<(std::borrow::Cow<'_, str>, Vec<&ReasonEntry>)> = Vec::new();
+    let mut by_key: HashMap<GroupKey<'_>, usize> = HashMap::new();
     for entry in entries {
-        let mut decision = match entry {
-            Value::Object(o) => o.clone(),
-            other => {
-                // Not a decision object: kept as it is, in a group of its own.
-                let mut o = serde_json::Map::new();
-                o.insert("entry".into(), other.clone());
-                o
+        let key = GroupKey {
+            effect: entry.effect,
+            rule: entry.rule,
+            template: entry.template(),
+            agreement: entry.agreement.as_deref(),
+            obligations: &entry.obligations,
+            notes: &entry.notes,
+            custodian: entry.custodian.as_deref(),
+            masking_failed: entry.masking_failed.as_deref(),
+        };
+        let at = match by_key.get(&key) {
+            Some(&at) => at,
+            None => {
+                groups.push((key.template.clone(), Vec::new()));
+                by_key.insert(key, groups.len() - 1);
+                groups.len() - 1
             }
         };
-        let resource = decision.remove("resource");
-        let patient = decision.remove("patient");
-        let consent = decision.remove("consent");
-        if let (Some(Value::String(id)), Some(Value::String(text))) =
-            (&consent, decision.get_mut("reason"))
-            && !id.is_empty()
-        {
-            *text = text.replace(id.as_str(), "{consent}");
-        }
-        let key = Value::Object(decision.clone()).to_string();
-        let at = *by_key.entry(key).or_insert_with(|| {
-            groups.push((decision, Vec::new()));
-            groups.len() - 1
-        });
-        groups[at].1.push((resource, patient, consent));
+        groups[at].1.push(entry);
     }
-    let groups = groups
+    drop(by_key);
+    groups
         .into_iter()
-        .map(|(mut out, items)| {
-            out.insert("count".into(), json!(items.len()));
-            let (_, patient, consent) = items[0].clone();
-            let uniform = items.iter().all(|(_, p, c)| *p == patient && *c == consent);
+        .map(|(template, items)| {
+            let first = items[0];
+            let uniform = items
+                .iter()
+                .all(|e| e.patient == first.patient && e.consent == first.consent);
+            let mut g = Group {
+                agreement: first.agreement.as_deref(),
+                consent: None,
+                count: items.len(),
+                custodian: first.custodian.as_deref(),
+                effect: first.effect,
+                items: None,
+                masking_failed: first.masking_failed.as_deref(),
+                notes: &first.notes,
+                obligations: &first.obligations,
+                patient: None,
+                reason: template,
+                resources: None,
+                rule: first.rule,
+            };
             if uniform {
-                if let Some(p) = patient {
-                    out.insert("patient".into(), p);
-                }
-                if let Some(Value::String(id)) = &consent
-                    && let Some(Value::String(text)) = out.get_mut("reason")
-                {
-                    *text = text.replace("{consent}", id);
-                }
-                if let Some(c) = consent {
-                    out.insert("consent".into(), c);
-                }
-                let resources: Vec<Value> = items.into_iter().filter_map(|(r, _, _)| r).collect();
-                out.insert("resources".into(), Value::Array(resources));
+                g.reason = std::borrow::Cow::Borrowed(&first.reason);
+                g.patient = first.patient.as_deref();
+                g.consent = first.consent.as_deref();
+                g.resources = Some(items.iter().filter_map(|e| e.resource.as_deref()).collect());
             } else {
-                let items: Vec<Value> = items
-                    .into_iter()
-                    .map(|(r, p, c)| {
-                        let mut item = serde_json::Map::new();
-                        for (k, v) in [("resource", r), ("patient", p), ("consent", c)] {
-                            if let Some(v) = v {
-                                item.insert(k.into(), v);
-                            }
-                        }
-                        Value::Object(item)
-                    })
-                    .collect();
-                out.insert("items".into(), Value::Array(items));
+                g.items = Some(
+                    items
+                        .iter()
+                        .map(|e| Item {
+                            consent: e.consent.as_deref(),
+                            patient: e.patient.as_deref(),
+                            resource: e.resource.as_deref(),
+                        })
+                        .collect(),
+                );
             }
-            Value::Object(out)
+            g
         })
-        .collect();
-    Value::Array(groups)
+        .collect()
 }
 
 /// The audit form of one decision.
 pub fn decision_reasons(decision: &Decision) -> Value {
-    let obligations: Vec<&str> = decision
-        .obligations
-        .iter()
-        .map(|o| match o {
-            Obligation::Mask { .. } => "mask",
-            Obligation::Pseudonymise { .. } => "pseudonymise",
-            Obligation::FlagForReview { .. } => "flag-for-review",
-        })
-        .collect();
-    let mut v = json!({
-        "effect": match decision.effect { Effect::Permit => "permit", Effect::Deny => "deny" },
-        "rule": decision.decided_by.rule.as_str(),
-        "reason": decision.decided_by.text,
-    });
-    if let Some(c) = &decision.decided_by.consent {
-        v["consent"] = json!(c.as_str());
-    }
-    if let Some(a) = &decision.decided_by.agreement {
-        v["agreement"] = json!(a.as_str());
-    }
-    if !obligations.is_empty() {
-        v["obligations"] = json!(obligations);
-    }
-    let notes: Vec<Value> = decision
-        .notes
-        .iter()
-        .map(|n| {
-            let mut note = json!({ "rule": n.rule.as_str() });
-            if let Some(c) = &n.consent {
-                note["consent"] = json!(c.as_str());
-            }
-            if let Some(a) = &n.agreement {
-                note["agreement"] = json!(a.as_str());
-            }
-            note
-        })
-        .collect();
-    if !notes.is_empty() {
-        v["notes"] = Value::Array(notes);
-    }
-    v
+    ReasonEntry::of(decision).to_value()
 }
 
 /// Put one decision into an audit event.
@@ -351,7 +487,7 @@ pub fn annotate_decision(event: &mut AuditEvent, decision: &Decision) {
         }
         .to_string(),
     );
-    event.consent_reasons = Some(json!([decision_reasons(decision)]));
+    event.consent_reasons = Some(json!([decision_reasons(decision)]).to_string());
 }
 
 /// The [`DataItem`] of a FHIR resource: its type, and the labels in `meta.security`. For a
@@ -1042,14 +1178,10 @@ impl Policy {
                 list,
                 agreements.between(&custodian, &requester.institution),
             );
-            let mut reasons = decision_reasons(&decision);
-            reasons["custodian"] = json!(candidate.custodian);
-            if let Some(p) = &candidate.patient {
-                reasons["patient"] = json!(p);
-            }
-            if let Some(r) = resource_ref(&candidate.resource) {
-                reasons["resource"] = json!(r);
-            }
+            let mut reasons = ReasonEntry::of(&decision);
+            reasons.custodian = Some(candidate.custodian.clone());
+            reasons.patient = candidate.patient.clone();
+            reasons.resource = resource_ref(&candidate.resource);
             if decision.is_permit() {
                 let mut resource = candidate.resource;
                 match apply_obligations(
@@ -1059,8 +1191,8 @@ impl Policy {
                 ) {
                     Ok(()) => released.kept.push((index, resource)),
                     Err(e) => {
-                        reasons["effect"] = json!("deny");
-                        reasons["masking_failed"] = json!(e.to_string());
+                        reasons.effect = "deny";
+                        reasons.masking_failed = Some(e.to_string());
                         released.withheld.push(Withheld {
                             index,
                             custodian: candidate.custodian,
@@ -1148,16 +1280,34 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    fn entry(effect: &'static str, rule: &'static str, reason: &str) -> ReasonEntry {
+        ReasonEntry {
+            effect,
+            rule,
+            reason: reason.into(),
+            ..ReasonEntry::default()
+        }
+    }
+
+    fn with(base: &ReasonEntry, resource: &str) -> ReasonEntry {
+        ReasonEntry {
+            resource: Some(resource.into()),
+            ..base.clone()
+        }
+    }
+
     #[test]
     fn reasons_are_grouped_by_decision_with_every_resource_kept() {
-        let permit = json!({"effect": "permit", "rule": "custodian", "reason": "own data",
-                            "custodian": "h1", "patient": "P1"});
-        let deny = json!({"effect": "deny", "rule": "consent-deny", "reason": "patient said no",
-                          "consent": "c-9", "custodian": "h2", "patient": "P1"});
-        let with = |base: &Value, r: &str| {
-            let mut v = base.clone();
-            v["resource"] = json!(r);
-            v
+        let permit = ReasonEntry {
+            custodian: Some("h1".into()),
+            patient: Some("P1".into()),
+            ..entry("permit", "custodian", "own data")
+        };
+        let deny = ReasonEntry {
+            consent: Some("c-9".into()),
+            custodian: Some("h2".into()),
+            patient: Some("P1".into()),
+            ..entry("deny", "consent-deny", "patient said no")
         };
         let entries = vec![
             with(&permit, "DocumentReference/a"),
@@ -1182,19 +1332,43 @@ mod tests {
             json!(["DocumentReference/b", "DocumentReference/d"])
         );
         // The same decision at another custodian is another entry.
-        let elsewhere = json!({"effect": "permit", "rule": "custodian", "reason": "own data",
-                               "custodian": "h3", "patient": "P1", "resource": "DocumentReference/e"});
+        let elsewhere = ReasonEntry {
+            custodian: Some("h3".into()),
+            ..with(&permit, "DocumentReference/e")
+        };
         let grouped = group_reasons(&[entries[0].clone(), elsewhere]);
         assert_eq!(grouped.as_array().unwrap().len(), 2);
+        // So is the same decision whose obligations could not be met.
+        let failed = ReasonEntry {
+            effect: "deny",
+            masking_failed: Some("no such field".into()),
+            ..with(&permit, "DocumentReference/f")
+        };
+        let grouped = group_reasons(&[entries[0].clone(), failed]);
+        assert_eq!(grouped[1]["masking_failed"], "no such field");
+        assert_eq!(grouped[1]["effect"], "deny");
         assert_eq!(group_reasons(&[]), json!([]));
     }
 
     #[test]
     fn decisions_that_differ_only_by_patient_and_consent_share_an_entry_with_items() {
-        let permit = |patient: &str, consent: &str, doc: &str| {
-            json!({"effect": "permit", "rule": "consent-permit", "custodian": "h1",
-                   "reason": format!("The patient's consent {consent} permits Organization/h2 access for purpose TREAT."),
-                   "consent": consent, "patient": patient, "resource": doc})
+        let permit = |patient: &str, consent: &str, doc: &str| ReasonEntry {
+            custodian: Some("h1".into()),
+            consent: Some(consent.into()),
+            patient: Some(patient.into()),
+            resource: Some(doc.into()),
+            notes: vec![NoteEntry {
+                rule: "agreement-relied-on",
+                consent: None,
+                agreement: Some("A1".into()),
+            }],
+            ..entry(
+                "permit",
+                "consent-permit",
+                &format!(
+                    "The patient's consent {consent} permits Organization/h2 access for purpose TREAT."
+                ),
+            )
         };
         let entries = vec![
             permit("P1", "Consent/c1", "DocumentReference/a"),
@@ -1232,13 +1406,24 @@ mod tests {
                 .unwrap()
                 .replace("{consent}", item["consent"].as_str().unwrap());
             restored.insert("reason".into(), json!(text));
-            assert_eq!(&Value::Object(restored), entry);
+            assert_eq!(Value::Object(restored), entry.to_value());
         }
+        // The audited text is written straight from the entries, with sorted keys, exactly
+        // as this JSON value prints (the stored form did not change with the typed entries).
+        assert_eq!(reasons_json(&entries), grouped.to_string());
+        assert_eq!(
+            reasons_json(&entries[..1]),
+            r#"[{"consent":"Consent/c1","count":1,"custodian":"h1","effect":"permit","notes":[{"agreement":"A1","rule":"agreement-relied-on"}],"patient":"P1","reason":"The patient's consent Consent/c1 permits Organization/h2 access for purpose TREAT.","resources":["DocumentReference/a"],"rule":"consent-permit"}]"#
+        );
         // One patient and one consent: the plain form, with the text as written.
         let one = group_reasons(&entries[1..]);
         assert_eq!(one[0]["consent"], "Consent/c2");
         assert_eq!(one[0]["patient"], "P2");
-        assert_eq!(entries[1]["reason"], one[0]["reason"]);
+        assert_eq!(entries[1].to_value()["reason"], one[0]["reason"]);
+        assert_eq!(
+            one[0]["notes"],
+            json!([{"rule": "agreement-relied-on", "agreement": "A1"}])
+        );
         assert_eq!(
             one[0]["resources"],
             json!(["DocumentReference/b", "DocumentReference/c"])

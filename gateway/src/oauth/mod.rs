@@ -109,6 +109,14 @@ pub async fn cached_institution(
     Ok(found)
 }
 
+/// Drop this replica's cached directory entry of `id` (after a change made through it, so the
+/// change takes effect here at once; other replicas within `directory_cache_ttl_ms`).
+pub fn forget_institution(state: &AppState, id: &str) {
+    if let Ok(mut cache) = state.auth.directory_cache.lock() {
+        cache.remove(id);
+    }
+}
+
 /// Token response (RFC 6749 §5.1).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct TokenResponse {

@@ -314,6 +314,7 @@ pub async fn update(
             Ok(directory::update(conn, &spec, expected)?)
         })
         .await?;
+    crate::oauth::forget_institution(&state, updated.id.as_str());
     tracing::info!(institution = %updated.id, version = updated.version, "institution updated");
     Ok(with_etag(actix_web::http::StatusCode::OK, updated))
 }
@@ -336,6 +337,7 @@ async fn set_status(
             Ok(directory::set_status(conn, &id, status, expected)?)
         })
         .await?;
+    crate::oauth::forget_institution(&state, inst.id.as_str());
     tracing::info!(institution = %inst.id, status = status.as_str(), "institution status set");
     Ok(with_etag(actix_web::http::StatusCode::OK, inst))
 }

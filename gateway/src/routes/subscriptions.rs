@@ -331,7 +331,7 @@ async fn audit_op(
     let mut event = state.auditor.rest_event(interaction, action);
     if let Some((decision, reasons)) = consent {
         event.consent_decision = Some(decision.to_string());
-        event.consent_reasons = Some(reasons);
+        event.consent_reasons = Some(reasons.to_string());
     }
     event
         .entities

@@ -109,7 +109,9 @@ pub struct AuditEvent {
     pub patient_id: Option<String>,
     pub entities: Vec<EntityRef>,
     pub consent_decision: Option<String>,
-    pub consent_reasons: Option<Value>,
+    /// The decision's reasons as JSON text (stored as it is, in the consent extension's
+    /// `reasons` valueString).
+    pub consent_reasons: Option<String>,
     pub request_id: Option<String>,
     pub source_replica: String,
     /// Network address of the requestor (BALP `agent.network`), e.g. for refused requests.
@@ -241,7 +243,7 @@ impl AuditEvent {
         if let Some(decision) = &self.consent_decision {
             let mut inner = vec![json!({"url": "decision", "valueCode": decision})];
             if let Some(reasons) = &self.consent_reasons {
-                inner.push(json!({"url": "reasons", "valueString": reasons.to_string()}));
+                inner.push(json!({"url": "reasons", "valueString": reasons}));
             }
             extensions.push(json!({"url": EXT_CONSENT, "extension": inner}));
         }
@@ -364,7 +366,7 @@ mod tests {
         e.entities
             .push(EntityRef::resource("Organization/hosp-002"));
         e.consent_decision = Some("permit".into());
-        e.consent_reasons = Some(json!(["policy-1"]));
+        e.consent_reasons = Some(json!(["policy-1"]).to_string());
         e.request_id = Some("req-1".into());
         let a = e.canonical_resource();
         assert_eq!(a, e.clone().canonical_resource());
