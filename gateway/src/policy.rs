@@ -351,8 +351,9 @@ struct GroupKey<'a> {
 /// with the consent's id in it replaced by `{consent}`. Each group carries `count`, and:
 /// - when all its candidates share one patient and one consent: those at the group level, the
 ///   reason text as the engine wrote it, and `resources` (their references, in candidate order);
-/// - otherwise `items`, one `{resource, patient, consent}` per candidate (absent fields left
-///   out), and the reason text with `{consent}` standing for each item's consent.
+/// - otherwise `items`, one `{patient, consent, resources}` per distinct patient and consent
+///   (in order of first appearance; absent fields left out), and the reason text with
+///   `{consent}` standing for each item's consent.
 ///
 /// Nothing an auditor reads is lost: every candidate is in exactly one group with its own
 /// decision, patient, consent and resource, and each reason text can be restored exactly.
@@ -393,15 +394,15 @@ struct Group<'a> {
     rule: &'static str,
 }
 
-/// One result of a group whose results differ by patient or consent.
+/// The results of one patient under one consent, in a group whose results differ by patient
+/// or consent.
 #[derive(Serialize)]
 struct Item<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     consent: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     patient: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    resource: Option<&'a str>,
+    resources: Vec<&'a str>,
 }
 
 fn grouped(entries: &[ReasonEntry]) -> Vec<Group<'_>> {
@@ -457,16 +458,21 @@ fn grouped(entries: &[ReasonEntry]) -> Vec<Group<'_>> {
                 g.consent = first.consent.as_deref();
                 g.resources = Some(items.iter().filter_map(|e| e.resource.as_deref()).collect());
             } else {
-                g.items = Some(
-                    items
-                        .iter()
-                        .map(|e| Item {
-                            consent: e.consent.as_deref(),
-                            patient: e.patient.as_deref(),
-                            resource: e.resource.as_deref(),
-                        })
-                        .collect(),
-                );
+                let mut list: Vec<Item<'_>> = Vec::new();
+                let mut at: HashMap<(Option<&str>, Option<&str>), usize> = HashMap::new();
+                for e in &items {
+                    let key = (e.patient.as_deref(), e.consent.as_deref());
+                    let i = *at.entry(key).or_insert_with(|| {
+                        list.push(Item {
+                            consent: key.1,
+                            patient: key.0,
+                            resources: Vec::new(),
+                        });
+                        list.len() - 1
+                    });
+                    list[i].resources.extend(e.resource.as_deref());
+                }
+                g.items = Some(list);
             }
             g
         })
@@ -1388,28 +1394,37 @@ mod tests {
         assert_eq!(
             g["items"],
             json!([
-                {"resource": "DocumentReference/a", "patient": "P1", "consent": "Consent/c1"},
-                {"resource": "DocumentReference/b", "patient": "P2", "consent": "Consent/c2"},
-                {"resource": "DocumentReference/c", "patient": "P2", "consent": "Consent/c2"},
+                {"patient": "P1", "consent": "Consent/c1", "resources": ["DocumentReference/a"]},
+                {"patient": "P2", "consent": "Consent/c2",
+                 "resources": ["DocumentReference/b", "DocumentReference/c"]},
             ])
         );
         // Every original entry can be restored exactly from its group and item.
-        for (entry, item) in entries.iter().zip(g["items"].as_array().unwrap()) {
-            let mut restored = g.as_object().unwrap().clone();
-            restored.remove("count");
-            restored.remove("items");
-            for (k, v) in item.as_object().unwrap() {
-                restored.insert(k.clone(), v.clone());
+        let items = g["items"].as_array().unwrap();
+        let mut restored_all = Vec::new();
+        for item in items {
+            for resource in item["resources"].as_array().unwrap() {
+                let mut restored = g.as_object().unwrap().clone();
+                restored.remove("count");
+                restored.remove("items");
+                for (k, v) in item.as_object().unwrap() {
+                    if k != "resources" {
+                        restored.insert(k.clone(), v.clone());
+                    }
+                }
+                restored.insert("resource".into(), resource.clone());
+                let text = restored["reason"]
+                    .as_str()
+                    .unwrap()
+                    .replace("{consent}", item["consent"].as_str().unwrap());
+                restored.insert("reason".into(), json!(text));
+                restored_all.push(Value::Object(restored));
             }
-            let text = restored["reason"]
-                .as_str()
-                .unwrap()
-                .replace("{consent}", item["consent"].as_str().unwrap());
-            restored.insert("reason".into(), json!(text));
-            assert_eq!(Value::Object(restored), entry.to_value());
         }
+        let originals: Vec<Value> = entries.iter().map(ReasonEntry::to_value).collect();
+        assert_eq!(restored_all, originals);
         // The audited text is written straight from the entries, with sorted keys, exactly
-        // as this JSON value prints (the stored form did not change with the typed entries).
+        // as this JSON value prints.
         assert_eq!(reasons_json(&entries), grouped.to_string());
         assert_eq!(
             reasons_json(&entries[..1]),
