@@ -136,6 +136,9 @@ struct Inner {
     sender: SenderKeys,
     global: Arc<Semaphore>,
     per_endpoint: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Parsed institution SM2 keys by their PEM text (parsing is not free, and a federated
+    /// query checks the keys of every hospital it asks).
+    keys: Mutex<HashMap<String, Option<Sm2PublicKey>>>,
     breakers: Breakers,
     policy: RwLock<Arc<dyn ReleasePolicy>>,
 }
@@ -263,6 +266,7 @@ impl Federation {
                 key,
                 global: Arc::new(Semaphore::new(settings.max_concurrency)),
                 per_endpoint: Mutex::new(HashMap::new()),
+                keys: Mutex::new(HashMap::new()),
                 breakers: Breakers::new(
                     settings.breaker_failure_threshold,
                     Duration::from_millis(settings.breaker_cooldown_ms),
@@ -384,11 +388,7 @@ impl Federation {
         if !inst.is_active() {
             return done(Err(Problem::NotQueried("institution suspended".into())), 0);
         }
-        let keys: Vec<Sm2PublicKey> = inst
-            .sm2_keys
-            .iter()
-            .filter_map(|k| Sm2PublicKey::from_spki_pem(&k.pem).ok())
-            .collect();
+        let keys = self.public_keys(inst);
         if keys.is_empty() {
             return done(
                 Err(Problem::NotQueried(
@@ -465,6 +465,30 @@ impl Federation {
             Err(_) => self.inner.breakers.failure(&id),
         }
         done(result, attempts.get())
+    }
+
+    /// The usable SM2 public keys of an institution's directory entry (unparsable ones left
+    /// out), parsed once per distinct PEM text.
+    pub fn public_keys(&self, inst: &Institution) -> Vec<Sm2PublicKey> {
+        let Ok(mut cache) = self.inner.keys.lock() else {
+            return inst
+                .sm2_keys
+                .iter()
+                .filter_map(|k| Sm2PublicKey::from_spki_pem(&k.pem).ok())
+                .collect();
+        };
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        inst.sm2_keys
+            .iter()
+            .filter_map(|k| {
+                cache
+                    .entry(k.pem.clone())
+                    .or_insert_with(|| Sm2PublicKey::from_spki_pem(&k.pem).ok())
+                    .clone()
+            })
+            .collect()
     }
 
     /// Open an SM envelope that institution `sender` sealed to the gateway in answer to the

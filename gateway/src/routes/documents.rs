@@ -22,7 +22,7 @@ use yiqiao_registry::documents::{
     StoredDocument,
 };
 use yiqiao_registry::empi::store as empi;
-use yiqiao_sm::{ENVELOPE_MEDIA_TYPE, RequestBinding, Sm2PublicKey};
+use yiqiao_sm::{ENVELOPE_MEDIA_TYPE, RequestBinding};
 
 use crate::auth::Caller;
 use crate::documents::{ACT_CODE_SYSTEM, CONFIDENTIALITY_SYSTEM, SM3_HASH_EXT, document_view};
@@ -1039,11 +1039,7 @@ pub async fn retrieve(
         let institution = state
             .db(move |conn| directory::get(conn, &custodian))
             .await?;
-        let keys: Vec<Sm2PublicKey> = institution
-            .sm2_keys
-            .iter()
-            .filter_map(|k| Sm2PublicKey::from_spki_pem(&k.pem).ok())
-            .collect();
+        let keys = state.federation.public_keys(&institution);
         match state
             .federation
             .open_answer(&body, &doc.custodian_id, &keys, binding)
