@@ -296,6 +296,20 @@ impl Envelope {
         now: DateTime<Utc>,
         max_skew: Duration,
     ) -> Result<(Vec<u8>, String), EnvelopeError> {
+        self.verify(sender_public_key, expected_binding, now, max_skew)?;
+        self.decrypt(recipient_private_key)
+    }
+
+    /// The checks of [`Envelope::open`] that need no private key: structure, signature,
+    /// timestamp, request binding. A caller may run this and [`Envelope::decrypt`] at the
+    /// same time, and must use the payload only when both succeed.
+    pub fn verify(
+        &self,
+        sender_public_key: &Sm2PublicKey,
+        expected_binding: &RequestBinding,
+        now: DateTime<Utc>,
+        max_skew: Duration,
+    ) -> Result<(), EnvelopeError> {
         let decoded = self.decode()?;
         let aad = self.canonical_header(&decoded.wrapped_key, &decoded.nonce);
         let signing_input = signing_input(&aad, &decoded.ciphertext);
@@ -316,7 +330,18 @@ impl Envelope {
         if self.request_binding != expected_binding.digest_hex() {
             return Err(EnvelopeError::BindingMismatch);
         }
+        Ok(())
+    }
 
+    /// The key unwrap and GCM decryption of [`Envelope::open`] (structure checked too; the
+    /// header is authenticated by the GCM tag). Says nothing about who sealed it: only
+    /// together with a successful [`Envelope::verify`] is the payload trustworthy.
+    pub fn decrypt(
+        &self,
+        recipient_private_key: &Sm2PrivateKey,
+    ) -> Result<(Vec<u8>, String), EnvelopeError> {
+        let decoded = self.decode()?;
+        let aad = self.canonical_header(&decoded.wrapped_key, &decoded.nonce);
         let key = recipient_private_key
             .decrypt(&decoded.wrapped_key, Sm2CiphertextFormat::Der)
             .map_err(|_| EnvelopeError::KeyUnwrap)?;

@@ -522,19 +522,26 @@ impl Federation {
         let key = self.inner.key.clone();
         let keys = keys.to_vec();
         let skew = Duration::from_secs(settings.max_skew_secs);
-        let opened = tokio::task::spawn_blocking(move || {
+        // The signature check and the decryption are independent: they run side by side (on
+        // two blocking threads), and the payload is used only when the signature verified.
+        let envelope = Arc::new(envelope);
+        let sealed = envelope.clone();
+        let verified = tokio::task::spawn_blocking(move || {
             let now = chrono::Utc::now();
             let mut last = Err(EnvelopeError::BadSignature);
             for k in &keys {
-                last = envelope.open(&key, k, &binding, now, skew);
+                last = envelope.verify(k, &binding, now, skew);
                 if !matches!(last, Err(EnvelopeError::BadSignature)) {
                     break;
                 }
             }
             last
-        })
-        .await
-        .map_err(|e| Problem::Failed(format!("verification task: {e}")))?;
+        });
+        let decrypted = tokio::task::spawn_blocking(move || sealed.decrypt(&key));
+        let (verified, decrypted) = tokio::join!(verified, decrypted);
+        let task = |e: tokio::task::JoinError| Problem::Failed(format!("verification task: {e}"));
+        let decrypted = decrypted.map_err(task)?;
+        let opened = verified.map_err(task)?.and(decrypted);
         opened.map_err(|e| match e {
             EnvelopeError::Malformed { .. }
             | EnvelopeError::TooLarge { .. }

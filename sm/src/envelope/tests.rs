@@ -343,3 +343,40 @@ fn sizes_are_bounded_before_decoding() {
         })
     ));
 }
+
+#[test]
+fn verify_and_decrypt_apart_agree_with_open() {
+    let f = fixture();
+    let env = f.seal(b"{\"resourceType\":\"Bundle\"}");
+    let sender = f.sender_key.public_key();
+    env.verify(&sender, &f.binding, f.now, SKEW).unwrap();
+    assert_eq!(
+        env.decrypt(&f.recipient_key).unwrap(),
+        f.open(&env).unwrap()
+    );
+
+    // Signed by someone else: decryption alone still works (it proves nothing about the
+    // sender), verification refuses, and so does open.
+    let mut forged = env.clone();
+    let other = SenderKeys::new("12330100470116614F", &Sm2PrivateKey::generate().unwrap()).unwrap();
+    let decoded = forged.decode().unwrap();
+    let aad = forged.canonical_header(&decoded.wrapped_key, &decoded.nonce);
+    forged.sign(&other, &aad, &decoded.ciphertext).unwrap();
+    assert!(forged.decrypt(&f.recipient_key).is_ok());
+    assert!(matches!(
+        forged.verify(&sender, &f.binding, f.now, SKEW),
+        Err(EnvelopeError::BadSignature)
+    ));
+    assert!(matches!(f.open(&forged), Err(EnvelopeError::BadSignature)));
+
+    // A ciphertext changed (and re-signed by the true sender): verification passes, the
+    // decryption refuses at the GCM tag.
+    let mut changed = env.clone();
+    changed.ciphertext = flip_b64(&changed.ciphertext, 3);
+    f.resign(&mut changed);
+    changed.verify(&sender, &f.binding, f.now, SKEW).unwrap();
+    assert!(matches!(
+        changed.decrypt(&f.recipient_key),
+        Err(EnvelopeError::TagMismatch)
+    ));
+}
