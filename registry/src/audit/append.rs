@@ -467,4 +467,50 @@ mod tests {
     fn large_and_small_batches_store_the_hashed_rows_postgres() {
         large_and_small_batches_store_the_hashed_rows(Backend::Postgres);
     }
+
+    /// On PostgreSQL a record too large to keep inline (many consent reasons) is compressed
+    /// with lz4 (the store's connections ask for it; this server has it), and reads back
+    /// exactly.
+    #[test]
+    fn large_records_are_lz4_compressed_on_postgres() {
+        use diesel::sql_types::{Nullable, Text};
+        #[derive(QueryableByName)]
+        struct Method {
+            #[diesel(sql_type = Nullable<Text>)]
+            method: Option<String>,
+        }
+        let db = TestStore::new(Backend::Postgres);
+        let mut conn = db.store.conn().unwrap();
+        let signer = AuditSigner::new(&yiqiao_sm::Sm2PrivateKey::generate().unwrap()).unwrap();
+        let mut e = AuditEvent::rest("search-type", "E", "replica-1");
+        e.consent_decision = Some("permit".into());
+        let items: Vec<String> = (0..200)
+            .map(|i| format!("{{\"patient\":\"P{i}\",\"resources\":[\"DocumentReference/{i}\"]}}"))
+            .collect();
+        e.consent_reasons = Some(format!("[{{\"items\":[{}]}}]", items.join(",")));
+        let prepared = PreparedEvent::new(e);
+        assert!(prepared.resource.len() > 8_000);
+        let opts = AppendOptions {
+            checkpoint_every: 100,
+            force_checkpoint: false,
+        };
+        let appended =
+            append_batch(&mut conn, std::slice::from_ref(&prepared), &signer, opts).unwrap();
+        let DbConn::Postgresql(pg) = &mut *conn else {
+            panic!("not PostgreSQL")
+        };
+        let m: Method = diesel::sql_query(
+            "SELECT pg_column_compression(resource)::text AS method FROM audit_events WHERE seq = $1",
+        )
+        .bind::<diesel::sql_types::BigInt, _>(appended[0].seq)
+        .get_result(pg)
+        .unwrap();
+        assert_eq!(m.method.as_deref(), Some("lz4"));
+        let text: String = audit_events::table
+            .find(appended[0].seq)
+            .select(audit_events::resource)
+            .first(&mut conn)
+            .unwrap();
+        assert_eq!(text, prepared.resource);
+    }
 }

@@ -179,6 +179,16 @@ impl ManageConnection for ConnectionFactory {
                     self.statement_timeout.as_millis()
                 ))
                 .map_err(r2d2::Error::QueryError)?;
+                // Large values (audit records with many consent reasons, FHIR resources) are
+                // compressed with lz4 where the server has it: the same size here as pglz at
+                // a fraction of the CPU (BENCHMARKS.md, "Consent engine"). A server built
+                // without lz4 refuses the setting and keeps its default.
+                if conn
+                    .batch_execute("SET default_toast_compression = 'lz4'")
+                    .is_err()
+                {
+                    tracing::debug!("PostgreSQL has no lz4; TOAST compression stays the default");
+                }
                 Ok(DbConn::Postgresql(conn))
             }
             Backend::Sqlite => {
