@@ -3,7 +3,8 @@
 //! per transaction, as `yiqiao mpi import` does), `$match` and PIXm-style lookup latency, the
 //! linkage quality of the online (one record at a time) matcher against the synthetic truth,
 //! and same-run baselines: a bare multi-row INSERT of the same rows into a scratch table and a
-//! read of a source record by id.
+//! read of a source record by id. The connection is set up as `yiqiao mpi import` sets up its
+//! own (`bulk_load_session`).
 //!
 //! `cargo run --release -p yiqiao-registry --example empi_store_bench -- [records] [database-url] [batch]`
 //! (default 10000 records on a fresh SQLite file in the temp directory, batch 1). Planner
@@ -50,6 +51,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     })?;
     store.migrate()?;
     let mut conn = store.conn()?;
+    empi::bulk_load_session(&mut conn)?;
     let now = now_utc();
     for i in 0..100 {
         diesel::insert_into(institutions::table)
