@@ -794,37 +794,6 @@ fn any_registered(conn: &mut DbConn, idents: &[(&str, &str)]) -> Result<bool, Em
     Ok(false)
 }
 
-/// Insert blocking keys, given as (key, record id) in key order: consecutive rows land on
-/// neighbouring B-tree pages. PostgreSQL: `INSERT … SELECT FROM unnest($1, $2)`, two array
-/// parameters per statement instead of a VALUES list of two parameters per row to parse and
-/// plan for every batch.
-fn insert_keys(conn: &mut DbConn, rows: &[(&str, &str)]) -> Result<(), EmpiError> {
-    use diesel::sql_types::{Array, Text};
-    for chunk in rows.chunks(SET_CHUNK * 4) {
-        match conn {
-            DbConn::Postgresql(pg) => {
-                diesel::sql_query(
-                    "INSERT INTO empi_blocking_keys (key, record_id) \
-                     SELECT * FROM unnest($1::text[], $2::text[])",
-                )
-                .bind::<Array<Text>, _>(chunk.iter().map(|(k, _)| *k).collect::<Vec<_>>())
-                .bind::<Array<Text>, _>(chunk.iter().map(|(_, r)| *r).collect::<Vec<_>>())
-                .execute(pg)?;
-            }
-            DbConn::Sqlite(lite) => {
-                let values: Vec<_> = chunk
-                    .iter()
-                    .map(|(k, r)| (keys_t::key.eq(*k), keys_t::record_id.eq(*r)))
-                    .collect();
-                diesel::insert_into(keys_t::table)
-                    .values(&values)
-                    .execute(lite)?;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// One record of [`register_new_set`], prepared.
 struct NewItem<'a> {
     reg: &'a Registration,
@@ -1096,12 +1065,18 @@ fn register_new_set(
         })
         .collect();
     insert_chunks!(conn, records_t::table, records, SET_CHUNK);
-    let mut keys: Vec<(&str, &str)> = items
+    let keys: Vec<_> = items
         .iter()
-        .flat_map(|item| item.keys.iter().map(|k| (k.as_str(), item.id.as_str())))
+        .flat_map(|item| {
+            item.keys.iter().map(|k| {
+                (
+                    keys_t::record_id.eq(item.id.as_str()),
+                    keys_t::key.eq(k.as_str()),
+                )
+            })
+        })
         .collect();
-    keys.sort_unstable();
-    insert_keys(conn, &keys)?;
+    insert_chunks!(conn, keys_t::table, keys, SET_CHUNK * 4);
     let issues: Vec<_> = items
         .iter()
         .flat_map(|item| {
