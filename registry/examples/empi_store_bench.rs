@@ -260,9 +260,9 @@ fn measure_reads(
         match_times.len()
     );
     let mut read_times = Vec::with_capacity(sample.len());
-    for j in 0..sample.len() {
+    for id in &sample_ids {
         let t = Instant::now();
-        std::hint::black_box(empi::get_record(conn, &sample_ids[j])?);
+        std::hint::black_box(empi::get_record(conn, id)?);
         read_times.push(t.elapsed());
     }
     read_times.sort();
