@@ -459,6 +459,7 @@ pub fn import(
     let mut conn = store
         .conn()
         .map_err(|e| ImportError::Database(e.to_string()))?;
+    empi::bulk_load_session(&mut conn).map_err(|e| ImportError::Database(e.to_string()))?;
     let mut reader = Reader::open(opts)?;
     let actor = format!("import:{}", institution.id);
     let batch_size = opts.batch.max(1);

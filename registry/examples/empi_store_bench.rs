@@ -3,10 +3,12 @@
 //! per transaction, as `yiqiao mpi import` does), `$match` and PIXm-style lookup latency, the
 //! linkage quality of the online (one record at a time) matcher against the synthetic truth,
 //! and same-run baselines: a bare multi-row INSERT of the same rows into a scratch table and a
-//! read of a source record by id.
+//! read of a source record by id. The connection is set up as `yiqiao mpi import` sets up its
+//! own (`bulk_load_session`).
 //!
-//! `cargo run --release -p yiqiao-registry --example empi_store_bench -- [records] [database-url] [batch]`
-//! (default 10000 records on a fresh SQLite file in the temp directory, batch 1). Planner
+//! `cargo run --release -p yiqiao-registry --example empi_store_bench -- [records] [database-url] [batch] [reads]`
+//! (default 10000 records on a fresh SQLite file in the temp directory, batch 1; `reads`: the
+//! database holds the population from a previous run, measure the reads only). Planner
 //! statistics are refreshed on the import's schedule (`StatisticsSchedule`) in both modes:
 //! autovacuum, which would do it for the FHIR feed, is off on the test server.
 
@@ -16,7 +18,7 @@ use std::time::{Duration, Instant};
 use diesel::prelude::*;
 use yiqiao_registry::empi::evaluate::pairwise_quality;
 use yiqiao_registry::empi::store::{self as empi, Registration};
-use yiqiao_registry::empi::synth::{PopulationConfig, generate};
+use yiqiao_registry::empi::synth::{Population, PopulationConfig, generate};
 use yiqiao_registry::store::DbConn;
 use yiqiao_registry::store::now_utc;
 use yiqiao_registry::store::schema::{empi_links, institutions};
@@ -39,6 +41,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let batch: usize = args.next().map_or(Ok(1), |a| a.parse())?;
     let batch = batch.max(1);
+    // `reads`: the database already holds this population (a previous run of the same size
+    // and seed): measure `$match`, reads and PIXm only.
+    let reads_only = args.next().as_deref() == Some("reads");
     let store = Store::open(&StoreOptions {
         url: url.clone(),
         pool_size: 2,
@@ -50,8 +55,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     })?;
     store.migrate()?;
     let mut conn = store.conn()?;
+    empi::bulk_load_session(&mut conn)?;
     let now = now_utc();
-    for i in 0..100 {
+    for i in 0..if reads_only { 0 } else { 100 } {
         diesel::insert_into(institutions::table)
             .values((
                 institutions::id.eq(format!("H{i:03}")),
@@ -80,6 +86,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         pop.persons
     );
 
+    if reads_only {
+        return measure_reads(&mut conn, &pop, None);
+    }
     let regs: Vec<Registration> = pop
         .records
         .iter()
@@ -206,13 +215,39 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         pop.persons
     );
 
+    measure_reads(&mut conn, &pop, Some(&ids))
+}
+
+/// `$match`, read by id (the baseline) and PIXm lookup latency over 1,000 sampled records.
+/// `ids`: the stored id of every record, when known.
+fn measure_reads(
+    conn: &mut DbConn,
+    pop: &Population,
+    ids: Option<&[String]>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let sample: Vec<usize> = (0..1_000.min(pop.records.len()))
         .map(|i| (i * 7919) % pop.records.len())
         .collect();
+    let sample_ids: Vec<String> = sample
+        .iter()
+        .map(|&i| -> Result<String, Box<dyn std::error::Error>> {
+            if let Some(ids) = ids {
+                return Ok(ids[i].clone());
+            }
+            let r = &pop.records[i];
+            empi::find_by_identifier(
+                conn,
+                &format!("urn:bench:{}", r.institution),
+                &r.record_id.0.to_string(),
+            )?
+            .map(|s| s.id)
+            .ok_or_else(|| "record not found: load the population first".into())
+        })
+        .collect::<Result<_, _>>()?;
     let mut match_times = Vec::with_capacity(sample.len());
     for &i in &sample {
         let t = Instant::now();
-        let found = empi::match_record(&mut conn, &pop.records[i])?;
+        let found = empi::match_record(conn, &pop.records[i])?;
         match_times.push(t.elapsed());
         std::hint::black_box(found);
     }
@@ -225,9 +260,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         match_times.len()
     );
     let mut read_times = Vec::with_capacity(sample.len());
-    for &i in &sample {
+    for id in &sample_ids {
         let t = Instant::now();
-        std::hint::black_box(empi::get_record(&mut conn, &ids[i])?);
+        std::hint::black_box(empi::get_record(conn, id)?);
         read_times.push(t.elapsed());
     }
     read_times.sort();
@@ -245,12 +280,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let r = &pop.records[i];
         let t = Instant::now();
         let source = empi::find_by_identifier(
-            &mut conn,
+            conn,
             &format!("urn:bench:{}", r.institution),
             &r.record_id.0.to_string(),
         )?;
         if let Some(link) = source.and_then(|s| s.link) {
-            std::hint::black_box(empi::records_of_person(&mut conn, &link.person_id)?);
+            std::hint::black_box(empi::records_of_person(conn, &link.person_id)?);
         }
         pix_times.push(t.elapsed());
     }

@@ -421,27 +421,39 @@ fn load_records(conn: &mut DbConn, ids: &[String]) -> Result<Vec<StoredRecord>, 
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let rows: Vec<RecordRow> = records_t::table
+    // One statement: each record with its link (if any).
+    let rows: Vec<(RecordRow, Option<LinkRow>)> = records_t::table
+        .left_join(links_t::table.on(links_t::record_id.eq(records_t::id)))
         .filter(records_t::id.eq_any(ids))
-        .select(RecordRow::as_select())
+        .select((RecordRow::as_select(), Option::<LinkRow>::as_select()))
         .load(conn)?;
-    let links: Vec<LinkRow> = links_t::table
-        .filter(links_t::record_id.eq_any(ids))
-        .select(LinkRow::as_select())
-        .load(conn)?;
-    let mut links: HashMap<String, Link> = links
-        .into_iter()
-        .map(|l| l.into_link().map(|l| (l.record_id.clone(), l)))
-        .collect::<Result<_, _>>()?;
+    stored_records(rows)
+}
+
+/// Records with their links (a left join's rows), ordered by id.
+fn stored_records(rows: Vec<(RecordRow, Option<LinkRow>)>) -> Result<Vec<StoredRecord>, EmpiError> {
     let mut out: Vec<StoredRecord> = rows
         .into_iter()
-        .map(|r| {
-            let link = links.remove(&r.id);
-            r.into_stored(link)
-        })
+        .map(|(r, l)| r.into_stored(l.map(LinkRow::into_link).transpose()?))
         .collect::<Result<_, _>>()?;
     out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)
+}
+
+/// The linked records among `ids` as (id, engine record as JSON, person): what the matcher
+/// needs of a candidate, in one statement, without the stored resource or link evidence.
+fn load_linked_candidates(
+    conn: &mut DbConn,
+    ids: &[String],
+) -> Result<Vec<(String, String, String)>, EmpiError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(records_t::table
+        .inner_join(links_t::table.on(links_t::record_id.eq(records_t::id)))
+        .filter(records_t::id.eq_any(ids))
+        .select((records_t::id, records_t::record_json, links_t::person_id))
+        .load(conn)?)
 }
 
 /// The source records linked to a person, oldest first.
@@ -480,25 +492,23 @@ fn scored_candidates(
     // No DISTINCT in SQL: `SELECT DISTINCT … LIMIT` let PostgreSQL walk the whole
     // (record_id, key) primary key in order, filtering on the key, instead of looking the
     // keys up. A record shares at most `keys.len()` keys with the query (one row per key),
-    // so `MAX_CANDIDATES × keys.len()` rows hold at least `MAX_CANDIDATES` distinct records
-    // whenever that many exist: the same candidate set as a distinct query with that limit.
+    // so `MAX_CANDIDATES × keys.len()` key rows hold at least `MAX_CANDIDATES` distinct
+    // records whenever that many exist; beyond `MAX_CANDIDATES` an arbitrary subset is
+    // scored, as before. One statement: the key lookup is a subquery of the records' load.
     let row_limit = MAX_CANDIDATES.saturating_mul(i64::try_from(keys.len()).unwrap_or(i64::MAX));
-    let mut query = keys_t::table
+    // Record ids are never empty, so "" excludes nothing.
+    let ids = keys_t::table
         .filter(keys_t::key.eq_any(keys))
+        .filter(keys_t::record_id.ne(exclude.unwrap_or_default()))
         .select(keys_t::record_id)
-        .limit(row_limit)
-        .into_boxed();
-    if let Some(ex) = exclude {
-        query = query.filter(keys_t::record_id.ne(ex.to_string()));
-    }
-    let mut seen = BTreeSet::new();
-    let ids: Vec<String> = query
-        .load::<String>(conn)?
-        .into_iter()
-        .filter(|id| seen.insert(id.clone()))
-        .take(usize::try_from(MAX_CANDIDATES).unwrap_or(usize::MAX))
-        .collect();
-    let records = load_records(conn, &ids)?;
+        .limit(row_limit);
+    let rows: Vec<(RecordRow, Option<LinkRow>)> = records_t::table
+        .left_join(links_t::table.on(links_t::record_id.eq(records_t::id)))
+        .filter(records_t::id.eq_any(ids))
+        .select((RecordRow::as_select(), Option::<LinkRow>::as_select()))
+        .load(conn)?;
+    let mut records = stored_records(rows)?;
+    records.truncate(usize::try_from(MAX_CANDIDATES).unwrap_or(usize::MAX));
     let mut out: Vec<ScoredCandidate> = records
         .into_iter()
         .map(|r| {
@@ -744,6 +754,46 @@ pub fn register_batch(
 /// PostgreSQL's 65,535 and SQLite's 32,766 for the widest table, 16 columns).
 const SET_CHUNK: usize = 1_000;
 
+/// Whether any of the (system, value) identifiers is registered: one statement per chunk,
+/// an index probe of the (id_system, id_value) unique index per pair (a filter on the values
+/// alone would scan that whole index; one per system would be a statement per institution).
+fn any_registered(conn: &mut DbConn, idents: &[(&str, &str)]) -> Result<bool, EmpiError> {
+    use diesel::sql_types::{Array, BigInt, Text};
+    #[derive(QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    for chunk in idents.chunks(SET_CHUNK) {
+        let found: Found = match conn {
+            DbConn::Postgresql(pg) => diesel::sql_query(
+                "SELECT count(*) AS n FROM unnest($1::text[], $2::text[]) AS q (s, v) \
+                 JOIN empi_source_records r ON r.id_system = q.s AND r.id_value = q.v",
+            )
+            .bind::<Array<Text>, _>(chunk.iter().map(|(s, _)| *s).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(chunk.iter().map(|(_, v)| *v).collect::<Vec<_>>())
+            .get_result(pg)?,
+            DbConn::Sqlite(lite) => {
+                // CROSS JOIN keeps the VALUES list as the outer loop.
+                let rows = vec!["(?, ?)"; chunk.len()].join(", ");
+                let mut query = diesel::sql_query(format!(
+                    "SELECT count(*) AS n FROM (VALUES {rows}) AS q CROSS JOIN \
+                     empi_source_records r ON r.id_system = q.column1 AND r.id_value = q.column2"
+                ))
+                .into_boxed();
+                for (system, value) in chunk {
+                    query = query.bind::<Text, _>(*system).bind::<Text, _>(*value);
+                }
+                query.get_result(lite)?
+            }
+        };
+        if found.n > 0 {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// One record of [`register_new_set`], prepared.
 struct NewItem<'a> {
     reg: &'a Registration,
@@ -805,20 +855,10 @@ fn register_new_set(
             .map(|(system, value)| format!("id:{system}|{value}"))
             .collect(),
     )?;
-    let values: Vec<&str> = idents.iter().map(|(_, v)| *v).collect();
-    for chunk in values.chunks(SET_CHUNK) {
-        let found: Vec<(String, String)> = records_t::table
-            .filter(records_t::id_value.eq_any(chunk))
-            .select((records_t::id_system, records_t::id_value))
-            .load(conn)?;
-        if found
-            .iter()
-            .any(|(s, v)| idents.contains(&(s.as_str(), v.as_str())))
-        {
-            return Ok(None);
-        }
+    let pairs: Vec<(&str, &str)> = idents.iter().copied().collect();
+    if any_registered(conn, &pairs)? {
+        return Ok(None);
     }
-
     let mut items: Vec<NewItem> = Vec::with_capacity(idents.len());
     for (index, reg) in regs.iter().enumerate() {
         if refused.contains_key(&index) {
@@ -877,17 +917,16 @@ fn register_new_set(
     let mut known: HashMap<String, Known> = HashMap::new();
     let stored_ids: Vec<String> = stored_ids.into_iter().collect();
     for chunk in stored_ids.chunks(SET_CHUNK) {
-        for r in load_records(conn, chunk)? {
-            // Only linked records are candidates (as in `link_by_matcher`).
-            if let Some(link) = &r.link {
-                known.insert(
-                    r.id.clone(),
-                    Known {
-                        prepared: prepare(&r.record),
-                        person: link.person_id.clone(),
-                    },
-                );
-            }
+        // Only linked records are candidates (as in `link_by_matcher`).
+        for (id, json, person) in load_linked_candidates(conn, chunk)? {
+            let record: SourceRecord = serde_json::from_str(&json).map_err(corrupt)?;
+            known.insert(
+                id,
+                Known {
+                    prepared: prepare(&record),
+                    person,
+                },
+            );
         }
     }
 
@@ -1107,6 +1146,24 @@ pub fn refresh_statistics(conn: &mut DbConn) -> Result<(), EmpiError> {
              empi_review_items",
         )
         .execute(pg)?;
+    }
+    Ok(())
+}
+
+/// Settings of a connection dedicated to a bulk load (`yiqiao mpi import`, the store bench),
+/// made once before its first batch. PostgreSQL: none — a commit is durable with the
+/// default `synchronous_commit = on`, which is what a resumable import needs of each batch.
+/// SQLite (WAL): `synchronous = FULL`, so each batch's commit is on disk before the import
+/// records it in its checkpoint file (the store's `NORMAL` leaves a WAL commit to the next
+/// checkpoint's sync: a power failure could lose a batch the checkpoint file counts as
+/// stored), and `wal_autocheckpoint` at 16,384 pages (64 MiB) instead of 1,000, so index
+/// pages that several batches change are copied into the database once per checkpoint,
+/// not once per batch (a batch of 500 dirties thousands of index pages, so with 1,000 every
+/// commit checkpointed). The connection keeps these settings until it is closed.
+pub fn bulk_load_session(conn: &mut DbConn) -> Result<(), EmpiError> {
+    if let DbConn::Sqlite(lite) = conn {
+        diesel::sql_query("PRAGMA synchronous = FULL").execute(lite)?;
+        diesel::sql_query("PRAGMA wal_autocheckpoint = 16384").execute(lite)?;
     }
     Ok(())
 }

@@ -440,6 +440,8 @@ diesel::joinable!(doc_contents -> doc_references (document_id));
 diesel::allow_tables_to_appear_in_same_query!(doc_references, doc_contents);
 diesel::allow_tables_to_appear_in_same_query!(encounters, empi_links);
 diesel::allow_tables_to_appear_in_same_query!(empi_links, empi_source_records);
+diesel::allow_tables_to_appear_in_same_query!(empi_blocking_keys, empi_source_records);
+diesel::allow_tables_to_appear_in_same_query!(empi_blocking_keys, empi_links);
 
 diesel::table! {
     audit_archives (first_seq) {

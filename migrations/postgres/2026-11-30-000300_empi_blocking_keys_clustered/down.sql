@@ -1,0 +1,2 @@
+-- SQLite only: nothing to undo here.
+SELECT 1;
