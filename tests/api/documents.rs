@@ -350,6 +350,47 @@ async fn registration_is_validated(backend: Backend) {
     app.stop().await;
 }
 
+/// A search's answer is encoded while its audit record is written, and never sent without it:
+/// with audit inserts failing, the custodian's own search answers 503 and the body holds no
+/// document; once audit works again the same search answers with it.
+async fn search_fails_closed_without_its_audit_record(backend: Backend) {
+    let app = setup(backend, |s| s.audit.write_timeout_ms = 3000).await;
+    register(
+        &app,
+        1,
+        &doc(
+            1,
+            "D-CLOSED",
+            "MR-1",
+            DISCHARGE,
+            "2024-03-01T08:00:00+08:00",
+        ),
+    )
+    .await;
+    let deny = match backend {
+        Backend::Sqlite => {
+            "CREATE TRIGGER audit_down BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'audit down'); END;"
+        }
+        Backend::Postgres => {
+            "CREATE FUNCTION audit_down() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'audit down'; END $$ LANGUAGE plpgsql; \
+             CREATE TRIGGER audit_down BEFORE INSERT ON audit_events FOR EACH ROW EXECUTE FUNCTION audit_down();"
+        }
+    };
+    crate::auditing::sql(&app, deny).await;
+    let resp = get_as(&app, 1, "/fhir/DocumentReference?_count=5").await;
+    let body = assert_outcome(resp, 503, "audit-unavailable").await;
+    assert!(!body.to_string().contains("D-CLOSED"), "{body}");
+    let undo = match backend {
+        Backend::Sqlite => "DROP TRIGGER audit_down",
+        Backend::Postgres => "DROP TRIGGER audit_down ON audit_events",
+    };
+    crate::auditing::sql(&app, undo).await;
+    let resp = get_as(&app, 1, "/fhir/DocumentReference?_count=5").await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.text().await.unwrap().contains("D-CLOSED"));
+    app.stop().await;
+}
+
 async fn registration_is_idempotent_and_bundles_all_or_nothing(backend: Backend) {
     let app = setup(backend, |_| {}).await;
     let d1 = doc(1, "D-1", "MR-1", DISCHARGE, "2024-03-01T08:00:00+08:00");
@@ -1920,6 +1961,7 @@ async fn internet_hospital_needs_a_care_relationship(backend: Backend) {
 }
 
 on_both_backends!(
+    search_fails_closed_without_its_audit_record,
     registration_is_validated,
     retrieval_in_sm_envelopes,
     internet_hospital_needs_a_care_relationship,

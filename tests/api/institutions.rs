@@ -49,10 +49,22 @@ async fn create_read_update_suspend(backend: Backend) {
     assert_eq!(updated["version"], 2);
     assert_eq!(updated["created_at"], created["created_at"]);
 
+    // The admin credential acting for the institution reads the directory through the
+    // replica's cache (filled here); a suspension made through this replica drops the cached
+    // entry, so it takes effect at once.
+    let on_behalf = || {
+        app.client
+            .get(app.url("/fhir/Patient?family=nobody"))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("X-On-Behalf-Of", "hosp-001")
+            .send()
+    };
+    assert_eq!(on_behalf().await.unwrap().status(), 200);
     let resp = app
         .admin_post("/admin/institutions/hosp-001/suspend", &json!({}))
         .await;
     assert_eq!(resp.status(), 200);
+    assert_outcome(on_behalf().await.unwrap(), 403, "forbidden").await;
     let suspended: Value = resp.json().await.unwrap();
     assert_eq!(suspended["status"], "suspended");
     assert_eq!(suspended["version"], 3);
