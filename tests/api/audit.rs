@@ -413,16 +413,7 @@ async fn fail_closed(backend: Backend) {
             .status(),
         201
     );
-    let deny = match backend {
-        Backend::Sqlite => {
-            "CREATE TRIGGER audit_down BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'audit down'); END;"
-        }
-        Backend::Postgres => {
-            "CREATE FUNCTION audit_down() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'audit down'; END $$ LANGUAGE plpgsql; \
-             CREATE TRIGGER audit_down BEFORE INSERT ON audit_events FOR EACH ROW EXECUTE FUNCTION audit_down();"
-        }
-    };
-    sql(&app, deny.into()).await;
+    crate::auditing::break_audit(&app, backend).await;
     for path in [
         "/fhir/Organization/hosp-001",
         "/fhir/Endpoint/hosp-001",
@@ -436,18 +427,7 @@ async fn fail_closed(backend: Backend) {
             "{text}"
         );
     }
-    sql(
-        &app,
-        "DROP TRIGGER audit_down ON audit_events".replace(
-            " ON audit_events",
-            if backend == Backend::Postgres {
-                " ON audit_events"
-            } else {
-                ""
-            },
-        ),
-    )
-    .await;
+    crate::auditing::mend_audit(&app, backend).await;
     assert_eq!(app.get("/fhir/Organization/hosp-001").await.status(), 200);
     assert!(verify(&app).await.ok());
     app.stop().await;

@@ -67,6 +67,29 @@ pub(crate) async fn chain_ok(app: &TestApp) {
     assert!(report.ok(), "{:#?}", report.problems);
 }
 
+/// Make every audit insert fail (a trigger), to show that nothing is answered without its record.
+pub(crate) async fn break_audit(app: &TestApp, backend: Backend) {
+    let deny = match backend {
+        Backend::Sqlite => {
+            "CREATE TRIGGER audit_down BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'audit down'); END;"
+        }
+        Backend::Postgres => {
+            "CREATE FUNCTION audit_down() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'audit down'; END $$ LANGUAGE plpgsql; \
+             CREATE TRIGGER audit_down BEFORE INSERT ON audit_events FOR EACH ROW EXECUTE FUNCTION audit_down();"
+        }
+    };
+    sql(app, deny).await;
+}
+
+/// Undo [`break_audit`].
+pub(crate) async fn mend_audit(app: &TestApp, backend: Backend) {
+    let undo = match backend {
+        Backend::Sqlite => "DROP TRIGGER audit_down",
+        Backend::Postgres => "DROP TRIGGER audit_down ON audit_events",
+    };
+    sql(app, undo).await;
+}
+
 pub(crate) async fn sql(app: &TestApp, statements: &str) {
     let store = app.state.store.clone();
     let statements = statements.to_string();

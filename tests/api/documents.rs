@@ -367,24 +367,11 @@ async fn search_fails_closed_without_its_audit_record(backend: Backend) {
         ),
     )
     .await;
-    let deny = match backend {
-        Backend::Sqlite => {
-            "CREATE TRIGGER audit_down BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'audit down'); END;"
-        }
-        Backend::Postgres => {
-            "CREATE FUNCTION audit_down() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'audit down'; END $$ LANGUAGE plpgsql; \
-             CREATE TRIGGER audit_down BEFORE INSERT ON audit_events FOR EACH ROW EXECUTE FUNCTION audit_down();"
-        }
-    };
-    crate::auditing::sql(&app, deny).await;
+    crate::auditing::break_audit(&app, backend).await;
     let resp = get_as(&app, 1, "/fhir/DocumentReference?_count=5").await;
     let body = assert_outcome(resp, 503, "audit-unavailable").await;
     assert!(!body.to_string().contains("D-CLOSED"), "{body}");
-    let undo = match backend {
-        Backend::Sqlite => "DROP TRIGGER audit_down",
-        Backend::Postgres => "DROP TRIGGER audit_down ON audit_events",
-    };
-    crate::auditing::sql(&app, undo).await;
+    crate::auditing::mend_audit(&app, backend).await;
     let resp = get_as(&app, 1, "/fhir/DocumentReference?_count=5").await;
     assert_eq!(resp.status(), 200);
     assert!(resp.text().await.unwrap().contains("D-CLOSED"));
