@@ -9,7 +9,6 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::{Value, json};
 use yiqiao_registry::audit::{EntityRef, outcome};
-use yiqiao_registry::directory;
 use yiqiao_registry::empi::store as empi;
 use yiqiao_sm::{ENVELOPE_MEDIA_TYPE, Envelope, RecipientKey, RequestBinding, Sm2PublicKey};
 
@@ -184,29 +183,32 @@ pub async fn search(
 
     // Where does the person have records?
     let resolve_started = std::time::Instant::now();
+    // The holders' identifiers in one statement; their directory entries through the same
+    // per-replica cache as access tokens (at most `auth.directory_cache_ttl_ms` old).
+    // The consent engine's caches are synchronised on the same trip (their state as of the
+    // request's start, like a document search), so the release after the fan-out reads
+    // nothing shared.
     let lookup = person.clone();
-    let sites: Vec<Site> = state
-        .db(move |conn| -> Result<Vec<Site>, ApiError> {
-            let records = empi::records_of_person(conn, &lookup).map_err(ApiError::from)?;
-            let mut by_inst: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
-            for r in records {
-                by_inst
-                    .entry(r.institution_id.clone())
-                    .or_default()
-                    .push((r.id_system, r.id_value));
-            }
-            let ids: Vec<String> = by_inst.keys().cloned().collect();
-            let institutions = directory::get_many(conn, &ids).map_err(ApiError::from)?;
-            Ok(institutions
-                .into_iter()
-                .zip(by_inst.into_values())
-                .map(|(institution, identifiers)| Site {
-                    institution,
-                    identifiers,
-                })
-                .collect())
+    let policy = state.policy.clone();
+    let (holders, synced) = state
+        .db(move |conn| -> Result<_, ApiError> {
+            let holders = empi::holders_of_person(conn, &lookup).map_err(ApiError::from)?;
+            Ok((holders, policy.sync_on(conn)?))
         })
         .await?;
+    let institutions = crate::oauth::cached_institutions(
+        &state,
+        holders.iter().map(|(id, _)| id.clone()).collect(),
+    )
+    .await?;
+    let sites: Vec<Site> = institutions
+        .into_iter()
+        .zip(holders)
+        .map(|(institution, (_, identifiers))| Site {
+            institution,
+            identifiers,
+        })
+        .collect();
     if sites.is_empty() {
         return Err(ApiError::not_found(format!(
             "no records are linked to enterprise patient {person}"
@@ -284,7 +286,10 @@ pub async fn search(
             resource: std::mem::take(&mut i.resource),
         })
         .collect();
-    let released = state.policy.release(&caller, &ask, candidates).await?;
+    let released = state
+        .policy
+        .release_with(&caller, &ask, candidates, synced)
+        .await?;
     let mut kept: std::collections::HashMap<usize, Value> = released.kept.iter().cloned().collect();
     for w in &released.withheld {
         withheld

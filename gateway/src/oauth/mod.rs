@@ -109,6 +109,54 @@ pub async fn cached_institution(
     Ok(found)
 }
 
+/// Directory entries of `ids`, in that order, each at most `directory_cache_ttl_ms` old: the
+/// cached ones as they are, the others read in one query (and cached). `NotFound` when an id
+/// has no entry.
+pub async fn cached_institutions(
+    state: &AppState,
+    ids: Vec<String>,
+) -> Result<Vec<Institution>, ApiError> {
+    let ttl = Duration::from_millis(state.settings.auth.directory_cache_ttl_ms);
+    let mut found: Vec<Option<Institution>> = vec![None; ids.len()];
+    if !ttl.is_zero()
+        && let Ok(cache) = state.auth.directory_cache.lock()
+    {
+        for (slot, id) in found.iter_mut().zip(&ids) {
+            if let Some((at, inst)) = cache.get(id)
+                && at.elapsed() < ttl
+            {
+                *slot = Some(inst.clone());
+            }
+        }
+    }
+    let missing: Vec<String> = ids
+        .iter()
+        .zip(&found)
+        .filter(|(_, f)| f.is_none())
+        .map(|(id, _)| id.clone())
+        .collect();
+    if !missing.is_empty() {
+        let read = state
+            .db(move |conn| directory::get_many(conn, &missing))
+            .await?;
+        if !ttl.is_zero()
+            && let Ok(mut cache) = state.auth.directory_cache.lock()
+        {
+            if cache.len() > 10_000 {
+                cache.clear();
+            }
+            for inst in &read {
+                cache.insert(inst.id.as_str().to_string(), (Instant::now(), inst.clone()));
+            }
+        }
+        let mut read = read.into_iter();
+        for slot in found.iter_mut().filter(|f| f.is_none()) {
+            *slot = read.next();
+        }
+    }
+    Ok(found.into_iter().flatten().collect())
+}
+
 /// Drop this replica's cached directory entry of `id` (after a change made through it, so the
 /// change takes effect here at once; other replicas within `directory_cache_ttl_ms`).
 pub fn forget_institution(state: &AppState, id: &str) {

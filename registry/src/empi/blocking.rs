@@ -5,7 +5,10 @@
 //!
 //! Keys are chosen to survive the usual registration errors:
 //! - `rid:` first 17 characters of the resident ID (survives a wrong check character);
-//! - `oid:` other identifiers (insurance, passport, institution record number); `ph:` phone;
+//! - `oid:` other identifiers (insurance, passport); `ph:` phone (also what a PDQm `telecom`
+//!   search looks up). Institution record numbers are no key: namespaced by their institution
+//!   they are unique per record (no other record shares one), so the key was an index entry
+//!   per record that never found a candidate;
 //! - `nm:` order-insensitive romanised name + birth year (survives homophones, Latin script,
 //!   day/month errors);
 //! - `np:` each name part's pinyin (surname, given name; Latin tokens) + birth date with day
@@ -16,6 +19,7 @@ use std::collections::HashMap;
 
 use chrono::Datelike;
 
+use super::ident::IdentifierKind;
 use super::normalize::NameScript;
 use super::record::{PreparedRecord, RecordId};
 
@@ -28,7 +32,11 @@ pub fn blocking_keys(r: &PreparedRecord) -> Vec<String> {
     {
         keys.push(format!("rid:{first17}"));
     }
-    for o in &r.other_ids {
+    for o in r
+        .other_ids
+        .iter()
+        .filter(|o| o.kind != IdentifierKind::InstitutionRecord)
+    {
         keys.push(format!("oid:{:?}:{}", o.kind, o.value));
     }
     for p in &r.phones {
@@ -134,7 +142,6 @@ impl BlockIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::empi::ident::IdentifierKind;
     use crate::empi::record::{Identifier, SourceRecord, prepare};
     use chrono::NaiveDate;
 
@@ -175,6 +182,41 @@ mod tests {
             assert!(share_key(&base, v), "{:?}", v.name);
         }
         assert!(!share_key(&base, &rec(7, "李娜", (1949, 12, 3), None)));
+    }
+
+    #[test]
+    fn insurance_and_passport_are_keys_institution_record_numbers_are_not() {
+        let with = |kind: IdentifierKind, value: &str| {
+            let mut r = SourceRecord {
+                record_id: RecordId(1),
+                institution: "H001".into(),
+                name: "王芳".into(),
+                sex: None,
+                birth_date: NaiveDate::from_ymd_opt(1980, 5, 6),
+                identifiers: Vec::new(),
+                address: None,
+            };
+            r.identifiers.push(Identifier {
+                kind,
+                value: value.into(),
+            });
+            blocking_keys(&prepare(&r))
+        };
+        assert!(
+            with(IdentifierKind::MedicalInsurance, "YB3501001234")
+                .iter()
+                .any(|k| k.starts_with("oid:MedicalInsurance:"))
+        );
+        assert!(
+            with(IdentifierKind::Passport, "E12345678")
+                .iter()
+                .any(|k| k.starts_with("oid:Passport:"))
+        );
+        // Unique per record (namespaced by the institution): an index entry that never finds
+        // a candidate.
+        let keys = with(IdentifierKind::InstitutionRecord, "MR000000042");
+        assert!(keys.iter().all(|k| !k.starts_with("oid:")), "{keys:?}");
+        assert!(keys.iter().any(|k| k.starts_with("nm:")));
     }
 
     #[test]

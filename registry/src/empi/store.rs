@@ -9,7 +9,9 @@
 //!   from the start, like `BEGIN IMMEDIATE`); on PostgreSQL it takes transaction-scoped
 //!   advisory locks on the identifier, then on the record's blocking keys in sorted order
 //!   (persons first for merges), so two institutions registering the same person at the same
-//!   moment end with one enterprise person and no deadlock.
+//!   moment end with one enterprise person and no deadlock. Every such writer holds one
+//!   writers' lock in shared mode first; a bulk batch of [`EXCLUSIVE_BATCH`] records or more
+//!   holds it exclusive instead of its ~8 locks per record (other writers wait for its commit).
 //! - Links decided `manual` or `merge` are never changed by the matcher; pairs a steward kept
 //!   separate are never linked automatically.
 //! - Registration is idempotent on (identifier system, value): the same content creates
@@ -298,32 +300,62 @@ fn fnv1a(data: &[u8]) -> u64 {
     })
 }
 
+/// PostgreSQL advisory lock every EMPI writer holds shared (taken first, by its first
+/// [`lock`] call) and a large bulk batch holds exclusive ([`lock_all_writers`]) instead of one
+/// lock per identifier and blocking key. Outside the range of [`lock_key`].
+const WRITERS_LOCK: i64 = i64::MIN;
+
+/// A lock name's advisory lock key (never [`WRITERS_LOCK`]).
+fn lock_key(name: &str) -> i64 {
+    i64::from_ne_bytes(fnv1a(name.as_bytes()).to_ne_bytes()).max(WRITERS_LOCK + 1)
+}
+
 /// Serialise writers that may create or move links (see the module invariants). `keys`
-/// are lock names (`id:…`, blocking keys, `person:…`); each call locks them in sorted order.
+/// are lock names (`id:…`, blocking keys, `person:…`); each call locks them in sorted order,
+/// after [`WRITERS_LOCK`] in shared mode (a bulk batch holding it exclusive excludes them).
 fn lock(conn: &mut DbConn, names: &BTreeSet<String>) -> Result<(), EmpiError> {
     match conn {
         DbConn::Postgresql(pg) => {
-            let mut hashes: Vec<i64> = names
-                .iter()
-                .map(|n| i64::from_ne_bytes(fnv1a(n.as_bytes()).to_ne_bytes()))
-                .collect();
-            hashes.sort_unstable();
-            hashes.dedup();
-            if hashes.is_empty() {
+            if names.is_empty() {
                 return Ok(());
             }
+            let mut hashes: Vec<i64> = names.iter().map(|n| lock_key(n)).collect();
+            hashes.push(WRITERS_LOCK);
+            hashes.sort_unstable();
+            hashes.dedup();
             // One round trip; the sorted subquery feeds the aggregate in order, so the
-            // locks are taken in ascending key order (no deadlock between writers).
+            // locks are taken in ascending key order (no deadlock between writers), the
+            // writers' shared lock (the smallest key) first: a writer never waits for it
+            // while holding another EMPI lock.
             diesel::sql_query(
-                "SELECT count(pg_advisory_xact_lock(h)) FROM \
+                "SELECT count(CASE WHEN h = $2 THEN pg_advisory_xact_lock_shared(h) \
+                 ELSE pg_advisory_xact_lock(h) END) FROM \
                  (SELECT unnest($1::bigint[]) AS h ORDER BY 1) AS sorted_keys",
             )
             .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(hashes)
+            .bind::<diesel::sql_types::BigInt, _>(WRITERS_LOCK)
             .execute(pg)?;
             Ok(())
         }
         DbConn::Sqlite(_) => Ok(()),
     }
+}
+
+/// Batches of at least this many records lock out every other EMPI writer for their
+/// transaction (PostgreSQL; one lock instead of ~8 per record, which would exhaust the
+/// server's lock table — `max_locks_per_transaction` × connections — for large batches).
+pub const EXCLUSIVE_BATCH: usize = 256;
+
+/// Hold [`WRITERS_LOCK`] exclusive until the transaction ends: no other EMPI writer runs
+/// meanwhile (each takes it shared first), so the holder needs no per-key lock. SQLite:
+/// nothing (the write transaction already excludes every other writer).
+fn lock_all_writers(conn: &mut DbConn) -> Result<(), EmpiError> {
+    if let DbConn::Postgresql(pg) = conn {
+        diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
+            .bind::<diesel::sql_types::BigInt, _>(WRITERS_LOCK)
+            .execute(pg)?;
+    }
+    Ok(())
 }
 
 /// Run `f` in a transaction that holds the EMPI write lock from its first statement.
@@ -466,6 +498,38 @@ pub fn records_of_person(
         .select(links_t::record_id)
         .load(conn)?;
     load_records(conn, &ids)
+}
+
+/// An institution holding records of a person: its id and the (system, value) identifiers of
+/// those records.
+pub type Holder = (String, Vec<(String, String)>);
+
+/// Where a person's records are held: per institution (sorted by id), the identifiers
+/// (system, value) of its records linked to the person. One statement, nothing decoded (the
+/// federated search needs only this, not the records).
+pub fn holders_of_person(conn: &mut DbConn, person_id: &str) -> Result<Vec<Holder>, EmpiError> {
+    let rows: Vec<(String, String, String)> = links_t::table
+        .inner_join(records_t::table.on(records_t::id.eq(links_t::record_id)))
+        .filter(links_t::person_id.eq(person_id))
+        .select((
+            records_t::institution_id,
+            records_t::id_system,
+            records_t::id_value,
+        ))
+        .order((
+            records_t::institution_id,
+            records_t::id_system,
+            records_t::id_value,
+        ))
+        .load(conn)?;
+    let mut out: Vec<Holder> = Vec::new();
+    for (institution, system, value) in rows {
+        match out.last_mut() {
+            Some((last, ids)) if *last == institution => ids.push((system, value)),
+            _ => out.push((institution, vec![(system, value)])),
+        }
+    }
+    Ok(out)
 }
 
 /// One candidate of a record, scored.
@@ -848,13 +912,18 @@ fn register_new_set(
     if idents.is_empty() {
         return Ok(None);
     }
-    lock(
-        conn,
-        &idents
-            .iter()
-            .map(|(system, value)| format!("id:{system}|{value}"))
-            .collect(),
-    )?;
+    let exclusive = idents.len() >= EXCLUSIVE_BATCH;
+    if exclusive {
+        lock_all_writers(conn)?;
+    } else {
+        lock(
+            conn,
+            &idents
+                .iter()
+                .map(|(system, value)| format!("id:{system}|{value}"))
+                .collect(),
+        )?;
+    }
     let pairs: Vec<(&str, &str)> = idents.iter().copied().collect();
     if any_registered(conn, &pairs)? {
         return Ok(None);
@@ -886,7 +955,9 @@ fn register_new_set(
         .iter()
         .flat_map(|i| i.keys.iter().map(String::as_str))
         .collect();
-    lock(conn, &all_keys.iter().map(|k| format!("key:{k}")).collect())?;
+    if !exclusive {
+        lock(conn, &all_keys.iter().map(|k| format!("key:{k}")).collect())?;
+    }
 
     // Stored records sharing a key with any batch record, by key.
     let key_list: Vec<&str> = all_keys.iter().copied().collect();
@@ -1159,11 +1230,15 @@ pub fn refresh_statistics(conn: &mut DbConn) -> Result<(), EmpiError> {
 /// stored), and `wal_autocheckpoint` at 16,384 pages (64 MiB) instead of 1,000, so index
 /// pages that several batches change are copied into the database once per checkpoint,
 /// not once per batch (a batch of 500 dirties thousands of index pages, so with 1,000 every
-/// commit checkpointed). The connection keeps these settings until it is closed.
+/// commit checkpointed), and a page cache of up to 1 GiB (`cache_size`; the default 2 MiB is
+/// far below what one large batch dirties, so SQLite spilled dirty pages to the WAL in the
+/// middle of the transaction and wrote many of them again before the commit). The
+/// connection keeps these settings until it is closed.
 pub fn bulk_load_session(conn: &mut DbConn) -> Result<(), EmpiError> {
     if let DbConn::Sqlite(lite) = conn {
         diesel::sql_query("PRAGMA synchronous = FULL").execute(lite)?;
         diesel::sql_query("PRAGMA wal_autocheckpoint = 16384").execute(lite)?;
+        diesel::sql_query("PRAGMA cache_size = -1048576").execute(lite)?;
     }
     Ok(())
 }
@@ -1559,7 +1634,15 @@ pub fn search_records(conn: &mut DbConn, f: &RecordFilter) -> Result<Vec<StoredR
         }
     }
     if let Some(p) = &f.phone {
-        q = q.filter(records_t::phone.eq(p.clone()));
+        // Any of the record's phones, through its `ph:` blocking key (the key index serves
+        // the lookup; the phone column keeps only the first phone and has no index).
+        q = q.filter(
+            records_t::id.eq_any(
+                keys_t::table
+                    .filter(keys_t::key.eq(format!("ph:{p}")))
+                    .select(keys_t::record_id),
+            ),
+        );
     }
     let limit = if f.limit <= 0 { 100 } else { f.limit.min(1000) };
     let ids: Vec<String> = q
@@ -2479,6 +2562,179 @@ mod tests {
                 .all(|o| matches!(o, Ok(RegistrationOutcome::Unchanged)))
         );
         assert_eq!(decided(&mut b), before);
+    }
+
+    /// A telecom search finds a record by any of its phones (through the `ph:` keys), not
+    /// only by the first one the phone column keeps.
+    fn phone_search_finds_any_of_a_records_phones(backend: Backend) {
+        use crate::empi::ident::IdentifierKind;
+        use crate::empi::record::Identifier;
+        let test = TestStore::new(backend);
+        let mut conn = test.store.conn().unwrap();
+        let mut record = generate(&PopulationConfig::new(1, 3)).records.remove(0);
+        record
+            .identifiers
+            .retain(|i| i.kind != IdentifierKind::Phone);
+        for phone in ["13800138000", "0591-87654321"] {
+            record.identifiers.push(Identifier {
+                kind: IdentifierKind::Phone,
+                value: phone.into(),
+            });
+        }
+        add_institutions(&mut conn, std::slice::from_ref(&record));
+        let reg = registrations(std::slice::from_ref(&record)).remove(0);
+        register(&mut conn, &reg, "test").unwrap();
+        let prepared = prepare(&record);
+        assert_eq!(prepared.phones.len(), 2, "{:?}", prepared.phones);
+        for phone in &prepared.phones {
+            let found = search_records(
+                &mut conn,
+                &RecordFilter {
+                    phone: Some(phone.clone()),
+                    ..RecordFilter::default()
+                },
+            )
+            .unwrap();
+            assert_eq!(found.len(), 1, "phone {phone}");
+            assert_eq!(found[0].id_value, reg.id_value);
+        }
+        let none = search_records(
+            &mut conn,
+            &RecordFilter {
+                phone: Some("13900000000".into()),
+                ..RecordFilter::default()
+            },
+        )
+        .unwrap();
+        assert!(none.is_empty());
+    }
+
+    #[test]
+    fn phone_search_finds_any_of_a_records_phones_sqlite() {
+        phone_search_finds_any_of_a_records_phones(Backend::Sqlite);
+    }
+
+    #[test]
+    fn phone_search_finds_any_of_a_records_phones_postgres() {
+        phone_search_finds_any_of_a_records_phones(Backend::Postgres);
+    }
+
+    /// The records of one fresh population, registered as new (all `Created`) in one batch.
+    fn register_all_new(conn: &mut DbConn, regs: &[Registration]) {
+        let refs: Vec<&Registration> = regs.iter().collect();
+        let out = register_batch(conn, &refs, "test").unwrap();
+        assert!(
+            out.iter()
+                .all(|o| matches!(o, Ok(RegistrationOutcome::Created)))
+        );
+    }
+
+    /// A batch far larger than the PostgreSQL lock table could hold as per-key locks
+    /// (`max_locks_per_transaction` × connections; ~7 locks a record; without the writers'
+    /// lock this fails with "out of shared memory") registers: such batches hold the one
+    /// writers' lock instead.
+    fn large_batches_fit_the_lock_table(backend: Backend) {
+        let test = TestStore::new(backend);
+        let mut conn = test.store.conn().unwrap();
+        let records = match &mut *conn {
+            DbConn::Postgresql(pg) => {
+                #[derive(QueryableByName)]
+                struct Slots {
+                    #[diesel(sql_type = diesel::sql_types::BigInt)]
+                    n: i64,
+                }
+                let slots: Slots = diesel::sql_query(
+                    "SELECT current_setting('max_locks_per_transaction')::bigint * \
+                     (current_setting('max_connections')::bigint + \
+                      current_setting('max_prepared_transactions')::bigint) AS n",
+                )
+                .get_result(pg)
+                .unwrap();
+                // ≥ 6 keys and 1 identifier a record: about 7 locks per slot (1/3 of that
+                // still fitted in the table's spare shared memory; this does not).
+                usize::try_from(slots.n).unwrap()
+            }
+            DbConn::Sqlite(_) => 6_400,
+        };
+        let pop = generate(&PopulationConfig::new(records, 5));
+        add_institutions(&mut conn, &pop.records);
+        let regs = registrations(&pop.records);
+        register_all_new(&mut conn, &regs);
+        let stored: i64 = records_t::table.count().get_result(&mut *conn).unwrap();
+        assert_eq!(stored, i64::try_from(regs.len()).unwrap());
+    }
+
+    #[test]
+    fn large_batches_fit_the_lock_table_sqlite() {
+        large_batches_fit_the_lock_table(Backend::Sqlite);
+    }
+
+    #[test]
+    fn large_batches_fit_the_lock_table_postgres() {
+        large_batches_fit_the_lock_table(Backend::Postgres);
+    }
+
+    /// While a bulk batch (which takes no per-key locks) is uncommitted, a registration of
+    /// the same person from another institution waits for it, and then links to its record
+    /// instead of making a second person from a view without the batch.
+    fn a_registration_waits_for_an_uncommitted_bulk_batch(backend: Backend) {
+        let test = TestStore::new(backend);
+        let pop = generate(&PopulationConfig::new(EXCLUSIVE_BATCH + 50, 13));
+        let mut setup = test.store.conn().unwrap();
+        add_institutions(&mut setup, &pop.records);
+        let regs = registrations(&pop.records);
+        // The first record again, exactly, as registered by another institution.
+        let mut twin = regs[0].clone();
+        let other = regs
+            .iter()
+            .find(|r| r.institution_id != twin.institution_id)
+            .unwrap()
+            .institution_id
+            .clone();
+        twin.record.institution.clone_from(&other);
+        twin.institution_id.clone_from(&other);
+        twin.record.record_id = RecordId(u64::MAX);
+        twin.id_system = format!("urn:test:{other}");
+        twin.id_value = "twin-of-first".into();
+        let (started_tx, started) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            let store = &test.store;
+            let regs = &regs;
+            scope.spawn(move || {
+                let mut a = store.conn().unwrap();
+                crate::store::write_tx(&mut a, |c| -> Result<(), EmpiError> {
+                    let refs: Vec<&Registration> = regs.iter().collect();
+                    register_batch(c, &refs, "bulk")?;
+                    started_tx.send(()).unwrap();
+                    // Long enough for the other registration to finish if it did not wait.
+                    std::thread::sleep(std::time::Duration::from_millis(800));
+                    Ok(())
+                })
+                .unwrap();
+            });
+            started.recv().unwrap();
+            let mut b = store.conn().unwrap();
+            register(&mut b, &twin, "feed").unwrap();
+        });
+        let person_of = |conn: &mut DbConn, system: &str, value: &str| -> String {
+            let id = find_by_identifier(conn, system, value).unwrap().unwrap().id;
+            load_link(conn, &id).unwrap().unwrap().person_id
+        };
+        assert_eq!(
+            person_of(&mut setup, &twin.id_system, &twin.id_value),
+            person_of(&mut setup, &regs[0].id_system, &regs[0].id_value),
+            "the registration saw the committed batch and linked to its record"
+        );
+    }
+
+    #[test]
+    fn a_registration_waits_for_an_uncommitted_bulk_batch_sqlite() {
+        a_registration_waits_for_an_uncommitted_bulk_batch(Backend::Sqlite);
+    }
+
+    #[test]
+    fn a_registration_waits_for_an_uncommitted_bulk_batch_postgres() {
+        a_registration_waits_for_an_uncommitted_bulk_batch(Backend::Postgres);
     }
 
     #[test]
