@@ -76,18 +76,40 @@ fn now_secs() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
+/// This replica's cached directory entry of `id`, if it is younger than
+/// `directory_cache_ttl_ms` (never with a zero TTL).
+fn cache_get(state: &AppState, id: &str) -> Option<Institution> {
+    let ttl = Duration::from_millis(state.settings.auth.directory_cache_ttl_ms);
+    if ttl.is_zero() {
+        return None;
+    }
+    let cache = state.auth.directory_cache.lock().ok()?;
+    let (at, inst) = cache.get(id)?;
+    (at.elapsed() < ttl).then(|| inst.clone())
+}
+
+/// Cache directory entries just read (nothing with a zero TTL).
+fn cache_put(state: &AppState, read: &[Institution]) {
+    if state.settings.auth.directory_cache_ttl_ms == 0 {
+        return;
+    }
+    if let Ok(mut cache) = state.auth.directory_cache.lock() {
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        for inst in read {
+            cache.insert(inst.id.as_str().to_string(), (Instant::now(), inst.clone()));
+        }
+    }
+}
+
 /// The directory entry for an access token's institution, at most `directory_cache_ttl_ms` old.
 pub async fn cached_institution(
     state: &AppState,
     id: &str,
 ) -> Result<Option<Institution>, ApiError> {
-    let ttl = Duration::from_millis(state.settings.auth.directory_cache_ttl_ms);
-    if !ttl.is_zero()
-        && let Ok(cache) = state.auth.directory_cache.lock()
-        && let Some((at, inst)) = cache.get(id)
-        && at.elapsed() < ttl
-    {
-        return Ok(Some(inst.clone()));
+    if let Some(inst) = cache_get(state, id) {
+        return Ok(Some(inst));
     }
     let lookup = id.to_string();
     let found = state
@@ -97,15 +119,7 @@ pub async fn cached_institution(
             Err(e) => Err(e),
         })
         .await?;
-    if !ttl.is_zero()
-        && let Some(inst) = &found
-        && let Ok(mut cache) = state.auth.directory_cache.lock()
-    {
-        if cache.len() > 10_000 {
-            cache.clear();
-        }
-        cache.insert(id.to_string(), (Instant::now(), inst.clone()));
-    }
+    cache_put(state, found.as_slice());
     Ok(found)
 }
 
@@ -116,19 +130,7 @@ pub async fn cached_institutions(
     state: &AppState,
     ids: Vec<String>,
 ) -> Result<Vec<Institution>, ApiError> {
-    let ttl = Duration::from_millis(state.settings.auth.directory_cache_ttl_ms);
-    let mut found: Vec<Option<Institution>> = vec![None; ids.len()];
-    if !ttl.is_zero()
-        && let Ok(cache) = state.auth.directory_cache.lock()
-    {
-        for (slot, id) in found.iter_mut().zip(&ids) {
-            if let Some((at, inst)) = cache.get(id)
-                && at.elapsed() < ttl
-            {
-                *slot = Some(inst.clone());
-            }
-        }
-    }
+    let mut found: Vec<Option<Institution>> = ids.iter().map(|id| cache_get(state, id)).collect();
     let missing: Vec<String> = ids
         .iter()
         .zip(&found)
@@ -139,16 +141,7 @@ pub async fn cached_institutions(
         let read = state
             .db(move |conn| directory::get_many(conn, &missing))
             .await?;
-        if !ttl.is_zero()
-            && let Ok(mut cache) = state.auth.directory_cache.lock()
-        {
-            if cache.len() > 10_000 {
-                cache.clear();
-            }
-            for inst in &read {
-                cache.insert(inst.id.as_str().to_string(), (Instant::now(), inst.clone()));
-            }
-        }
+        cache_put(state, &read);
         let mut read = read.into_iter();
         for slot in found.iter_mut().filter(|f| f.is_none()) {
             *slot = read.next();

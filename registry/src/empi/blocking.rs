@@ -23,6 +23,11 @@ use super::ident::IdentifierKind;
 use super::normalize::NameScript;
 use super::record::{PreparedRecord, RecordId};
 
+/// The key of a normalised phone number (also what a PDQm `telecom` search looks up).
+pub fn phone_key(normalised: &str) -> String {
+    format!("ph:{normalised}")
+}
+
 /// Blocking keys of one record, deduplicated and sorted.
 pub fn blocking_keys(r: &PreparedRecord) -> Vec<String> {
     let mut keys = Vec::with_capacity(8);
@@ -40,7 +45,7 @@ pub fn blocking_keys(r: &PreparedRecord) -> Vec<String> {
         keys.push(format!("oid:{:?}:{}", o.kind, o.value));
     }
     for p in &r.phones {
-        keys.push(format!("ph:{p}"));
+        keys.push(phone_key(p));
     }
     if let Some(d) = r.birth_date
         && r.name.script != NameScript::Empty

@@ -11,7 +11,7 @@
 //!   (persons first for merges), so two institutions registering the same person at the same
 //!   moment end with one enterprise person and no deadlock. Every such writer holds one
 //!   writers' lock in shared mode first; a bulk batch of [`EXCLUSIVE_BATCH`] records or more
-//!   holds it exclusive instead of its ~8 locks per record (other writers wait for its commit).
+//!   holds it exclusive instead of its ~7 locks per record (other writers wait for its commit).
 //! - Links decided `manual` or `merge` are never changed by the matcher; pairs a steward kept
 //!   separate are never linked automatically.
 //! - Registration is idempotent on (identifier system, value): the same content creates
@@ -23,7 +23,7 @@ use chrono::{NaiveDate, NaiveDateTime};
 use diesel::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::blocking::blocking_keys;
+use super::blocking::{blocking_keys, phone_key};
 use super::compare::{ComparisonVector, compare};
 use super::fs::{
     Decision, EmOptions, MatchParameters, ModelError, Score, Thresholds, estimate,
@@ -342,7 +342,7 @@ fn lock(conn: &mut DbConn, names: &BTreeSet<String>) -> Result<(), EmpiError> {
 }
 
 /// Batches of at least this many records lock out every other EMPI writer for their
-/// transaction (PostgreSQL; one lock instead of ~8 per record, which would exhaust the
+/// transaction (PostgreSQL; one lock instead of ~7 per record, which would exhaust the
 /// server's lock table — `max_locks_per_transaction` × connections — for large batches).
 pub const EXCLUSIVE_BATCH: usize = 256;
 
@@ -1639,7 +1639,7 @@ pub fn search_records(conn: &mut DbConn, f: &RecordFilter) -> Result<Vec<StoredR
         q = q.filter(
             records_t::id.eq_any(
                 keys_t::table
-                    .filter(keys_t::key.eq(format!("ph:{p}")))
+                    .filter(keys_t::key.eq(phone_key(p)))
                     .select(keys_t::record_id),
             ),
         );
