@@ -10,13 +10,14 @@
 # beside `openssl speed` in the same run.
 #
 #   scripts/bench-federation.sh [REQUESTS] [CONCURRENCY] [PERSONS]
-#   (SKIP_PRIMITIVES=1: no SM part; BENCH_GATEWAY_BIN=PATH: another build of the gateway, for an A/B)
+#   (SKIP_PRIMITIVES=1: no SM part; BENCH_GATEWAY_BIN=PATH / BENCH_LOAD_BIN=PATH: another build
+#   of the gateway / of the load generator, for an A/B)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requests="${1:-4000}"; conc="${2:-200}"; persons="${3:-100}"
 tgt="${CARGO_TARGET_DIR:-target}"
 cargo build --release -q -p yiqiao --bin yiqiao --example federation_load
-bin="${BENCH_GATEWAY_BIN:-$tgt/release/yiqiao}"; load="$tgt/release/examples/federation_load"
+bin="${BENCH_GATEWAY_BIN:-$tgt/release/yiqiao}"; load="${BENCH_LOAD_BIN:-$tgt/release/examples/federation_load}"
 work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 export YIQIAO_DATA_DIR="$work" YIQIAO_DATABASE_URL="sqlite://$work/y.db" \
   YIQIAO_ADMIN_TOKEN=bench-admin-token YIQIAO_LOG__LEVEL=warn \

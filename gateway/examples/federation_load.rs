@@ -55,12 +55,15 @@ fn timings(header: Option<&str>) -> BTreeMap<String, f64> {
 /// merged entries, and why it counts as an error (`None`: a good answer).
 struct Answer {
     ms: f64,
+    bytes: usize,
     stages: BTreeMap<String, f64>,
     matches: usize,
     error: Option<String>,
 }
 
-#[tokio::main]
+// One thread: the client's own hand-offs between runtime threads (a body chunk read on one,
+// awaited on another) would otherwise be counted as the gateway's time.
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() != 7 {
@@ -97,6 +100,7 @@ async fn main() {
                 let t = Instant::now();
                 let failed = |error: String| Answer {
                     ms: t.elapsed().as_secs_f64() * 1000.0,
+                    bytes: 0,
                     stages: BTreeMap::new(),
                     matches: 0,
                     error: Some(error),
@@ -164,6 +168,7 @@ async fn main() {
                 };
                 Answer {
                     ms,
+                    bytes: bytes.len(),
                     stages,
                     matches,
                     error,
@@ -206,7 +211,15 @@ async fn main() {
     );
     let mut stages = serde_json::Map::new();
     for name in [
-        "upstream", "resolve", "release", "audit", "encode", "handler",
+        "upstream",
+        "resolve",
+        "release-each",
+        "release",
+        "audit",
+        "encode",
+        "before",
+        "handler",
+        "app",
     ] {
         let v = sorted(
             results
@@ -227,6 +240,18 @@ async fn main() {
         "outside_handler".into(),
         json!({ "p50": pct(&outside, 0.5), "p99": pct(&outside, 0.99) }),
     );
+    // Every answer's latency and stages, one JSON line each, for a look at the tail.
+    if let Ok(path) = std::env::var("LOAD_DUMP") {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        for r in &results {
+            writeln!(f, "{}", json!({ "concurrency": concurrency, "ms": r.ms, "bytes": r.bytes, "matches": r.matches, "stages": r.stages })).unwrap();
+        }
+    }
     let entries: usize = results.iter().map(|r| r.matches).sum();
     println!(
         "{}",

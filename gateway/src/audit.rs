@@ -86,7 +86,7 @@ impl std::fmt::Debug for Auditor {
 }
 
 impl Auditor {
-    /// Start the writer task on the current tokio runtime.
+    /// Start the writer (a thread of its own).
     pub fn start(store: Store, signer: Arc<AuditSigner>, settings: &Settings) -> Auditor {
         let a = &settings.audit;
         let (tx, rx) = mpsc::channel(a.queue_capacity.max(1));
@@ -97,19 +97,34 @@ impl Auditor {
             force_checkpoint: false,
         };
         let replica: Arc<str> = replica_id(settings).into();
-        tokio::spawn(writer(
-            Writer {
-                store: store.clone(),
-                signer: signer.clone(),
-                opts,
-                batch_max: a.batch_max.max(1),
-                interval: Duration::from_secs(a.checkpoint_interval_secs.max(1)),
-                not_itemised: not_itemised.clone(),
-                replica: replica.clone(),
-            },
-            rx,
-            refusal_rx,
-        ));
+        let w = Writer {
+            store: store.clone(),
+            signer: signer.clone(),
+            opts,
+            batch_max: a.batch_max.max(1),
+            interval: Duration::from_secs(a.checkpoint_interval_secs.max(1)),
+            not_itemised: not_itemised.clone(),
+            replica: replica.clone(),
+        };
+        // The writer has a thread of its own and commits there: a record costs two
+        // wake-ups (the writer's, then the waiting request's) instead of four through a task
+        // on the server's runtime and a blocking-pool thread. It ends when the last sender
+        // (this Auditor and its clones) is dropped.
+        let spawned = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(writer(w, rx, refusal_rx)),
+                    Err(e) => tracing::error!(cause = %e, "audit writer runtime; data requests answer 503"),
+                }
+            });
+        if let Err(e) = spawned {
+            // Without a writer every data request answers 503 audit-unavailable (fail closed).
+            tracing::error!(cause = %e, "cannot start the audit writer thread");
+        }
         Auditor {
             tx,
             refusals,
@@ -462,7 +477,8 @@ async fn writer(
         let store = w.store.clone();
         let signer = w.signer.clone();
         let opts = w.opts;
-        let result = tokio::task::spawn_blocking(move || {
+        // Committed here, on the writer's own thread (nothing else runs on its runtime).
+        let result = (|| {
             let mut conn = store.conn()?;
             if timed {
                 if !checkpoint_due(&mut conn)? {
@@ -475,17 +491,15 @@ async fn writer(
                 return append_batch(&mut conn, &[], &signer, force);
             }
             append_batch(&mut conn, &events, &signer, opts)
-        })
-        .await;
+        })();
         let failure = match result {
-            Ok(Ok(appended)) => {
+            Ok(appended) => {
                 for (done, a) in senders.into_iter().zip(appended) {
                     let _ = done.send(Ok(a));
                 }
                 continue;
             }
-            Ok(Err(e)) => e.to_string(),
-            Err(e) => format!("audit writer task failed: {e}"),
+            Err(e) => e.to_string(),
         };
         if !timed {
             tracing::error!(records = senders.len(), refusals = itemised + dropped, cause = %failure, "audit append failed; requests answer 503");

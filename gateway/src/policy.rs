@@ -114,9 +114,28 @@ pub struct Withheld {
 
 /// Consent caches brought up to date during one request ([`Policy::sync_on`]): the change
 /// counter read and the agreements in force then; hand it to [`Policy::release_with`].
+#[derive(Clone)]
 pub struct Synced {
     seq: i64,
     agreements: Arc<AgreementStore>,
+}
+
+/// Everything a release decides with besides the candidates, loaded once per request
+/// ([`Policy::prepare_on`] / [`Policy::prepare`]): the requester, the agreements and consents
+/// as of one change counter, the care relationships, the instant. A request that releases
+/// in several parts (the federated search, one hospital's answer at a time, as they arrive)
+/// decides every part with the same state and reads nothing shared after the first.
+pub struct Prepared {
+    requester: Requester,
+    /// `None`: enforcement is off (`consent.enforce = false`), everything is released.
+    state: Option<PreparedState>,
+}
+
+struct PreparedState {
+    agreements: Arc<AgreementStore>,
+    consents: HashMap<String, Arc<Vec<Consent>>>,
+    encounters: HashMap<String, Vec<Encounter>>,
+    at: DateTime<Utc>,
 }
 
 /// What [`Policy::sync`] does next.
@@ -143,9 +162,18 @@ pub struct Released {
     reasons: Vec<ReasonEntry>,
     /// Whether enforcement was switched off (`consent.enforce = false`).
     unenforced: bool,
+    /// Resources released and taken out of `kept` ([`Released::take_kept`]).
+    taken: usize,
 }
 
 impl Released {
+    /// Move the released resources out (a release in parts hands each part's resources on
+    /// as it goes); they still count as released in the summary.
+    pub fn take_kept(&mut self) -> Vec<(usize, Value)> {
+        self.taken += self.kept.len();
+        std::mem::take(&mut self.kept)
+    }
+
     /// Withheld counts by rule id.
     pub fn withheld_by_rule(&self) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();
@@ -157,7 +185,10 @@ impl Released {
 
     /// `permit` (all released), `deny` (none), `partial`, or `none` (nothing to decide).
     pub fn summary(&self) -> &'static str {
-        match (self.kept.is_empty(), self.withheld.is_empty()) {
+        match (
+            self.kept.is_empty() && self.taken == 0,
+            self.withheld.is_empty(),
+        ) {
             _ if self.unenforced => "not-enforced",
             (true, true) => "none",
             (false, true) => "permit",
@@ -177,6 +208,7 @@ impl Released {
     /// are shifted by `offset` (the number of candidates before it).
     pub fn append(&mut self, other: Released, offset: usize) {
         self.unenforced |= other.unenforced;
+        self.taken += other.taken;
         self.kept
             .extend(other.kept.into_iter().map(|(i, r)| (i + offset, r)));
         self.withheld
@@ -734,7 +766,8 @@ impl Policy {
         self.default_purpose
     }
 
-    fn requester(caller: &Caller) -> Requester {
+    /// The engine's view of the calling institution.
+    pub fn requester(caller: &Caller) -> Requester {
         Requester::institution(
             caller.institution.id.as_str(),
             kind_of(caller.institution.kind),
@@ -943,17 +976,21 @@ impl Policy {
         let rows = self
             .blocking(move |conn| encounters::active_for_persons(conn, &patients, at.naive_utc()))
             .await?;
-        let mut out: HashMap<String, Vec<Encounter>> = HashMap::new();
-        for (person, institution, start, end) in rows {
-            out.entry(person).or_default().push(Encounter {
-                institution: InstitutionId::new(institution),
-                period: Period {
-                    start: Some(start.and_utc()),
-                    end: end.map(|e| e.and_utc()),
-                },
-            });
+        Ok(care_relationships(rows))
+    }
+
+    /// [`Policy::encounters_of`] on a connection the caller holds.
+    fn encounters_on(
+        conn: &mut DbConn,
+        requester: &Requester,
+        patients: &[String],
+        at: DateTime<Utc>,
+    ) -> Result<HashMap<String, Vec<Encounter>>, ApiError> {
+        if requester.kind != InstitutionKind::InternetHospital || patients.is_empty() {
+            return Ok(HashMap::new());
         }
-        Ok(out)
+        let rows = encounters::active_for_persons(conn, patients, at.naive_utc())?;
+        Ok(care_relationships(rows))
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Cache>, ApiError> {
@@ -968,19 +1005,7 @@ impl Policy {
         patients: Vec<String>,
         seq: i64,
     ) -> Result<HashMap<String, Arc<Vec<Consent>>>, ApiError> {
-        let mut out = HashMap::new();
-        let mut missing = Vec::new();
-        {
-            let c = self.lock()?;
-            for p in patients {
-                match c.patients.get(&p) {
-                    Some(list) => {
-                        out.insert(p, list.clone());
-                    }
-                    None => missing.push(p),
-                }
-            }
-        }
+        let (mut out, missing) = self.cached_consents(patients)?;
         if missing.is_empty() {
             return Ok(out);
         }
@@ -988,14 +1013,63 @@ impl Policy {
         let rows = self
             .blocking(move |conn| store::for_patients(conn, &wanted))
             .await?;
+        out.extend(self.cache_consents(missing, &rows, seq)?);
+        Ok(out)
+    }
+
+    /// [`Policy::consents_of`] on a connection the caller holds (inside its blocking call).
+    fn consents_on(
+        &self,
+        conn: &mut DbConn,
+        patients: Vec<String>,
+        seq: i64,
+    ) -> Result<HashMap<String, Arc<Vec<Consent>>>, ApiError> {
+        let (mut out, missing) = self.cached_consents(patients)?;
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        let rows = store::for_patients(conn, &missing)?;
+        out.extend(self.cache_consents(missing, &rows, seq)?);
+        Ok(out)
+    }
+
+    /// The cached consent lists of `patients`, and the patients not cached.
+    #[allow(clippy::type_complexity)]
+    fn cached_consents(
+        &self,
+        patients: Vec<String>,
+    ) -> Result<(HashMap<String, Arc<Vec<Consent>>>, Vec<String>), ApiError> {
+        let mut out = HashMap::new();
+        let mut missing = Vec::new();
+        let c = self.lock()?;
+        for p in patients {
+            match c.patients.get(&p) {
+                Some(list) => {
+                    out.insert(p, list.clone());
+                }
+                None => missing.push(p),
+            }
+        }
+        Ok((out, missing))
+    }
+
+    /// The consent lists of `missing` from the rows read for them (cached when read at the
+    /// counter the cache still reflects).
+    fn cache_consents(
+        &self,
+        missing: Vec<String>,
+        rows: &[(String, store::StoredConsent)],
+        seq: i64,
+    ) -> Result<HashMap<String, Arc<Vec<Consent>>>, ApiError> {
         let mut loaded: HashMap<String, Vec<Consent>> =
             missing.into_iter().map(|p| (p, Vec::new())).collect();
-        for (patient, row) in &rows {
+        for (patient, row) in rows {
             let mut consent = consent_of(row).map_err(ApiError::internal)?;
             // A consent recorded for a person since merged into `patient` applies to it.
             consent.patient = PatientId::new(patient.clone());
             loaded.entry(patient.clone()).or_default().push(consent);
         }
+        let mut out = HashMap::new();
         let mut c = self.lock()?;
         // Only cache what was read at the counter the cache still reflects: a sync that ran
         // meanwhile may have dropped these patients because they changed.
@@ -1119,20 +1193,15 @@ impl Policy {
         candidates: Vec<Candidate>,
         synced: Option<Synced>,
     ) -> Result<Released, ApiError> {
-        if !self.enforce {
-            return Ok(Released {
-                kept: candidates
-                    .into_iter()
-                    .map(|c| c.resource)
-                    .enumerate()
-                    .collect(),
-                unenforced: true,
-                ..Released::default()
-            });
-        }
-        let mut released = Released::default();
-        if candidates.is_empty() {
-            return Ok(released);
+        if !self.enforce || candidates.is_empty() {
+            let prepared = Prepared {
+                requester: requester.clone(),
+                state: None,
+            };
+            if !self.enforce {
+                return Ok(self.release_prepared(&prepared, ask, candidates));
+            }
+            return Ok(Released::default());
         }
         let own = requester.institution.as_str();
         // The custodian's own data needs no consents (rule 1); read only the others'.
@@ -1143,6 +1212,34 @@ impl Policy {
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
+        let prepared = self.prepare_for(requester, patients, synced).await?;
+        Ok(self.release_prepared(&prepared, ask, candidates))
+    }
+
+    /// The release context of `caller` for these patients' data ([`Prepared`]), reading
+    /// what the caches lack; `synced` as from [`Policy::sync_on`] (`None`: synchronise now).
+    pub async fn prepare(
+        &self,
+        caller: &Caller,
+        patients: Vec<String>,
+        synced: Option<Synced>,
+    ) -> Result<Prepared, ApiError> {
+        self.prepare_for(&Self::requester(caller), patients, synced)
+            .await
+    }
+
+    async fn prepare_for(
+        &self,
+        requester: &Requester,
+        patients: Vec<String>,
+        synced: Option<Synced>,
+    ) -> Result<Prepared, ApiError> {
+        if !self.enforce {
+            return Ok(Prepared {
+                requester: requester.clone(),
+                state: None,
+            });
+        }
         let (seq, agreements) = match synced {
             Some(Synced { seq, agreements }) => (seq, agreements),
             None => self.sync().await?,
@@ -1154,6 +1251,83 @@ impl Policy {
             self.consents_of(patients.clone(), seq).await?
         };
         let encounters = self.encounters_of(requester, patients, at).await?;
+        Ok(Prepared {
+            requester: requester.clone(),
+            state: Some(PreparedState {
+                agreements,
+                consents,
+                encounters,
+                at,
+            }),
+        })
+    }
+
+    /// [`Policy::prepare`] inside a blocking call that holds `conn` and has just run
+    /// [`Policy::sync_on`] on it: no further trip to the database pool. `Ok(None)` when the
+    /// synchronisation was left to [`Policy::prepare`] (with Redis, `synced` is `None`).
+    pub fn prepare_on(
+        &self,
+        conn: &mut DbConn,
+        requester: Requester,
+        patients: Vec<String>,
+        synced: Option<&Synced>,
+    ) -> Result<Option<Prepared>, ApiError> {
+        if !self.enforce {
+            return Ok(Some(Prepared {
+                requester,
+                state: None,
+            }));
+        }
+        let Some(Synced { seq, agreements }) = synced else {
+            return Ok(None);
+        };
+        let at = Utc::now();
+        let encounters = Self::encounters_on(conn, &requester, &patients, at)?;
+        let consents = if patients.is_empty() {
+            HashMap::new()
+        } else {
+            self.consents_on(conn, patients, *seq)?
+        };
+        Ok(Some(Prepared {
+            requester,
+            state: Some(PreparedState {
+                agreements: agreements.clone(),
+                consents,
+                encounters,
+                at,
+            }),
+        }))
+    }
+
+    /// Decide and mask `candidates` with a prepared context (no IO): the release itself.
+    /// Candidates of patients the context was not prepared for are decided without consents.
+    pub fn release_prepared(
+        &self,
+        prepared: &Prepared,
+        ask: &Ask,
+        candidates: Vec<Candidate>,
+    ) -> Released {
+        let Some(PreparedState {
+            agreements,
+            consents,
+            encounters,
+            at,
+        }) = &prepared.state
+        else {
+            return Released {
+                kept: candidates
+                    .into_iter()
+                    .map(|c| c.resource)
+                    .enumerate()
+                    .collect(),
+                unenforced: true,
+                ..Released::default()
+            };
+        };
+        let requester = &prepared.requester;
+        let own = requester.institution.as_str();
+        let at = *at;
+        let mut released = Released::default();
         let pseudonymiser = self
             .key
             .as_ref()
@@ -1227,7 +1401,7 @@ impl Policy {
             }
             released.reasons.push(reasons);
         }
-        Ok(released)
+        released
     }
 
     /// Mask one resource by a decision's obligations (for single-resource exits).
@@ -1260,6 +1434,21 @@ impl Policy {
             .map(|l| l.as_ref().clone())
             .unwrap_or_default())
     }
+}
+
+/// Active encounters as the engine's care relationships, by person.
+fn care_relationships(rows: Vec<encounters::CareRelationship>) -> HashMap<String, Vec<Encounter>> {
+    let mut out: HashMap<String, Vec<Encounter>> = HashMap::new();
+    for (person, institution, start, end) in rows {
+        out.entry(person).or_default().push(Encounter {
+            institution: InstitutionId::new(institution),
+            period: Period {
+                start: Some(start.and_utc()),
+                end: end.map(|e| e.and_utc()),
+            },
+        });
+    }
+    out
 }
 
 fn resource_ref(resource: &Value) -> Option<String> {

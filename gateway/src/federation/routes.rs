@@ -5,8 +5,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use actix_web::http::header;
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
 use chrono::{DateTime, NaiveDate, Utc};
+use futures::StreamExt;
 use serde_json::{Value, json};
 use yiqiao_registry::audit::{EntityRef, outcome};
 use yiqiao_registry::empi::store as empi;
@@ -85,11 +86,40 @@ fn dedup_key(resource: &Value, custodian: &str) -> String {
     }
 }
 
+/// One released resource, serialised as it was released (the page is assembled from these
+/// bytes; no second copy of the resource tree is built).
 struct Item {
-    resource: Value,
+    /// The resource's JSON text (masked, with `meta.source`).
+    json: Vec<u8>,
     custodian: String,
+    id: String,
+    dedup: String,
     full_url: String,
     when: Option<DateTime<Utc>>,
+}
+
+impl Item {
+    fn new(
+        mut resource: Value,
+        custodian: &str,
+        endpoint: &str,
+        resource_type: &str,
+        base_url: &str,
+    ) -> Result<Item, ApiError> {
+        if !resource["meta"].is_object() {
+            resource["meta"] = json!({});
+        }
+        resource["meta"]["source"] = json!(format!("{base_url}/fhir/Organization/{custodian}"));
+        let id = resource["id"].as_str().unwrap_or("").to_string();
+        Ok(Item {
+            full_url: format!("{endpoint}/{resource_type}/{id}"),
+            when: when(&resource),
+            dedup: dedup_key(&resource, custodian),
+            json: serde_json::to_vec(&resource).map_err(ApiError::internal)?,
+            custodian: custodian.to_string(),
+            id,
+        })
+    }
 }
 
 fn issue(severity: &str, code: &str, status: &str, inst: Option<&str>, text: String) -> Value {
@@ -98,6 +128,38 @@ fn issue(severity: &str, code: &str, status: &str, inst: Option<&str>, text: Str
         coding.push(json!({ "system": INSTITUTION_ID_SYSTEM, "code": id }));
     }
     json!({ "severity": severity, "code": code, "details": { "coding": coding, "text": text } })
+}
+
+/// The searchset Bundle's JSON text, assembled from the entries' serialised resources.
+fn bundle_bytes(
+    total: usize,
+    links: &[Value],
+    page: &[Item],
+    outcome: &Value,
+) -> Result<Vec<u8>, ApiError> {
+    let size: usize = page
+        .iter()
+        .map(|i| i.json.len() + i.full_url.len() + 64)
+        .sum();
+    let mut out = Vec::with_capacity(size + 4096);
+    fn put<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) -> Result<(), ApiError> {
+        serde_json::to_writer(out, v).map_err(ApiError::internal)
+    }
+    out.extend_from_slice(b"{\"resourceType\":\"Bundle\",\"type\":\"searchset\",\"total\":");
+    put(&mut out, &total)?;
+    out.extend_from_slice(b",\"link\":");
+    put(&mut out, links)?;
+    out.extend_from_slice(b",\"entry\":[");
+    for item in page {
+        out.extend_from_slice(b"{\"fullUrl\":");
+        put(&mut out, item.full_url.as_str())?;
+        out.extend_from_slice(b",\"resource\":");
+        out.extend_from_slice(&item.json);
+        out.extend_from_slice(b",\"search\":{\"mode\":\"match\"}},");
+    }
+    put(&mut out, outcome)?;
+    out.extend_from_slice(b"]}");
+    Ok(out)
 }
 
 /// Federated search (docs/federation.md).
@@ -127,6 +189,13 @@ pub async fn search(
     caller.require(&resource_type, 'r')?;
     caller.require(&resource_type, 's')?;
     let handler_started = std::time::Instant::now();
+    // Routing, middleware and the extractors (authentication) before the handler ran.
+    let before_ms = req
+        .extensions()
+        .get::<crate::middleware::RequestStarted>()
+        .map_or(0.0, |s| {
+            handler_started.duration_since(s.0).as_secs_f64() * 1000.0
+        });
     let fed = state.federation.clone();
     let settings = fed.settings().clone();
     let query = query.into_inner();
@@ -185,22 +254,26 @@ pub async fn search(
     let resolve_started = std::time::Instant::now();
     // The holders' identifiers in one statement; their directory entries through the same
     // per-replica cache as access tokens (at most `auth.directory_cache_ttl_ms` old).
-    // The consent engine's caches are synchronised on the same trip (their state as of the
-    // request's start, like a document search), so the release after the fan-out reads
-    // nothing shared.
+    // The consent engine's caches are synchronised and the person's consents read on the
+    // same trip (their state as of the request's start, like a document search), so the
+    // release of each hospital's answer reads nothing shared.
     let lookup = person.clone();
     let policy = state.policy.clone();
-    let (holders, synced) = state
+    let requester = crate::policy::Policy::requester(&caller);
+    let app = state.get_ref().clone();
+    let (holders, institutions, synced, prepared) = state
         .db(move |conn| -> Result<_, ApiError> {
             let holders = empi::holders_of_person(conn, &lookup).map_err(ApiError::from)?;
-            Ok((holders, policy.sync_on(conn)?))
+            if holders.is_empty() {
+                return Ok((holders, Vec::new(), None, None));
+            }
+            let ids: Vec<String> = holders.iter().map(|(id, _)| id.clone()).collect();
+            let institutions = crate::oauth::cached_institutions_on(&app, conn, &ids)?;
+            let synced = policy.sync_on(conn)?;
+            let prepared = policy.prepare_on(conn, requester, vec![lookup], synced.as_ref())?;
+            Ok((holders, institutions, synced, prepared))
         })
         .await?;
-    let institutions = crate::oauth::cached_institutions(
-        &state,
-        holders.iter().map(|(id, _)| id.clone()).collect(),
-    )
-    .await?;
     let sites: Vec<Site> = institutions
         .into_iter()
         .zip(holders)
@@ -214,109 +287,103 @@ pub async fn search(
             "no records are linked to enterprise patient {person}"
         )));
     }
+    let prepared = match prepared {
+        Some(p) => p,
+        // With Redis the synchronisation is the engine's own (its marker decides).
+        None => {
+            state
+                .policy
+                .prepare(&caller, vec![person.clone()], synced)
+                .await?
+        }
+    };
+    let ask = state.policy.ask(&caller, &req);
+    // Where each site was in the directory order: the outcome and the audit record list
+    // them in that order, whatever order they answered in.
+    let order: std::collections::HashMap<String, usize> = sites
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.institution.id.to_string(), i))
+        .collect();
 
     let resolve_ms = ms_since(resolve_started);
     let fan_out_started = std::time::Instant::now();
-    let mut results = fed.fan_out(&resource_type, sites, &params, deadlines).await;
+    // Each answer is released (federation hook, then the consent engine with its masking)
+    // and serialised as it arrives, while the slower hospitals are still answering: after
+    // the last answer only its own resources are left to do.
+    let hook = fed.policy();
+    let mut results: Vec<SiteResult> = Vec::with_capacity(sites.len());
+    let mut items: Vec<Item> = Vec::new();
+    let mut withheld: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut released = crate::policy::Released::default();
+    let mut decided = 0usize;
+    let mut release_s = 0.0f64;
+    let mut answers = std::pin::pin!(fed.fan_out_each(&resource_type, sites, &params, deadlines));
+    while let Some(mut site) = answers.next().await {
+        let started = std::time::Instant::now();
+        let found = match &mut site.result {
+            Ok(found) => std::mem::take(found),
+            Err(_) => Vec::new(),
+        };
+        let custodian = site.institution.id.to_string();
+        let mut candidates = Vec::with_capacity(found.len());
+        for r in found {
+            match hook.release(&caller, &person, &custodian, r) {
+                Release::Keep(r) => candidates.push(crate::policy::Candidate {
+                    custodian: custodian.clone(),
+                    patient: Some(person.clone()),
+                    resource: r,
+                }),
+                Release::Withhold { reason } => {
+                    withheld.entry(custodian.clone()).or_default().push(reason)
+                }
+            }
+        }
+        let n = candidates.len();
+        let mut part = state.policy.release_prepared(&prepared, &ask, candidates);
+        for w in &part.withheld {
+            withheld
+                .entry(w.custodian.clone())
+                .or_default()
+                .push(format!("consent policy: {}", w.rule));
+        }
+        let base = site.institution.endpoint_url.as_deref().unwrap_or_default();
+        for (_, r) in part.take_kept() {
+            items.push(Item::new(
+                r,
+                &custodian,
+                base,
+                &resource_type,
+                &state.base_url,
+            )?);
+        }
+        released.append(part, decided);
+        decided += n;
+        results.push(site);
+        release_s += started.elapsed().as_secs_f64();
+    }
     let fan_out_ms = ms_since(fan_out_started);
+    results.sort_by_key(|r| order.get(r.institution.id.as_str()).copied());
     let slowest_ms = results
         .iter()
         .filter_map(|r| r.round_trip)
         .max()
         .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
     let release_started = std::time::Instant::now();
-
-    // Release policy per institution and resource, then merge.
-    let policy = fed.policy();
-    let mut items = Vec::new();
-    let mut withheld: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut problems: Vec<(&SiteResult, &super::Problem)> = Vec::new();
-    let mut answered = 0usize;
-    // The answers are moved out (not copied) into the merge; `results` keeps the rest.
-    let found_by_site: Vec<Vec<Value>> = results
-        .iter_mut()
-        .map(|site| match &mut site.result {
-            Ok(found) => std::mem::take(found),
-            Err(_) => Vec::new(),
-        })
+    let problems: Vec<(&SiteResult, &super::Problem)> = results
+        .iter()
+        .filter_map(|site| site.result.as_ref().err().map(|p| (site, p)))
         .collect();
-    for (site, found) in results.iter().zip(found_by_site) {
-        let custodian = site.institution.id.as_str();
-        match &site.result {
-            Err(p) => problems.push((site, p)),
-            Ok(_) => {
-                answered += 1;
-                let base = site.institution.endpoint_url.clone().unwrap_or_default();
-                for r in found {
-                    match policy.release(&caller, &person, custodian, r) {
-                        Release::Keep(mut r) => {
-                            if !r["meta"].is_object() {
-                                r["meta"] = json!({});
-                            }
-                            r["meta"]["source"] =
-                                json!(format!("{}/fhir/Organization/{custodian}", state.base_url));
-                            let full_url = format!(
-                                "{base}/{resource_type}/{}",
-                                r["id"].as_str().unwrap_or("")
-                            );
-                            items.push(Item {
-                                when: when(&r),
-                                resource: r,
-                                custodian: custodian.to_string(),
-                                full_url,
-                            });
-                        }
-                        Release::Withhold { reason } => withheld
-                            .entry(custodian.to_string())
-                            .or_default()
-                            .push(reason),
-                    }
-                }
-            }
-        }
-    }
-    // The consent engine (crate::policy) decides per custodian and resource, and masks what
-    // it releases; its decisions and reasons go into the audit record below.
-    let ask = state.policy.ask(&caller, &req);
-    let candidates = items
-        .iter_mut()
-        .map(|i| crate::policy::Candidate {
-            custodian: i.custodian.clone(),
-            patient: Some(person.clone()),
-            resource: std::mem::take(&mut i.resource),
-        })
-        .collect();
-    let released = state
-        .policy
-        .release_with(&caller, &ask, candidates, synced)
-        .await?;
-    let mut kept: std::collections::HashMap<usize, Value> = released.kept.iter().cloned().collect();
-    for w in &released.withheld {
-        withheld
-            .entry(w.custodian.clone())
-            .or_default()
-            .push(format!("consent policy: {}", w.rule));
-    }
-    let items: Vec<Item> = items
-        .into_iter()
-        .enumerate()
-        .filter_map(|(idx, mut item)| {
-            kept.remove(&idx).map(|r| {
-                item.resource = r;
-                item
-            })
-        })
-        .collect();
-    let mut items = items;
+    let answered = results.len() - problems.len();
     items.sort_by(|a, b| {
         b.when
             .cmp(&a.when)
             .then_with(|| a.custodian.cmp(&b.custodian))
-            .then_with(|| a.resource["id"].as_str().cmp(&b.resource["id"].as_str()))
+            .then_with(|| a.id.cmp(&b.id))
     });
     let before = items.len();
     let mut seen = HashSet::new();
-    items.retain(|i| seen.insert(dedup_key(&i.resource, &i.custodian)));
+    items.retain(|i| seen.insert(i.dedup.clone()));
     let duplicates = before - items.len();
 
     // The outcome entry.
@@ -444,23 +511,11 @@ pub async fn search(
     if end < total {
         links.push(json!({ "relation": "next", "url": page_url(end) }));
     }
-    let mut entries: Vec<Value> = items[start..end]
-        .iter()
-        .map(|i| json!({ "fullUrl": i.full_url, "resource": i.resource, "search": { "mode": "match" } }))
-        .collect();
-    entries.push(json!({
+    let outcome = json!({
         "resource": { "resourceType": "OperationOutcome", "issue": issues },
         "search": { "mode": "outcome" },
-    }));
-    let bundle = json!({
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "total": total,
-        "link": links,
-        "entry": entries,
     });
-
-    let payload = serde_json::to_vec(&bundle).map_err(ApiError::internal)?;
+    let payload = bundle_bytes(total, &links, &items[start..end], &outcome)?;
     let (body, content_type) = match requester_envelope {
         None => (payload, fhir::FHIR_JSON),
         Some((request_id, key)) => (
@@ -487,8 +542,10 @@ pub async fn search(
     // the gateway's own stages around it (what the gateway adds over its slowest hospital).
     let timing = format!(
         "upstream;dur={slowest_ms:.2};desc=\"slowest endpoint round trip\", fanout;dur={fan_out_ms:.2}, \
-         resolve;dur={resolve_ms:.2}, release;dur={release_ms:.2}, audit;dur={audit_ms:.2}, \
-         encode;dur={encode_ms:.2}, handler;dur={:.2}",
+         resolve;dur={resolve_ms:.2}, release-each;dur={:.2};desc=\"releasing each answer as it came, within the fan-out\", \
+         release;dur={release_ms:.2};desc=\"merging, after the fan-out\", audit;dur={audit_ms:.2}, \
+         encode;dur={encode_ms:.2}, before;dur={before_ms:.2}, handler;dur={:.2}",
+        release_s * 1000.0,
         ms_since(handler_started)
     );
     Ok(HttpResponse::Ok()

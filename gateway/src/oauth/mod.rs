@@ -130,24 +130,48 @@ pub async fn cached_institutions(
     state: &AppState,
     ids: Vec<String>,
 ) -> Result<Vec<Institution>, ApiError> {
-    let mut found: Vec<Option<Institution>> = ids.iter().map(|id| cache_get(state, id)).collect();
-    let missing: Vec<String> = ids
+    let (mut found, missing) = cached_part(state, &ids);
+    if !missing.is_empty() {
+        let read = state
+            .db(move |conn| directory::get_many(conn, &missing))
+            .await?;
+        fill(state, &mut found, read);
+    }
+    Ok(found.into_iter().flatten().collect())
+}
+
+/// [`cached_institutions`] inside a blocking call that holds `conn` (no trip of its own).
+pub fn cached_institutions_on(
+    state: &AppState,
+    conn: &mut yiqiao_registry::store::DbConn,
+    ids: &[String],
+) -> Result<Vec<Institution>, ApiError> {
+    let (mut found, missing) = cached_part(state, ids);
+    if !missing.is_empty() {
+        fill(state, &mut found, directory::get_many(conn, &missing)?);
+    }
+    Ok(found.into_iter().flatten().collect())
+}
+
+/// The cached entries of `ids` (by position, `None` where not cached) and the ids to read.
+fn cached_part(state: &AppState, ids: &[String]) -> (Vec<Option<Institution>>, Vec<String>) {
+    let found: Vec<Option<Institution>> = ids.iter().map(|id| cache_get(state, id)).collect();
+    let missing = ids
         .iter()
         .zip(&found)
         .filter(|(_, f)| f.is_none())
         .map(|(id, _)| id.clone())
         .collect();
-    if !missing.is_empty() {
-        let read = state
-            .db(move |conn| directory::get_many(conn, &missing))
-            .await?;
-        cache_put(state, &read);
-        let mut read = read.into_iter();
-        for slot in found.iter_mut().filter(|f| f.is_none()) {
-            *slot = read.next();
-        }
+    (found, missing)
+}
+
+/// Cache the entries read for the empty positions of `found` and put them there, in order.
+fn fill(state: &AppState, found: &mut [Option<Institution>], read: Vec<Institution>) {
+    cache_put(state, &read);
+    let mut read = read.into_iter();
+    for slot in found.iter_mut().filter(|f| f.is_none()) {
+        *slot = read.next();
     }
-    Ok(found.into_iter().flatten().collect())
 }
 
 /// Drop this replica's cached directory entry of `id` (after a change made through it, so the
