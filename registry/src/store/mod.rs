@@ -392,6 +392,19 @@ pub fn write_tx<T, E: From<diesel::result::Error>>(
 }
 
 /// The current UTC time truncated to microseconds, the precision both backends keep.
+/// SQLite: copy what the write-ahead log holds into the database file now (PASSIVE: readers
+/// and writers are not waited for). A committing connection does this by itself once the log
+/// reaches 1,000 pages — inside its commit, so the request waiting for that commit waits for
+/// the copy and the database file's sync too; a writer that calls this when it is idle keeps
+/// the log below that mark. No-op on PostgreSQL.
+pub fn checkpoint_wal(conn: &mut DbConn) -> Result<(), StoreError> {
+    if let DbConn::Sqlite(lite) = conn {
+        lite.batch_execute("PRAGMA wal_checkpoint(PASSIVE)")
+            .map_err(StoreError::from_diesel)?;
+    }
+    Ok(())
+}
+
 pub fn now_utc() -> chrono::NaiveDateTime {
     use chrono::{SubsecRound, Utc};
     Utc::now().naive_utc().trunc_subsecs(6)
