@@ -604,7 +604,6 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use diesel::{Connection, RunQueryDsl};
-    use yiqiao_registry::store::StoreOptions;
 
     #[derive(diesel::QueryableByName)]
     struct Count {
@@ -632,20 +631,16 @@ mod tests {
     async fn the_writer_checkpoints_the_sqlite_log_while_idle() {
         let dir = std::env::temp_dir().join(format!("yiqiao-audit-wal-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
-        let db = dir.join("y.db");
-        let store = Store::open(&StoreOptions {
-            url: format!("sqlite://{}", db.display()),
-            pool_size: 4,
-            min_idle: None,
-            acquire_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(5),
-            statement_timeout: Duration::from_secs(30),
-            sqlite_busy_timeout: Duration::from_secs(10),
-        })
-        .unwrap();
+        // The embedded default: `<data_dir>/yiqiao.db`.
+        let settings = Settings {
+            data_dir: dir.clone(),
+            ..Settings::default()
+        };
+        let db = dir.join("yiqiao.db");
+        let store = Store::open(&settings.store_options()).unwrap();
         store.migrate().unwrap();
         let signer = Arc::new(AuditSigner::new(&Sm2PrivateKey::generate().unwrap()).unwrap());
-        let auditor = Auditor::start(store, signer, &Settings::default());
+        let auditor = Auditor::start(store, signer, &settings);
         let before = WAL_CHECKPOINT_COMMITS as usize - 1;
         for i in 0..before {
             auditor
