@@ -373,158 +373,222 @@ fn lock_cursor(tx: &mut DbConn) -> Result<i64, diesel::result::Error> {
 }
 
 /// Evaluate the rules over up to `batch` records after the cursor; see the module docs.
+///
+/// PostgreSQL: in one transaction holding the cursor row (scanners of several replicas take
+/// turns). SQLite has one writer for the whole database — the audit writer, committing every
+/// data request's record — so the records are evaluated on a read snapshot (a WAL reader
+/// blocks no writer) and the write lock is taken only to store the alerts and move the
+/// cursor, and only if no other scanner moved it meanwhile (else nothing is stored and the
+/// next round evaluates again).
 pub fn scan(conn: &mut DbConn, rules: &Rules, batch: i64) -> Result<ScanOutcome, StoreError> {
+    if matches!(conn, DbConn::Postgresql(_)) {
+        return crate::store::write_tx::<_, diesel::result::Error>(conn, |tx| {
+            let cursor = lock_cursor(tx)?;
+            match evaluate(tx, rules, batch, cursor)? {
+                Some(found) => store_found(tx, found),
+                None => Ok(ScanOutcome {
+                    cursor,
+                    ..ScanOutcome::default()
+                }),
+            }
+        })
+        .map_err(StoreError::from_diesel);
+    }
+    let (cursor, found) = conn
+        .transaction::<_, diesel::result::Error, _>(|tx| {
+            let cursor: i64 = audit_alert_cursor::table
+                .find(1)
+                .select(audit_alert_cursor::last_seq)
+                .first(tx)?;
+            Ok((cursor, evaluate(tx, rules, batch, cursor)?))
+        })
+        .map_err(StoreError::from_diesel)?;
+    let Some(found) = found else {
+        return Ok(ScanOutcome {
+            cursor,
+            ..ScanOutcome::default()
+        });
+    };
     crate::store::write_tx::<_, diesel::result::Error>(conn, |tx| {
-        let cursor = lock_cursor(tx)?;
-        let events = query::after_seq(tx, cursor, batch).map_err(to_diesel)?;
-        let Some(last) = events.last().map(|e| e.seq) else {
+        let now = lock_cursor(tx)?;
+        if now != cursor {
             return Ok(ScanOutcome {
-                cursor,
+                cursor: now,
                 ..ScanOutcome::default()
             });
-        };
-        let flagged: BTreeSet<String> = audit_flagged_patients::table
-            .select(audit_flagged_patients::patient_id)
-            .load::<String>(tx)?
-            .into_iter()
-            .collect();
-        let mut c = Candidates {
-            rules,
-            now: now_utc(),
-            by_key: BTreeMap::new(),
-        };
-        let offset = Duration::hours(i64::from(rules.utc_offset_hours));
-        // Last event per agent (successful data access / refusal) for the windowed rules.
-        let mut last_access: BTreeMap<String, &StoredEvent> = BTreeMap::new();
-        let mut last_btg: BTreeMap<String, &StoredEvent> = BTreeMap::new();
-        let mut last_denial: BTreeMap<String, &StoredEvent> = BTreeMap::new();
-        // Accesses by a named user of an institution (same-surname-address).
-        let mut by_user: Vec<&StoredEvent> = Vec::new();
-        for e in &events {
-            let agent = agent_of(e);
-            let local = e.recorded_at + offset;
-            let day = local.format("%Y-%m-%d");
-            if e.outcome != super::outcome::SUCCESS {
-                last_denial.insert(agent, e);
-                continue;
-            }
-            // Data access by an institution (staff changes such as flagging are not accesses).
-            let (Some(patient), Some(_)) = (&e.patient_id, &e.agent_institution) else {
-                continue;
-            };
-            last_access.insert(agent.clone(), e);
-            if rules.same_surname_address
-                && e.agent_user
-                    .as_deref()
-                    .is_some_and(|u| u != ADMIN_ON_BEHALF_USER)
-            {
-                by_user.push(e);
-            }
-            if in_off_hours(rules, local.hour()) {
-                c.add(
-                    "off-hours",
-                    format!("off-hours:{agent}:{day}"),
-                    e,
-                    None,
-                    json!({"message": format!("{agent} accessed patient records at {} local time, outside {:02}:00–{:02}:00", local.format("%H:%M"), rules.off_hours_end, rules.off_hours_start), "local_date": day.to_string()}),
-                );
-            }
-            if flagged.contains(patient) {
-                c.add(
-                    "flagged-patient",
-                    format!("flagged-patient:{agent}:{patient}:{day}"),
-                    e,
-                    Some(patient.clone()),
-                    json!({"message": format!("{agent} accessed the records of flagged patient {patient}")}),
-                );
-            }
-            if e.purpose_of_use.as_deref() == Some(BREAK_GLASS_PURPOSE) {
-                c.add(
-                    "break-the-glass",
-                    format!("break-the-glass:{}", e.seq),
-                    e,
-                    Some(patient.clone()),
-                    json!({"message": format!("{agent} used break-the-glass (ETREAT) for patient {patient}: review required")}),
-                );
-                last_btg.insert(agent.clone(), e);
-            }
         }
-        if !by_user.is_empty() {
-            same_surname_address(tx, &mut c, &by_user, offset)?;
-        }
-        let bucket = |e: &StoredEvent, w: i64| e.recorded_at.and_utc().timestamp() / w.max(1);
-        if rules.many_patients_threshold > 0 {
-            for (agent, e) in &last_access {
-                let w = rules.many_patients_window_secs;
-                let n = count_in_window(tx, e, w, WindowCount::DistinctPatients)?;
-                if n as u64 > rules.many_patients_threshold {
-                    c.add(
-                        "many-patients",
-                        format!("many-patients:{agent}:{}", bucket(e, w)),
-                        e,
-                        None,
-                        json!({"message": format!("{agent} accessed {n} distinct patients within {w} s (threshold {})", rules.many_patients_threshold), "count": n, "window_secs": w}),
-                    );
-                }
-            }
-        }
-        if rules.break_glass_threshold > 0 {
-            for (agent, e) in &last_btg {
-                let w = rules.break_glass_window_secs;
-                let n = count_in_window(tx, e, w, WindowCount::BreakGlass)?;
-                if n as u64 >= rules.break_glass_threshold {
-                    c.add(
-                        "break-the-glass-frequent",
-                        format!("break-the-glass-frequent:{agent}:{}", bucket(e, w)),
-                        e,
-                        None,
-                        json!({"message": format!("{agent} used break-the-glass {n} times within {w} s (threshold {})", rules.break_glass_threshold), "count": n, "window_secs": w}),
-                    );
-                }
-            }
-        }
-        if rules.denials_threshold > 0 {
-            for (agent, e) in &last_denial {
-                let w = rules.denials_window_secs;
-                let n = count_in_window(tx, e, w, WindowCount::Denials)?;
-                if n as u64 >= rules.denials_threshold {
-                    c.add(
-                        "denials",
-                        format!("denials:{agent}:{}", bucket(e, w)),
-                        e,
-                        None,
-                        json!({"message": format!("{n} refused requests by {agent} within {w} s (threshold {})", rules.denials_threshold), "count": n, "window_secs": w}),
-                    );
-                }
-            }
-        }
-        let mut raised = Vec::new();
-        for (key, alert) in c.by_key {
-            let exists: bool = diesel::select(diesel::dsl::exists(
-                audit_alerts::table.filter(audit_alerts::dedupe_key.eq(&key)),
-            ))
-            .get_result(tx)?;
-            if exists {
-                continue;
-            }
-            diesel::insert_into(audit_alerts::table)
-                .values(&alert)
-                .execute(tx)?;
-            raised.push(alert.id);
-        }
-        diesel::update(audit_alert_cursor::table.find(1))
-            .set((
-                audit_alert_cursor::last_seq.eq(last),
-                audit_alert_cursor::updated_at.eq(now_utc()),
-            ))
-            .execute(tx)?;
-        Ok(ScanOutcome {
-            evaluated: events.len(),
-            raised,
-            cursor: last,
-        })
+        store_found(tx, found)
     })
     .map_err(StoreError::from_diesel)
+}
+
+/// What one evaluation found: how many records, the last one's position, the alerts.
+struct Found {
+    evaluated: usize,
+    last: i64,
+    alerts: BTreeMap<String, NewAlert>,
+}
+
+/// The rules over up to `batch` records after `cursor` (reads only); `None` when there are none.
+fn evaluate(
+    tx: &mut DbConn,
+    rules: &Rules,
+    batch: i64,
+    cursor: i64,
+) -> Result<Option<Found>, diesel::result::Error> {
+    let events = query::after_seq(tx, cursor, batch).map_err(to_diesel)?;
+    let Some(last) = events.last().map(|e| e.seq) else {
+        return Ok(None);
+    };
+    let flagged: BTreeSet<String> = audit_flagged_patients::table
+        .select(audit_flagged_patients::patient_id)
+        .load::<String>(tx)?
+        .into_iter()
+        .collect();
+    let mut c = Candidates {
+        rules,
+        now: now_utc(),
+        by_key: BTreeMap::new(),
+    };
+    let offset = Duration::hours(i64::from(rules.utc_offset_hours));
+    // Last event per agent (successful data access / refusal) for the windowed rules.
+    let mut last_access: BTreeMap<String, &StoredEvent> = BTreeMap::new();
+    let mut last_btg: BTreeMap<String, &StoredEvent> = BTreeMap::new();
+    let mut last_denial: BTreeMap<String, &StoredEvent> = BTreeMap::new();
+    // Accesses by a named user of an institution (same-surname-address).
+    let mut by_user: Vec<&StoredEvent> = Vec::new();
+    for e in &events {
+        let agent = agent_of(e);
+        let local = e.recorded_at + offset;
+        let day = local.format("%Y-%m-%d");
+        if e.outcome != super::outcome::SUCCESS {
+            last_denial.insert(agent, e);
+            continue;
+        }
+        // Data access by an institution (staff changes such as flagging are not accesses).
+        let (Some(patient), Some(_)) = (&e.patient_id, &e.agent_institution) else {
+            continue;
+        };
+        last_access.insert(agent.clone(), e);
+        if rules.same_surname_address
+            && e.agent_user
+                .as_deref()
+                .is_some_and(|u| u != ADMIN_ON_BEHALF_USER)
+        {
+            by_user.push(e);
+        }
+        if in_off_hours(rules, local.hour()) {
+            c.add(
+                "off-hours",
+                format!("off-hours:{agent}:{day}"),
+                e,
+                None,
+                json!({"message": format!("{agent} accessed patient records at {} local time, outside {:02}:00–{:02}:00", local.format("%H:%M"), rules.off_hours_end, rules.off_hours_start), "local_date": day.to_string()}),
+            );
+        }
+        if flagged.contains(patient) {
+            c.add(
+                "flagged-patient",
+                format!("flagged-patient:{agent}:{patient}:{day}"),
+                e,
+                Some(patient.clone()),
+                json!({"message": format!("{agent} accessed the records of flagged patient {patient}")}),
+            );
+        }
+        if e.purpose_of_use.as_deref() == Some(BREAK_GLASS_PURPOSE) {
+            c.add(
+                "break-the-glass",
+                format!("break-the-glass:{}", e.seq),
+                e,
+                Some(patient.clone()),
+                json!({"message": format!("{agent} used break-the-glass (ETREAT) for patient {patient}: review required")}),
+            );
+            last_btg.insert(agent.clone(), e);
+        }
+    }
+    if !by_user.is_empty() {
+        same_surname_address(tx, &mut c, &by_user, offset)?;
+    }
+    let bucket = |e: &StoredEvent, w: i64| e.recorded_at.and_utc().timestamp() / w.max(1);
+    if rules.many_patients_threshold > 0 {
+        for (agent, e) in &last_access {
+            let w = rules.many_patients_window_secs;
+            let n = count_in_window(tx, e, w, WindowCount::DistinctPatients)?;
+            if n as u64 > rules.many_patients_threshold {
+                c.add(
+                    "many-patients",
+                    format!("many-patients:{agent}:{}", bucket(e, w)),
+                    e,
+                    None,
+                    json!({"message": format!("{agent} accessed {n} distinct patients within {w} s (threshold {})", rules.many_patients_threshold), "count": n, "window_secs": w}),
+                );
+            }
+        }
+    }
+    if rules.break_glass_threshold > 0 {
+        for (agent, e) in &last_btg {
+            let w = rules.break_glass_window_secs;
+            let n = count_in_window(tx, e, w, WindowCount::BreakGlass)?;
+            if n as u64 >= rules.break_glass_threshold {
+                c.add(
+                    "break-the-glass-frequent",
+                    format!("break-the-glass-frequent:{agent}:{}", bucket(e, w)),
+                    e,
+                    None,
+                    json!({"message": format!("{agent} used break-the-glass {n} times within {w} s (threshold {})", rules.break_glass_threshold), "count": n, "window_secs": w}),
+                );
+            }
+        }
+    }
+    if rules.denials_threshold > 0 {
+        for (agent, e) in &last_denial {
+            let w = rules.denials_window_secs;
+            let n = count_in_window(tx, e, w, WindowCount::Denials)?;
+            if n as u64 >= rules.denials_threshold {
+                c.add(
+                    "denials",
+                    format!("denials:{agent}:{}", bucket(e, w)),
+                    e,
+                    None,
+                    json!({"message": format!("{n} refused requests by {agent} within {w} s (threshold {})", rules.denials_threshold), "count": n, "window_secs": w}),
+                );
+            }
+        }
+    }
+    Ok(Some(Found {
+        evaluated: events.len(),
+        last,
+        alerts: c.by_key,
+    }))
+}
+
+/// Store the new alerts of an evaluation (those not raised before) and move the cursor.
+fn store_found(tx: &mut DbConn, found: Found) -> Result<ScanOutcome, diesel::result::Error> {
+    let mut raised = Vec::new();
+    for (key, alert) in found.alerts {
+        let exists: bool = diesel::select(diesel::dsl::exists(
+            audit_alerts::table.filter(audit_alerts::dedupe_key.eq(&key)),
+        ))
+        .get_result(tx)?;
+        if exists {
+            continue;
+        }
+        diesel::insert_into(audit_alerts::table)
+            .values(&alert)
+            .execute(tx)?;
+        raised.push(alert.id);
+    }
+    diesel::update(audit_alert_cursor::table.find(1))
+        .set((
+            audit_alert_cursor::last_seq.eq(found.last),
+            audit_alert_cursor::updated_at.eq(now_utc()),
+        ))
+        .execute(tx)?;
+    Ok(ScanOutcome {
+        evaluated: found.evaluated,
+        raised,
+        cursor: found.last,
+    })
 }
 
 /// Alerts, newest first.
@@ -872,6 +936,24 @@ mod tests {
     }
 
     crate::store::testdb::on_both_backends!(same_surname_address_rule);
+
+    /// SQLite: a scan evaluates on a read snapshot and takes the database's one write lock
+    /// only to store what it found, so it never makes the audit writer wait while it reads.
+    /// With another connection holding the write lock (the audit writer mid-commit) and no
+    /// waiting allowed, a scan with nothing to store succeeds; one that took the lock first
+    /// failed with "database is locked".
+    #[test]
+    fn sqlite_scan_evaluates_without_the_write_lock() {
+        use diesel::connection::SimpleConnection;
+        let db = crate::store::testdb::TestStore::new(crate::Backend::Sqlite);
+        let mut writer = db.store.conn().unwrap();
+        let mut scanner = db.store.conn().unwrap();
+        scanner.batch_execute("PRAGMA busy_timeout = 0").unwrap();
+        writer.batch_execute("BEGIN IMMEDIATE").unwrap();
+        let out = scan(&mut scanner, &rules(0, 0), 100).unwrap();
+        assert_eq!((out.evaluated, out.cursor), (0, 0));
+        writer.batch_execute("ROLLBACK").unwrap();
+    }
 
     #[test]
     fn off_hours_wrap_midnight() {

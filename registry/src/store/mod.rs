@@ -391,7 +391,6 @@ pub fn write_tx<T, E: From<diesel::result::Error>>(
     }
 }
 
-/// The current UTC time truncated to microseconds, the precision both backends keep.
 /// SQLite: copy what the write-ahead log holds into the database file now (PASSIVE: readers
 /// and writers are not waited for). A committing connection does this by itself once the log
 /// reaches 1,000 pages — inside its commit, so the request waiting for that commit waits for
@@ -405,6 +404,7 @@ pub fn checkpoint_wal(conn: &mut DbConn) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The current UTC time truncated to microseconds, the precision both backends keep.
 pub fn now_utc() -> chrono::NaiveDateTime {
     use chrono::{SubsecRound, Utc};
     Utc::now().naive_utc().trunc_subsecs(6)
