@@ -147,17 +147,25 @@ async fn console_in_headless_chromium(backend: Backend) {
     // hosp-002 without the Patient scope: refused (403) and recorded against hosp-002.
     let no_scope = access_token_for(&app, &key, "hosp-002", "system/AuditEvent.s", "TREAT").await;
     assert_eq!(get_with(&app, &patient_path, &no_scope, None).await, 403);
-    yiqiao_gateway::alerting::scan_all(&app.state)
-        .await
-        .unwrap();
 
     // What the page must show, from the database (the console's own reads add none of these:
     // they are counted before the first console search and belong to `staff`).
     let about_patient = records_where(&app, Some(&person), None, None).await;
     // Registration + 3 reads + the break-the-glass read.
     assert_eq!(about_patient.len(), 5);
-    let refused_by_hosp2 = records_where(&app, None, Some("hosp-002"), Some("4")).await;
+    // A refusal's record is written without delaying the 403 (its own queue): wait for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let refused_by_hosp2 = loop {
+        let found = records_where(&app, None, Some("hosp-002"), Some("4")).await;
+        if !found.is_empty() || std::time::Instant::now() > deadline {
+            break found;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert_eq!(refused_by_hosp2.len(), 1, "the refused read");
+    yiqiao_gateway::alerting::scan_all(&app.state)
+        .await
+        .unwrap();
     let store = app.state.store.clone();
     let daily = tokio::task::spawn_blocking(move || {
         let from = chrono::NaiveDate::from_ymd_opt(2000, 1, 1)
