@@ -11,7 +11,8 @@
 #
 #   scripts/bench-federation.sh [REQUESTS] [CONCURRENCY] [PERSONS]
 #   (SKIP_PRIMITIVES=1: no SM part; BENCH_GATEWAY_BIN=PATH / BENCH_LOAD_BIN=PATH: another build
-#   of the gateway / of the load generator, for an A/B)
+#   of the gateway / of the load generator, for an A/B; LOAD_DUMP=FILE: every answer's latency,
+#   size and stages appended to FILE as JSON lines, to see what the tail is made of)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requests="${1:-4000}"; conc="${2:-200}"; persons="${3:-100}"
