@@ -12,7 +12,8 @@
 #   scripts/bench-federation.sh [REQUESTS] [CONCURRENCY] [PERSONS]
 #   (SKIP_PRIMITIVES=1: no SM part; BENCH_GATEWAY_BIN=PATH / BENCH_LOAD_BIN=PATH: another build
 #   of the gateway / of the load generator, for an A/B; LOAD_DUMP=FILE: every answer's latency,
-#   size and stages appended to FILE as JSON lines, to see what the tail is made of)
+#   size and stages appended to FILE as JSON lines, to see what the tail is made of;
+#   BENCH_DATABASE_URL=postgres://…/EMPTY_DB: the gateway on PostgreSQL instead of SQLite)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requests="${1:-4000}"; conc="${2:-200}"; persons="${3:-100}"
@@ -20,7 +21,7 @@ tgt="${CARGO_TARGET_DIR:-target}"
 cargo build --release -q -p yiqiao --bin yiqiao --example federation_load
 bin="${BENCH_GATEWAY_BIN:-$tgt/release/yiqiao}"; load="${BENCH_LOAD_BIN:-$tgt/release/examples/federation_load}"
 work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-export YIQIAO_DATA_DIR="$work" YIQIAO_DATABASE_URL="sqlite://$work/y.db" \
+export YIQIAO_DATA_DIR="$work" YIQIAO_DATABASE_URL="${BENCH_DATABASE_URL:-sqlite://$work/y.db}" \
   YIQIAO_ADMIN_TOKEN=bench-admin-token YIQIAO_LOG__LEVEL=warn \
   YIQIAO_DATABASE__POOL_SIZE=32 YIQIAO_FEDERATION__MAX_CONCURRENCY=8192 \
   YIQIAO_FEDERATION__MAX_CONCURRENCY_PER_ENDPOINT=256 YIQIAO_FEDERATION__POOL_MAX_IDLE_PER_HOST=512 \
