@@ -435,6 +435,81 @@ async fn full_fan_out_merges_tags_pages_and_audits(backend: Backend) {
     region.stop().await;
 }
 
+/// The consent engine decides each hospital's answer as it arrives: in an opt-in region
+/// without a consent, the requester gets only its own records; the other hospitals' resources
+/// are withheld and counted per hospital with the rule, and the audit record says `partial`.
+/// On PostgreSQL with Redis, where the engine synchronises its caches itself (not on the
+/// resolve trip), the same.
+async fn consent_engine_decides_each_answer(backend: Backend) {
+    let prefix = format!("yq-fed-consent-{}:", uuid::Uuid::new_v4().simple());
+    let region = Region::start(backend, 4, |s| {
+        s.consent.policy.default_mode = yiqiao_consent::DefaultMode::OptIn;
+        if backend == Backend::Postgres {
+            s.redis.url = yiqiao_gateway::config::Secret::new(crate::helpers::redis_url());
+            s.redis.key_prefix = prefix.clone();
+        }
+    })
+    .await;
+    let person = region.person(0);
+    let others = ["fz-005", "fz-006", "fz-007"];
+    for t in ["Observation", "Condition"] {
+        let raw = region
+            .get_as("fz-004", &format!("/fhir/{t}?patient={person}"))
+            .await
+            .bytes()
+            .await
+            .unwrap();
+        let b: Value = serde_json::from_slice(&raw).unwrap();
+        assert_eq!(
+            matches(&b).len(),
+            region.held(t, &["fz-004"]),
+            "{t}: own records only"
+        );
+        assert!(sources(&b).iter().all(|s| s == "fz-004"), "{t}");
+        let withheld: Vec<Value> = outcome_issues(&b)
+            .into_iter()
+            .filter(|i| i["details"]["coding"][0]["code"] == "withheld")
+            .collect();
+        for id in others {
+            let held = region.held(t, &[id]);
+            if held == 0 {
+                continue;
+            }
+            let issue = withheld
+                .iter()
+                .find(|i| i["details"]["coding"][1]["code"] == id)
+                .unwrap_or_else(|| panic!("{t}: no withheld issue for {id}: {withheld:?}"));
+            let text = issue["details"]["text"].as_str().unwrap();
+            assert!(
+                text.contains(&format!("{held} resource(s) withheld"))
+                    && text.contains("consent policy: "),
+                "{text}"
+            );
+        }
+        fhir_valid(&raw);
+    }
+    let store = region.app.state.store.clone();
+    let decisions: Vec<Option<String>> = tokio::task::spawn_blocking(move || {
+        use diesel::prelude::*;
+        use yiqiao_registry::store::schema::audit_events::dsl as a;
+        let mut conn = store.conn().unwrap();
+        a::audit_events
+            .filter(a::agent_institution.eq("fz-004"))
+            .filter(a::subtype_code.eq("search-type"))
+            .select(a::consent_decision)
+            .load(&mut conn)
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(decisions.len(), 2);
+    assert!(
+        decisions.iter().all(|d| d.as_deref() == Some("partial")),
+        "{decisions:?}"
+    );
+    region.stop().await;
+}
+
 async fn requester_envelope_is_sealed_to_its_key_and_bound(backend: Backend) {
     let region = Region::start(backend, 2, |_| {}).await;
     let person = region.person(0);
@@ -686,6 +761,7 @@ async fn overall_deadline_is_honoured(backend: Backend) {
 
 on_both_backends!(
     full_fan_out_merges_tags_pages_and_audits,
+    consent_engine_decides_each_answer,
     requester_envelope_is_sealed_to_its_key_and_bound,
     misbehaving_endpoints_are_reported_and_excluded,
     circuit_breaker_opens_and_recovers,

@@ -24,7 +24,7 @@ def main() -> int:
             data = json.load(f)
         try:
             model = model_for(data["resourceType"])
-            model.parse_obj(data) if hasattr(model, "parse_obj") else model.model_validate(data)
+            model.model_validate(data)
         except Exception as e:  # noqa: BLE001 - report whatever the validator says
             print(f"{path}: {data.get('resourceType')}: {e}", file=sys.stderr)
             failed = True
