@@ -480,23 +480,20 @@ async fn writer(
         let (mut events, senders): (Vec<_>, Vec<_>) =
             jobs.into_iter().map(|j| (j.event, j.done)).unzip();
         events.extend(extra);
-        let store = w.store.clone();
-        let signer = w.signer.clone();
-        let opts = w.opts;
         // Committed here, on the writer's own thread (nothing else runs on its runtime).
         let result = (|| {
-            let mut conn = store.conn()?;
+            let mut conn = w.store.conn()?;
             if timed {
                 if !checkpoint_due(&mut conn)? {
                     return Ok(Vec::new());
                 }
                 let force = AppendOptions {
                     force_checkpoint: true,
-                    ..opts
+                    ..w.opts
                 };
-                return append_batch(&mut conn, &[], &signer, force);
+                return append_batch(&mut conn, &[], &w.signer, force);
             }
-            append_batch(&mut conn, &events, &signer, opts)
+            append_batch(&mut conn, &events, &w.signer, w.opts)
         })();
         let failure = match result {
             Ok(appended) => {
@@ -513,9 +510,11 @@ async fn writer(
                     && w.store.backend() == yiqiao_registry::Backend::Sqlite
                 {
                     commits = 0;
-                    if let Err(e) = w.store.conn().map_err(|e| e.to_string()).and_then(|mut c| {
-                        yiqiao_registry::store::checkpoint_wal(&mut c).map_err(|e| e.to_string())
-                    }) {
+                    let checkpointed = w
+                        .store
+                        .conn()
+                        .and_then(|mut c| yiqiao_registry::store::checkpoint_wal(&mut c));
+                    if let Err(e) = checkpointed {
                         tracing::warn!(cause = %e, "audit writer: WAL checkpoint failed (the next commits will do it)");
                     }
                 }

@@ -36,12 +36,12 @@ fn accept_or_generate(req: &ServiceRequest) -> String {
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
 }
 
-/// Request id in and out, one span per request (no query string: it may carry patient data),
-/// metrics by route pattern.
 /// When the server began handling the request (for handlers' `Server-Timing`).
 #[derive(Clone, Copy)]
 pub struct RequestStarted(pub Instant);
 
+/// Request id in and out, one span per request (no query string: it may carry patient data),
+/// metrics by route pattern; a handler's `Server-Timing` gets `app` (the whole time inside).
 pub async fn observe(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,

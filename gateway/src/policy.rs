@@ -113,8 +113,8 @@ pub struct Withheld {
 }
 
 /// Consent caches brought up to date during one request ([`Policy::sync_on`]): the change
-/// counter read and the agreements in force then; hand it to [`Policy::release_with`].
-#[derive(Clone)]
+/// counter read and the agreements in force then; hand it to [`Policy::release_with`] or
+/// [`Policy::prepare_on`] / [`Policy::prepare`].
 pub struct Synced {
     seq: i64,
     agreements: Arc<AgreementStore>,
@@ -1193,14 +1193,7 @@ impl Policy {
         candidates: Vec<Candidate>,
         synced: Option<Synced>,
     ) -> Result<Released, ApiError> {
-        if !self.enforce || candidates.is_empty() {
-            let prepared = Prepared {
-                requester: requester.clone(),
-                state: None,
-            };
-            if !self.enforce {
-                return Ok(self.release_prepared(&prepared, ask, candidates));
-            }
+        if self.enforce && candidates.is_empty() {
             return Ok(Released::default());
         }
         let own = requester.institution.as_str();

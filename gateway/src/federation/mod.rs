@@ -355,23 +355,11 @@ impl Federation {
             .clone()
     }
 
-    /// Ask every site concurrently for `resource_type` with the extra search `params`;
-    /// returns one result per site, in the order given, no later than the overall deadline
-    /// (plus scheduling slack).
-    pub async fn fan_out(
-        &self,
-        resource_type: &str,
-        sites: Vec<Site>,
-        params: &[(String, String)],
-        deadlines: Deadlines,
-    ) -> Vec<SiteResult> {
-        futures::future::join_all(self.calls(resource_type, sites, params, deadlines)).await
-    }
-
-    /// [`Federation::fan_out`] as the answers come: each site's result as soon as it is in
-    /// (verified and decrypted, or failed), so the caller can work on the early answers while
-    /// the slow ones are still on their way. Ends no later than the overall deadline (plus
-    /// scheduling slack).
+    /// Ask every site concurrently for `resource_type` with the extra search `params`, each
+    /// call bounded by the earlier of its endpoint deadline and the overall one; yields each
+    /// site's result as soon as it is in (verified and decrypted, or failed), so the caller
+    /// can work on the early answers while the slow ones are still on their way. Ends no
+    /// later than the overall deadline (plus scheduling slack).
     pub fn fan_out_each<'a>(
         &'a self,
         resource_type: &'a str,
@@ -379,35 +367,25 @@ impl Federation {
         params: &'a [(String, String)],
         deadlines: Deadlines,
     ) -> impl futures::Stream<Item = SiteResult> + 'a {
-        self.calls(resource_type, sites, params, deadlines)
-            .collect::<futures::stream::FuturesUnordered<_>>()
-    }
-
-    /// One call per site, each with its deadline (the earlier of the endpoint's and the
-    /// overall one).
-    fn calls<'a>(
-        &'a self,
-        resource_type: &'a str,
-        sites: Vec<Site>,
-        params: &'a [(String, String)],
-        deadlines: Deadlines,
-    ) -> impl Iterator<Item = impl std::future::Future<Output = SiteResult> + 'a> + 'a {
         let overall_end = Instant::now() + deadlines.overall;
-        sites.into_iter().map(move |site| {
-            let endpoint_end = Instant::now() + deadlines.endpoint;
-            let (end, limit) = if overall_end <= endpoint_end {
-                (
-                    overall_end,
-                    format!("overall deadline {} ms", deadlines.overall.as_millis()),
-                )
-            } else {
-                (
-                    endpoint_end,
-                    format!("endpoint deadline {} ms", deadlines.endpoint.as_millis()),
-                )
-            };
-            self.query_site(resource_type, site, params, end, limit)
-        })
+        sites
+            .into_iter()
+            .map(move |site| {
+                let endpoint_end = Instant::now() + deadlines.endpoint;
+                let (end, limit) = if overall_end <= endpoint_end {
+                    (
+                        overall_end,
+                        format!("overall deadline {} ms", deadlines.overall.as_millis()),
+                    )
+                } else {
+                    (
+                        endpoint_end,
+                        format!("endpoint deadline {} ms", deadlines.endpoint.as_millis()),
+                    )
+                };
+                self.query_site(resource_type, site, params, end, limit)
+            })
+            .collect::<futures::stream::FuturesUnordered<_>>()
     }
 
     async fn query_site(
@@ -547,7 +525,7 @@ impl Federation {
     /// tag. Returns the payload and its content type. `Garbage` for what is not a well-formed
     /// envelope, `Tampered` for what fails a check, `Failed` for an envelope sealed to another
     /// key. Shared by the fan-out and document retrieval.
-    pub async fn open_answer(
+    pub fn open_answer(
         &self,
         body: &[u8],
         sender: &str,
@@ -683,7 +661,6 @@ impl Federation {
         }
         let (payload, _) = self
             .open_answer(&body, id, keys, binding)
-            .await
             .map_err(|p| (p, false))?;
         let bundle: Value = serde_json::from_slice(&payload)
             .map_err(|e| (Problem::Garbage(format!("payload is not JSON: {e}")), false))?;

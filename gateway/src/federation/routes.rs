@@ -383,7 +383,7 @@ pub async fn search(
     });
     let before = items.len();
     let mut seen = HashSet::new();
-    items.retain(|i| seen.insert(i.dedup.clone()));
+    items.retain_mut(|i| seen.insert(std::mem::take(&mut i.dedup)));
     let duplicates = before - items.len();
 
     // The outcome entry.

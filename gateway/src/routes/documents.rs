@@ -1043,7 +1043,6 @@ pub async fn retrieve(
         match state
             .federation
             .open_answer(&body, &doc.custodian_id, &keys, binding)
-            .await
         {
             Ok((payload, _)) => body = payload,
             Err(p) => {
