@@ -56,6 +56,29 @@ pub struct Auditor {
     signer: Arc<AuditSigner>,
     replica: Arc<str>,
     timeout: Duration,
+    /// The writer's thread, stopped and joined when the last clone is dropped (held for that).
+    _writer: Arc<WriterThread>,
+}
+
+/// The writer's thread: when the last [`Auditor`] clone goes, the writer commits what is
+/// queued (refusals) and ends, and the dropping thread waits for it — so no commit, and no
+/// database connection, outlives the application (e.g. running on into process exit).
+struct WriterThread {
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the audit writer thread panicked");
+        }
+    }
 }
 
 /// Who made a request, as far as authentication got: put into the request's extensions by the
@@ -108,8 +131,9 @@ impl Auditor {
         };
         // The writer has a thread of its own and commits there: a record costs two
         // wake-ups (the writer's, then the waiting request's) instead of four through a task
-        // on the server's runtime and a blocking-pool thread. It ends when the last sender
-        // (this Auditor and its clones) is dropped.
+        // on the server's runtime and a blocking-pool thread. It ends when the last clone of
+        // this Auditor is dropped (see WriterThread).
+        let (stop, stopped) = oneshot::channel();
         let spawned = std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || {
@@ -117,14 +141,18 @@ impl Auditor {
                     .enable_time()
                     .build()
                 {
-                    Ok(rt) => rt.block_on(writer(w, rx, refusal_rx)),
+                    Ok(rt) => rt.block_on(writer(w, rx, refusal_rx, stopped)),
                     Err(e) => tracing::error!(cause = %e, "audit writer runtime; data requests answer 503"),
                 }
             });
-        if let Err(e) = spawned {
-            // Without a writer every data request answers 503 audit-unavailable (fail closed).
-            tracing::error!(cause = %e, "cannot start the audit writer thread");
-        }
+        let thread = match spawned {
+            Ok(t) => Some(t),
+            Err(e) => {
+                // Without a writer every data request answers 503 audit-unavailable (fail closed).
+                tracing::error!(cause = %e, "cannot start the audit writer thread");
+                None
+            }
+        };
         Auditor {
             tx,
             refusals,
@@ -134,6 +162,10 @@ impl Auditor {
             signer,
             replica,
             timeout: Duration::from_millis(a.write_timeout_ms.max(1)),
+            _writer: Arc::new(WriterThread {
+                stop: Some(stop),
+                thread,
+            }),
         }
     }
 
@@ -435,6 +467,7 @@ async fn writer(
     w: Writer,
     mut rx: mpsc::Receiver<Job>,
     mut refusals: mpsc::Receiver<PreparedEvent>,
+    mut stop: oneshot::Receiver<()>,
 ) {
     let mut tick = tokio::time::interval(w.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -442,15 +475,22 @@ async fn writer(
     // Refusals never take more than a quarter of a batch: data requests' records come first.
     let refusal_room = (w.batch_max / 4).max(1);
     let mut commits = 0u32;
+    let mut stopping = false;
     loop {
+        if stopping {
+            break;
+        }
         let mut jobs = Vec::new();
         let mut extra: Vec<PreparedEvent> = Vec::new();
         tokio::select! {
+            // The last Auditor is going (its senders closed, or the stop): commit what is
+            // queued, then end.
             job = rx.recv() => match job {
                 Some(job) => jobs.push(job),
-                None => break,
+                None => stopping = true,
             },
             Some(refusal) = refusals.recv() => extra.push(refusal),
+            _ = &mut stop, if !stopping => stopping = true,
             _ = tick.tick() => {}
         }
         while jobs.len() < w.batch_max {
@@ -477,6 +517,10 @@ async fn writer(
             extra.push(PreparedEvent::new(e));
         }
         let timed = jobs.is_empty() && extra.is_empty();
+        if stopping && timed {
+            // Nothing left to record; no timed checkpoint on the way out.
+            break;
+        }
         let (mut events, senders): (Vec<_>, Vec<_>) =
             jobs.into_iter().map(|j| (j.event, j.done)).unzip();
         events.extend(extra);
@@ -667,6 +711,35 @@ mod tests {
         }
         assert_eq!(found, WAL_CHECKPOINT_COMMITS as i64);
         drop(auditor);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Dropping the last Auditor stops the writer after it has committed what was queued (a
+    /// refusal is recorded without waiting for it) and waits for it: nothing queued is lost
+    /// and no commit runs on past the application.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropping_the_auditor_commits_what_is_queued_and_joins_the_writer() {
+        let dir = std::env::temp_dir().join(format!("yiqiao-audit-stop-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let settings = Settings {
+            data_dir: dir.clone(),
+            ..Settings::default()
+        };
+        let store = Store::open(&settings.store_options()).unwrap();
+        store.migrate().unwrap();
+        let signer = Arc::new(AuditSigner::new(&Sm2PrivateKey::generate().unwrap()).unwrap());
+        let auditor = Auditor::start(store.clone(), signer, &settings);
+        auditor.record_refusal(auditor.read_event("Organization/refused".into()));
+        drop(auditor);
+        // Joined: the refusal is in the database now, with no waiting.
+        let mut conn = store.conn().unwrap();
+        let n = diesel::sql_query("SELECT COUNT(*) AS n FROM audit_events")
+            .get_result::<Count>(&mut *conn)
+            .unwrap()
+            .n;
+        assert_eq!(n, 1);
+        drop(conn);
+        drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
