@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
@@ -463,46 +463,6 @@ struct Writer {
 /// committing connection would checkpoint inside its commit.
 const WAL_CHECKPOINT_COMMITS: u32 = 32;
 
-/// The writer's connection, kept between batches, is checked (`SELECT 1`) before use once it
-/// has been idle this long, as the pool checks every connection it hands out.
-const WRITER_CONN_IDLE_CHECK: Duration = Duration::from_secs(1);
-
-/// The writer's own connection, outside the pool and kept between batches: no pool check-out
-/// and its `SELECT 1` per commit (a tenth of the writer's time per SQLite commit, a round trip
-/// per batch on PostgreSQL; checked only after an idle second), and a full pool never keeps
-/// the audit trail waiting. Dropped after any failure and opened afresh for the next batch.
-struct WriterConn {
-    held: Option<(DbConn, Instant)>,
-}
-
-impl WriterConn {
-    fn get(&mut self, store: &Store) -> Result<&mut DbConn, yiqiao_registry::StoreError> {
-        let kept = self.held.take().and_then(|(mut conn, last)| {
-            (last.elapsed() < WRITER_CONN_IDLE_CHECK
-                || yiqiao_registry::store::ping(&mut conn).is_ok())
-            .then_some(conn)
-        });
-        let conn = match kept {
-            Some(conn) => conn,
-            None => store.dedicated()?,
-        };
-        let (conn, _) = self.held.insert((conn, Instant::now()));
-        Ok(conn)
-    }
-
-    /// The batch went through: the connection is good as of now.
-    fn used(&mut self) {
-        if let Some((_, last)) = self.held.as_mut() {
-            *last = Instant::now();
-        }
-    }
-
-    /// Something failed: close the connection (the next batch opens a new one).
-    fn drop_conn(&mut self) {
-        self.held = None;
-    }
-}
-
 async fn writer(
     w: Writer,
     mut rx: mpsc::Receiver<Job>,
@@ -516,7 +476,6 @@ async fn writer(
     let refusal_room = (w.batch_max / 4).max(1);
     let mut commits = 0u32;
     let mut stopping = false;
-    let mut held = WriterConn { held: None };
     loop {
         if stopping {
             break;
@@ -567,23 +526,19 @@ async fn writer(
         events.extend(extra);
         // Committed here, on the writer's own thread (nothing else runs on its runtime).
         let result = (|| {
-            let conn = held.get(&w.store)?;
+            let mut conn = w.store.conn()?;
             if timed {
-                if !checkpoint_due(conn)? {
+                if !checkpoint_due(&mut conn)? {
                     return Ok(Vec::new());
                 }
                 let force = AppendOptions {
                     force_checkpoint: true,
                     ..w.opts
                 };
-                return append_batch(conn, &[], &w.signer, force);
+                return append_batch(&mut conn, &[], &w.signer, force);
             }
-            append_batch(conn, &events, &w.signer, w.opts)
+            append_batch(&mut conn, &events, &w.signer, w.opts)
         })();
-        match &result {
-            Ok(_) => held.used(),
-            Err(_) => held.drop_conn(),
-        }
         let failure = match result {
             Ok(appended) => {
                 for (done, a) in senders.into_iter().zip(appended) {
@@ -599,12 +554,10 @@ async fn writer(
                     && w.store.backend() == yiqiao_registry::Backend::Sqlite
                 {
                     commits = 0;
-                    let checkpointed = held
-                        .get(&w.store)
-                        .and_then(yiqiao_registry::store::checkpoint_wal);
-                    if checkpointed.is_err() {
-                        held.drop_conn();
-                    }
+                    let checkpointed = w
+                        .store
+                        .conn()
+                        .and_then(|mut c| yiqiao_registry::store::checkpoint_wal(&mut c));
                     if let Err(e) = checkpointed {
                         tracing::warn!(cause = %e, "audit writer: WAL checkpoint failed (the next commits will do it)");
                     }
@@ -788,68 +741,5 @@ mod tests {
         drop(conn);
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    /// The writer keeps its own connection between batches (no check-out test per commit)
-    /// and still never commits on a dead one: on PostgreSQL, with every connection of its
-    /// database terminated by the server, a record after an idle second is committed on a
-    /// fresh connection, and one at once fails at most that one batch (503), not the next.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_writer_replaces_a_connection_the_server_closed() {
-        let admin = std::env::var("YIQIAO_TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let name = format!("yq_aw_{}", uuid::Uuid::new_v4().simple());
-        let mut server = diesel::PgConnection::establish(&admin)
-            .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is unreachable: {e}"));
-        diesel::sql_query(format!("CREATE DATABASE {name}"))
-            .execute(&mut server)
-            .unwrap();
-        let mut url = url::Url::parse(&admin).unwrap();
-        url.set_path(&format!("/{name}"));
-        let settings = Settings::default();
-        let store = Store::open(&yiqiao_registry::StoreOptions {
-            url: url.to_string(),
-            ..settings.store_options()
-        })
-        .unwrap();
-        store.migrate().unwrap();
-        let signer = Arc::new(AuditSigner::new(&Sm2PrivateKey::generate().unwrap()).unwrap());
-        let auditor = Auditor::start(store.clone(), signer, &settings);
-        let kill_all = |server: &mut diesel::PgConnection| {
-            diesel::sql_query(format!(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE datname = '{name}' AND pid <> pg_backend_pid()"
-            ))
-            .execute(server)
-            .unwrap();
-        };
-        let record =
-            |what: &str| auditor.record(auditor.read_event(format!("Organization/{what}")));
-        record("first").await.unwrap();
-
-        kill_all(&mut server);
-        tokio::time::sleep(WRITER_CONN_IDLE_CHECK + Duration::from_millis(200)).await;
-        record("after-an-idle-second")
-            .await
-            .expect("a connection idle for a second is checked before it is used");
-
-        kill_all(&mut server);
-        let at_once = record("at-once").await;
-        record("next")
-            .await
-            .expect("a failed batch gives its connection back");
-
-        let mut conn = store.conn().unwrap();
-        let n = diesel::sql_query("SELECT COUNT(*) AS n FROM audit_events")
-            .get_result::<Count>(&mut *conn)
-            .unwrap()
-            .n;
-        assert_eq!(n, 3 + i64::from(at_once.is_ok()));
-        drop(conn);
-        drop(auditor);
-        drop(store);
-        diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .execute(&mut server)
-            .unwrap();
     }
 }

@@ -462,7 +462,7 @@ pub struct DatabaseSettings {
     /// `postgres://…` for PostgreSQL; empty for the embedded SQLite file `data_dir/yiqiao.db`;
     /// `sqlite://PATH` for another SQLite file. A password in the URL is treated as a secret.
     pub url: Secret,
-    /// Maximum connections in the pool (the audit writer has one more, its own).
+    /// Maximum connections in the pool.
     pub pool_size: u32,
     /// How long a request waits for a free connection before answering 503.
     pub acquire_timeout_ms: u64,

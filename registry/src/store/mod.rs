@@ -15,7 +15,6 @@ pub mod schema;
 pub(crate) mod testdb;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
@@ -225,8 +224,6 @@ pub struct Store {
     pool: Pool,
     backend: Backend,
     acquire_timeout: Duration,
-    /// What the pool connects with, for [`Store::dedicated`].
-    factory: Arc<ConnectionFactory>,
 }
 
 impl std::fmt::Debug for Store {
@@ -271,22 +268,12 @@ impl Store {
             .min_idle(opts.min_idle)
             .connection_timeout(opts.acquire_timeout)
             .test_on_check_out(true)
-            .build_unchecked(factory.clone());
+            .build_unchecked(factory);
         Ok(Store {
             pool,
             backend,
             acquire_timeout: opts.acquire_timeout,
-            factory: Arc::new(factory),
         })
-    }
-
-    /// A connection of the caller's own, outside the pool (it takes none of the pool's
-    /// places), set up as pooled ones are: for a long-lived single user such as the audit
-    /// writer. Nothing checks it later; the holder replaces it when it fails.
-    pub fn dedicated(&self) -> Result<DbConn, StoreError> {
-        self.factory
-            .connect()
-            .map_err(|e| StoreError::Unavailable(e.to_string()))
     }
 
     pub fn backend(&self) -> Backend {
@@ -402,13 +389,6 @@ pub fn write_tx<T, E: From<diesel::result::Error>>(
             Err(rollback) => Err(rollback.into()),
         },
     }
-}
-
-/// Whether the connection still answers (`SELECT 1`, the pool's check-out test), for a
-/// connection kept outside the pool between uses.
-pub fn ping(conn: &mut DbConn) -> Result<(), StoreError> {
-    conn.batch_execute("SELECT 1")
-        .map_err(StoreError::from_diesel)
 }
 
 /// SQLite: copy what the write-ahead log holds into the database file now (PASSIVE: readers
