@@ -13,7 +13,8 @@
 #   (SKIP_PRIMITIVES=1: no SM part; BENCH_GATEWAY_BIN=PATH / BENCH_LOAD_BIN=PATH: another build
 #   of the gateway / of the load generator, for an A/B; LOAD_DUMP=FILE: every answer's latency,
 #   size and stages appended to FILE as JSON lines, to see what the tail is made of;
-#   BENCH_DATABASE_URL=postgres://…/EMPTY_DB: the gateway on PostgreSQL instead of SQLite)
+#   BENCH_DATABASE_URL=postgres://…/EMPTY_DB: the gateway on PostgreSQL instead of SQLite;
+#   GATEWAY_LOG=FILE: the gateway's log kept there)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requests="${1:-4000}"; conc="${2:-200}"; persons="${3:-100}"
@@ -43,6 +44,7 @@ echo "--- unloaded: 1 in flight, 300 requests"; run 1 300
 echo "--- loaded: $conc in flight, $requests requests"; run "$conc" "$requests"
 echo "--- gateway memory after the load: $(grep -E 'VmRSS|VmHWM' /proc/$gw/status | tr -s ' \t' ' ' | tr '\n' ' ')"
 kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true
+if [ -n "${GATEWAY_LOG:-}" ]; then cp "$work/gateway.log" "$GATEWAY_LOG"; fi
 
 [ "${SKIP_PRIMITIVES:-0}" = 1 ] && exit 0
 echo "--- SM primitives, ours (criterion) then OpenSSL, same run"
