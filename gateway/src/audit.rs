@@ -666,24 +666,31 @@ mod tests {
             .unwrap_or(0)
     }
 
+    /// An Auditor on the embedded default (`<data_dir>/yiqiao.db`) in a fresh directory: the
+    /// directory, the store and the Auditor.
+    fn embedded_auditor(tag: &str) -> (std::path::PathBuf, Store, Auditor) {
+        let dir = std::env::temp_dir().join(format!("yiqiao-audit-{tag}-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let settings = Settings {
+            data_dir: dir.clone(),
+            ..Settings::default()
+        };
+        let store = Store::open(&settings.store_options()).unwrap();
+        store.migrate().unwrap();
+        let signer = Arc::new(AuditSigner::new(&Sm2PrivateKey::generate().unwrap()).unwrap());
+        let auditor = Auditor::start(store.clone(), signer, &settings);
+        (dir, store, auditor)
+    }
+
     /// The writer checkpoints SQLite's log itself, after answering and while idle, so no
     /// request's commit has to (that copy and the file's sync were a request's p99): after
     /// `WAL_CHECKPOINT_COMMITS` records the database file holds them although the log is far
     /// below the 1,000 pages at which a commit would have checkpointed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_writer_checkpoints_the_sqlite_log_while_idle() {
-        let dir = std::env::temp_dir().join(format!("yiqiao-audit-wal-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        // The embedded default: `<data_dir>/yiqiao.db`.
-        let settings = Settings {
-            data_dir: dir.clone(),
-            ..Settings::default()
-        };
+        let (dir, store, auditor) = embedded_auditor("wal");
+        drop(store);
         let db = dir.join("yiqiao.db");
-        let store = Store::open(&settings.store_options()).unwrap();
-        store.migrate().unwrap();
-        let signer = Arc::new(AuditSigner::new(&Sm2PrivateKey::generate().unwrap()).unwrap());
-        let auditor = Auditor::start(store, signer, &settings);
         let before = WAL_CHECKPOINT_COMMITS as usize - 1;
         for i in 0..before {
             auditor
@@ -719,16 +726,7 @@ mod tests {
     /// and no commit runs on past the application.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dropping_the_auditor_commits_what_is_queued_and_joins_the_writer() {
-        let dir = std::env::temp_dir().join(format!("yiqiao-audit-stop-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let settings = Settings {
-            data_dir: dir.clone(),
-            ..Settings::default()
-        };
-        let store = Store::open(&settings.store_options()).unwrap();
-        store.migrate().unwrap();
-        let signer = Arc::new(AuditSigner::new(&Sm2PrivateKey::generate().unwrap()).unwrap());
-        let auditor = Auditor::start(store.clone(), signer, &settings);
+        let (dir, store, auditor) = embedded_auditor("stop");
         auditor.record_refusal(auditor.read_event("Organization/refused".into()));
         drop(auditor);
         // Joined: the refusal is in the database now, with no waiting.
