@@ -23,9 +23,9 @@ use tokio::sync::{mpsc, oneshot};
 use yiqiao_registry::Store;
 use yiqiao_registry::audit::{
     AppendOptions, Appended, AuditEvent, AuditSigner, ChangeError, EntityRef, PreparedEvent,
-    append_batch, append_with, checkpoint_due, outcome,
+    append_batch, append_many_with, checkpoint_due, outcome,
 };
-use yiqiao_registry::store::DbConn;
+use yiqiao_registry::store::Audited;
 use yiqiao_sm::Sm2PrivateKey;
 
 use crate::config::Settings;
@@ -315,28 +315,40 @@ impl Auditor {
     /// returned. A failing audit append answers 503 `audit-unavailable` and stores nothing.
     pub async fn change<T, F>(&self, event: AuditEvent, work: F) -> Result<T, ApiError>
     where
-        F: FnOnce(&mut DbConn, &mut AuditEvent) -> Result<T, ApiError> + Send + 'static,
+        F: FnOnce(&mut Audited<'_>, &mut AuditEvent) -> Result<T, ApiError> + Send + 'static,
         T: Send + 'static,
     {
         let failed = event.clone();
+        self.change_many(failed, move |tx| {
+            let mut event = event;
+            let value = work(tx, &mut event)?;
+            Ok((value, vec![event]))
+        })
+        .await
+    }
+
+    /// [`Auditor::change`] for a change described by several audit records (a batch: one per
+    /// item), all appended in the change's transaction. `failed` is recorded, with the reason,
+    /// when `work` refuses the change.
+    pub async fn change_many<T, F>(&self, failed: AuditEvent, work: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(&mut Audited<'_>) -> Result<(T, Vec<AuditEvent>), ApiError> + Send + 'static,
+        T: Send + 'static,
+    {
         let (store, signer, opts) = (self.store.clone(), self.signer.clone(), self.opts);
         let span = tracing::Span::current();
         let result = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
             let mut conn = store.conn().map_err(|e| Box::new(Err(ApiError::from(e))))?;
-            append_with(&mut conn, &signer, opts, move |conn| {
-                let mut event = event;
-                let value = work(conn, &mut event)?;
-                Ok((value, event))
-            })
-            .map(|(value, _)| value)
-            // Ok(refusal of the change) / Err(the audit append failed), boxed (large).
-            .map_err(|e: ChangeError<ApiError>| {
-                Box::new(match e {
-                    ChangeError::Change(refused) => Ok(refused),
-                    ChangeError::Db(db) => Err(unavailable(db.to_string())),
+            append_many_with(&mut conn, &signer, opts, work)
+                .map(|(value, _)| value)
+                // Ok(refusal of the change) / Err(the audit append failed), boxed (large).
+                .map_err(|e: ChangeError<ApiError>| {
+                    Box::new(match e {
+                        ChangeError::Change(refused) => Ok(refused),
+                        ChangeError::Db(db) => Err(unavailable(db.to_string())),
+                    })
                 })
-            })
         })
         .await
         .map_err(ApiError::from)?;

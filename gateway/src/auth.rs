@@ -54,6 +54,9 @@ pub enum CallerVia {
     AdminOnBehalf,
     /// A gateway-issued access token.
     AccessToken,
+    /// An institution's feed or bulk load over an authenticated channel (the HL7 v2 listener,
+    /// an operator's `yiqiao mpi import`), with the institution's directory scopes.
+    Feed,
 }
 
 /// An authenticated member institution and what it may do.
@@ -94,6 +97,17 @@ pub fn stated_user(req: &HttpRequest) -> Result<Option<String>, ApiError> {
 }
 
 impl Caller {
+    /// An institution acting through a feed (see [`CallerVia::Feed`]).
+    pub fn feed(institution: Institution) -> Caller {
+        Caller {
+            scopes: institution.allowed_scopes.clone(),
+            institution,
+            via: CallerVia::Feed,
+            purpose: None,
+            user: None,
+        }
+    }
+
     /// Does a granted scope allow `permission` (one of c r u d s) on `resource`?
     pub fn allows(&self, resource: &str, permission: char) -> bool {
         self.scopes

@@ -23,6 +23,7 @@ use yiqiao_registry::directory::{
 };
 
 use crate::config::Settings;
+use crate::service::offline::{OfflineAuditor, OfflineError};
 
 pub const EXIT_RUNTIME: u8 = 1;
 pub const EXIT_CONFIG: u8 = 3;
@@ -778,10 +779,16 @@ fn mpi(settings: &Settings, cmd: MpiCommand) -> Result<(), Failure> {
                 ));
             }
             let store = open_store(settings)?;
-            let mut conn = store.conn()?;
-            let done = empi::reestimate(&mut conn, link_posterior, review_posterior, seed)
+            let auditor = offline(settings, &store)?;
+            let event = auditor.event("update", "U", "EmpiModel/current".into());
+            let done = auditor
+                .change(event, |tx, _| {
+                    empi::reestimate(tx, link_posterior, review_posterior, seed)
+                })
                 .map_err(|e| match e {
-                    empi::EmpiError::Model(m) => Failure::new(EXIT_REJECTED, m.to_string()),
+                    OfflineError::Change(empi::EmpiError::Model(m)) => {
+                        Failure::new(EXIT_REJECTED, m.to_string())
+                    }
                     other => Failure::new(EXIT_DATABASE, other.to_string()),
                 })?;
             println!(
@@ -837,14 +844,16 @@ fn import(settings: &Settings, args: ImportArgs) -> Result<(), Failure> {
             format!("institution {} is not active", institution.id),
         ));
     }
-    let summary = crate::mpi_import::import(&store, &institution, &opts).map_err(|e| match e {
-        ImportError::Rejected(m) => Failure::new(EXIT_REJECTED, m),
-        ImportError::Io(m) => Failure::new(EXIT_RUNTIME, m),
-        ImportError::Database(m) => Failure::new(
-            EXIT_DATABASE,
-            format!("{m} (committed batches are kept; re-run to resume)"),
-        ),
-    })?;
+    let auditor = offline(settings, &store)?;
+    let summary =
+        crate::mpi_import::import(&auditor, &institution, &opts).map_err(|e| match e {
+            ImportError::Rejected(m) => Failure::new(EXIT_REJECTED, m),
+            ImportError::Io(m) => Failure::new(EXIT_RUNTIME, m),
+            ImportError::Database(m) => Failure::new(
+                EXIT_DATABASE,
+                format!("{m} (committed batches are kept; re-run to resume)"),
+            ),
+        })?;
     let rate = summary.rows as f64 / summary.seconds.max(1e-3);
     println!(
         "imported {} rows in {:.1} s ({rate:.0} rows/s){}: created {}, updated {}, unchanged {}, rejected {}",
@@ -892,6 +901,21 @@ pub fn serve(settings: Settings) -> Result<(), Failure> {
     })
 }
 
+/// The audited-change primitive of the command line (`cli:<user>`).
+fn offline(settings: &Settings, store: &yiqiao_registry::Store) -> Result<OfflineAuditor, Failure> {
+    OfflineAuditor::open(settings, store.clone(), OfflineAuditor::cli_operator())
+        .map_err(|e| Failure::new(EXIT_CONFIG, format!("{e:#}")))
+}
+
+impl<E: Into<Failure> + std::fmt::Display> From<OfflineError<E>> for Failure {
+    fn from(e: OfflineError<E>) -> Failure {
+        match e {
+            OfflineError::Change(e) => e.into(),
+            other => Failure::new(EXIT_DATABASE, other.to_string()),
+        }
+    }
+}
+
 fn institution(settings: &Settings, cmd: InstitutionCommand) -> Result<(), Failure> {
     let store = open_store(settings)?;
     let mut conn = store.conn()?;
@@ -899,7 +923,9 @@ fn institution(settings: &Settings, cmd: InstitutionCommand) -> Result<(), Failu
         InstitutionCommand::Add(add) => {
             let spec = spec_from_args(*add)?;
             let valid = directory::validate(&spec).map_err(DirectoryError::from)?;
-            let inst = directory::create(&mut conn, &valid)?;
+            let auditor = offline(settings, &store)?;
+            let event = auditor.event("create", "C", format!("Organization/{}", valid.id()));
+            let inst = auditor.change(event, |tx, _| directory::create(tx, &valid))?;
             println!(
                 "registered {} ({}), version {}",
                 inst.id, inst.name, inst.version
@@ -981,12 +1007,20 @@ fn institution(settings: &Settings, cmd: InstitutionCommand) -> Result<(), Failu
             Ok(())
         }
         InstitutionCommand::Suspend { id } => {
-            let inst = directory::set_status(&mut conn, &id, InstitutionStatus::Suspended, None)?;
+            let auditor = offline(settings, &store)?;
+            let event = auditor.event("update", "U", format!("Organization/{id}"));
+            let inst = auditor.change(event, |tx, _| {
+                directory::set_status(tx, &id, InstitutionStatus::Suspended, None)
+            })?;
             println!("{} is suspended (version {})", inst.id, inst.version);
             Ok(())
         }
         InstitutionCommand::Activate { id } => {
-            let inst = directory::set_status(&mut conn, &id, InstitutionStatus::Active, None)?;
+            let auditor = offline(settings, &store)?;
+            let event = auditor.event("update", "U", format!("Organization/{id}"));
+            let inst = auditor.change(event, |tx, _| {
+                directory::set_status(tx, &id, InstitutionStatus::Active, None)
+            })?;
             println!("{} is active (version {})", inst.id, inst.version);
             Ok(())
         }

@@ -63,6 +63,11 @@ pub struct Settings {
     /// operators' jobs such as a SIEM export, beside people who log in. Empty disables it.
     #[serde(default)]
     pub auditor_token: Secret,
+    /// Bearer credential with the steward role (data stewardship: consents on patients'
+    /// behalf, agreements, the EMPI review queue) for operators' jobs, beside people who log in
+    /// with that role. Empty disables it.
+    #[serde(default)]
+    pub steward_token: Secret,
     pub database: DatabaseSettings,
     pub redis: RedisSettings,
     pub http: HttpSettings,
@@ -163,8 +168,14 @@ pub struct ConsentSettings {
     /// only for measuring what enforcement costs; never in production.
     pub enforce: bool,
     /// Purpose of use (HL7 v3 ActReason code) assumed when the credential carries none
-    /// (the admin credential acting on behalf of an institution).
+    /// (the admin credential acting on behalf of an institution), and bound to access tokens
+    /// requested without `purpose_of_use` (a stock SMART Backend Services client) unless the
+    /// institution has its own default below.
     pub default_purpose: String,
+    /// Per-institution default purpose of use for access tokens requested without
+    /// `purpose_of_use`: `[consent.institution_purposes] hosp-009 = "PUBHLTH"`.
+    #[serde(default)]
+    pub institution_purposes: std::collections::BTreeMap<String, String>,
     /// Hex-encoded key (at least 16 bytes) for pseudonyms (HMAC-SM3). Empty: releases that must
     /// be pseudonymised (research) are withheld. Replicas must share one key.
     pub pseudonym_key: Secret,
@@ -184,6 +195,7 @@ impl Default for ConsentSettings {
         ConsentSettings {
             enforce: true,
             default_purpose: "TREAT".into(),
+            institution_purposes: Default::default(),
             pseudonym_key: Secret::default(),
             cache_max_patients: 200_000,
             cache_max_age_ms: 5000,
@@ -556,6 +568,7 @@ impl Default for Settings {
             public_url: String::new(),
             admin_token: Secret::default(),
             auditor_token: Secret::default(),
+            steward_token: Secret::default(),
             database: DatabaseSettings {
                 url: Secret::default(),
                 pool_size: 16,
@@ -829,6 +842,14 @@ impl Settings {
                 "consent.default_purpose",
                 "must be an HL7 v3 ActReason code: TREAT, ETREAT, HPAYMT, HOPERAT, PUBHLTH, HRESCH or PATRQT",
             );
+        }
+        for (id, code) in &consent.institution_purposes {
+            if yiqiao_consent::Purpose::from_code(code).is_none() {
+                return bad(
+                    &format!("consent.institution_purposes.{id}"),
+                    "must be an HL7 v3 ActReason code: TREAT, ETREAT, HPAYMT, HOPERAT, PUBHLTH, HRESCH or PATRQT",
+                );
+            }
         }
         if consent.pseudonym_key.is_set() {
             match hex::decode(consent.pseudonym_key.expose()) {

@@ -91,14 +91,18 @@ fn demo_uscc(n: u32) -> String {
 }
 
 /// Register the demo region (skipping members already present). Returns (registered, existing).
-pub fn register_region(store: &Store, keys_dir: &Path, count: u32) -> Result<(u32, u32), Failure> {
+pub fn register_region(
+    auditor: &crate::service::offline::OfflineAuditor,
+    keys_dir: &Path,
+    count: u32,
+) -> Result<(u32, u32), Failure> {
     std::fs::create_dir_all(keys_dir).map_err(|e| {
         Failure::new(
             EXIT_RUNTIME,
             format!("cannot create {}: {e}", keys_dir.display()),
         )
     })?;
-    let mut conn = store.conn()?;
+    let mut conn = auditor.store().conn()?;
     let (mut added, mut existing) = (0, 0);
     for n in 1..=count {
         let (mut spec, _) = demo_institution(n);
@@ -133,7 +137,9 @@ pub fn register_region(store: &Store, keys_dir: &Path, count: u32) -> Result<(u3
         let valid = directory::validate(&spec).map_err(|e| {
             Failure::new(EXIT_REJECTED, format!("demo institution {}: {e}", spec.id))
         })?;
-        directory::create(&mut conn, &valid)
+        let event = auditor.event("create", "C", format!("Organization/{}", spec.id));
+        auditor
+            .change(event, |tx, _| directory::create(tx, &valid))
             .map_err(|e| Failure::new(EXIT_DATABASE, e.to_string()))?;
         added += 1;
     }
@@ -160,7 +166,13 @@ pub fn run(mut settings: Settings, institutions: u32) -> Result<(), Failure> {
     let keys_dir = settings.data_dir.join("demo").join("keys");
     // fz-001..fz-003 (platform, public health, internet hospital) get fresh keys on disk; the
     // hospitals fz-004.. are the simulated region, with keys derived from the demo seed.
-    let (added, existing) = register_region(&store, &keys_dir, institutions.min(3))?;
+    let operator = crate::service::offline::OfflineAuditor::open(
+        &settings,
+        store.clone(),
+        "demo-loader".into(),
+    )
+    .map_err(|e| Failure::new(EXIT_RUNTIME, format!("{e:#}")))?;
+    let (added, existing) = register_region(&operator, &keys_dir, institutions.min(3))?;
     let hospitals = institutions.saturating_sub(3).max(1);
     let gateway_key = crate::federation::load_key(&settings)
         .map_err(|e| Failure::new(EXIT_RUNTIME, e.to_string()))?;
@@ -204,7 +216,12 @@ pub fn run(mut settings: Settings, institutions: u32) -> Result<(), Failure> {
         let region = sim.region().clone();
         let sim_base = sim.base_url.clone();
         let resident = settings.empi.resident_id_system.clone();
-        let loading = store.clone();
+        let loading = crate::service::offline::OfflineAuditor::open(
+            &settings,
+            store.clone(),
+            "demo-loader".into(),
+        )
+        .map_err(|e| Failure::new(EXIT_RUNTIME, format!("{e:#}")))?;
         let loaded = tokio::task::spawn_blocking(move || {
             crate::sim::load::load_region(&loading, &region, &sim_base, &resident)
         })

@@ -22,10 +22,12 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use yiqiao_registry::Store;
+use yiqiao_registry::audit::EntityRef;
 use yiqiao_registry::directory::Institution;
 use yiqiao_registry::empi::store::{self as empi, Registration, RegistrationOutcome};
 use yiqiao_registry::store::DbConn;
+
+use crate::service::offline::OfflineAuditor;
 
 use crate::routes::patients::registration;
 
@@ -384,7 +386,7 @@ fn csv_escape(s: &str) -> String {
 
 /// Import the file; `institution` must be active.
 pub fn import(
-    store: &Store,
+    auditor: &OfflineAuditor,
     institution: &Institution,
     opts: &ImportOptions,
 ) -> Result<ImportSummary, ImportError> {
@@ -456,7 +458,8 @@ pub fn import(
     );
     bar.enable_steady_tick(Duration::from_millis(250));
 
-    let mut conn = store
+    let mut conn = auditor
+        .store()
         .conn()
         .map_err(|e| ImportError::Database(e.to_string()))?;
     empi::bulk_load_session(&mut conn).map_err(|e| ImportError::Database(e.to_string()))?;
@@ -499,7 +502,7 @@ pub fn import(
             }
             continue;
         }
-        let outcomes = commit_batch(&mut conn, &batch, &actor)?;
+        let outcomes = commit_batch(auditor, &mut conn, institution, &batch, &actor)?;
         let mut report = String::new();
         for ((line, _), outcome) in batch.iter().zip(outcomes) {
             match outcome {
@@ -564,14 +567,34 @@ type RowOutcome = Result<RegistrationOutcome, (String, String)>;
 /// A row's line and its registration, or (field, reason) why it has none.
 type ParsedRow = (u64, Result<Registration, (String, String)>);
 
-/// One transaction for the batch (`empi::register_batch`).
+/// One transaction for the batch (`empi::register_batch`) with its audit record: the
+/// institution, the lines and what they did (one record per batch, not per row, so that a
+/// million-row import is not a million audit records; the registry's links and events keep
+/// the per-record detail).
 fn commit_batch(
+    auditor: &OfflineAuditor,
     conn: &mut DbConn,
+    institution: &Institution,
     batch: &[ParsedRow],
     actor: &str,
 ) -> Result<Vec<RowOutcome>, ImportError> {
     let valid: Vec<&Registration> = batch.iter().filter_map(|(_, r)| r.as_ref().ok()).collect();
-    let mut stored = empi::register_batch(conn, &valid, actor)
+    let (first, last) = (
+        batch.first().map_or(0, |(l, _)| *l),
+        batch.last().map_or(0, |(l, _)| *l),
+    );
+    let mut event = auditor.event("batch", "C", format!("Organization/{}", institution.id));
+    event.agent_institution = Some(institution.id.to_string());
+    let mut stored = auditor
+        .change_many_on(conn, |tx| {
+            let stored = empi::register_batch(tx, &valid, actor)?;
+            let registered = stored.iter().filter(|r| r.is_ok()).count();
+            event.entities.push(EntityRef::query(format!(
+                "mpi import lines {first}-{last}: {registered} of {} rows registered",
+                batch.len()
+            )));
+            Ok::<_, empi::EmpiError>((stored, vec![event]))
+        })
         .map_err(|e| ImportError::Database(e.to_string()))?
         .into_iter();
     Ok(batch

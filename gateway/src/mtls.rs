@@ -136,16 +136,16 @@ pub async fn bind(
     let sha256 = normalise_fingerprint(&body.0.sha256)?;
     let id = id.into_inner();
     let (inst, fp) = (id.clone(), sha256.clone());
-    state
-        .db(move |conn| {
-            yiqiao_registry::directory::get(conn, &inst).map_err(ApiError::from)?;
-            yiqiao_registry::mtls::bind(conn, &inst, &fp).map_err(ApiError::from)
-        })
-        .await?;
     let event = state
         .auditor
         .admin_event(&admin, "update", "U", format!("Organization/{id}"));
-    state.auditor.record(event).await?;
+    state
+        .auditor
+        .change(event, move |tx, _| {
+            yiqiao_registry::directory::get(tx.conn(), &inst).map_err(ApiError::from)?;
+            yiqiao_registry::mtls::bind(tx, &inst, &fp).map_err(ApiError::from)
+        })
+        .await?;
     Ok(HttpResponse::Ok().json(ClientCertBinding { sha256 }))
 }
 
@@ -161,17 +161,20 @@ pub async fn unbind(
 ) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
     let inst = id.clone();
-    let removed = state
-        .db(move |conn| yiqiao_registry::mtls::unbind(conn, &inst))
-        .await?;
-    if !removed {
-        return Err(ApiError::not_found(format!(
-            "institution {id} has no client certificate binding"
-        )));
-    }
     let event = state
         .auditor
         .admin_event(&admin, "update", "U", format!("Organization/{id}"));
-    state.auditor.record(event).await?;
+    state
+        .auditor
+        .change(event, move |tx, _| {
+            if yiqiao_registry::mtls::unbind(tx, &inst)? {
+                Ok(())
+            } else {
+                Err(ApiError::not_found(format!(
+                    "institution {inst} has no client certificate binding"
+                )))
+            }
+        })
+        .await?;
     Ok(HttpResponse::NoContent().finish())
 }

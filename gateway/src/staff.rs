@@ -8,7 +8,8 @@
 //! Credentials accepted:
 //! - the admin credential (`admin_token`): role admin only;
 //! - the auditor credential (`auditor_token`): role auditor only (operators' jobs, e.g. a SIEM
-//!   export).
+//!   export);
+//! - the steward credential (`steward_token`): role steward only (data stewardship jobs).
 //!
 //! - a person logged in through OpenID Connect (crate::oidc): the `yiqiao_session` cookie of a
 //!   browser session, or `Authorization: Bearer yqs_…` (a staff bearer token from
@@ -42,6 +43,9 @@ pub enum Role {
     Auditor,
     /// Manages security policy (consent rules, keys); reviews break-the-glass.
     SecurityOfficer,
+    /// Data steward: records and revokes consents on patients' behalf, keeps data-sharing
+    /// agreements and resolves the EMPI review queue.
+    Steward,
 }
 
 impl Role {
@@ -50,6 +54,7 @@ impl Role {
             Role::Admin => "admin",
             Role::Auditor => "auditor",
             Role::SecurityOfficer => "security-officer",
+            Role::Steward => "steward",
         }
     }
 
@@ -58,6 +63,7 @@ impl Role {
             "admin" => Some(Role::Admin),
             "auditor" => Some(Role::Auditor),
             "security-officer" => Some(Role::SecurityOfficer),
+            "steward" => Some(Role::Steward),
             _ => None,
         }
     }
@@ -125,6 +131,7 @@ impl Staff {
             let operators = [
                 (state.settings.admin_token.expose(), Role::Admin),
                 (state.settings.auditor_token.expose(), Role::Auditor),
+                (state.settings.steward_token.expose(), Role::Steward),
             ];
             for (expected, role) in operators {
                 if !expected.is_empty()
@@ -221,7 +228,12 @@ macro_rules! role_need {
     };
 }
 
-role_need!(Admin => Role::Admin, Auditor => Role::Auditor, SecurityOfficer => Role::SecurityOfficer);
+role_need!(
+    Admin => Role::Admin,
+    Auditor => Role::Auditor,
+    SecurityOfficer => Role::SecurityOfficer,
+    Steward => Role::Steward,
+);
 
 /// A staff member holding role `R`.
 #[derive(Debug)]

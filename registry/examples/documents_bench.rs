@@ -36,7 +36,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use yiqiao_registry::documents::outbox::{self, NewSubscription};
 use yiqiao_registry::documents::{DocumentFilter, NewDocument, register_batch, search};
-use yiqiao_registry::store::now_utc;
+use yiqiao_registry::store::{Audited, now_utc};
 use yiqiao_registry::{Store, StoreOptions};
 
 #[path = "../tests/support/documents.rs"]
@@ -104,7 +104,8 @@ fn register_range(
 ) -> Result<(), String> {
     let mut rng = ChaCha8Rng::seed_from_u64(a as u64);
     let docs: Vec<NewDocument> = (a..b).map(|i| make_doc(i, &mut rng)).collect();
-    register_batch(conn, &docs).map_err(|e| format!("batch {a}..{b}: {e}"))?;
+    register_batch(&mut Audited::unaudited(conn), &docs)
+        .map_err(|e| format!("batch {a}..{b}: {e}"))?;
     Ok(())
 }
 
@@ -274,7 +275,7 @@ fn populate(
     // so registration writes event rows and some deliveries.
     for p in 0..10 {
         outbox::create_subscription(
-            conn,
+            &mut Audited::unaudited(conn),
             &NewSubscription {
                 owner_id: "H000".into(),
                 topic: outbox::TOPIC_DOCUMENT.into(),

@@ -21,6 +21,7 @@ use diesel::prelude::*;
 use yiqiao_registry::empi::evaluate::pairwise_quality;
 use yiqiao_registry::empi::store::{self as empi, Registration};
 use yiqiao_registry::empi::synth::{Population, PopulationConfig, generate};
+use yiqiao_registry::store::Audited;
 use yiqiao_registry::store::DbConn;
 use yiqiao_registry::store::now_utc;
 use yiqiao_registry::store::schema::{empi_links, institutions};
@@ -109,10 +110,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut done = 0u64;
     for chunk in regs.chunks(batch) {
         if batch == 1 {
-            empi::register(&mut conn, &chunk[0], "bench")?;
+            empi::register(&mut Audited::unaudited(&mut conn), &chunk[0], "bench")?;
         } else {
             let refs: Vec<&Registration> = chunk.iter().collect();
-            for outcome in empi::register_batch(&mut conn, &refs, "bench")? {
+            for outcome in empi::register_batch(&mut Audited::unaudited(&mut conn), &refs, "bench")?
+            {
                 outcome?;
             }
         }
@@ -320,7 +322,7 @@ fn measure_reads(
             resource: serde_json::json!({ "resourceType": "Patient" }),
         };
         let t = Instant::now();
-        let done = empi::register(conn, &reg, "bench")?;
+        let done = empi::register(&mut Audited::unaudited(conn), &reg, "bench")?;
         reg_times.push(t.elapsed());
         if done.record.link.is_some_and(|l| l.score.is_some()) {
             linked += 1;

@@ -22,7 +22,7 @@ use crate::store::schema::{
     consent_change_seq, consent_history, consent_subject_changes, consents,
     data_sharing_agreements, empi_persons,
 };
-use crate::store::{DbConn, StoreError, now_utc};
+use crate::store::{Audited, DbConn, StoreError, now_utc};
 
 /// A consent as stored (current version).
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
@@ -55,7 +55,8 @@ pub struct ConsentWrite {
     pub provision: String,
     pub period_start: Option<NaiveDateTime>,
     pub period_end: Option<NaiveDateTime>,
-    /// The institution making the change.
+    /// Who makes the change (an institution id, or `staff:<subject>`). On create it becomes
+    /// the consent's recorder (`recorded_by`, its custodian), which later versions keep.
     pub actor: String,
     /// FHIR Consent JSON text.
     pub resource: String,
@@ -160,7 +161,8 @@ fn history_row(conn: &mut DbConn, c: &StoredConsent, by: &str) -> QueryResult<us
 }
 
 /// Store a new consent (version 1). A duplicate id is a [`StoreError::Conflict`].
-pub fn create(conn: &mut DbConn, w: &ConsentWrite) -> Result<StoredConsent, StoreError> {
+pub fn create(tx: &mut Audited<'_>, w: &ConsentWrite) -> Result<StoredConsent, StoreError> {
+    let conn = tx.conn();
     crate::store::write_tx(conn, |conn| {
         let seq = bump(conn)?;
         let now = now_utc();
@@ -224,10 +226,11 @@ impl From<diesel::result::Error> for UpdateError {
 /// Replace a consent with a new version. `expected` is the version the caller read
 /// (`If-Match`), checked inside the transaction.
 pub fn update(
-    conn: &mut DbConn,
+    tx: &mut Audited<'_>,
     w: &ConsentWrite,
     expected: Option<i64>,
 ) -> Result<StoredConsent, UpdateError> {
+    let conn = tx.conn();
     crate::store::write_tx(conn, |conn| {
         let seq = bump(conn)?;
         let old: StoredConsent = consents::table
@@ -255,7 +258,9 @@ pub fn update(
             provision: w.provision.clone(),
             period_start: w.period_start,
             period_end: w.period_end,
-            recorded_by: w.actor.clone(),
+            // The custodian that recorded the consent stays its custodian; who made this
+            // version is in the history (`changed_by`) and the audit trail.
+            recorded_by: old.recorded_by.clone(),
             resource: w.resource.clone(),
             change_seq: seq,
             updated_at: now_utc(),
@@ -268,7 +273,6 @@ pub fn update(
                 consents::provision.eq(&row.provision),
                 consents::period_start.eq(row.period_start),
                 consents::period_end.eq(row.period_end),
-                consents::recorded_by.eq(&row.recorded_by),
                 consents::resource.eq(&row.resource),
                 consents::change_seq.eq(row.change_seq),
                 consents::updated_at.eq(row.updated_at),
@@ -445,7 +449,11 @@ pub struct AgreementWrite {
 }
 
 /// Create or replace an agreement (version 1, or the next version).
-pub fn put_agreement(conn: &mut DbConn, w: &AgreementWrite) -> Result<StoredAgreement, StoreError> {
+pub fn put_agreement(
+    tx: &mut Audited<'_>,
+    w: &AgreementWrite,
+) -> Result<StoredAgreement, StoreError> {
+    let conn = tx.conn();
     crate::store::write_tx(conn, |conn| {
         let seq = bump(conn)?;
         let old: Option<i64> = data_sharing_agreements::table

@@ -9,7 +9,7 @@ use diesel::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::store::schema::institutions;
-use crate::store::{DbConn, StoreError, now_utc};
+use crate::store::{Audited, DbConn, StoreError, now_utc};
 
 /// The id of a member institution (a lowercase slug chosen at registration).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -713,7 +713,8 @@ fn check_unique(conn: &mut DbConn, spec: &ValidSpec) -> Result<(), DirectoryErro
 }
 
 /// Register a new institution (active). Atomic: on any error nothing is stored.
-pub fn create(conn: &mut DbConn, spec: &ValidSpec) -> Result<Institution, DirectoryError> {
+pub fn create(tx: &mut Audited<'_>, spec: &ValidSpec) -> Result<Institution, DirectoryError> {
+    let conn = tx.conn();
     crate::store::write_tx(conn, |conn| {
         let exists: i64 = institutions::table
             .filter(institutions::id.eq(spec.id.as_str()))
@@ -781,10 +782,11 @@ fn spec_columns(
 /// Replace the registrable fields of an institution. With `expected_version`, the update
 /// only happens if the stored version matches (optimistic concurrency).
 pub fn update(
-    conn: &mut DbConn,
+    tx: &mut Audited<'_>,
     spec: &ValidSpec,
     expected_version: Option<i64>,
 ) -> Result<Institution, DirectoryError> {
+    let conn = tx.conn();
     crate::store::write_tx(conn, |conn| {
         let current = get(conn, spec.id.as_str())?;
         check_version(&current, expected_version)?;
@@ -824,11 +826,12 @@ fn check_version(current: &Institution, expected: Option<i64>) -> Result<(), Dir
 
 /// Set an institution's status (suspend or reactivate). Idempotent.
 pub fn set_status(
-    conn: &mut DbConn,
+    tx: &mut Audited<'_>,
     id: &str,
     status: InstitutionStatus,
     expected_version: Option<i64>,
 ) -> Result<Institution, DirectoryError> {
+    let conn = tx.conn();
     crate::store::write_tx(conn, |conn| {
         let current = get(conn, id)?;
         check_version(&current, expected_version)?;
@@ -960,7 +963,7 @@ mod tests {
             let body = format!("91350100M00010{n}Y4");
             s.uscc = format!("{body}{}", super::uscc_check_character(&body).unwrap());
             s.patient_id_system = format!("urn:oid:2.16.156.10011.1.99.{n}");
-            create(&mut conn, &validate(&s).unwrap()).unwrap();
+            create(&mut Audited::unaudited(&mut conn), &validate(&s).unwrap()).unwrap();
         }
         let ids: Vec<String> = ["hosp-003", "hosp-001", "hosp-002"]
             .map(String::from)

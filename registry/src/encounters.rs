@@ -31,7 +31,7 @@ use serde_json::Value;
 
 use crate::empi::store::{self as empi, EmpiError};
 use crate::store::schema::{empi_links, encounters as enc_t};
-use crate::store::{DbConn, StoreError, now_utc};
+use crate::store::{Audited, DbConn, StoreError, now_utc};
 
 /// Longest visit number accepted (characters).
 pub const MAX_IDENTIFIER_CHARS: usize = 256;
@@ -371,18 +371,19 @@ pub enum Precondition {
 /// Register a visit, or record its new state. Idempotent on (institution, visit number).
 /// One transaction (a savepoint inside an outer one): on error nothing is stored.
 pub fn upsert(
-    conn: &mut DbConn,
+    tx: &mut Audited<'_>,
     new: &NewEncounter,
 ) -> Result<(UpsertOutcome, StoredEncounter), EncounterError> {
-    upsert_with(conn, new, Precondition::None)
+    upsert_with(tx, new, Precondition::None)
 }
 
 /// [`upsert`] with a precondition on the registered visit, checked under the visit's lock.
 pub fn upsert_with(
-    conn: &mut DbConn,
+    tx: &mut Audited<'_>,
     new: &NewEncounter,
     pre: Precondition,
 ) -> Result<(UpsertOutcome, StoredEncounter), EncounterError> {
+    let conn = tx.conn();
     validate(new)?;
     crate::store::write_tx(conn, |conn| {
         lock_visit(conn, &new.institution_id, &new.identifier)?;
@@ -559,7 +560,11 @@ mod tests {
             allowed_scopes: vec!["system/Encounter.cu".into()],
             require_sm_envelope: false,
         };
-        directory::create(conn, &directory::validate(&spec).unwrap()).unwrap();
+        directory::create(
+            &mut Audited::unaudited(conn),
+            &directory::validate(&spec).unwrap(),
+        )
+        .unwrap();
     }
 
     /// Register a patient at institution `n`; returns (record id, person id).
@@ -591,7 +596,7 @@ mod tests {
             given: name.chars().skip(1).collect(),
             resource: json!({ "resourceType": "Patient" }),
         };
-        let done = empi::register(conn, &reg, "test").unwrap();
+        let done = empi::register(&mut Audited::unaudited(conn), &reg, "test").unwrap();
         (done.record.id, done.record.link.unwrap().person_id)
     }
 
@@ -646,14 +651,14 @@ mod tests {
             "2026-11-01 08:00",
             None,
         );
-        let (o, first) = upsert(conn, &v1).unwrap();
+        let (o, first) = upsert(&mut Audited::unaudited(conn), &v1).unwrap();
         assert_eq!(o, UpsertOutcome::Created);
         assert_eq!(first.version, 1);
         assert_eq!(first.patient_record_id, rec_a);
         assert!(first.person_id.is_some());
         assert_eq!(first.resource, v1.resource);
         // The same again: nothing stored.
-        let (o, again) = upsert(conn, &v1).unwrap();
+        let (o, again) = upsert(&mut Audited::unaudited(conn), &v1).unwrap();
         assert_eq!(o, UpsertOutcome::Unchanged);
         assert_eq!(again, first);
         // Finished: a new version.
@@ -665,20 +670,21 @@ mod tests {
             "2026-11-01 08:00",
             Some("2026-11-01 09:00"),
         );
-        let (o, second) = upsert(conn, &done).unwrap();
+        let (o, second) = upsert(&mut Audited::unaudited(conn), &done).unwrap();
         assert_eq!(o, UpsertOutcome::Updated);
         assert_eq!((second.version, second.id.as_str()), (2, first.id.as_str()));
         assert_eq!(second.status, EncounterStatus::Finished);
         assert_eq!(second.period_end, Some(t("2026-11-01 09:00")));
         // Preconditions: NoChange takes a repeat and refuses a change; Version(n) must be current.
-        let (o, _) = upsert_with(conn, &done, Precondition::NoChange).unwrap();
+        let (o, _) =
+            upsert_with(&mut Audited::unaudited(conn), &done, Precondition::NoChange).unwrap();
         assert_eq!(o, UpsertOutcome::Unchanged);
         assert!(matches!(
-            upsert_with(conn, &v1, Precondition::NoChange),
+            upsert_with(&mut Audited::unaudited(conn), &v1, Precondition::NoChange),
             Err(EncounterError::ChangeRefused { .. })
         ));
         assert!(matches!(
-            upsert_with(conn, &v1, Precondition::Version(1)),
+            upsert_with(&mut Audited::unaudited(conn), &v1, Precondition::Version(1)),
             Err(EncounterError::VersionConflict {
                 expected: 1,
                 actual: 2
@@ -777,7 +783,11 @@ mod tests {
             ),
         ];
         for (bad, field) in cases {
-            assert_eq!(field_of(upsert(conn, &bad).unwrap_err()), field, "{bad:?}");
+            assert_eq!(
+                field_of(upsert(&mut Audited::unaudited(conn), &bad).unwrap_err()),
+                field,
+                "{bad:?}"
+            );
         }
         assert_eq!(get(conn, &first.id).unwrap(), second);
         assert_eq!(find(conn, "hosp-001", "V2").unwrap(), None);
@@ -807,7 +817,11 @@ mod tests {
                 let handles: Vec<_> = (0..4)
                     .map(|_| {
                         let (store, v) = (db.store.clone(), v.clone());
-                        s.spawn(move || upsert(&mut store.conn().unwrap(), &v).unwrap().0)
+                        s.spawn(move || {
+                            upsert(&mut Audited::unaudited(&mut store.conn().unwrap()), &v)
+                                .unwrap()
+                                .0
+                        })
                     })
                     .collect();
                 handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -875,7 +889,11 @@ mod tests {
             ),
         ];
         for (number, status, start, end, _) in cases {
-            upsert(conn, &visit(1, number, "A-1", status, start, end)).unwrap();
+            upsert(
+                &mut Audited::unaudited(conn),
+                &visit(1, number, "A-1", status, start, end),
+            )
+            .unwrap();
         }
         let mut expected: Vec<CareRelationship> = cases
             .iter()
@@ -897,7 +915,7 @@ mod tests {
         );
         // Person 2 (hosp-002) has one current visit.
         upsert(
-            conn,
+            &mut Audited::unaudited(conn),
             &visit(2, "H2-1", "C-1", S::InProgress, "2026-11-09 00:00", None),
         )
         .unwrap();
@@ -919,7 +937,7 @@ mod tests {
         assert!(active_for_persons(conn, &[], at).unwrap().is_empty());
 
         // Merge person 2 into person 1: the survivor has the encounters of both records.
-        empi::merge(conn, &p1, &p2, "steward").unwrap();
+        empi::merge(&mut Audited::unaudited(conn), &p1, &p2, "steward").unwrap();
         let mut merged = expected.clone();
         merged.push((
             p1.clone(),
@@ -942,7 +960,7 @@ mod tests {
             Some(p1.clone())
         );
         // Unmerge: back to separate people.
-        empi::unmerge(conn, &p1, &p2, "steward").unwrap();
+        empi::unmerge(&mut Audited::unaudited(conn), &p1, &p2, "steward").unwrap();
         assert_eq!(
             active_for_persons(conn, std::slice::from_ref(&p1), at).unwrap(),
             expected

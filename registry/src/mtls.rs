@@ -4,10 +4,11 @@
 use diesel::prelude::*;
 
 use crate::store::schema::institution_client_certs as certs;
-use crate::store::{DbConn, StoreError, now_utc};
+use crate::store::{Audited, DbConn, StoreError, now_utc};
 
 /// Bind (or re-bind) `institution` to the certificate with this fingerprint.
-pub fn bind(conn: &mut DbConn, institution: &str, sha256: &str) -> Result<(), StoreError> {
+pub fn bind(tx: &mut Audited<'_>, institution: &str, sha256: &str) -> Result<(), StoreError> {
+    let conn = tx.conn();
     crate::store::write_tx(conn, |conn| {
         diesel::delete(certs::table.filter(certs::institution_id.eq(institution))).execute(conn)?;
         diesel::insert_into(certs::table)
@@ -23,7 +24,8 @@ pub fn bind(conn: &mut DbConn, institution: &str, sha256: &str) -> Result<(), St
 }
 
 /// Remove the binding; returns whether there was one.
-pub fn unbind(conn: &mut DbConn, institution: &str) -> Result<bool, StoreError> {
+pub fn unbind(tx: &mut Audited<'_>, institution: &str) -> Result<bool, StoreError> {
+    let conn = tx.conn();
     diesel::delete(certs::table.filter(certs::institution_id.eq(institution)))
         .execute(conn)
         .map(|n| n > 0)

@@ -29,7 +29,7 @@ use unicode_normalization::UnicodeNormalization;
 
 use crate::empi::normalize::normalise_name;
 use crate::store::schema::practitioners as pr_t;
-use crate::store::{DbConn, StoreError, now_utc};
+use crate::store::{Audited, DbConn, StoreError, now_utc};
 
 /// The identifier system of an institution's staff numbers:
 /// `https://yiqiao.health/fhir/sid/practitioner/<institution id>`.
@@ -263,10 +263,11 @@ fn lock_entry(conn: &mut DbConn, institution: &str, identifier: &str) -> QueryRe
 /// Register a practitioner or record its new content; idempotent on (institution, staff
 /// number). One transaction (a savepoint inside an outer one): on error nothing is stored.
 pub fn upsert(
-    conn: &mut DbConn,
+    tx: &mut Audited<'_>,
     new: &NewPractitioner,
     allowed: Allowed,
 ) -> Result<(UpsertOutcome, StoredPractitioner), PractitionerError> {
+    let conn = tx.conn();
     let (surname, address) = validate(new)?;
     crate::store::write_tx(conn, |conn| {
         lock_entry(conn, &new.institution_id, &new.identifier)?;
@@ -418,7 +419,11 @@ pub(crate) mod tests {
             allowed_scopes: vec!["system/Practitioner.cru".into()],
             require_sm_envelope: false,
         };
-        directory::create(conn, &directory::validate(&spec).unwrap()).unwrap();
+        directory::create(
+            &mut Audited::unaudited(conn),
+            &directory::validate(&spec).unwrap(),
+        )
+        .unwrap();
     }
 
     pub(crate) fn staff(n: u32, id: &str, family: &str, address: Option<&str>) -> NewPractitioner {
@@ -444,42 +449,65 @@ pub(crate) mod tests {
         institution(&mut conn, 1);
         institution(&mut conn, 2);
         let a = staff(1, "D001", "王", Some("福州市鼓楼区五四路88号"));
-        let (outcome, first) = upsert(&mut conn, &a, ALL).unwrap();
+        let (outcome, first) = upsert(&mut Audited::unaudited(&mut conn), &a, ALL).unwrap();
         assert_eq!(outcome, UpsertOutcome::Created);
         assert_eq!(first.surname_key, "王");
         assert_eq!(first.address_key.as_deref(), Some("福州市鼓楼区五四路88号"));
-        let (outcome, again) = upsert(&mut conn, &a, ALL).unwrap();
+        let (outcome, again) = upsert(&mut Audited::unaudited(&mut conn), &a, ALL).unwrap();
         assert_eq!((outcome, again.version), (UpsertOutcome::Unchanged, 1));
         // The same staff number at another institution is another person.
-        let (outcome, other) = upsert(&mut conn, &staff(2, "D001", "李", None), ALL).unwrap();
+        let (outcome, other) = upsert(
+            &mut Audited::unaudited(&mut conn),
+            &staff(2, "D001", "李", None),
+            ALL,
+        )
+        .unwrap();
         assert_eq!(outcome, UpsertOutcome::Created);
         assert_ne!(other.id, first.id);
         // A change needs `change`; a new entry needs `create`.
         let moved = staff(1, "D001", "王", Some("福州市台江区八一七中路1号"));
         let only = |create, change| Allowed { create, change };
-        let refused = upsert(&mut conn, &moved, only(true, false));
+        let refused = upsert(
+            &mut Audited::unaudited(&mut conn),
+            &moved,
+            only(true, false),
+        );
         assert!(matches!(
             refused,
             Err(PractitionerError::ChangeRefused { .. })
         ));
-        let refused = upsert(&mut conn, &staff(1, "D002", "张", None), only(false, true));
+        let refused = upsert(
+            &mut Audited::unaudited(&mut conn),
+            &staff(1, "D002", "张", None),
+            only(false, true),
+        );
         assert!(matches!(
             refused,
             Err(PractitionerError::CreateRefused { .. })
         ));
         assert!(find(&mut conn, "hosp-001", "D002").unwrap().is_none());
-        let (outcome, updated) = upsert(&mut conn, &moved, ALL).unwrap();
+        let (outcome, updated) = upsert(&mut Audited::unaudited(&mut conn), &moved, ALL).unwrap();
         assert_eq!((outcome, updated.version), (UpsertOutcome::Updated, 2));
         assert_eq!(
             updated.address_key.as_deref(),
             Some("福州市台江区八一七中路1号")
         );
         // Invalid entries name the field and store nothing.
-        let err = upsert(&mut conn, &staff(1, " D3", "张", None), ALL).unwrap_err();
+        let err = upsert(
+            &mut Audited::unaudited(&mut conn),
+            &staff(1, " D3", "张", None),
+            ALL,
+        )
+        .unwrap_err();
         assert!(
             matches!(err, PractitionerError::Invalid { ref field, .. } if field == "Practitioner.identifier")
         );
-        let err = upsert(&mut conn, &staff(1, "D3", " ", None), ALL).unwrap_err();
+        let err = upsert(
+            &mut Audited::unaudited(&mut conn),
+            &staff(1, "D3", " ", None),
+            ALL,
+        )
+        .unwrap_err();
         assert!(
             matches!(err, PractitionerError::Invalid { ref field, .. } if field == "Practitioner.name")
         );
@@ -509,7 +537,12 @@ pub(crate) mod tests {
                 let store = db.store.clone();
                 std::thread::spawn(move || {
                     let mut conn = store.conn().unwrap();
-                    upsert(&mut conn, &staff(1, "D009", "陈", None), ALL).unwrap()
+                    upsert(
+                        &mut Audited::unaudited(&mut conn),
+                        &staff(1, "D009", "陈", None),
+                        ALL,
+                    )
+                    .unwrap()
                 })
             })
             .collect();

@@ -9,12 +9,33 @@ use std::time::Duration;
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use serde_json::json;
+use yiqiao_registry::audit::{AppendOptions, AuditEvent, AuditSigner, append_with};
 use yiqiao_registry::documents::{DocStatus, NewDocument, RegisterOutcome, get, register_batch};
-use yiqiao_registry::store::now_utc;
+use yiqiao_registry::store::{Audited, DbConn, now_utc};
 use yiqiao_registry::{Store, StoreOptions};
+use yiqiao_sm::Sm2PrivateKey;
 
 #[path = "support/documents.rs"]
 mod support;
+
+/// Run `work` as an audited change (the only way to write), with a throw-away audit key.
+fn audited<T, E>(
+    conn: &mut DbConn,
+    work: impl FnOnce(&mut Audited<'_>) -> Result<T, E>,
+) -> Result<T, E> {
+    let signer = AuditSigner::new(&Sm2PrivateKey::generate().unwrap()).unwrap();
+    let opts = AppendOptions {
+        checkpoint_every: 1000,
+        force_checkpoint: false,
+    };
+    match append_with(conn, &signer, opts, |tx| {
+        work(tx).map(|v| (v, AuditEvent::rest("create", "C", "test")))
+    }) {
+        Ok((value, _)) => Ok(value),
+        Err(yiqiao_registry::audit::ChangeError::Change(e)) => Err(e),
+        Err(yiqiao_registry::audit::ChangeError::Db(e)) => panic!("audit append: {e}"),
+    }
+}
 
 fn open(url: &str) -> Store {
     let store = Store::open(&StoreOptions {
@@ -70,7 +91,7 @@ fn check(url: &str) {
         "content": [{ "attachment": { "size": 2048 } }] });
     // Sub-microsecond digits: storage keeps microseconds, so the result must be read back.
     let fine = document("D-3", date("2024-03-01T08:00:00.123456789+08:00"));
-    let done = register_batch(&mut conn, &[plain, rich, fine]).unwrap();
+    let done = audited(&mut conn, |tx| register_batch(tx, &[plain, rich, fine])).unwrap();
     assert_eq!(done.len(), 3);
     for (outcome, d) in &done {
         assert_eq!(*outcome, RegisterOutcome::Created);
@@ -84,7 +105,7 @@ fn check(url: &str) {
     let mut next = document("D-4", date("2024-03-02T08:00:00Z"));
     next.replaces = Some(done[0].1.id.clone());
     let again = document("D-1", date("2024-03-01T08:00:00+08:00"));
-    let done2 = register_batch(&mut conn, &[next, again]).unwrap();
+    let done2 = audited(&mut conn, |tx| register_batch(tx, &[next, again])).unwrap();
     assert_eq!(done2[0].0, RegisterOutcome::Created);
     assert_eq!(done2[0].1, get(&mut conn, &done2[0].1.id).unwrap());
     assert_eq!(done2[0].1.replaces.as_deref(), Some(done[0].1.id.as_str()));

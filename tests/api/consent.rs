@@ -16,6 +16,8 @@ use crate::on_both_backends;
 
 const RID_SYSTEM: &str = "urn:oid:2.16.156.10011.1.1";
 const PSEUDONYM_KEY: &str = "00112233445566778899aabbccddeeff";
+/// The steward credential: records permits that name a third institution (a member may not).
+pub const STEWARD_TOKEN: &str = "test-steward-token-0123456789";
 
 fn system(n: u32) -> String {
     format!("urn:oid:2.16.156.10011.1.99.{n}")
@@ -47,6 +49,7 @@ fn zhang(security: Option<Value>) -> Value {
 }
 
 fn base_settings(s: &mut Settings) {
+    s.steward_token = Secret::new(STEWARD_TOKEN);
     s.auth.ip_burst = 10_000;
     s.auth.institution_burst = 10_000;
     s.consent.pseudonym_key = Secret::new(PSEUDONYM_KEY);
@@ -144,8 +147,13 @@ fn permit_for_hosp2(record: &str) -> Value {
     })
 }
 
+/// A steward records the patient's consent (a permit naming hospital 2 cannot be recorded by
+/// hospital 1: docs/consent.md, "Who may record, change, read and search a consent").
 async fn record_consent(app: &TestApp, body: &Value) -> Value {
-    let resp = as_hosp(app, 1, app.client.post(app.url("/fhir/Consent")))
+    let resp = app
+        .client
+        .post(app.url("/fhir/Consent"))
+        .bearer_auth(STEWARD_TOKEN)
         .json(body)
         .send()
         .await
@@ -295,16 +303,15 @@ async fn consent_permits_and_revocation_reaches_the_other_replica(backend: Backe
     // Revoke through replica A ...
     let mut revoked = consent.clone();
     revoked["status"] = json!("inactive");
-    let resp = as_hosp(
-        &a,
-        1,
-        a.client.put(a.url(&format!("/fhir/Consent/{consent_id}"))),
-    )
-    .header("If-Match", "W/\"1\"")
-    .json(&revoked)
-    .send()
-    .await
-    .unwrap();
+    let resp = a
+        .client
+        .put(a.url(&format!("/fhir/Consent/{consent_id}")))
+        .bearer_auth(STEWARD_TOKEN)
+        .header("If-Match", "W/\"1\"")
+        .json(&revoked)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let updated: Value = resp.json().await.unwrap();
     assert_eq!(updated["meta"]["versionId"], "2");
@@ -327,16 +334,15 @@ async fn consent_permits_and_revocation_reaches_the_other_replica(backend: Backe
     assert_eq!(bundle["entry"].as_array().unwrap().len(), 0, "{bundle}");
 
     // A stale If-Match is refused.
-    let resp = as_hosp(
-        &a,
-        1,
-        a.client.put(a.url(&format!("/fhir/Consent/{consent_id}"))),
-    )
-    .header("If-Match", "W/\"1\"")
-    .json(&revoked)
-    .send()
-    .await
-    .unwrap();
+    let resp = a
+        .client
+        .put(a.url(&format!("/fhir/Consent/{consent_id}")))
+        .bearer_auth(STEWARD_TOKEN)
+        .header("If-Match", "W/\"1\"")
+        .json(&revoked)
+        .send()
+        .await
+        .unwrap();
     assert_outcome(resp, 412, "version-conflict").await;
 
     // The audit trail records each decision with its rule and consent.
@@ -583,19 +589,24 @@ async fn consent_api_and_simulator(backend: Backend) {
         .await
         .unwrap();
     assert_outcome(resp, 403, "forbidden").await;
-    // Read, search.
-    let (status, read) = read_as(
-        &app,
-        as_hosp(
-            &app,
-            2,
-            app.client
-                .get(app.url(&format!("/fhir/Consent/{}", c1["id"].as_str().unwrap()))),
-        ),
-    )
-    .await;
+    // A member may not grant a third institution access: the permit naming hospital 2 is the
+    // patient's or a steward's to record.
+    let resp = post(&permit_for_hosp2(&record)).send().await.unwrap();
+    let o = assert_outcome(resp, 403, "forbidden").await;
+    assert_eq!(
+        o["issue"][0]["expression"][0], "Consent.provision.actor",
+        "{o}"
+    );
+    // Read, search: hospital 1 holds the patient; hospital 2 does not and is told nothing.
+    let c1_path = format!("/fhir/Consent/{}", c1["id"].as_str().unwrap());
+    let (status, read) = read_as(&app, as_hosp(&app, 1, app.client.get(app.url(&c1_path)))).await;
     assert_eq!(status, 200);
     assert_eq!(read["provision"]["type"], "permit");
+    let resp = as_hosp(&app, 2, app.client.get(app.url(&c1_path)))
+        .send()
+        .await
+        .unwrap();
+    assert_outcome(resp, 404, "not-found").await;
     let resp = as_hosp(&app, 2, app.client.get(app.url("/fhir/Consent/none")))
         .send()
         .await
@@ -604,26 +615,46 @@ async fn consent_api_and_simulator(backend: Backend) {
     let search = |q: String| {
         as_hosp(
             &app,
-            2,
+            1,
             app.client.get(app.url(&format!("/fhir/Consent?{q}"))),
         )
     };
+    // Hospital 2 holds no record of the patient: its search is refused, as is a member's
+    // search without a patient.
+    let resp = as_hosp(
+        &app,
+        2,
+        app.client
+            .get(app.url(&format!("/fhir/Consent?patient=Patient/{record}"))),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_outcome(resp, 403, "forbidden").await;
+    let resp = search("status=active".into()).send().await.unwrap();
+    assert_outcome(resp, 403, "forbidden").await;
     let (_, b) = read_as(&app, search(format!("patient=Patient/{record}"))).await;
     assert_eq!(b["entry"].as_array().unwrap().len(), 2, "{b}");
     let (_, b) = read_as(&app, search(format!("patient={person}&status=active"))).await;
     assert_eq!(b["entry"].as_array().unwrap().len(), 2, "{b}");
     let mut revoked = c2.clone();
     revoked["status"] = json!("inactive");
-    let resp = as_hosp(
-        &app,
-        1,
-        app.client
-            .put(app.url(&format!("/fhir/Consent/{}", c2["id"].as_str().unwrap()))),
-    )
-    .json(&revoked)
-    .send()
-    .await
-    .unwrap();
+    let c2_path = format!("/fhir/Consent/{}", c2["id"].as_str().unwrap());
+    // Hospital 1 holds the patient but did not record this consent: it may not revoke it.
+    let resp = as_hosp(&app, 1, app.client.put(app.url(&c2_path)))
+        .json(&revoked)
+        .send()
+        .await
+        .unwrap();
+    assert_outcome(resp, 403, "forbidden").await;
+    let resp = app
+        .client
+        .put(app.url(&c2_path))
+        .bearer_auth(STEWARD_TOKEN)
+        .json(&revoked)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let (_, b) = read_as(&app, search(format!("patient={person}&status=inactive"))).await;
     assert_eq!(b["entry"].as_array().unwrap().len(), 1, "{b}");

@@ -71,6 +71,7 @@ async fn add_institutions(app: &TestApp, n: u32) {
 async fn setup(backend: Backend, adjust: impl FnOnce(&mut Settings)) -> TestApp {
     let app = TestApp::spawn_with(backend, |s| {
         allow_http(s);
+        s.steward_token = yiqiao_gateway::config::Secret::new(crate::consent::STEWARD_TOKEN);
         adjust(s);
     })
     .await;
@@ -1546,8 +1547,17 @@ fn consent_for_hosp3(record: &str, kind: &str, class: Option<(&str, &str)>) -> V
     c
 }
 
+/// A steward records the consent: a member may not name another institution as a permit's
+/// actor (docs/consent.md).
 async fn record_consent(app: &TestApp, body: &Value) -> Value {
-    let resp = post_as(app, 1, "/fhir/Consent", body).await;
+    let resp = app
+        .client
+        .post(app.url("/fhir/Consent"))
+        .bearer_auth(crate::consent::STEWARD_TOKEN)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
     let status = resp.status();
     let v: Value = resp.json().await.unwrap();
     assert_eq!(status, 201, "{v}");
@@ -1708,8 +1718,7 @@ async fn documents_obey_consent(backend: Backend) {
     let resp = app
         .client
         .put(app.url(&format!("/fhir/Consent/{}", permit["id"].as_str().unwrap())))
-        .bearer_auth(ADMIN_TOKEN)
-        .header("X-On-Behalf-Of", inst_id(1))
+        .bearer_auth(crate::consent::STEWARD_TOKEN)
         .header("If-Match", "W/\"1\"")
         .json(&revoked)
         .send()
@@ -1840,8 +1849,7 @@ async fn merges_notify_and_move_consents(backend: Backend) {
     assert_ne!(wang_person, zhang_person);
     // A permit recorded for 王芳 (by hosp-002's record) does not open 张伟's documents ...
     let permit = consent_for_hosp3(&wang_record, "permit", None);
-    let resp = post_as(&app, 2, "/fhir/Consent", &permit).await;
-    assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+    record_consent(&app, &permit).await;
     assert!(search(&app, 3, "_count=50").await.is_empty());
     // ... until 王芳 is merged into 张伟: then it applies to the survivor.
     let resp = app

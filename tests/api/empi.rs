@@ -858,10 +858,17 @@ async fn manual_decisions_survive_reestimate(backend: Backend) {
     let items = review["items"].as_array().unwrap().clone();
 
     // Re-estimate from the stored pairs (what `yiqiao mpi reestimate` runs).
-    let store = app.state.store.clone();
+    let auditor = yiqiao_gateway::service::offline::OfflineAuditor::open(
+        &app.state.settings,
+        app.state.store.clone(),
+        "cli:test".into(),
+    )
+    .unwrap();
     let done = tokio::task::spawn_blocking(move || {
-        let mut conn = store.conn().unwrap();
-        empi::reestimate(&mut conn, 0.999, 0.5, 1)
+        let event = auditor.event("update", "U", "EmpiModel/current".into());
+        auditor
+            .change(event, |tx, _| empi::reestimate(tx, 0.999, 0.5, 1))
+            .map_err(|e| e.to_string())
     })
     .await
     .unwrap();

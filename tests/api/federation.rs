@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use yiqiao_gateway::auth::Caller;
 use yiqiao_gateway::config::Settings;
 use yiqiao_gateway::federation::{Release, ReleasePolicy};
+use yiqiao_gateway::service::offline::OfflineAuditor;
 use yiqiao_gateway::sim::data::{REGIONAL_LAB_SYSTEM, resources};
 use yiqiao_gateway::sim::load::{Loaded, load_region};
 use yiqiao_gateway::sim::{Knobs, RegionShape, SimConfig, SimServer};
@@ -56,12 +57,13 @@ impl Region {
         };
         let mut sim = SimServer::start(config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
         sim.spawn();
-        let store = app.state.store.clone();
+        let auditor =
+            OfflineAuditor::open(&settings, app.state.store.clone(), "sim-loader".into()).unwrap();
         let region = sim.region().clone();
         let base = sim.base_url.clone();
         let resident = settings.empi.resident_id_system.clone();
         let loaded =
-            tokio::task::spawn_blocking(move || load_region(&store, &region, &base, &resident))
+            tokio::task::spawn_blocking(move || load_region(&auditor, &region, &base, &resident))
                 .await
                 .unwrap()
                 .unwrap();
@@ -390,11 +392,18 @@ async fn full_fan_out_merges_tags_pages_and_audits(backend: Backend) {
     .await;
     let (mut narrow, _) = yiqiao_gateway::demo::demo_institution(3);
     narrow.allowed_scopes = vec!["system/Observation.rs".into()];
-    let store = region.app.state.store.clone();
+    let auditor = OfflineAuditor::open(
+        &region.app.state.settings,
+        region.app.state.store.clone(),
+        "cli:test".into(),
+    )
+    .unwrap();
     tokio::task::spawn_blocking(move || {
-        let mut conn = store.conn().unwrap();
         let valid = yiqiao_registry::directory::validate(&narrow).unwrap();
-        yiqiao_registry::directory::create(&mut conn, &valid).unwrap();
+        let event = auditor.event("create", "C", "Organization/fz-003".into());
+        auditor
+            .change(event, |tx, _| yiqiao_registry::directory::create(tx, &valid))
+            .unwrap();
     })
     .await
     .unwrap();

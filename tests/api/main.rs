@@ -27,3 +27,4 @@ mod oidc;
 mod ops;
 mod retention;
 mod roster;
+mod write_paths;

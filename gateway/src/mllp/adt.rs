@@ -25,14 +25,11 @@ use serde_json::{Value, json};
 use yiqiao_registry::audit::EntityRef;
 use yiqiao_registry::directory::{self, DirectoryError, Institution};
 use yiqiao_registry::empi::store::{self as empi, RegistrationOutcome};
-use yiqiao_registry::encounters::{
-    self, EncounterClass, EncounterStatus, StoredEncounter, UpsertOutcome,
-};
-use yiqiao_registry::store::transaction;
+use yiqiao_registry::encounters::{self, EncounterClass, EncounterStatus, UpsertOutcome};
 
 use crate::error::{ApiError, ErrorCode};
 use crate::routes::encounters::{ACT_CODE_SYSTEM, map_encounter};
-use crate::routes::patients::registration;
+use crate::service::authz::PatientCreate;
 use crate::state::AppState;
 
 /// Sending application/facility of our ACKs (MSH-3, MSH-4).
@@ -729,75 +726,23 @@ async fn register(
 ) -> Result<String, Nak> {
     let resident_system = state.settings.empi.resident_id_system.clone();
     let patient = patient_from_pid(s, pid, institution, &resident_system)?;
-    let reg = registration(institution, patient, None, &resident_system).map_err(|e| {
-        let loc = pid_location(e.field.as_deref().unwrap_or(""));
-        nak(AckCode::Error, 102, Some(loc), e.message)
-    })?;
-    // The visit's patient is the PID-3 record just mapped; checked before anything is stored.
-    let visit = match visit {
-        None => None,
-        Some(mut encounter) => {
-            encounter["subject"] =
-                json!({ "identifier": { "system": reg.id_system, "value": reg.id_value } });
-            Some(map_encounter(institution, &encounter).map_err(visit_nak)?)
+    let actor = crate::service::Actor::Member(crate::auth::Caller::feed(institution.clone()));
+    let template = feed_event(state, "create", "C", institution, peer);
+    let done = async {
+        let permit = crate::service::authz::Permit::<PatientCreate>::check(actor)?;
+        crate::service::patients::register(state, &permit, patient, None, visit, template).await
+    }
+    .await
+    .map_err(|e| match e.field.as_deref() {
+        Some(f) if f.starts_with("Encounter") => visit_nak(e),
+        Some(f) if f.starts_with("Patient") => {
+            let loc = pid_location(f);
+            nak(AckCode::Error, 102, Some(loc), e.message)
         }
-    };
-    let actor = actor(institution);
-    let (done, opened) = state
-        .db(move |conn| -> Result<_, ApiError> {
-            match &visit {
-                None => Ok((empi::register(conn, &reg, &actor)?, None)),
-                // Patient and visit in one transaction: both or neither.
-                Some(v) => transaction(conn, |conn| {
-                    let done = empi::register(conn, &reg, &actor)?;
-                    // A late or replayed admit must not reopen a closed visit.
-                    if let Some(closed) = encounters::find(conn, &v.institution_id, &v.identifier)?
-                        .filter(|e| {
-                            matches!(
-                                e.status,
-                                EncounterStatus::Finished
-                                    | EncounterStatus::Cancelled
-                                    | EncounterStatus::EnteredInError
-                            )
-                        })
-                    {
-                        return Err(ApiError::new(
-                            ErrorCode::Conflict,
-                            format!(
-                                "visit {} is already {} (Encounter/{}); it is not reopened by an admit or registration",
-                                v.identifier,
-                                closed.status.as_str(),
-                                closed.id
-                            ),
-                        )
-                        .field("Encounter.identifier"));
-                    }
-                    let opened = encounters::upsert(conn, v)?;
-                    Ok((done, Some(opened)))
-                }),
-            }
-        })
-        .await
-        .map_err(|e| {
-            if e.field
-                .as_deref()
-                .is_some_and(|f| f.starts_with("Encounter"))
-            {
-                visit_nak(e)
-            } else {
-                internal(e)
-            }
-        })?;
-    let (interaction, action) = match done.outcome {
-        RegistrationOutcome::Created => ("create", "C"),
-        _ => ("update", "U"),
-    };
-    let mut event = feed_event(state, interaction, action, institution, peer);
-    event
-        .entities
-        .push(EntityRef::resource(format!("Patient/{}", done.record.id)));
-    event.patient_id = done.record.link.as_ref().map(|l| l.person_id.clone());
-    state.auditor.record(event).await.map_err(internal)?;
+        _ => internal(e),
+    })?;
+    let opened = done.visit;
+    let done = done.patient;
     let person = done
         .record
         .link
@@ -811,7 +756,6 @@ async fn register(
     };
     let mut text = format!("{outcome} Patient/{} person {person}", done.record.id);
     if let Some((visit_outcome, encounter)) = opened {
-        audit_visit(state, peer, institution, visit_outcome, &encounter).await?;
         text.push_str(&format!(
             "; {} Encounter/{}",
             outcome_word(visit_outcome, encounter.status),
@@ -856,28 +800,6 @@ fn outcome_word(outcome: UpsertOutcome, status: EncounterStatus) -> &'static str
         (UpsertOutcome::Updated, EncounterStatus::Cancelled) => "cancelled",
         (UpsertOutcome::Updated, _) => "updated",
     }
-}
-
-/// Record the audit event of a visit write (before the ACK: fail closed).
-async fn audit_visit(
-    state: &AppState,
-    peer: SocketAddr,
-    institution: &Institution,
-    outcome: UpsertOutcome,
-    encounter: &StoredEncounter,
-) -> Result<(), Nak> {
-    let (interaction, action) = match outcome {
-        UpsertOutcome::Created => ("create", "C"),
-        _ => ("update", "U"),
-    };
-    let mut event = feed_event(state, interaction, action, institution, peer);
-    event.entities.push(EntityRef::resource(format!(
-        "Encounter/{}/_history/{}",
-        encounter.id, encounter.version
-    )));
-    event.patient_id = encounter.person_id.clone();
-    state.auditor.record(event).await.map_err(internal)?;
-    Ok(())
 }
 
 /// An HL7 v2 timestamp (DTM: `YYYYMMDD[HH[MM[SS[.S[S[S[S]]]]]]][+/-ZZZZ]`) in UTC; without an
@@ -1054,9 +976,11 @@ async fn change_visit(
     };
     let inst = institution.clone();
     let system = institution.patient_id_system.clone();
+    let template = feed_event(state, "update", "U", institution, peer);
     let (outcome, encounter) = state
-        .db(move |conn| {
-            let registered = encounters::find(conn, inst.id.as_str(), &number)?.ok_or_else(|| {
+        .auditor
+        .change(template, move |tx, event| {
+            let registered = encounters::find(tx.conn(), inst.id.as_str(), &number)?.ok_or_else(|| {
                 ApiError::new(
                     ErrorCode::NotFound,
                     format!("PV1-19: visit {number} of this institution is not registered (send A01 or A04 first)"),
@@ -1086,11 +1010,23 @@ async fn change_visit(
                 }
             }
             let new = map_encounter(&inst, &resource)?;
-            Ok::<_, ApiError>(encounters::upsert(conn, &new)?)
+            let (outcome, stored) = crate::service::encounters::upsert_in(
+                tx,
+                &new,
+                yiqiao_registry::encounters::Precondition::None,
+            )?;
+            let (interaction, action) = crate::service::encounters::interaction(outcome);
+            event.subtype_code = interaction.into();
+            event.action = action.into();
+            event.entities.push(EntityRef::resource(format!(
+                "Encounter/{}/_history/{}",
+                stored.id, stored.version
+            )));
+            event.patient_id = stored.person_id.clone();
+            Ok((outcome, stored))
         })
         .await
         .map_err(visit_nak)?;
-    audit_visit(state, peer, institution, outcome, &encounter).await?;
     Ok(format!(
         "{} Encounter/{}",
         outcome_word(outcome, encounter.status),
@@ -1156,8 +1092,10 @@ async fn merge(
     }
     let system = institution.patient_id_system.clone();
     let actor = actor(institution);
+    let template = feed_event(state, "update", "U", institution, peer);
     let (surv_id, prior_id, person, outcome, merged) = state
-        .db(move |conn| {
+        .auditor
+        .change(template, move |tx, event| {
             let find = |conn: &mut _, value: &str, loc: &'static str| {
                 empi::find_by_identifier(conn, &system, value)
                     .map_err(ApiError::from)?
@@ -1168,8 +1106,14 @@ async fn merge(
                         )
                     })
             };
-            let surv = find(conn, &surviving, "PID-3")?;
-            let prior = find(conn, &prior, "MRG-1")?;
+            let surv = find(tx.conn(), &surviving, "PID-3")?;
+            let prior = find(tx.conn(), &prior, "MRG-1")?;
+            event
+                .entities
+                .push(EntityRef::resource(format!("Patient/{}", surv.id)));
+            event
+                .entities
+                .push(EntityRef::resource(format!("Patient/{}", prior.id)));
             let person_of = |r: &empi::StoredRecord| {
                 r.link
                     .as_ref()
@@ -1177,10 +1121,11 @@ async fn merge(
                     .ok_or_else(|| ApiError::internal(format!("record {} has no person", r.id)))
             };
             let (target, source) = (person_of(&surv)?, person_of(&prior)?);
+            event.patient_id = Some(target.clone());
             if target == source {
                 return Ok::<_, ApiError>((surv.id, prior.id, target, "already one person", None));
             }
-            empi::merge(conn, &target, &source, &actor)?;
+            empi::merge(tx, &target, &source, &actor)?;
             Ok((surv.id, prior.id, target, "merged", Some(source)))
         })
         .await
@@ -1199,15 +1144,6 @@ async fn merge(
     if let Some(source) = &merged {
         state.persons_merged(&[&person, source]).await;
     }
-    let mut event = feed_event(state, "update", "U", institution, peer);
-    event
-        .entities
-        .push(EntityRef::resource(format!("Patient/{surv_id}")));
-    event
-        .entities
-        .push(EntityRef::resource(format!("Patient/{prior_id}")));
-    event.patient_id = Some(person.clone());
-    state.auditor.record(event).await.map_err(internal)?;
     Ok(format!(
         "{outcome}: Patient/{prior_id} and Patient/{surv_id} are person {person}"
     ))

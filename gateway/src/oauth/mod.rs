@@ -374,14 +374,17 @@ async fn issue(
         ));
     }
     let scope = param("scope").ok_or_else(|| OAuthError::request("scope is required"))?;
-    let purpose = param(PURPOSE_PARAM).ok_or_else(|| {
-        OAuthError::request(format!(
-            "{PURPOSE_PARAM} is required (TREAT, ETREAT, HPAYMT, HOPERAT, PUBHLTH, HRESCH, PATRQT)"
-        ))
-    })?;
-    let purpose = Purpose::from_code(purpose).ok_or_else(|| {
-        OAuthError::request(format!("{PURPOSE_PARAM} {purpose:?} is not a known code"))
-    })?;
+    // Optional: a stock SMART Backend Services client sends only the standard parameters and
+    // gets its institution's configured default purpose (below, once the client is known).
+    let asked = param(PURPOSE_PARAM)
+        .map(|purpose| {
+            Purpose::from_code(purpose).ok_or_else(|| {
+                OAuthError::request(format!(
+                    "{PURPOSE_PARAM} {purpose:?} is not a known code (TREAT, ETREAT, HPAYMT, HOPERAT, PUBHLTH, HRESCH, PATRQT)"
+                ))
+            })
+        })
+        .transpose()?;
 
     let lookup = client_id.clone();
     let institution = state
@@ -440,6 +443,10 @@ async fn issue(
         },
     };
 
+    let purpose = match asked {
+        Some(p) => p,
+        None => default_purpose(&state.settings.consent, &client_id),
+    };
     let now = now_secs();
     let skew = i64::try_from(auth.clock_skew_secs).unwrap_or(60);
     let token_url = format!("{}{TOKEN_PATH}", state.base_url);
@@ -586,7 +593,19 @@ pub async fn whoami(caller: Caller) -> HttpResponse {
         via: match caller.via {
             CallerVia::AccessToken => "access_token",
             CallerVia::AdminOnBehalf => "admin_on_behalf",
+            CallerVia::Feed => "feed",
         }
         .into(),
     })
+}
+
+/// The purpose bound to a token requested without `purpose_of_use`: the institution's
+/// configured default, else the region's (`consent.default_purpose`; both checked at start).
+fn default_purpose(consent: &crate::config::ConsentSettings, client_id: &str) -> Purpose {
+    consent
+        .institution_purposes
+        .get(client_id)
+        .and_then(|code| Purpose::from_code(code))
+        .or_else(|| Purpose::from_code(&consent.default_purpose))
+        .unwrap_or(Purpose::Treatment)
 }

@@ -16,20 +16,20 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
-use yiqiao_consent::{Consent, DataItem, Decision, Purpose, Requester, consent_from_fhir};
+use yiqiao_consent::{DataItem, Decision, Purpose, Requester};
 use yiqiao_registry::audit::EntityRef;
-use yiqiao_registry::consent::{
-    self as store, ConsentFilter, ConsentWrite, StoredConsent, UpdateError,
-};
-use yiqiao_registry::empi::store::{self as empi, EmpiError};
+use yiqiao_registry::consent::{self as store, StoredConsent};
 
-use crate::auth::{ConsentCreate, ConsentRead, ConsentSearch, ConsentUpdate, Scoped};
 use crate::error::{ApiError, ErrorCode};
 use crate::extract::ValidJson;
 use crate::fhir;
 use crate::policy::{Ask, annotate_decision, kind_of, status_code};
-use crate::routes::patients::EMPI_SYSTEM;
 use crate::routes::{check_params, paging};
+use crate::service::authz::{
+    AgreementSearch, AgreementUpdate, ConsentCreate, ConsentRead, ConsentSearch, ConsentUpdate,
+    Permit,
+};
+use crate::service::consent::{self as service, ConsentBody, ConsentQuery};
 use crate::staff::{Role, Staff};
 use crate::state::AppState;
 
@@ -44,152 +44,6 @@ const STATUSES: [&str; 6] = [
 
 fn invalid(field: &str, message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::ValidationFailed, message).field(field)
-}
-
-/// The enterprise person of a Patient reference or id: a source record id resolves through its
-/// link; otherwise the id must be an enterprise person (a merged person resolves to the
-/// survivor). `Ok(None)`: neither exists.
-fn person_of(
-    conn: &mut yiqiao_registry::store::DbConn,
-    id: &str,
-) -> Result<Option<String>, ApiError> {
-    match empi::get_record(conn, id) {
-        Ok(r) => {
-            return match r.link {
-                Some(l) => Ok(Some(l.person_id)),
-                None => Err(invalid(
-                    "Consent.patient",
-                    format!("Patient/{id} is not linked to an enterprise person yet"),
-                )),
-            };
-        }
-        Err(EmpiError::NotFound(_)) => {}
-        Err(e) => return Err(e.into()),
-    }
-    let mut current = id.to_string();
-    for _ in 0..8 {
-        match empi::get_person(conn, &current) {
-            Ok(p) => match p.merged_into {
-                Some(next) if p.status == "merged" => current = next,
-                _ => return Ok(Some(p.id)),
-            },
-            Err(EmpiError::NotFound(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(Some(current))
-}
-
-/// The id named by `Consent.patient` (reference `Patient/<id>` or EMPI identifier).
-fn patient_key(resource: &Value) -> Result<String, ApiError> {
-    let patient = resource
-        .get("patient")
-        .ok_or_else(|| invalid("Consent.patient", "Consent.patient is required"))?;
-    if let Some(reference) = patient.get("reference") {
-        let reference = reference
-            .as_str()
-            .ok_or_else(|| invalid("Consent.patient.reference", "must be a string"))?;
-        return reference
-            .strip_prefix("Patient/")
-            .filter(|id| !id.is_empty() && !id.contains('/'))
-            .map(str::to_string)
-            .ok_or_else(|| {
-                invalid(
-                    "Consent.patient.reference",
-                    format!("expected Patient/<id>, got `{reference}`"),
-                )
-            });
-    }
-    let identifier = patient.get("identifier").ok_or_else(|| {
-        invalid(
-            "Consent.patient",
-            "give a reference Patient/<id> or an identifier in the EMPI system",
-        )
-    })?;
-    if identifier.get("system").and_then(Value::as_str) != Some(EMPI_SYSTEM) {
-        return Err(invalid(
-            "Consent.patient.identifier.system",
-            format!("only the EMPI system {EMPI_SYSTEM} is accepted"),
-        ));
-    }
-    identifier
-        .get("value")
-        .and_then(Value::as_str)
-        .filter(|v| !v.is_empty())
-        .map(str::to_string)
-        .ok_or_else(|| invalid("Consent.patient.identifier.value", "is required"))
-}
-
-/// A checked write: the resource as stored, and the columns.
-struct Checked {
-    write: ConsentWrite,
-    consent: Consent,
-}
-
-/// Validate a Consent body and resolve its patient. `id` is the id it is stored under.
-async fn check(
-    state: &AppState,
-    caller_id: &str,
-    mut body: Value,
-    id: &str,
-) -> Result<Checked, ApiError> {
-    if !body.is_object() {
-        return Err(invalid("Consent", "the body must be a FHIR Consent object"));
-    }
-    if body.get("resourceType").and_then(Value::as_str) != Some("Consent") {
-        return Err(invalid(
-            "Consent.resourceType",
-            "resourceType must be Consent",
-        ));
-    }
-    let key = patient_key(&body)?;
-    let lookup = key.clone();
-    let person = state
-        .db(move |conn| person_of(conn, &lookup))
-        .await?
-        .ok_or_else(|| {
-            invalid(
-                "Consent.patient",
-                format!("no Patient source record or enterprise person with id {key}"),
-            )
-        })?;
-    body["id"] = json!(id);
-    if let Some(obj) = body.as_object_mut() {
-        obj.remove("meta");
-        let mut patient = obj.get("patient").cloned().unwrap_or_else(|| json!({}));
-        if patient.get("reference").is_none() {
-            patient["reference"] = json!(format!("Patient/{person}"));
-        }
-        patient["identifier"] = json!({ "system": EMPI_SYSTEM, "value": person });
-        obj.insert("patient".into(), patient);
-    }
-    // Parse exactly as the enforcement point will (patient by enterprise id).
-    let mut probe = body.clone();
-    probe["patient"] = json!({ "reference": format!("Patient/{person}") });
-    let consent = consent_from_fhir(&probe).map_err(|e| {
-        ApiError::new(ErrorCode::ValidationFailed, e.to_string()).field(e.path().to_string())
-    })?;
-    let status = body
-        .get("status")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
-    Ok(Checked {
-        write: ConsentWrite {
-            id: id.to_string(),
-            patient_id: person,
-            status,
-            provision: match consent.provision {
-                yiqiao_consent::ProvisionType::Deny => "deny".into(),
-                yiqiao_consent::ProvisionType::Permit => "permit".into(),
-            },
-            period_start: consent.period.start.map(|t| t.naive_utc()),
-            period_end: consent.period.end.map(|t| t.naive_utc()),
-            actor: caller_id.to_string(),
-            resource: body.to_string(),
-        },
-        consent,
-    })
 }
 
 /// The Consent as served: the stored JSON with id and meta.
@@ -229,27 +83,11 @@ fn respond(state: &AppState, status: StatusCode, row: &StoredConsent) -> HttpRes
     security(("access_token" = [])))]
 pub async fn create(
     state: web::Data<AppState>,
-    caller: Scoped<ConsentCreate>,
+    permit: Permit<ConsentCreate>,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = uuid::Uuid::now_v7().to_string();
-    let checked = check(&state, caller.institution.id.as_str(), body.0, &id).await?;
-    let write = checked.write;
-    let row = state.db(move |conn| store::create(conn, &write)).await?;
-    state.policy.changed(Some(&row.patient_id)).await;
-    let mut event = state.auditor.rest_event("create", "C");
-    event
-        .entities
-        .push(EntityRef::resource(format!("Consent/{}", row.id)));
-    event.consent_decision = Some(format!("recorded-{}", status_code(checked.consent.status)));
-    state
-        .auditor
-        .record(
-            state
-                .auditor
-                .by_caller(event, &caller, Some(row.patient_id.clone())),
-        )
-        .await?;
+    let body = ConsentBody::parse(body.0, None)?;
+    let row = service::create(&state, &permit, body).await?;
     Ok(respond(&state, StatusCode::CREATED, &row))
 }
 
@@ -264,59 +102,15 @@ pub async fn create(
     security(("access_token" = [])))]
 pub async fn update(
     state: web::Data<AppState>,
-    caller: Scoped<ConsentUpdate>,
+    permit: Permit<ConsentUpdate>,
     id: web::Path<String>,
     req: HttpRequest,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
     let expected = crate::routes::institutions::if_match(&req)?;
-    match body.0.get("id") {
-        Some(Value::String(body_id)) if *body_id == id => {}
-        _ => {
-            return Err(invalid(
-                "Consent.id",
-                format!("Consent.id must be present and equal the id in the URL ({id})"),
-            ));
-        }
-    }
-    let lookup = id.clone();
-    if state
-        .db(move |conn| store::get(conn, &lookup))
-        .await?
-        .is_none()
-    {
-        return Err(ApiError::not_found(format!("Consent/{id} not found")));
-    }
-    let checked = check(&state, caller.institution.id.as_str(), body.0, &id).await?;
-    let write = checked.write;
-    let row = state
-        .db(move |conn| {
-            store::update(conn, &write, expected).map_err(|e| match e {
-                UpdateError::NotFound(id) => ApiError::not_found(format!("Consent/{id} not found")),
-                UpdateError::VersionConflict { .. } => {
-                    ApiError::new(ErrorCode::VersionConflict, e.to_string())
-                }
-                UpdateError::PatientChanged { .. } => invalid("Consent.patient", e.to_string()),
-                UpdateError::Store(s) => s.into(),
-            })
-        })
-        .await?;
-    state.policy.changed(Some(&row.patient_id)).await;
-    let mut event = state.auditor.rest_event("update", "U");
-    event.entities.push(EntityRef::resource(format!(
-        "Consent/{}/_history/{}",
-        row.id, row.version
-    )));
-    event.consent_decision = Some(format!("recorded-{}", status_code(checked.consent.status)));
-    state
-        .auditor
-        .record(
-            state
-                .auditor
-                .by_caller(event, &caller, Some(row.patient_id.clone())),
-        )
-        .await?;
+    let body = ConsentBody::parse(body.0, Some(&id))?;
+    let row = service::update(&state, &permit, id, expected, body).await?;
     Ok(respond(&state, StatusCode::OK, &row))
 }
 
@@ -327,24 +121,10 @@ pub async fn update(
     security(("access_token" = [])))]
 pub async fn read(
     state: web::Data<AppState>,
-    caller: Scoped<ConsentRead>,
+    permit: Permit<ConsentRead>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = id.into_inner();
-    let lookup = id.clone();
-    let row = state
-        .db(move |conn| store::get(conn, &lookup))
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("Consent/{id} not found")))?;
-    let event = state.auditor.read_event(format!("Consent/{}", row.id));
-    state
-        .auditor
-        .record(
-            state
-                .auditor
-                .by_caller(event, &caller, Some(row.patient_id.clone())),
-        )
-        .await?;
+    let row = service::read(&state, &permit, id.into_inner()).await?;
     Ok(respond(&state, StatusCode::OK, &row))
 }
 
@@ -357,7 +137,7 @@ pub async fn read(
     security(("access_token" = [])))]
 pub async fn search(
     state: web::Data<AppState>,
-    caller: Scoped<ConsentSearch>,
+    permit: Permit<ConsentSearch>,
     req: HttpRequest,
     query: web::Query<HashMap<String, String>>,
 ) -> Result<HttpResponse, ApiError> {
@@ -384,39 +164,17 @@ pub async fn search(
             Some(id)
         }
     };
-    let status = query.get("status").cloned();
-    let (person, mut rows) = state
-        .db(move |conn| -> Result<_, ApiError> {
-            let person = match &patient {
-                None => None,
-                Some(id) => match person_of(conn, id) {
-                    Ok(Some(p)) => Some(p),
-                    // Unknown or unlinked patient: nothing can match.
-                    Ok(None) | Err(_) => return Ok((None, Vec::new())),
-                },
-            };
-            let rows = store::search(
-                conn,
-                &ConsentFilter {
-                    patient_id: person.clone(),
-                    status,
-                    limit: count + 1,
-                    offset,
-                },
-            )?;
-            Ok((person, rows))
-        })
-        .await?;
+    let q = ConsentQuery {
+        patient,
+        status: query.get("status").cloned(),
+        count,
+        offset,
+        text: format!("{}?{}", req.path(), req.query_string()),
+    };
+    let mut rows = service::search(&state, &permit, q).await?;
     let more = rows.len() as i64 > count;
     rows.truncate(count as usize);
     let (self_url, next) = crate::routes::directory::page_urls(&state, &req, offset, count, more);
-    let event = state
-        .auditor
-        .search_event(format!("{}?{}", req.path(), req.query_string()));
-    state
-        .auditor
-        .record(state.auditor.by_caller(event, &caller, person))
-        .await?;
     let resources = rows.iter().map(consent_view).collect();
     Ok(HttpResponse::Ok()
         .content_type(fhir::FHIR_JSON)
@@ -563,7 +321,7 @@ pub async fn evaluate(
     };
     let key = input.patient.clone();
     let patient = state
-        .db(move |conn| person_of(conn, &key))
+        .db(move |conn| service::person_of(conn, &key))
         .await?
         .unwrap_or_else(|| input.patient.clone());
     let requester = Requester::institution(input.requester.as_str(), kind_of(kind));
@@ -694,7 +452,7 @@ fn instant(field: &str, raw: &Option<String>) -> Result<Option<chrono::NaiveDate
     responses((status = 200, body = AgreementView), (status = 422, description = "OperationOutcome naming the field")),
     security(("admin_token" = [])))]
 pub async fn put_agreement(
-    admin: crate::staff::RequireRole<crate::staff::Admin>,
+    permit: Permit<AgreementUpdate>,
     state: web::Data<AppState>,
     id: web::Path<String>,
     ValidJson(input): ValidJson<AgreementInput>,
@@ -734,31 +492,7 @@ pub async fn put_agreement(
         period_end: instant("end", &input.end)?,
         status: input.status.clone(),
     };
-    let (custodian, recipient) = (input.custodian.clone(), input.recipient.clone());
-    let row = state
-        .db(move |conn| -> Result<_, ApiError> {
-            for (field, inst) in [("custodian", &custodian), ("recipient", &recipient)] {
-                match yiqiao_registry::directory::get(conn, inst) {
-                    Ok(_) => {}
-                    Err(yiqiao_registry::directory::DirectoryError::NotFound(_)) => {
-                        return Err(invalid(
-                            field,
-                            format!("institution {inst} is not registered"),
-                        ));
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Ok(store::put_agreement(conn, &write)?)
-        })
-        .await?;
-    state.policy.changed(None).await;
-    let mut event =
-        state
-            .auditor
-            .admin_event(&admin, "update", "U", format!("Agreement/{}", row.id));
-    event.consent_decision = Some(format!("agreement-{}", row.status));
-    state.auditor.record(event).await?;
+    let row = service::put_agreement(&state, &permit, write).await?;
     Ok(HttpResponse::Ok().json(agreement_view(&row)))
 }
 
@@ -767,10 +501,9 @@ pub async fn put_agreement(
     responses((status = 200, body = Vec<AgreementView>)),
     security(("admin_token" = [])))]
 pub async fn list_agreements(
-    admin: crate::staff::RequireRole<crate::staff::Admin>,
+    permit: Permit<AgreementSearch>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let _ = &admin;
-    let rows = state.db(store::list_agreements).await?;
+    let rows = service::list_agreements(&state, &permit).await?;
     Ok(HttpResponse::Ok().json(rows.iter().map(agreement_view).collect::<Vec<_>>()))
 }

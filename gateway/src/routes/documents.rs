@@ -400,27 +400,30 @@ async fn register(
     docs: Vec<NewDocument>,
     bundle: bool,
 ) -> Result<Vec<(RegisterOutcome, StoredDocument)>, ApiError> {
+    let event = state.auditor.by_caller(
+        state
+            .auditor
+            .rest_event(if bundle { "transaction" } else { "create" }, "C"),
+        caller,
+        None,
+    );
     let done = state
-        .db(move |conn| {
-            registry::register_batch(conn, &docs).map_err(|e| registry_error(e, bundle))
+        .auditor
+        .change(event, move |tx, event| {
+            let done =
+                registry::register_batch(tx, &docs).map_err(|e| registry_error(e, bundle))?;
+            for (_, d) in &done {
+                event
+                    .entities
+                    .push(EntityRef::resource(format!("DocumentReference/{}", d.id)));
+            }
+            event.patient_id = done.first().map(|(_, d)| d.person_id.clone());
+            Ok(done)
         })
         .await?;
     if done.iter().any(|(o, _)| *o != RegisterOutcome::Unchanged) {
         state.documents.wake.notify_one();
     }
-    let mut event = state
-        .auditor
-        .rest_event(if bundle { "transaction" } else { "create" }, "C");
-    for (_, d) in &done {
-        event
-            .entities
-            .push(EntityRef::resource(format!("DocumentReference/{}", d.id)));
-    }
-    let person = done.first().map(|(_, d)| d.person_id.clone());
-    state
-        .auditor
-        .record(state.auditor.by_caller(event, caller, person))
-        .await?;
     Ok(done)
 }
 

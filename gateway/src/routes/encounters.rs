@@ -23,8 +23,8 @@ use serde_json::{Value, json};
 use yiqiao_registry::audit::EntityRef;
 use yiqiao_registry::directory::Institution;
 use yiqiao_registry::encounters::{
-    self as store, EncounterClass, EncounterError, EncounterStatus, NewEncounter, Precondition,
-    StoredEncounter, UpsertOutcome,
+    self as store, EncounterClass, EncounterStatus, NewEncounter, Precondition, StoredEncounter,
+    UpsertOutcome,
 };
 
 use crate::auth::{Caller, EncounterCreate, EncounterRead, EncounterUpdate, Scoped};
@@ -203,44 +203,31 @@ fn respond(state: &AppState, status: StatusCode, e: &StoredEncounter) -> HttpRes
     )
 }
 
-/// Store a mapped encounter and record the audit event (`create` or `update`) before answering.
+/// Store a mapped encounter with its audit event (`create` or `update`), in one transaction.
 async fn write(
     state: &AppState,
     caller: &Caller,
     new: NewEncounter,
     pre: Precondition,
 ) -> Result<(UpsertOutcome, StoredEncounter), ApiError> {
-    let (outcome, stored) = state
-        .db(move |conn| {
-            store::upsert_with(conn, &new, pre).map_err(|e| match e {
-                EncounterError::ChangeRefused { id, visit } => ApiError::new(
-                    ErrorCode::Forbidden,
-                    format!(
-                        "visit {visit} is registered (Encounter/{id}) with other content; changing it needs scope system/Encounter.u (or PUT /fhir/Encounter/{id})"
-                    ),
-                ),
-                other => other.into(),
-            })
-        })
-        .await?;
-    let (interaction, action) = match outcome {
-        UpsertOutcome::Created => ("create", "C"),
-        _ => ("update", "U"),
-    };
-    let mut event = state.auditor.rest_event(interaction, action);
-    event.entities.push(EntityRef::resource(format!(
-        "Encounter/{}/_history/{}",
-        stored.id, stored.version
-    )));
+    let event = state
+        .auditor
+        .by_caller(state.auditor.rest_event("update", "U"), caller, None);
     state
         .auditor
-        .record(
-            state
-                .auditor
-                .by_caller(event, caller, stored.person_id.clone()),
-        )
-        .await?;
-    Ok((outcome, stored))
+        .change(event, move |tx, event| {
+            let (outcome, stored) = crate::service::encounters::upsert_in(tx, &new, pre)?;
+            let (interaction, action) = crate::service::encounters::interaction(outcome);
+            event.subtype_code = interaction.into();
+            event.action = action.into();
+            event.entities.push(EntityRef::resource(format!(
+                "Encounter/{}/_history/{}",
+                stored.id, stored.version
+            )));
+            event.patient_id = stored.person_id.clone();
+            Ok((outcome, stored))
+        })
+        .await
 }
 
 /// Register a visit (care relationship) of the calling institution.

@@ -24,6 +24,10 @@ use crate::extract::ValidJson;
 use crate::fhir;
 use crate::policy::Candidate;
 use crate::routes::{check_params, paging};
+use crate::service::{
+    self,
+    authz::{Need, PatientCreate, PatientUpdate, Permit},
+};
 use crate::state::AppState;
 
 /// Extension on a Patient naming its enterprise person (valueIdentifier in [`EMPI_SYSTEM`]).
@@ -258,10 +262,6 @@ pub(crate) fn registration_of(
     })
 }
 
-fn actor_of(caller: &Caller) -> String {
-    format!("institution:{}", caller.institution.id)
-}
-
 /// The registration of a FHIR Patient sent by `institution` (FHIR feed, HL7 v2 feed, bulk
 /// import): its own identifier (`expected`, when the entry point names it separately, must be
 /// the same) and the mapped demographics. Errors name the offending Patient field.
@@ -294,43 +294,24 @@ pub fn registration(
     })
 }
 
-async fn register_patient(
+async fn register_patient<N: Need>(
     state: web::Data<AppState>,
-    caller: Caller,
+    permit: Permit<N>,
     patient: Value,
     expected: Option<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    let reg = registration(
-        &caller.institution,
-        patient,
-        expected.as_ref().map(|(s, v)| (s.as_str(), v.as_str())),
-        &state.settings.empi.resident_id_system,
-    )?;
-    let actor = actor_of(&caller);
-    let done = state
-        .db(move |conn| empi::register(conn, &reg, &actor))
-        .await?;
+    let template = permit.actor.attribute(
+        &state.auditor,
+        state.auditor.rest_event("create", "C"),
+        None,
+    );
+    let done = service::patients::register(&state, &permit, patient, expected, None, template)
+        .await?
+        .patient;
     let status = match done.outcome {
         RegistrationOutcome::Created => actix_web::http::StatusCode::CREATED,
         _ => actix_web::http::StatusCode::OK,
     };
-    let interaction = if status == actix_web::http::StatusCode::CREATED {
-        ("create", "C")
-    } else {
-        ("update", "U")
-    };
-    let mut event = state.auditor.rest_event(interaction.0, interaction.1);
-    event
-        .entities
-        .push(yiqiao_registry::audit::EntityRef::resource(format!(
-            "Patient/{}",
-            done.record.id
-        )));
-    let person = done.record.link.as_ref().map(|l| l.person_id.clone());
-    state
-        .auditor
-        .record(state.auditor.by_caller(event, &caller, person))
-        .await?;
     let location = format!("{}/fhir/Patient/{}", state.base_url, done.record.id);
     let mut resp = fhir_response(status, patient_view(&done.record));
     if let Ok(v) = header::HeaderValue::from_str(&location) {
@@ -350,11 +331,10 @@ async fn register_patient(
         (status = 422, description = "OperationOutcome naming the field")))]
 pub async fn create(
     state: web::Data<AppState>,
-    caller: Caller,
+    permit: Permit<PatientCreate>,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require("Patient", 'c')?;
-    register_patient(state, caller, body.0, None).await
+    register_patient(state, permit, body.0, None).await
 }
 
 fn split_token(raw: &str) -> (Option<String>, String) {
@@ -373,11 +353,10 @@ fn split_token(raw: &str) -> (Option<String>, String) {
         (status = 422, description = "OperationOutcome naming the field")))]
 pub async fn conditional_update(
     state: web::Data<AppState>,
-    caller: Caller,
+    permit: Permit<PatientUpdate>,
     query: web::Query<HashMap<String, String>>,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require("Patient", 'u')?;
     check_params(&query, &["identifier"])?;
     let raw = query
         .get("identifier")
@@ -385,13 +364,17 @@ pub async fn conditional_update(
     let (system, value) = split_token(raw);
     let system =
         system.ok_or_else(|| ApiError::invalid_param("identifier", "must be system|value"))?;
-    if system != caller.institution.patient_id_system {
+    let own_system = permit
+        .actor
+        .member()
+        .map(|c| c.institution.patient_id_system.as_str());
+    if own_system != Some(system.as_str()) {
         return Err(ApiError::invalid_param(
             "identifier",
             "only your own patient_id_system can be updated",
         ));
     }
-    register_patient(state, caller, body.0, Some((system, value))).await
+    register_patient(state, permit, body.0, Some((system, value))).await
 }
 
 /// Read one source record.
@@ -451,6 +434,27 @@ pub async fn search(
 ) -> Result<HttpResponse, ApiError> {
     caller.require("Patient", 's')?;
     check_params(&query, &SEARCH_PARAMS)?;
+    // A search must say whom it looks for: no listing the region's patients page by page.
+    const IDENTIFYING: [&str; 6] = [
+        "family",
+        "given",
+        "name",
+        "birthdate",
+        "identifier",
+        "telecom",
+    ];
+    if !IDENTIFYING
+        .iter()
+        .any(|p| query.get(*p).is_some_and(|v| !v.trim().is_empty()))
+    {
+        return Err(ApiError::invalid_param(
+            "family",
+            format!(
+                "a patient search needs at least one demographic criterion: {}",
+                IDENTIFYING.join(", ")
+            ),
+        ));
+    }
     let (count, offset) = paging(&query, 20, 200)?;
     let mut f = RecordFilter {
         limit: count + 1,

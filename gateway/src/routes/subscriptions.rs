@@ -188,8 +188,13 @@ pub async fn create(
         exts.push(json!({ "url": PURPOSE_EXT, "valueCode": purpose.code() }));
         obj.insert("extension".into(), Value::Array(exts));
     }
+    let event = state
+        .auditor
+        .by_caller(state.auditor.rest_event("create", "C"), &caller, None);
     let stored = state
-        .db(move |conn| -> Result<Subscription, ApiError> {
+        .auditor
+        .change(event, move |tx, event| -> Result<Subscription, ApiError> {
+            let conn = tx.conn();
             let filter_person = match patient {
                 None => None,
                 Some(PatientFilter::Record(id)) => {
@@ -226,8 +231,8 @@ pub async fn create(
                     })?)
                 }
             };
-            Ok(outbox::create_subscription(
-                conn,
+            let stored = outbox::create_subscription(
+                tx,
                 &NewSubscription {
                     owner_id: owner,
                     topic: topic.into(),
@@ -236,20 +241,13 @@ pub async fn create(
                     endpoint,
                     resource: sub,
                 },
-            )?)
+            )?;
+            event
+                .entities
+                .push(EntityRef::resource(format!("Subscription/{}", stored.id)));
+            event.patient_id = stored.filter_person.clone();
+            Ok(stored)
         })
-        .await?;
-    let mut event = state.auditor.rest_event("create", "C");
-    event
-        .entities
-        .push(EntityRef::resource(format!("Subscription/{}", stored.id)));
-    state
-        .auditor
-        .record(
-            state
-                .auditor
-                .by_caller(event, &caller, stored.filter_person.clone()),
-        )
         .await?;
     let mut resp = fhir_response(
         StatusCode::CREATED,
@@ -320,6 +318,23 @@ async fn own_subscription(
     Ok(sub)
 }
 
+/// The audit event of an operation on a subscription by its owner.
+fn sub_event(
+    state: &AppState,
+    caller: &Caller,
+    interaction: &str,
+    action: &str,
+    sub: &Subscription,
+) -> yiqiao_registry::audit::AuditEvent {
+    let mut event = state.auditor.rest_event(interaction, action);
+    event
+        .entities
+        .push(EntityRef::resource(format!("Subscription/{}", sub.id)));
+    state
+        .auditor
+        .by_caller(event, caller, sub.filter_person.clone())
+}
+
 async fn audit_op(
     state: &web::Data<AppState>,
     caller: &Caller,
@@ -328,22 +343,12 @@ async fn audit_op(
     sub: &Subscription,
     consent: Option<(&str, Value)>,
 ) -> Result<(), ApiError> {
-    let mut event = state.auditor.rest_event(interaction, action);
+    let mut event = sub_event(state, caller, interaction, action, sub);
     if let Some((decision, reasons)) = consent {
         event.consent_decision = Some(decision.to_string());
         event.consent_reasons = Some(reasons.to_string());
     }
-    event
-        .entities
-        .push(EntityRef::resource(format!("Subscription/{}", sub.id)));
-    state
-        .auditor
-        .record(
-            state
-                .auditor
-                .by_caller(event, caller, sub.filter_person.clone()),
-        )
-        .await?;
+    state.auditor.record(event).await?;
     Ok(())
 }
 
@@ -377,13 +382,14 @@ pub async fn delete(
     caller.require("Subscription", 'd')?;
     let sub = own_subscription(&state, &caller, id.into_inner()).await?;
     let sid = sub.id.clone();
+    let event = sub_event(&state, &caller, "delete", "D", &sub);
     let sub = state
-        .db(move |conn| {
-            outbox::deactivate_subscription(conn, &sid)?;
-            outbox::get_subscription(conn, &sid)
+        .auditor
+        .change(event, move |tx, _| {
+            outbox::deactivate_subscription(tx, &sid)?;
+            Ok(outbox::get_subscription(tx.conn(), &sid)?)
         })
         .await?;
-    audit_op(&state, &caller, "delete", "D", &sub, None).await?;
     Ok(fhir_response(
         StatusCode::OK,
         subscription_view(&state.base_url, &sub),
@@ -524,9 +530,12 @@ pub async fn retry_dead(
     caller.require("Subscription", 'u')?;
     let sub = own_subscription(&state, &caller, id.into_inner()).await?;
     let sid = sub.id.clone();
-    let n = state.db(move |conn| outbox::retry_dead(conn, &sid)).await?;
+    let event = sub_event(&state, &caller, "operation", "U", &sub);
+    let n = state
+        .auditor
+        .change(event, move |tx, _| Ok(outbox::retry_dead(tx, &sid)?))
+        .await?;
     state.documents.wake.notify_one();
-    audit_op(&state, &caller, "operation", "U", &sub, None).await?;
     Ok(fhir_response(
         StatusCode::OK,
         json!({ "resourceType": "Parameters", "parameter": [{ "name": "requeued", "valueInteger": n }] }),

@@ -185,8 +185,14 @@ pub fn run(settings: &Settings, args: SimArgs) -> Result<(), Failure> {
             let region = sim.region().clone();
             let resident = settings.empi.resident_id_system.clone();
             let base_url = base.clone();
+            let auditor = crate::service::offline::OfflineAuditor::open(
+                &settings,
+                store,
+                crate::service::offline::OfflineAuditor::cli_operator(),
+            )
+            .map_err(|e| Failure::new(EXIT_RUNTIME, format!("{e:#}")))?;
             let loaded = tokio::task::spawn_blocking(move || {
-                load::load_region(&store, &region, &base_url, &resident)
+                load::load_region(&auditor, &region, &base_url, &resident)
             })
             .await
             .map_err(|e| Failure::new(EXIT_RUNTIME, e.to_string()))?

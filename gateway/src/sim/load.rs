@@ -1,9 +1,10 @@
 //! Loading a simulated region into the gateway's store: directory entries (endpoint URL and SM2
 //! public key of each simulated hospital) and every hospital's EMPI registrations.
 
-use yiqiao_registry::Store;
 use yiqiao_registry::directory::{self, DirectoryError};
 use yiqiao_registry::empi::store as empi;
+
+use crate::service::offline::OfflineAuditor;
 
 use super::data::Region;
 
@@ -20,14 +21,15 @@ pub struct Loaded {
 }
 
 /// Create or update each simulated hospital in the directory with `{base_url}/h/{id}/fhir`,
-/// then register its patients with the EMPI (idempotent).
+/// then register its patients with the EMPI (idempotent). Every change is made with its audit
+/// record (`auditor`).
 pub fn load_region(
-    store: &Store,
+    auditor: &OfflineAuditor,
     region: &Region,
     base_url: &str,
     resident_system: &str,
 ) -> Result<Loaded, String> {
-    let mut conn = store.conn().map_err(|e| e.to_string())?;
+    let mut conn = auditor.store().conn().map_err(|e| e.to_string())?;
     let mut loaded = Loaded::default();
     for inst in &region.institutions {
         let spec = inst.spec(&format!(
@@ -39,13 +41,18 @@ pub fn load_region(
         match directory::get(&mut conn, &inst.id) {
             Ok(current) => {
                 if current.endpoint_url != spec.endpoint_url || current.sm2_keys != spec.sm2_keys {
-                    directory::update(&mut conn, &valid, None)
+                    let event = auditor.event("update", "U", format!("Organization/{}", inst.id));
+                    auditor
+                        .change(event, |tx, _| directory::update(tx, &valid, None))
                         .map_err(|e| format!("{}: {e}", inst.id))?;
                     loaded.institutions_updated += 1;
                 }
             }
             Err(DirectoryError::NotFound(_)) => {
-                directory::create(&mut conn, &valid).map_err(|e| format!("{}: {e}", inst.id))?;
+                let event = auditor.event("create", "C", format!("Organization/{}", inst.id));
+                auditor
+                    .change(event, |tx, _| directory::create(tx, &valid))
+                    .map_err(|e| format!("{}: {e}", inst.id))?;
                 loaded.institutions_created += 1;
             }
             Err(e) => return Err(e.to_string()),
@@ -65,7 +72,21 @@ pub fn load_region(
                 resident_system,
             )
             .map_err(|e| format!("{} patient {}: {}", inst.id, person.index, e.message))?;
-            let done = empi::register(&mut conn, &reg, "sim-loader")
+            let mut event = auditor.event("create", "C", String::new());
+            event.entities.clear();
+            event.agent_institution = Some(inst.id.clone());
+            let done = auditor
+                .change(event, |tx, event| {
+                    let done = empi::register(tx, &reg, "sim-loader")?;
+                    event
+                        .entities
+                        .push(yiqiao_registry::audit::EntityRef::resource(format!(
+                            "Patient/{}",
+                            done.record.id
+                        )));
+                    event.patient_id = done.record.link.as_ref().map(|l| l.person_id.clone());
+                    Ok::<_, empi::EmpiError>(done)
+                })
                 .map_err(|e| format!("{} patient {}: {e}", inst.id, person.index))?;
             loaded.registrations += 1;
             if let Some(link) = done.record.link {

@@ -30,7 +30,7 @@ use crate::store::schema::{
     audit_alert_cursor, audit_alerts, audit_events, audit_flagged_patients, empi_links,
     empi_source_records,
 };
-use crate::store::{DbConn, StoreError, now_utc};
+use crate::store::{Audited, DbConn, StoreError, now_utc};
 
 /// Purpose of use that is break-the-glass (HL7 v3 ActReason emergency treatment).
 pub const BREAK_GLASS_PURPOSE: &str = "ETREAT";
@@ -644,7 +644,13 @@ pub enum AckError {
 }
 
 /// Acknowledge an open alert with a note.
-pub fn acknowledge(conn: &mut DbConn, id: &str, by: &str, note: &str) -> Result<Alert, AckError> {
+pub fn acknowledge(
+    tx: &mut Audited<'_>,
+    id: &str,
+    by: &str,
+    note: &str,
+) -> Result<Alert, AckError> {
+    let conn = tx.conn();
     let alert: Alert = audit_alerts::table
         .find(id)
         .first(conn)
@@ -748,11 +754,12 @@ pub fn flagged(conn: &mut DbConn) -> Result<Vec<FlaggedPatient>, diesel::result:
 
 /// Flag (or re-note) a patient.
 pub fn flag(
-    conn: &mut DbConn,
+    tx: &mut Audited<'_>,
     patient: &str,
     note: &str,
     by: &str,
 ) -> Result<FlaggedPatient, diesel::result::Error> {
+    let conn = tx.conn();
     let row = FlaggedPatient {
         patient_id: patient.into(),
         note: note.into(),
@@ -772,7 +779,8 @@ pub fn flag(
 }
 
 /// Remove a flag; false when the patient was not flagged.
-pub fn unflag(conn: &mut DbConn, patient: &str) -> Result<bool, diesel::result::Error> {
+pub fn unflag(tx: &mut Audited<'_>, patient: &str) -> Result<bool, diesel::result::Error> {
+    let conn = tx.conn();
     Ok(diesel::delete(audit_flagged_patients::table.find(patient)).execute(conn)? == 1)
 }
 
@@ -824,7 +832,7 @@ mod tests {
             given,
             resource: json!({ "resourceType": "Patient", "id": mrn }),
         };
-        let done = empi::register(conn, &reg, "test").unwrap();
+        let done = empi::register(&mut Audited::unaudited(conn), &reg, "test").unwrap();
         done.record.link.unwrap().person_id
     }
 
@@ -853,7 +861,7 @@ mod tests {
             change: true,
         };
         upsert(
-            &mut conn,
+            &mut Audited::unaudited(&mut conn),
             &staff(
                 1,
                 "D001",
@@ -863,7 +871,12 @@ mod tests {
             all,
         )
         .unwrap();
-        upsert(&mut conn, &staff(1, "D002", "王", None), all).unwrap();
+        upsert(
+            &mut Audited::unaudited(&mut conn),
+            &staff(1, "D002", "王", None),
+            all,
+        )
+        .unwrap();
         let same = patient(
             &mut conn,
             "MR-1",

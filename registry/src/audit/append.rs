@@ -7,7 +7,7 @@ use diesel::prelude::*;
 
 use super::{AuditEvent, AuditSigner, CheckpointRecord, chain_hash};
 use crate::store::schema::{audit_chain_head, audit_checkpoints, audit_events};
-use crate::store::{DbConn, StoreError, now_utc};
+use crate::store::{Audited, DbConn, StoreError, now_utc};
 
 /// An event with its canonical resource text computed (outside the transaction).
 #[derive(Debug, Clone)]
@@ -332,6 +332,7 @@ impl<E> From<diesel::result::Error> for ChangeError<E> {
 /// that event in the SAME transaction: the change is committed if and only if its audit record
 /// is. The chain head is locked after the change (PostgreSQL), so the lock is held only for the
 /// append; on SQLite the write lock is taken first (a deferred transaction cannot wait for it).
+/// `work` gets the [`Audited`] connection the registry's write functions require.
 pub fn append_with<T, E, F>(
     conn: &mut DbConn,
     signer: &AuditSigner,
@@ -339,7 +340,26 @@ pub fn append_with<T, E, F>(
     work: F,
 ) -> Result<(T, Appended), ChangeError<E>>
 where
-    F: FnOnce(&mut DbConn) -> Result<(T, AuditEvent), E>,
+    F: FnOnce(&mut Audited<'_>) -> Result<(T, AuditEvent), E>,
+{
+    let (value, mut appended) = append_many_with(conn, signer, opts, |tx| {
+        work(tx).map(|(value, event)| (value, vec![event]))
+    })?;
+    let first = appended.pop().ok_or(diesel::result::Error::NotFound)?;
+    Ok((value, first))
+}
+
+/// [`append_with`] for a change described by several audit records (a batch: one record per
+/// registered item), all appended in the change's transaction. An empty list is refused: a
+/// change without its record is never committed.
+pub fn append_many_with<T, E, F>(
+    conn: &mut DbConn,
+    signer: &AuditSigner,
+    opts: AppendOptions,
+    work: F,
+) -> Result<(T, Vec<Appended>), ChangeError<E>>
+where
+    F: FnOnce(&mut Audited<'_>) -> Result<(T, Vec<AuditEvent>), E>,
 {
     if let DbConn::Sqlite(lite) = conn {
         lite.batch_execute("PRAGMA synchronous = FULL")?;
@@ -350,8 +370,13 @@ where
                 .set(audit_chain_head::head_seq.eq(audit_chain_head::head_seq))
                 .execute(tx)?;
         }
-        let (value, event) = work(tx).map_err(ChangeError::Change)?;
-        let prepared = [PreparedEvent::new(event)];
+        let (value, events) = work(&mut Audited::new(tx)).map_err(ChangeError::Change)?;
+        if events.is_empty() {
+            return Err(ChangeError::Db(diesel::result::Error::QueryBuilderError(
+                "an audited change must carry at least one audit record".into(),
+            )));
+        }
+        let prepared: Vec<PreparedEvent> = events.into_iter().map(PreparedEvent::new).collect();
         let appended: Vec<Appended> = match tx {
             DbConn::Postgresql(pg) => {
                 let head: HeadRow = audit_chain_head::table.find(1).for_update().first(pg)?;
@@ -366,10 +391,6 @@ where
                 })()?
             }
         };
-        let appended = appended
-            .into_iter()
-            .next()
-            .ok_or(diesel::result::Error::NotFound)?;
         Ok((value, appended))
     })
 }

@@ -26,8 +26,8 @@ use yiqiao_sm::{
 };
 
 pub use append::{
-    AppendOptions, Appended, ChangeError, PreparedEvent, append_batch, append_with, chain_head,
-    checkpoint_due,
+    AppendOptions, Appended, ChangeError, PreparedEvent, append_batch, append_many_with,
+    append_with, chain_head, checkpoint_due,
 };
 pub use verify::{
     ChainVerifier, CheckpointRecord, Problem, ProblemKind, Report, seq_at_or_after,

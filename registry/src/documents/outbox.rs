@@ -24,7 +24,7 @@ use crate::store::schema::{
     doc_deliveries as del_t, doc_event_counter as counter_t, doc_events as events_t,
     doc_subscriptions as subs_t, empi_persons,
 };
-use crate::store::{DbConn, now_utc};
+use crate::store::{Audited, DbConn, now_utc};
 
 /// The topics a subscription can name.
 pub const TOPIC_DOCUMENT: &str = "document";
@@ -335,9 +335,10 @@ fn sub_of(r: SubRow) -> Subscription {
 }
 
 pub fn create_subscription(
-    conn: &mut DbConn,
+    tx: &mut Audited<'_>,
     s: &NewSubscription,
 ) -> Result<Subscription, DocumentError> {
+    let conn = tx.conn();
     let id = uuid::Uuid::now_v7().to_string();
     let now = now_utc();
     diesel::insert_into(subs_t::table)
@@ -380,7 +381,8 @@ pub fn list_subscriptions(
 }
 
 /// Turn a subscription off (no new deliveries; pending ones are no longer claimed).
-pub fn deactivate_subscription(conn: &mut DbConn, id: &str) -> Result<(), DocumentError> {
+pub fn deactivate_subscription(tx: &mut Audited<'_>, id: &str) -> Result<(), DocumentError> {
+    let conn = tx.conn();
     diesel::update(subs_t::table.find(id))
         .set((subs_t::status.eq("off"), subs_t::updated_at.eq(now_utc())))
         .execute(conn)?;
@@ -674,7 +676,8 @@ pub fn events_since(
 }
 
 /// Requeue dead-lettered deliveries of a subscription (an operator fixed the receiver).
-pub fn retry_dead(conn: &mut DbConn, sub: &str) -> Result<usize, DocumentError> {
+pub fn retry_dead(tx: &mut Audited<'_>, sub: &str) -> Result<usize, DocumentError> {
+    let conn = tx.conn();
     Ok(diesel::update(
         del_t::table
             .filter(del_t::subscription_id.eq(sub))

@@ -8,7 +8,7 @@ use super::outbox::{self, NewEvent};
 use super::{DocumentError, invalid};
 use crate::empi::store as empi;
 use crate::store::schema::{doc_contents as contents_t, doc_references as refs_t, institutions};
-use crate::store::{DbConn, now_utc};
+use crate::store::{Audited, DbConn, now_utc};
 
 /// DocumentReference.status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -236,9 +236,10 @@ fn find_by_custodian(
 /// entered-in-error on an existing document). A document replacing another marks it
 /// superseded. Events and deliveries for subscribers are written in the same transaction.
 pub fn register_batch(
-    conn: &mut DbConn,
+    tx: &mut Audited<'_>,
     docs: &[NewDocument],
 ) -> Result<Vec<(RegisterOutcome, StoredDocument)>, DocumentError> {
+    let conn = tx.conn();
     crate::store::write_tx(conn, |conn| {
         outbox::take_write_lock(conn)?;
         let mut results = Vec::with_capacity(docs.len());

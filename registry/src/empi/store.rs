@@ -37,7 +37,7 @@ use crate::store::schema::{
     empi_parameters as params_t, empi_persons as persons_t, empi_quality_issues as issues_t,
     empi_review_items as review_t, empi_source_records as records_t, empi_write_lock, institutions,
 };
-use crate::store::{DbConn, StoreError, now_utc};
+use crate::store::{Audited, DbConn, StoreError, now_utc};
 
 /// The EM-estimated model shipped with the binary, used until `yiqiao mpi reestimate` stores
 /// one. Produced by `cargo run --release -p yiqiao-registry --example empi_evaluate -- 100000
@@ -387,7 +387,8 @@ pub fn current_model(conn: &mut DbConn) -> Result<(i64, StoredModel), EmpiError>
 }
 
 /// Store a new model version; returns the version.
-pub fn store_model(conn: &mut DbConn, model: &StoredModel) -> Result<i64, EmpiError> {
+pub fn store_model(tx: &mut Audited<'_>, model: &StoredModel) -> Result<i64, EmpiError> {
+    let conn = tx.conn();
     let json = model.to_json()?;
     crate::store::write_tx(conn, |conn| {
         let max: Option<i64> = params_t::table
@@ -779,11 +780,11 @@ fn queue_review(conn: &mut DbConn, a: &str, b: &str, score: &Score) -> Result<()
 
 /// Register (or update) a source record and link it, in one transaction.
 pub fn register(
-    conn: &mut DbConn,
+    tx: &mut Audited<'_>,
     reg: &Registration,
     actor: &str,
 ) -> Result<Registered, EmpiError> {
-    register_with(conn, reg, actor, None)
+    register_with(tx, reg, actor, None)
 }
 
 /// Register many records in one write transaction (bulk import), the model loaded once. Per
@@ -791,10 +792,11 @@ pub fn register(
 /// before the record writes anything, so no savepoint is needed). Any other error rolls the
 /// whole batch back and is returned.
 pub fn register_batch(
-    conn: &mut DbConn,
+    tx: &mut Audited<'_>,
     regs: &[&Registration],
     actor: &str,
 ) -> Result<Vec<Result<RegistrationOutcome, EmpiError>>, EmpiError> {
+    let conn = tx.conn();
     write_transaction(conn, |conn| {
         let (_, model) = current_model(conn)?;
         if let Some(out) = register_new_set(conn, regs, actor, &model)? {
@@ -1273,11 +1275,12 @@ impl StatisticsSchedule {
 /// current one). Inside an outer transaction this is a savepoint: a failed registration
 /// leaves nothing behind and the outer transaction goes on.
 pub fn register_with(
-    conn: &mut DbConn,
+    tx: &mut Audited<'_>,
     reg: &Registration,
     actor: &str,
     model: Option<&StoredModel>,
 ) -> Result<Registered, EmpiError> {
+    let conn = tx.conn();
     let (outcome, read) = register_inner(conn, reg, actor, model, Nesting::Own)?;
     let (record, issues) = read.ok_or_else(|| corrupt("registered record not read back"))?;
     Ok(Registered {
@@ -1827,11 +1830,12 @@ fn person_status(conn: &mut DbConn, id: &str) -> Result<String, EmpiError> {
 /// Merge person `source` into `target`: every record of `source` is linked to `target`
 /// (decided_by merge). Returns the merge event id.
 pub fn merge(
-    conn: &mut DbConn,
+    tx: &mut Audited<'_>,
     target: &str,
     source: &str,
     actor: &str,
 ) -> Result<String, EmpiError> {
+    let conn = tx.conn();
     if target == source {
         return Err(EmpiError::Invalid {
             field: "source",
@@ -1895,11 +1899,12 @@ pub fn merge(
 /// (person, score, explanation, decided_by, actor, time). Refused when a moved record has
 /// been relinked since.
 pub fn unmerge(
-    conn: &mut DbConn,
+    tx: &mut Audited<'_>,
     target: &str,
     source: &str,
     actor: &str,
 ) -> Result<String, EmpiError> {
+    let conn = tx.conn();
     write_transaction(conn, |conn| {
         lock_persons(conn, &[target, source])?;
         let event: Option<(String, String)> = events_t::table
@@ -2079,12 +2084,13 @@ pub enum ReviewDecision {
 }
 
 pub fn resolve_review(
-    conn: &mut DbConn,
+    tx: &mut Audited<'_>,
     id: &str,
     decision: ReviewDecision,
     actor: &str,
     note: Option<&str>,
 ) -> Result<ReviewItem, EmpiError> {
+    let conn = tx.conn();
     write_transaction(conn, |conn| {
         let item = review_t::table
             .find(id)
@@ -2274,7 +2280,7 @@ pub struct Reestimation {
 /// record pairs; stores a new model version. Links are not touched: the new parameters apply
 /// to later registrations, and manual decisions are never revisited.
 pub fn reestimate(
-    conn: &mut DbConn,
+    tx: &mut Audited<'_>,
     link_posterior: f64,
     review_posterior: f64,
     seed: u64,
@@ -2282,7 +2288,7 @@ pub fn reestimate(
     let rows: Vec<(String, String)> = records_t::table
         .select((records_t::id, records_t::record_json))
         .order(records_t::id.asc())
-        .load(conn)?;
+        .load(tx.conn())?;
     let mut index: HashMap<String, usize> = HashMap::with_capacity(rows.len());
     let mut prepared = Vec::with_capacity(rows.len());
     for (i, (id, json)) in rows.iter().enumerate() {
@@ -2294,7 +2300,7 @@ pub fn reestimate(
     let keys: Vec<(String, String)> = keys_t::table
         .select((keys_t::key, keys_t::record_id))
         .order(keys_t::key.asc())
-        .load(conn)?;
+        .load(tx.conn())?;
     let mut blocks: HashMap<&str, Vec<usize>> = HashMap::new();
     for (k, r) in &keys {
         if let Some(i) = index.get(r) {
@@ -2342,7 +2348,7 @@ pub fn reestimate(
             prepared.len()
         ),
     };
-    let version = store_model(conn, &model)?;
+    let version = store_model(tx, &model)?;
     Ok(Reestimation {
         version,
         records: prepared.len(),
@@ -2497,7 +2503,7 @@ mod tests {
         let mut a = one.store.conn().unwrap();
         add_institutions(&mut a, &pop.records);
         for reg in &regs {
-            register(&mut a, reg, "test").unwrap();
+            register(&mut Audited::unaudited(&mut a), reg, "test").unwrap();
         }
 
         let set = TestStore::new(backend);
@@ -2524,7 +2530,7 @@ mod tests {
 
         // A batch with stored identifiers goes one by one: unchanged, nothing new.
         let again: Vec<&Registration> = regs.iter().take(20).collect();
-        let out = register_batch(&mut b, &again, "test").unwrap();
+        let out = register_batch(&mut Audited::unaudited(&mut b), &again, "test").unwrap();
         assert!(
             out.iter()
                 .all(|o| matches!(o, Ok(RegistrationOutcome::Unchanged)))
@@ -2539,7 +2545,7 @@ mod tests {
         }
         fresh[3].institution_id = "someone-else".into();
         let refs: Vec<&Registration> = fresh.iter().collect();
-        let out = register_batch(&mut b, &refs, "test").unwrap();
+        let out = register_batch(&mut Audited::unaudited(&mut b), &refs, "test").unwrap();
         assert!(matches!(
             out[3],
             Err(EmpiError::Invalid {
@@ -2556,7 +2562,7 @@ mod tests {
         // An identifier twice in one batch: the second is an update of the first (one by one).
         let twice = [&fresh[0], &fresh[0]];
         let before = decided(&mut b);
-        let out = register_batch(&mut b, &twice, "test").unwrap();
+        let out = register_batch(&mut Audited::unaudited(&mut b), &twice, "test").unwrap();
         assert!(
             out.iter()
                 .all(|o| matches!(o, Ok(RegistrationOutcome::Unchanged)))
@@ -2583,7 +2589,7 @@ mod tests {
         }
         add_institutions(&mut conn, std::slice::from_ref(&record));
         let reg = registrations(std::slice::from_ref(&record)).remove(0);
-        register(&mut conn, &reg, "test").unwrap();
+        register(&mut Audited::unaudited(&mut conn), &reg, "test").unwrap();
         let prepared = prepare(&record);
         assert_eq!(prepared.phones.len(), 2, "{:?}", prepared.phones);
         for phone in &prepared.phones {
@@ -2622,7 +2628,7 @@ mod tests {
     /// The records of one fresh population, registered as new (all `Created`) in one batch.
     fn register_all_new(conn: &mut DbConn, regs: &[Registration]) {
         let refs: Vec<&Registration> = regs.iter().collect();
-        let out = register_batch(conn, &refs, "test").unwrap();
+        let out = register_batch(&mut Audited::unaudited(conn), &refs, "test").unwrap();
         assert!(
             out.iter()
                 .all(|o| matches!(o, Ok(RegistrationOutcome::Created)))
@@ -2704,7 +2710,7 @@ mod tests {
                 let mut a = store.conn().unwrap();
                 crate::store::write_tx(&mut a, |c| -> Result<(), EmpiError> {
                     let refs: Vec<&Registration> = regs.iter().collect();
-                    register_batch(c, &refs, "bulk")?;
+                    register_batch(&mut Audited::unaudited(c), &refs, "bulk")?;
                     started_tx.send(()).unwrap();
                     // Long enough for the other registration to finish if it did not wait.
                     std::thread::sleep(std::time::Duration::from_millis(800));
@@ -2714,7 +2720,7 @@ mod tests {
             });
             started.recv().unwrap();
             let mut b = store.conn().unwrap();
-            register(&mut b, &twin, "feed").unwrap();
+            register(&mut Audited::unaudited(&mut b), &twin, "feed").unwrap();
         });
         let person_of = |conn: &mut DbConn, system: &str, value: &str| -> String {
             let id = find_by_identifier(conn, system, value).unwrap().unwrap().id;

@@ -10,7 +10,9 @@
 //! - Migrations for each backend are embedded in the binary and applied by [`Store::migrate`].
 //! - All functions here are synchronous; callers on an async runtime run them on a blocking pool.
 
+mod audited;
 pub mod schema;
+pub use audited::Audited;
 #[cfg(test)]
 pub(crate) mod testdb;
 

@@ -1,0 +1,629 @@
+//! Who may do what: the resource × operation × actor table, evaluated in one place.
+//!
+//! [`TABLE`] is the whole authorization model of the member and staff APIs (ARCHITECTURE.md
+//! prints it; `tests/api/authz.rs` exercises every row with every kind of caller). A handler
+//! names its `(Resource, Op)` once, through the service function it calls; the service asks
+//! [`check`] before touching data, and [`Check::settle`] once it knows the facts about the
+//! item (does the member hold the patient's records, did it record this consent, does it have
+//! a care relationship with the patient).
+//!
+//! Members additionally need the SMART scope of the operation (`system/<Resource>.<c|r|u|d|s>`);
+//! what a permitted member then *sees* of patient data is decided per item by the consent engine
+//! at release (`crate::policy`), which this table does not replace.
+
+use crate::error::{ApiError, ErrorCode};
+use crate::service::Actor;
+use crate::staff::Role;
+
+/// What is acted on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Resource {
+    /// Source records (FHIR Patient feed, PDQm, PIXm, `$match`).
+    Patient,
+    /// Patients' consents (FHIR Consent).
+    Consent,
+    /// Data-sharing agreements between institutions.
+    Agreement,
+    /// Registered care relationships (FHIR Encounter registration).
+    Encounter,
+    /// Document metadata (FHIR DocumentReference) and its content (`Binary`).
+    DocumentReference,
+    /// Members' staff rosters (FHIR Practitioner).
+    Practitioner,
+    /// Notification subscriptions (FHIR Subscription).
+    Subscription,
+    /// Enterprise persons: read, merge, unmerge.
+    Person,
+    /// The EMPI review queue.
+    ReviewItem,
+    /// The audit trail (FHIR AuditEvent, alerts, flags, chain, reports).
+    AuditEvent,
+    /// The institution directory as public FHIR (Organization, Endpoint).
+    Organization,
+    /// The institution directory's admin API.
+    Institution,
+    /// Federated clinical data (Observation, Condition, ... fetched from the holders).
+    ClinicalData,
+}
+
+impl Resource {
+    /// The SMART scope resource name a member needs, if members may act on it at all.
+    pub fn scope_name(self) -> Option<&'static str> {
+        Some(match self {
+            Resource::Patient => "Patient",
+            Resource::Consent => "Consent",
+            Resource::Encounter => "Encounter",
+            Resource::DocumentReference => "DocumentReference",
+            Resource::Practitioner => "Practitioner",
+            Resource::Subscription => "Subscription",
+            Resource::AuditEvent => "AuditEvent",
+            Resource::ClinicalData => "Observation",
+            Resource::Agreement
+            | Resource::Person
+            | Resource::ReviewItem
+            | Resource::Organization
+            | Resource::Institution => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Resource::Patient => "Patient",
+            Resource::Consent => "Consent",
+            Resource::Agreement => "Agreement",
+            Resource::Encounter => "Encounter",
+            Resource::DocumentReference => "DocumentReference",
+            Resource::Practitioner => "Practitioner",
+            Resource::Subscription => "Subscription",
+            Resource::Person => "Person",
+            Resource::ReviewItem => "ReviewItem",
+            Resource::AuditEvent => "AuditEvent",
+            Resource::Organization => "Organization",
+            Resource::Institution => "Institution",
+            Resource::ClinicalData => "ClinicalData",
+        }
+    }
+}
+
+/// The operation (the SMART v2 permission letters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Create,
+    Read,
+    Update,
+    Delete,
+    Search,
+}
+
+impl Op {
+    pub fn permission(self) -> char {
+        match self {
+            Op::Create => 'c',
+            Op::Read => 'r',
+            Op::Update => 'u',
+            Op::Delete => 'd',
+            Op::Search => 's',
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Create => "create",
+            Op::Read => "read",
+            Op::Update => "update",
+            Op::Delete => "delete",
+            Op::Search => "search",
+        }
+    }
+}
+
+/// One way in, as the table states it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Who {
+    /// Anyone, without a credential (public metadata).
+    Anyone,
+    /// Any member institution holding the scope; the consent engine decides what it sees.
+    Member,
+    /// The member that is the item's custodian: it holds the patient's records (for a consent:
+    /// it recorded the consent, or holds the patient it is about), or the item is its own
+    /// (its visits, documents, roster, subscriptions).
+    Custodian,
+    /// A patient-facing platform (internet hospital) with a current care relationship with the
+    /// patient, acting for that patient.
+    PatientPlatform,
+    /// A person or operator holding this role.
+    Staff(Role),
+}
+
+/// One row of the table.
+#[derive(Debug)]
+pub struct Rule {
+    pub resource: Resource,
+    pub op: Op,
+    pub who: &'static [Who],
+    /// The rule in words (ARCHITECTURE.md, docs).
+    pub note: &'static str,
+}
+
+use Op::*;
+use Resource as R;
+use Who::*;
+
+const STEWARD: Who = Staff(Role::Steward);
+const ADMIN: Who = Staff(Role::Admin);
+const AUDITOR: Who = Staff(Role::Auditor);
+const SECURITY: Who = Staff(Role::SecurityOfficer);
+
+/// The authorization model: every (resource, operation) the APIs offer. A pair that is not
+/// here is refused to everyone.
+pub const TABLE: &[Rule] = &[
+    Rule {
+        resource: R::Patient,
+        op: Create,
+        who: &[Custodian],
+        note: "a member registers its own patients (its own identifier system)",
+    },
+    Rule {
+        resource: R::Patient,
+        op: Update,
+        who: &[Custodian],
+        note: "a member updates its own source records",
+    },
+    Rule {
+        resource: R::Patient,
+        op: Read,
+        who: &[Member],
+        note: "released through the consent engine",
+    },
+    Rule {
+        resource: R::Patient,
+        op: Search,
+        who: &[Member],
+        note: "at least one demographic criterion; results released through the consent engine",
+    },
+    Rule {
+        resource: R::Consent,
+        op: Create,
+        who: &[Custodian, PatientPlatform, STEWARD],
+        note: "by a member holding the patient's records, the patient's platform, or a steward; a member names no other institution as a permit's actor",
+    },
+    Rule {
+        resource: R::Consent,
+        op: Update,
+        who: &[Custodian, PatientPlatform, STEWARD],
+        note: "by the institution that recorded it, the patient's platform, or a steward (revocation is an update)",
+    },
+    Rule {
+        resource: R::Consent,
+        op: Read,
+        who: &[Custodian, PatientPlatform, STEWARD, AUDITOR],
+        note: "by the recorder, members holding the patient, the patient's platform, stewards and auditors; others get 404",
+    },
+    Rule {
+        resource: R::Consent,
+        op: Search,
+        who: &[Custodian, PatientPlatform, STEWARD, AUDITOR],
+        note: "members must name a patient they hold; search without a patient is for stewards and auditors",
+    },
+    Rule {
+        resource: R::Agreement,
+        op: Update,
+        who: &[ADMIN, STEWARD],
+        note: "data-sharing agreements",
+    },
+    Rule {
+        resource: R::Agreement,
+        op: Search,
+        who: &[ADMIN, STEWARD, AUDITOR],
+        note: "",
+    },
+    Rule {
+        resource: R::Encounter,
+        op: Create,
+        who: &[Custodian],
+        note: "a member registers its own visits",
+    },
+    Rule {
+        resource: R::Encounter,
+        op: Update,
+        who: &[Custodian],
+        note: "its own visits; a finished visit is not reopened",
+    },
+    Rule {
+        resource: R::Encounter,
+        op: Read,
+        who: &[Custodian],
+        note: "its own visits; others get 404",
+    },
+    Rule {
+        resource: R::DocumentReference,
+        op: Create,
+        who: &[Custodian],
+        note: "a member registers documents it holds",
+    },
+    Rule {
+        resource: R::DocumentReference,
+        op: Read,
+        who: &[Member],
+        note: "metadata and content released through the consent engine",
+    },
+    Rule {
+        resource: R::DocumentReference,
+        op: Search,
+        who: &[Member],
+        note: "released through the consent engine",
+    },
+    Rule {
+        resource: R::Practitioner,
+        op: Create,
+        who: &[Custodian],
+        note: "its own roster",
+    },
+    Rule {
+        resource: R::Practitioner,
+        op: Update,
+        who: &[Custodian],
+        note: "its own roster",
+    },
+    Rule {
+        resource: R::Practitioner,
+        op: Read,
+        who: &[Custodian],
+        note: "its own roster; others get 404",
+    },
+    Rule {
+        resource: R::Practitioner,
+        op: Search,
+        who: &[Custodian],
+        note: "its own roster",
+    },
+    Rule {
+        resource: R::Subscription,
+        op: Create,
+        who: &[Custodian],
+        note: "its own subscriptions",
+    },
+    Rule {
+        resource: R::Subscription,
+        op: Read,
+        who: &[Custodian],
+        note: "its own; others get 404",
+    },
+    Rule {
+        resource: R::Subscription,
+        op: Delete,
+        who: &[Custodian],
+        note: "its own",
+    },
+    Rule {
+        resource: R::Subscription,
+        op: Search,
+        who: &[Custodian],
+        note: "its own",
+    },
+    Rule {
+        resource: R::Person,
+        op: Read,
+        who: &[ADMIN, STEWARD],
+        note: "enterprise persons with their links",
+    },
+    Rule {
+        resource: R::Person,
+        op: Update,
+        who: &[ADMIN, STEWARD],
+        note: "merge and unmerge",
+    },
+    Rule {
+        resource: R::ReviewItem,
+        op: Search,
+        who: &[ADMIN, STEWARD],
+        note: "the EMPI review queue",
+    },
+    Rule {
+        resource: R::ReviewItem,
+        op: Update,
+        who: &[ADMIN, STEWARD],
+        note: "link or keep separate",
+    },
+    Rule {
+        resource: R::AuditEvent,
+        op: Read,
+        who: &[AUDITOR, SECURITY, PatientPlatform],
+        note: "auditors; a patient platform reads who accessed its patient's records",
+    },
+    Rule {
+        resource: R::AuditEvent,
+        op: Search,
+        who: &[AUDITOR, SECURITY, PatientPlatform],
+        note: "as read",
+    },
+    Rule {
+        resource: R::Organization,
+        op: Read,
+        who: &[Anyone],
+        note: "public directory metadata",
+    },
+    Rule {
+        resource: R::Organization,
+        op: Search,
+        who: &[Anyone],
+        note: "public directory metadata",
+    },
+    Rule {
+        resource: R::Institution,
+        op: Create,
+        who: &[ADMIN],
+        note: "the directory's admin API",
+    },
+    Rule {
+        resource: R::Institution,
+        op: Read,
+        who: &[ADMIN],
+        note: "",
+    },
+    Rule {
+        resource: R::Institution,
+        op: Update,
+        who: &[ADMIN],
+        note: "incl. suspend, activate, certificate binding",
+    },
+    Rule {
+        resource: R::Institution,
+        op: Search,
+        who: &[ADMIN],
+        note: "",
+    },
+    Rule {
+        resource: R::ClinicalData,
+        op: Search,
+        who: &[Member],
+        note: "federated search; each answer released through the consent engine",
+    },
+];
+
+/// The table's row for `(resource, op)`.
+pub fn rule(resource: Resource, op: Op) -> Option<&'static Rule> {
+    TABLE.iter().find(|r| r.resource == resource && r.op == op)
+}
+
+/// The outcome of [`check`]: either settled, or allowed if the item's facts bear it out.
+#[derive(Debug, Clone)]
+pub enum Check {
+    /// Allowed whatever the item (a role, or any member with the scope).
+    Allowed(Who),
+    /// Allowed only as one of these, which depend on the item ([`Check::settle`]).
+    Depends(Vec<Who>),
+}
+
+/// What is known about the item once it is read, for [`Check::settle`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Facts {
+    /// The member is the item's custodian (see [`Who::Custodian`]).
+    pub custodian: bool,
+    /// The member is a patient platform with a current care relationship with the patient.
+    pub patient_platform: bool,
+}
+
+impl Check {
+    /// Does this check still need the item's facts?
+    pub fn needs_facts(&self) -> bool {
+        matches!(self, Check::Depends(_))
+    }
+
+    /// Settle with the facts. `hide`: answer 404 (`not_found` message) instead of 403, so
+    /// that a refused caller cannot tell that the item exists.
+    pub fn settle(
+        &self,
+        facts: Facts,
+        resource: Resource,
+        op: Op,
+        hide: Option<&str>,
+    ) -> Result<Who, ApiError> {
+        match self {
+            Check::Allowed(who) => Ok(*who),
+            Check::Depends(ways) => {
+                for way in ways {
+                    match way {
+                        Custodian if facts.custodian => return Ok(Custodian),
+                        PatientPlatform if facts.patient_platform => return Ok(PatientPlatform),
+                        _ => {}
+                    }
+                }
+                Err(match hide {
+                    Some(message) => ApiError::not_found(message.to_string()),
+                    None => forbidden(resource, op, ways),
+                })
+            }
+        }
+    }
+}
+
+fn forbidden(resource: Resource, op: Op, ways: &[Who]) -> ApiError {
+    let ways: Vec<&str> = ways
+        .iter()
+        .map(|w| match w {
+            Anyone => "anyone",
+            Member => "a member with the scope",
+            Custodian => "the custodian (the member holding the item or the patient's records)",
+            PatientPlatform => "the patient's platform (a care relationship with the patient)",
+            Staff(role) => role.as_str(),
+        })
+        .collect();
+    ApiError::new(
+        ErrorCode::Forbidden,
+        format!(
+            "{} {} is allowed only to {}",
+            op.name(),
+            resource.name(),
+            ways.join(", ")
+        ),
+    )
+}
+
+/// Can `actor` do `op` on `resource` at all? Err: 403 naming who may. Members also need the
+/// operation's SMART scope.
+pub fn check(actor: &Actor, resource: Resource, op: Op) -> Result<Check, ApiError> {
+    let Some(rule) = rule(resource, op) else {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!("{} {} is not offered", op.name(), resource.name()),
+        ));
+    };
+    let mut depends = Vec::new();
+    let mut scope_missing = None;
+    for way in rule.who {
+        match (way, actor) {
+            (Anyone, _) => return Ok(Check::Allowed(Anyone)),
+            (Staff(role), Actor::Staff(staff)) if staff.has(*role) => {
+                return Ok(Check::Allowed(*way));
+            }
+            (Member | Custodian | PatientPlatform, Actor::Member(caller)) => {
+                let scope = resource.scope_name().unwrap_or(resource.name());
+                if let Err(e) = caller.require(scope, op.permission()) {
+                    scope_missing = Some(e);
+                    continue;
+                }
+                match way {
+                    Member => return Ok(Check::Allowed(Member)),
+                    PatientPlatform
+                        if caller.institution.kind
+                            != yiqiao_registry::directory::InstitutionKind::InternetHospital => {}
+                    _ => depends.push(*way),
+                }
+            }
+            _ => {}
+        }
+    }
+    if !depends.is_empty() {
+        return Ok(Check::Depends(depends));
+    }
+    Err(scope_missing.unwrap_or_else(|| forbidden(resource, op, rule.who)))
+}
+
+/// A `(Resource, Op)` a handler needs, as a type: `Permit<ConsentCreate>` in a signature.
+pub trait Need: 'static {
+    const RESOURCE: Resource;
+    const OP: Op;
+}
+
+macro_rules! needs {
+    ($($name:ident => ($resource:ident, $op:ident),)*) => {
+        $(
+            #[doc = concat!("Needs ", stringify!($op), " on ", stringify!($resource), " (the table's row).")]
+            #[derive(Debug, Clone, Copy)]
+            pub struct $name;
+            impl Need for $name {
+                const RESOURCE: Resource = Resource::$resource;
+                const OP: Op = Op::$op;
+            }
+        )*
+    };
+}
+
+needs! {
+    PatientCreate => (Patient, Create),
+    PatientUpdate => (Patient, Update),
+    ConsentCreate => (Consent, Create),
+    ConsentUpdate => (Consent, Update),
+    ConsentRead => (Consent, Read),
+    ConsentSearch => (Consent, Search),
+    AgreementUpdate => (Agreement, Update),
+    AgreementSearch => (Agreement, Search),
+}
+
+/// Proof that [`check`] ran for `N` and let the actor in (perhaps subject to the item's
+/// facts, [`Check::settle`]): the permission a handler needs is in its signature, and the
+/// service functions take it, so none runs unchecked. Made by the extractor (HTTP) or by
+/// [`Permit::check`] (the other adapters).
+#[derive(Debug, Clone)]
+pub struct Permit<N: Need> {
+    pub actor: Actor,
+    pub check: Check,
+    _need: std::marker::PhantomData<N>,
+}
+
+impl<N: Need> Permit<N> {
+    /// Check `actor` against the table's row for `N`.
+    pub fn check(actor: Actor) -> Result<Permit<N>, ApiError> {
+        let check = check(&actor, N::RESOURCE, N::OP)?;
+        Ok(Permit {
+            actor,
+            check,
+            _need: std::marker::PhantomData,
+        })
+    }
+
+    /// Settle with the item's facts (see [`Check::settle`]).
+    pub fn settle(&self, facts: Facts, hide: Option<&str>) -> Result<Who, ApiError> {
+        self.check.settle(facts, N::RESOURCE, N::OP, hide)
+    }
+}
+
+impl<N: Need> actix_web::FromRequest for Permit<N> {
+    type Error = ApiError;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(
+        req: &actix_web::HttpRequest,
+        payload: &mut actix_web::dev::Payload,
+    ) -> Self::Future {
+        let actor = Actor::from_request(req, payload);
+        Box::pin(async move { Permit::check(actor.await?) })
+    }
+}
+
+/// The table as Markdown (ARCHITECTURE.md carries it; a test keeps the two equal).
+pub fn markdown_table() -> String {
+    let mut out = String::from("| resource | operation | who may | rule |\n|---|---|---|---|\n");
+    for r in TABLE {
+        let who: Vec<String> = r
+            .who
+            .iter()
+            .map(|w| match w {
+                Anyone => "anyone".to_string(),
+                Member => "member (scope)".to_string(),
+                Custodian => "custodian member (scope)".to_string(),
+                PatientPlatform => "patient's platform (scope)".to_string(),
+                Staff(role) => format!("{} role", role.as_str()),
+            })
+            .collect();
+        out.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            r.resource.name(),
+            r.op.name(),
+            who.join(", "),
+            r.note
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn architecture_md_carries_the_table() {
+        let doc = include_str!("../../../ARCHITECTURE.md");
+        let table = markdown_table();
+        assert!(
+            doc.contains(&table),
+            "ARCHITECTURE.md must contain the authorization table exactly as \
+             service::authz::markdown_table() prints it:\n{table}"
+        );
+    }
+
+    #[test]
+    fn every_pair_is_in_the_table_once() {
+        for (i, a) in TABLE.iter().enumerate() {
+            for b in &TABLE[i + 1..] {
+                assert!(
+                    !(a.resource == b.resource && a.op == b.op),
+                    "{:?} {:?} twice",
+                    a.resource,
+                    a.op
+                );
+            }
+        }
+    }
+}
