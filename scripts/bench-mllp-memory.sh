@@ -2,6 +2,8 @@
 # Memory of the gateway under MLLP frames of ~500,000 empty PID fields (issue 25): the RSS of the
 # server process (VmRSS, and the peak VmHWM) before, after one such frame, after four sent at
 # once on four connections, and after ROUNDS more rounds of four; each frame's ACK code and time.
+# Then ROUNDS rounds of four messages just inside the default structure limits (9,551 values in
+# 39 segments), which are parsed whole: the most one accepted message may cost.
 #
 #   scripts/bench-mllp-memory.sh [BINARY] [ROUNDS]
 #
@@ -36,13 +38,16 @@ for _ in $(seq 1 100); do curl -fs http://127.0.0.1:18576/healthz >/dev/null 2>&
 rss() { # LABEL
   awk -v l="$1" '/^VmRSS/ {r=$2} /^VmHWM/ {h=$2} END {printf "%-34s VmRSS %6.0f MB   VmHWM %6.0f MB\n", l, r/1024, h/1024}' "/proc/$server/status"
 }
-send() { # CONNECTIONS
-  python3 - "$port" "$1" <<'PY'
+send() { # CONNECTIONS [wide|limits]
+  python3 - "$port" "$1" "${2:-wide}" <<'PY'
 import sys, threading, time
 import hl7.client
-port, n = int(sys.argv[1]), int(sys.argv[2])
+port, n, kind = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 msh = "MSH|^~\\&|HIS|hosp-001|YIQIAO|YIQIAO|20261129120000||ADT^A08^ADT_A01|w{}|P|2.5\r"
-wide = "PID" + "|" * 500_000
+if kind == "wide":
+    wide = "PID" + "|" * 500_000
+else:  # 38 segments of 250 fields + MSH: inside max_values 10,000 and max_fields 256
+    wide = "\r".join(["PID" + "|" * 250] + ["NTE" + "|" * 250] * 37)
 out = [None] * n
 def one(i):
     start = time.monotonic()
@@ -64,3 +69,4 @@ sleep 1; rss "idle"
 send 1; sleep 1; rss "after 1 frame"
 send 4; sleep 1; rss "after 4 frames at once"
 for r in $(seq 1 "$rounds"); do send 4; done; sleep 1; rss "after $rounds more rounds of 4"
+for r in $(seq 1 "$rounds"); do send 4 limits; done; sleep 1; rss "after $rounds rounds of 4 at the limits"
