@@ -210,8 +210,8 @@ pub struct Application {
     port: u16,
     server: Server,
     state: AppState,
-    /// Bound address of the HL7 v2 MLLP listener (when `mllp.enabled`).
-    mllp: Option<std::net::SocketAddr>,
+    /// Bound addresses of the HL7 v2 MLLP listeners (when `mllp.enabled`).
+    mllp: crate::mllp::Bound,
 }
 
 impl Application {
@@ -337,9 +337,9 @@ impl Application {
             server = server.workers(http.workers);
         }
         let mllp = if state.settings.mllp.enabled {
-            Some(crate::mllp::start(state.clone(), &state.settings.mllp).await?)
+            crate::mllp::start(state.clone(), &state.settings.mllp).await?
         } else {
-            None
+            crate::mllp::Bound::default()
         };
         Ok(Application {
             port,
@@ -353,9 +353,14 @@ impl Application {
         self.port
     }
 
-    /// Address of the HL7 v2 MLLP listener, when enabled.
+    /// Address of the plain-TCP HL7 v2 MLLP listener, when enabled.
     pub fn mllp_addr(&self) -> Option<std::net::SocketAddr> {
-        self.mllp
+        self.mllp.plain
+    }
+
+    /// Address of the MLLP-over-TLS listener, when enabled.
+    pub fn mllp_tls_addr(&self) -> Option<std::net::SocketAddr> {
+        self.mllp.tls
     }
 
     pub fn state(&self) -> &AppState {

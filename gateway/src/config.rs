@@ -11,6 +11,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+pub use crate::mllp::settings::{MllpPeer, MllpSettings};
+
 /// A value that must never appear in logs or output. Serialises as `"********"` (or `""`
 /// when unset), so `config show` reveals whether it is set but not what it is.
 #[derive(Clone, Default, Deserialize, PartialEq, Eq)]
@@ -342,34 +344,6 @@ impl Default for SubscriptionSettings {
             backoff_max_ms: 300_000,
             claim_batch: 32,
             allow_http: false,
-        }
-    }
-}
-
-/// HL7 v2 over MLLP listener for hospital ADT feeds (docs/empi.md, "HL7 v2 feed").
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MllpSettings {
-    /// Start the listener with the server.
-    pub enabled: bool,
-    /// Address the MLLP listener binds.
-    pub listen: SocketAddr,
-    /// Largest accepted message (bytes between the MLLP start and end characters).
-    pub max_message_bytes: usize,
-    /// A connection that sends nothing for this long is closed.
-    pub idle_timeout_secs: u64,
-    /// Concurrent connections; more wait in the accept queue.
-    pub max_connections: usize,
-}
-
-impl Default for MllpSettings {
-    fn default() -> MllpSettings {
-        MllpSettings {
-            enabled: false,
-            listen: SocketAddr::from(([127, 0, 0, 1], 2575)),
-            max_message_bytes: 1024 * 1024,
-            idle_timeout_secs: 300,
-            max_connections: 64,
         }
     }
 }
@@ -804,6 +778,9 @@ impl Settings {
                 );
             }
         }
+        if let Err((key, why)) = self.mllp.check(&self.mtls) {
+            return bad(&key, &why);
+        }
         let oidc = &self.oidc;
         if !oidc.issuer_url.is_empty() {
             match url::Url::parse(&oidc.issuer_url) {
@@ -1028,6 +1005,26 @@ mod tests {
         std::fs::write(&path, toml).unwrap();
         // An env prefix nobody sets, so the process environment cannot interfere.
         Settings::load_from(Some(&path), Env::prefixed("YIQIAO_UNIT_TEST_UNSET_"))
+    }
+
+    #[test]
+    fn mllp_allow_list_is_read_and_checked() {
+        let ok = "[mllp]\nallow = [{ address = \"10.20.1.0/24\", institution = \"fz-004\" }]\n";
+        let s = load_toml(ok).unwrap();
+        assert_eq!(s.mllp.allow[0].institution, "fz-004");
+        assert!(
+            Settings::default().mllp.allow.is_empty(),
+            "nobody by default"
+        );
+        let err = load_toml(&ok.replace("10.20.1.0/24", "10.20.1.0/33")).unwrap_err();
+        assert!(err.to_string().contains("mllp.allow[0].address"), "{err}");
+        let err = load_toml("[mllp]\ntls_listen = \"0.0.0.0:2576\"\n").unwrap_err();
+        assert!(err.to_string().contains("mllp.tls_listen"), "{err}");
+        let err = load_toml("[mllp]\nmax_fields_per_segment = 0\n").unwrap_err();
+        assert!(
+            err.to_string().contains("mllp.max_fields_per_segment"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -41,3 +41,13 @@ pub fn bound_cert(conn: &mut DbConn, institution: &str) -> Result<Option<String>
         .optional()
         .map_err(StoreError::from_diesel)
 }
+
+/// The institutions bound to the certificate with this fingerprint (usually one).
+pub fn institutions_bound_to(conn: &mut DbConn, sha256: &str) -> Result<Vec<String>, StoreError> {
+    certs::table
+        .filter(certs::sha256.eq(sha256))
+        .select(certs::institution_id)
+        .order(certs::institution_id)
+        .load(conn)
+        .map_err(StoreError::from_diesel)
+}

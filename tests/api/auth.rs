@@ -920,7 +920,7 @@ async fn refused_api_calls_are_logged_within_a_budget(backend: Backend) {
 
 /// A CA, the gateway's TLS server certificate and two client certificates (rcgen), as PEM
 /// files in `dir`: (ca.pem, server.pem, server.key, [(client cert PEM, key PEM, SHA-256 hex)]).
-fn tls_material(dir: &Path) -> Vec<(String, String, String)> {
+pub(crate) fn tls_material(dir: &Path) -> Vec<(String, String, String)> {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     };

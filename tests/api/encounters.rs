@@ -8,7 +8,7 @@ use yiqiao_registry::empi::store as empi;
 use yiqiao_registry::encounters::{self, CareRelationship, EncounterClass, EncounterStatus};
 
 use crate::helpers::{ADMIN_TOKEN, Backend, TestApp, assert_outcome, institution};
-use crate::mllp::{assert_ack, assert_nak, send_async};
+use crate::mllp::{allow, assert_ack, assert_nak, send_async};
 use crate::on_both_backends;
 
 fn system(n: u32) -> String {
@@ -484,6 +484,7 @@ async fn hl7_admit_discharge_cancel(backend: Backend) {
     let app = setup(backend, |s| {
         s.mllp.enabled = true;
         s.mllp.listen = "127.0.0.1:0".parse().unwrap();
+        s.mllp.allow = allow(&[("127.0.0.1", "hosp-001")]);
     })
     .await;
     let addr = app.mllp.unwrap();

@@ -210,6 +210,8 @@ pub struct TestApp {
     server: actix_web::dev::ServerHandle,
     /// The HL7 v2 MLLP listener, when `mllp.enabled`.
     pub mllp: Option<std::net::SocketAddr>,
+    /// The MLLP-over-TLS listener, when `mllp.tls_listen` is set.
+    pub mllp_tls: Option<std::net::SocketAddr>,
 }
 
 impl TestApp {
@@ -233,6 +235,7 @@ impl TestApp {
         let state = app.state().clone();
         let server = app.handle();
         let mllp = app.mllp_addr();
+        let mllp_tls = app.mllp_tls_addr();
         tokio::spawn(app.into_server());
         TestApp {
             base,
@@ -241,6 +244,7 @@ impl TestApp {
             _db: db,
             server,
             mllp,
+            mllp_tls,
         }
     }
 

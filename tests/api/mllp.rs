@@ -9,10 +9,12 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use yiqiao_gateway::config::MllpPeer;
 use yiqiao_registry::empi::ident::check_character;
 use yiqiao_registry::empi::store as empi;
 
-use crate::helpers::{ADMIN_TOKEN, Backend, TestApp, institution};
+use crate::auth::tls_material;
+use crate::helpers::{ADMIN_TOKEN, Backend, TempDir, TestApp, institution};
 use crate::on_both_backends;
 
 fn system(n: u32) -> String {
@@ -25,10 +27,29 @@ fn rid(birth: &str, seq: u32) -> String {
     format!("{first17}{check}")
 }
 
+/// `mllp.allow` entries: (address or network, institution).
+pub(crate) fn allow(entries: &[(&str, &str)]) -> Vec<MllpPeer> {
+    entries
+        .iter()
+        .map(|(address, institution)| MllpPeer {
+            address: address.to_string(),
+            institution: institution.to_string(),
+        })
+        .collect()
+}
+
+/// A gateway with the plain MLLP listener and hosp-001, hosp-002 in the directory. The test
+/// peers connect from 127.0.0.1, allowed to send for both (an interface engine serving two
+/// hospitals) and for nowhere-99, which is not in the directory; `adjust` may change that.
 async fn app(backend: Backend, adjust: impl FnOnce(&mut yiqiao_gateway::Settings)) -> TestApp {
     let app = TestApp::spawn_with(backend, |s| {
         s.mllp.enabled = true;
         s.mllp.listen = "127.0.0.1:0".parse().unwrap();
+        s.mllp.allow = allow(&[
+            ("127.0.0.1", "hosp-001"),
+            ("127.0.0.0/30", "hosp-002"),
+            ("127.0.0.1/32", "nowhere-99"),
+        ]);
         adjust(s);
     })
     .await;
@@ -43,16 +64,39 @@ async fn app(backend: Backend, adjust: impl FnOnce(&mut yiqiao_gateway::Settings
     app
 }
 
-/// Send messages with python-hl7 over one connection; one parsed ACK per message.
-fn send(addr: SocketAddr, messages: &[String]) -> Vec<Value> {
+/// How the Python peer connects: from which local address, and with TLS (CA, then the client
+/// certificate and key, PEM files).
+#[derive(Clone, Debug, Default)]
+struct Via {
+    source: Option<&'static str>,
+    tls: Vec<String>,
+}
+
+fn from(source: &'static str) -> Via {
+    Via {
+        source: Some(source),
+        tls: Vec::new(),
+    }
+}
+
+/// Send messages with python-hl7 over one connection; one parsed ACK per message, and a last
+/// `{"closed": why}` when the server closed the connection first.
+fn send_with(addr: SocketAddr, via: &Via, messages: &[String]) -> Vec<Value> {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/interop/mllp_client.py"
     );
-    let mut child = Command::new("python3")
-        .arg(script)
+    let mut cmd = Command::new("python3");
+    cmd.arg(script)
         .arg(addr.ip().to_string())
-        .arg(addr.port().to_string())
+        .arg(addr.port().to_string());
+    if let Some(source) = via.source {
+        cmd.args(["--source", source]);
+    }
+    if !via.tls.is_empty() {
+        cmd.arg("--tls").args(&via.tls);
+    }
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -73,10 +117,14 @@ fn send(addr: SocketAddr, messages: &[String]) -> Vec<Value> {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-pub(crate) async fn send_async(addr: SocketAddr, messages: Vec<String>) -> Vec<Value> {
-    tokio::task::spawn_blocking(move || send(addr, &messages))
+async fn send_via(addr: SocketAddr, via: Via, messages: Vec<String>) -> Vec<Value> {
+    tokio::task::spawn_blocking(move || send_with(addr, &via, &messages))
         .await
         .unwrap()
+}
+
+pub(crate) async fn send_async(addr: SocketAddr, messages: Vec<String>) -> Vec<Value> {
+    send_via(addr, Via::default(), messages).await
 }
 
 struct Adt<'a> {
@@ -407,7 +455,10 @@ struct AuditRow {
     agent_institution: String,
 }
 
-on_both_backends!(feed_registers_updates_and_merges);
+on_both_backends!(
+    feed_registers_updates_and_merges,
+    msh4_must_be_the_authenticated_institution
+);
 
 /// Read one MLLP block (or EOF) within 5 s.
 async fn read_block(stream: &mut TcpStream) -> Option<String> {
@@ -530,5 +581,363 @@ async fn listener_survives_hostile_peers() {
     // Still serving, to python-hl7 as well.
     let acks = send_async(addr, vec![zhang("after").message()]).await;
     assert_ack(&acks[0], "AA", "after");
+    app.stop().await;
+}
+
+#[derive(diesel::QueryableByName, Debug)]
+struct FeedRecord {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    type_code: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    agent_institution: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    agent_user: Option<String>,
+    /// The stored AuditEvent JSON (outcomeDesc, agent network address).
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    resource: String,
+}
+
+/// Failure records (outcome 4) of the MLLP feed.
+async fn refusal_records(app: &TestApp) -> Vec<FeedRecord> {
+    let store = app.state.store.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = store.conn().unwrap();
+        diesel::RunQueryDsl::load(
+            diesel::sql_query(
+                "SELECT type_code, agent_institution, agent_user, resource FROM audit_events \
+                 WHERE agent_user LIKE 'mllp:%' AND outcome = '4' ORDER BY seq",
+            ),
+            &mut *conn,
+        )
+        .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// The failure record whose AuditEvent contains `needle` (refusals are recorded in the
+/// background: waits up to 5 s).
+async fn refusal_record(app: &TestApp, needle: &str) -> FeedRecord {
+    for _ in 0..50 {
+        if let Some(r) = refusal_records(app)
+            .await
+            .into_iter()
+            .find(|r| r.resource.contains(needle))
+        {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "no failure record with {needle:?}: {:?}",
+        refusal_records(app).await
+    );
+}
+
+/// A raw connection from a chosen loopback address.
+async fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(source.parse().unwrap(), 0))
+        .unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+fn closed(acks: &[Value]) -> bool {
+    acks.len() == 1 && acks[0].get("closed").is_some()
+}
+
+/// Peers are authenticated by address on plain TCP: an address not on `mllp.allow` is
+/// closed before anything is read, nothing it sent is stored, and the refusal is audited.
+/// Without an allow-list nobody is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_peers_are_refused() {
+    let app = app(Backend::Sqlite, |_| {}).await;
+    let addr = app.mllp.unwrap();
+    let acks = send_via(addr, from("127.0.0.9"), vec![zhang("u1").message()]).await;
+    assert!(closed(&acks), "{acks:?}");
+    assert!(record(&app, 1, "MRN001").await.is_none());
+    let refused = refusal_record(&app, "127.0.0.9 is not on mllp.allow").await;
+    assert_eq!(refused.type_code, "110114");
+    assert_eq!(refused.agent_institution, None);
+    assert!(
+        refused
+            .agent_user
+            .as_deref()
+            .unwrap()
+            .starts_with("mllp:127.0.0.9:"),
+        "{refused:?}"
+    );
+    assert!(refused.resource.contains("\"127.0.0.9\""), "{refused:?}");
+    // A raw socket from that address is closed without an answer.
+    let mut s = connect_from("127.0.0.9", addr).await;
+    let _ = s.write_all(&framed(zhang("u2").message().as_bytes())).await;
+    assert!(read_block(&mut s).await.is_none());
+    // An allowed address is served.
+    let acks = send_via(addr, from("127.0.0.1"), vec![zhang("a1").message()]).await;
+    assert_ack(&acks[0], "AA", "a1");
+    app.stop().await;
+
+    // The default: no allow-list, nobody on plain TCP.
+    let app = app_with_defaults().await;
+    let addr = app.mllp.unwrap();
+    let acks = send_async(addr, vec![zhang("d1").message()]).await;
+    assert!(closed(&acks), "{acks:?}");
+    assert!(record(&app, 1, "MRN001").await.is_none());
+    refusal_record(&app, "127.0.0.1 is not on mllp.allow").await;
+    app.stop().await;
+}
+
+async fn app_with_defaults() -> TestApp {
+    let app = app(Backend::Sqlite, |s| {
+        s.mllp.allow = yiqiao_gateway::config::MllpSettings::default().allow;
+    })
+    .await;
+    assert!(app.state.settings.mllp.allow.is_empty());
+    app
+}
+
+/// MSH-4 must name an institution the connection is authenticated for: 127.0.0.2 sends for
+/// hosp-002 only, so its A08 renaming a patient of hosp-001 and its A40 merging two of them
+/// are refused (AR at MSH-4, audited, nothing changed) while its own messages are accepted.
+async fn msh4_must_be_the_authenticated_institution(backend: Backend) {
+    let app = app(backend, |_| {}).await;
+    let addr = app.mllp.unwrap();
+    let mut second = zhang("s1");
+    second.control = "s2";
+    second.pid3 = "MRN002^^^^MR".into();
+    second.name = "李^娜";
+    let acks = send_async(addr, vec![zhang("s1").message(), second.message()]).await;
+    assert_ack(&acks[0], "AA", "s1");
+    assert_ack(&acks[1], "AA", "s2");
+    let before = record(&app, 1, "MRN001").await.unwrap();
+
+    let mut rename = zhang("x1");
+    rename.event = "A08";
+    rename.name = "冒^名";
+    let merge = Adt {
+        event: "A40",
+        control: "x2",
+        pid3: "MRN001^^^hosp-001^MR".into(),
+        mrg: Some("MRN002^^^hosp-001^MR".into()),
+        ..zhang("x2")
+    };
+    let mut own = zhang("x3");
+    own.facility = "hosp-002";
+    own.pid3 = "B-1^^^^PI".into();
+    let acks = send_via(
+        addr,
+        from("127.0.0.2"),
+        vec![rename.message(), merge.message(), own.message()],
+    )
+    .await;
+    for (ack, control) in acks.iter().zip(["x1", "x2"]) {
+        assert_nak(ack, "AR", "MSH^1^4", "207");
+        assert_eq!(ack["control_id"], control);
+        let text = ack["text"].as_str().unwrap();
+        assert!(
+            text.contains("hosp-001") && text.contains("hosp-002"),
+            "{text}"
+        );
+    }
+    assert_ack(&acks[2], "AA", "x3");
+
+    // Nothing changed: same version and name, still two persons.
+    let after = record(&app, 1, "MRN001").await.unwrap();
+    assert_eq!(after.version, before.version);
+    assert_eq!(after.record.name, "张伟");
+    let other = record(&app, 1, "MRN002").await.unwrap();
+    assert_ne!(person(&other), person(&after));
+    assert!(record(&app, 2, "B-1").await.is_some());
+
+    // Each refusal is in the audit trail, attributed to the institution actually sending.
+    let records = refusal_records(&app).await;
+    assert_eq!(records.len(), 2, "{records:?}");
+    for (r, needle) in records.iter().zip(["ADT^A08 x1", "ADT^A40 x2"]) {
+        assert_eq!(r.type_code, "rest");
+        assert_eq!(r.agent_institution.as_deref(), Some("hosp-002"));
+        assert!(r.resource.contains(needle), "{r:?}");
+        assert!(r.resource.contains("MSH-4 hosp-001 is not"), "{r:?}");
+        assert!(r.resource.contains("\"127.0.0.2\""), "{r:?}");
+    }
+    app.stop().await;
+}
+
+/// Messages over a structure limit are refused before they are parsed, naming the limit:
+/// the 500,000 empty PID fields of a 1 MiB frame (which cost the parser over 400 MB) are
+/// answered AR at once, and so are too many repetitions, components, segments and values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_over_the_structure_limits_are_refused() {
+    let app = app(Backend::Sqlite, |_| {}).await;
+    let addr = app.mllp.unwrap();
+    let msh = "MSH|^~\\&|HIS|hosp-001|YIQIAO|YIQIAO|20261129120000||ADT^A08^ADT_A01";
+    let wide = format!("{msh}|w1|P|2.5\rPID{}", "|".repeat(500_000));
+    assert!(wide.len() < 1024 * 1024);
+    let mut repeated = zhang("w2");
+    repeated.pid3 = vec!["MRN001^^^^MR"; 101].join("~");
+    let long_name = "张^".repeat(64);
+    let mut components = zhang("w3");
+    components.name = &long_name;
+    let segments = format!("{}\r{}", zhang("w4").message(), "NTE|1|x\r".repeat(500));
+    let values = format!(
+        "{}\r{}",
+        zhang("w5").message(),
+        format!("NTE|1|{}\r", "a^b~".repeat(40)).repeat(130)
+    );
+    let started = std::time::Instant::now();
+    let acks = send_async(
+        addr,
+        vec![
+            wide,
+            repeated.message(),
+            components.message(),
+            segments,
+            values,
+            zhang("ok").message(),
+        ],
+    )
+    .await;
+    let elapsed = started.elapsed();
+    for (ack, (control, location, limit)) in acks.iter().zip([
+        ("w1", "PID^1", "mllp.max_fields_per_segment"),
+        ("w2", "PID^1^3", "mllp.max_repetitions_per_field"),
+        ("w3", "PID^1^5", "mllp.max_components"),
+        ("w4", "", "mllp.max_segments"),
+        ("w5", "NTE^*^2", "mllp.max_values"),
+    ]) {
+        assert_eq!(ack["code"], "AR", "{ack}");
+        assert_eq!(ack["control_id"], control, "{ack}");
+        let at = ack["err_location"].as_str().unwrap();
+        match location.split_once('*') {
+            // Some NTE past the first 100 (each holds 83 values).
+            Some((head, tail)) => assert!(
+                at.starts_with(head) && at.ends_with(tail) && at.len() == location.len() + 2,
+                "{ack}"
+            ),
+            None => assert_eq!(at, location, "{ack}"),
+        }
+        assert!(ack["text"].as_str().unwrap().contains(limit), "{ack}");
+    }
+    // The connection goes on.
+    assert_ack(&acks[5], "AA", "ok");
+    assert_eq!(record(&app, 1, "MRN001").await.unwrap().version, 1);
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+    app.stop().await;
+}
+
+/// One address holds at most `max_connections_per_peer` connections (more are closed at once
+/// and audited) and idle ones are closed after `idle_timeout_secs`: 100 idle sockets from one
+/// peer do not delay another peer's message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_of_one_peer_cannot_delay_another() {
+    let app = app(Backend::Sqlite, |s| {
+        s.mllp.idle_timeout_secs = 5;
+        s.mllp.max_connections_per_peer = 4;
+    })
+    .await;
+    let addr = app.mllp.unwrap();
+    // 127.0.0.2 is allowed (for hosp-002) but opens 100 connections and sends nothing.
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(connect_from("127.0.0.2", addr).await);
+    }
+    let opened = std::time::Instant::now();
+    let acks = send_async(addr, vec![zhang("prompt").message()]).await;
+    let waited = opened.elapsed();
+    assert_ack(&acks[0], "AA", "prompt");
+    assert!(waited < Duration::from_secs(2), "answered after {waited:?}");
+
+    // All but 4 of the idle sockets were closed at once; those 4 after the idle timeout.
+    let mut byte = [0u8; 1];
+    let mut open = Vec::new();
+    for mut s in idle {
+        match tokio::time::timeout(Duration::from_millis(50), s.read(&mut byte)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {}
+            Ok(Ok(_)) => panic!("an idle socket got data"),
+            Err(_) => open.push(s),
+        }
+    }
+    assert_eq!(open.len(), 4);
+    refusal_record(&app, "127.0.0.2 already has 4 connections open").await;
+    for mut s in open {
+        let n = tokio::time::timeout(Duration::from_secs(6), s.read(&mut byte))
+            .await
+            .expect("an idle connection outlived idle_timeout_secs");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    }
+    assert!(opened.elapsed() >= Duration::from_secs(4));
+    app.stop().await;
+}
+
+/// MLLP over TLS: the client certificate authenticates the institution it is bound to (the
+/// same bindings as the mTLS HTTP listener); a certificate bound to no institution, or none,
+/// is refused and audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_client_certificates_authenticate_institutions() {
+    let dir = TempDir::new();
+    let clients = tls_material(&dir.path);
+    let file = |name: &str, pem: &str| {
+        let path = dir.path.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path.display().to_string()
+    };
+    let own = vec![
+        dir.path.join("ca.pem").display().to_string(),
+        file("client0.pem", &clients[0].0),
+        file("client0.key", &clients[0].1),
+    ];
+    let unbound = vec![
+        own[0].clone(),
+        file("client1.pem", &clients[1].0),
+        file("client1.key", &clients[1].1),
+    ];
+    let app = app(Backend::Sqlite, |s| {
+        s.mllp.listen = String::new();
+        s.mllp.tls_listen = "127.0.0.1:0".into();
+        s.mtls.cert_file = dir.path.join("server.pem").display().to_string();
+        s.mtls.key_file = dir.path.join("server.key").display().to_string();
+        s.mtls.client_ca_file = own[0].clone();
+    })
+    .await;
+    assert_eq!(app.mllp, None, "no plain listener");
+    let addr = app.mllp_tls.unwrap();
+    let resp = app
+        .admin_put(
+            "/admin/institutions/hosp-001/client-certificate",
+            &json!({"sha256": clients[0].2}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+
+    let mut other = zhang("t2");
+    other.facility = "hosp-002";
+    let via = |tls: &Vec<String>| Via {
+        source: None,
+        tls: tls.clone(),
+    };
+    let acks = send_via(
+        addr,
+        via(&own),
+        vec![zhang("t1").message(), other.message()],
+    )
+    .await;
+    assert_ack(&acks[0], "AA", "t1");
+    assert_nak(&acks[1], "AR", "MSH^1^4", "207");
+    assert!(record(&app, 1, "MRN001").await.is_some());
+    let r = refusal_record(&app, "ADT^A01 t2").await;
+    assert_eq!(r.agent_institution.as_deref(), Some("hosp-001"));
+    assert!(r.resource.contains(&clients[0].2), "{r:?}");
+
+    // A certificate of the same CA bound to no institution; no certificate at all.
+    let mut third = zhang("t3");
+    third.pid3 = "MRN003^^^^MR".into();
+    let acks = send_via(addr, via(&unbound), vec![third.message()]).await;
+    assert!(closed(&acks), "{acks:?}");
+    let refused = refusal_record(&app, "is bound to no institution").await;
+    assert!(refused.resource.contains(&clients[1].2), "{refused:?}");
+    let acks = send_via(addr, via(&own[..1].to_vec()), vec![third.message()]).await;
+    assert!(closed(&acks), "{acks:?}");
+    refusal_record(&app, "TLS handshake failed").await;
+    assert!(record(&app, 1, "MRN003").await.is_none());
     app.stop().await;
 }

@@ -11,7 +11,10 @@
 //!   cancels it. The visit is mapped to a FHIR Encounter and stored exactly like
 //!   `POST /fhir/Encounter` from the sending institution.
 //!
-//! The sending facility MSH-4.1 must be an active institution id of the directory.
+//! The sending facility MSH-4.1 must be one of the institutions the connection was
+//! authenticated for (super::peer: allow-listed address or client certificate; else AR and an
+//! audit record) and an active institution id of the directory. Before parsing, the message's
+//! structure is checked against the limits of super::limits (else AR naming the limit).
 //! Answers: `AA` accepted; `AE` (application error: a field is wrong, or storage failed; ERR
 //! names the field and the HL7 table 0357 code, MSA-3 says why); `AR` (rejected: not HL7,
 //! not UTF-8, unknown message type or event, unknown sender).
@@ -27,6 +30,8 @@ use yiqiao_registry::directory::{self, DirectoryError, Institution};
 use yiqiao_registry::empi::store::{self as empi, RegistrationOutcome};
 use yiqiao_registry::encounters::{self, EncounterClass, EncounterStatus, UpsertOutcome};
 
+use super::limits::{self, ParseLimits};
+use super::peer::Peer;
 use crate::error::{ApiError, ErrorCode};
 use crate::routes::encounters::{ACT_CODE_SYSTEM, map_encounter};
 use crate::service::authz::PatientCreate;
@@ -178,16 +183,34 @@ fn build_ack(h: &Header, outcome: Result<String, Nak>) -> String {
     out
 }
 
+/// Bytes of a block read for the MSH of a reject.
+const MSH_PREFIX: usize = 4096;
+
 /// Answer a block that cannot be handled as a message (oversized, bad frame): AR, echoing
 /// the MSH of `raw` when one can be read from its first segment.
 pub fn reject_raw(raw: &[u8], reason: &str) -> String {
-    let header = String::from_utf8_lossy(raw)
+    reject_at(raw, None, reason)
+}
+
+/// [`reject_raw`] with ERR-2 (location). Only MSH-1 to MSH-12 of at most the first 4 KiB are
+/// parsed, so the answer costs little whatever the block holds.
+fn reject_at(raw: &[u8], location: Option<&str>, reason: &str) -> String {
+    let prefix = String::from_utf8_lossy(&raw[..raw.len().min(MSH_PREFIX)]);
+    let header = prefix
         .split(['\r', '\n'])
         .next()
         .filter(|seg| seg.starts_with("MSH"))
-        .and_then(|seg| Message::parse(seg).ok().map(|m| header_of(&m)))
+        .and_then(|seg| {
+            let separator = seg[3..].chars().next()?;
+            // MSH-1 is the 1st separator, so MSH-12 ends at the 13th.
+            let end = seg
+                .match_indices(separator)
+                .nth(12)
+                .map_or(seg.len(), |(i, _)| i);
+            Message::parse(&seg[..end]).ok().map(|m| header_of(&m))
+        })
         .unwrap_or_default();
-    build_ack(&header, Err(nak(AckCode::Reject, 207, None, reason)))
+    build_ack(&header, Err(nak(AckCode::Reject, 207, location, reason)))
 }
 
 /// Decode HL7 escape sequences (chapter 2.7): `\F\ \S\ \T\ \R\ \E\` → the message's own
@@ -284,8 +307,8 @@ fn header_of(m: &Message<'_>) -> Header {
     }
 }
 
-/// Handle one MLLP block; returns the ACK to send back.
-pub async fn handle(state: &AppState, peer: SocketAddr, bytes: &[u8]) -> String {
+/// Handle one MLLP block from an authenticated peer; returns the ACK to send back.
+pub async fn handle(state: &AppState, peer: &Peer, bytes: &[u8]) -> String {
     let text = match std::str::from_utf8(bytes) {
         Ok(t) => t,
         Err(e) => {
@@ -307,6 +330,10 @@ pub async fn handle(state: &AppState, peer: SocketAddr, bytes: &[u8]) -> String 
             )),
         );
     }
+    if let Err(breach) = limits::check(text, &ParseLimits::of(&state.settings.mllp)) {
+        tracing::info!(peer = %peer.addr, reason = %breach.message, "HL7 v2 message over a structure limit");
+        return reject_at(bytes, breach.location.as_deref(), &breach.message);
+    }
     let message = match Message::parse_with_lenient_newlines(text, true) {
         Ok(m) => m,
         Err(e) => return reject_raw(bytes, &format!("the message cannot be parsed: {e}")),
@@ -314,7 +341,7 @@ pub async fn handle(state: &AppState, peer: SocketAddr, bytes: &[u8]) -> String 
     let header = header_of(&message);
     let outcome = process(state, peer, &message, &header).await;
     if let Err(n) = &outcome {
-        tracing::info!(%peer, control_id = %header.control_id, ack = n.ack.as_str(), code = n.code,
+        tracing::info!(peer = %peer.addr, control_id = %header.control_id, ack = n.ack.as_str(), code = n.code,
             location = n.location.as_deref().unwrap_or(""), reason = %n.message, "HL7 v2 message not accepted");
     }
     build_ack(&header, outcome)
@@ -322,10 +349,11 @@ pub async fn handle(state: &AppState, peer: SocketAddr, bytes: &[u8]) -> String 
 
 async fn process(
     state: &AppState,
-    peer: SocketAddr,
+    authenticated: &Peer,
     m: &Message<'_>,
     h: &Header,
 ) -> Result<String, Nak> {
+    let peer = authenticated.addr;
     let s = &m.separators;
     let msh = m
         .segment("MSH")
@@ -375,6 +403,12 @@ async fn process(
             Some("MSH^1^4"),
             "MSH-4 (sending facility) is required: the institution id",
         ));
+    }
+    if let Err(reason) = authenticated
+        .may_send_for(state, &facility, event, &h.control_id)
+        .await
+    {
+        return Err(nak(AckCode::Reject, 207, Some("MSH^1^4"), reason));
     }
     let institution = sender(state, &facility).await?;
     let pid = m.segment("PID").ok_or_else(|| {

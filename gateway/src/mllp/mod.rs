@@ -1,28 +1,42 @@
 //! HL7 v2 over MLLP: the hospital ADT feed of the EMPI (docs/empi.md, "HL7 v2 feed").
 //!
-//! A tokio TCP listener (`[mllp]` settings) started with the server when enabled. Each
-//! connection is served by its own task, one message at a time (MLLP is request → ACK):
+//! Two tokio listeners (`[mllp]` settings) start with the server when enabled: plain TCP
+//! (`listen`), serving only addresses on `allow`, and TLS (`tls_listen`) with client
+//! certificates bound to institutions ([`peer`]). A connection is authenticated before anything
+//! is read from it, else closed and the refusal audited. One address holds at most
+//! `max_connections_per_peer` connections (more are closed at once), all peers together
+//! `max_connections` (more wait in the accept queue).
+//!
+//! Each connection is served by its own task, one message at a time (MLLP is request → ACK):
 //! a block is `0x0B` data `0x1C 0x0D`. Bytes outside a block are discarded; a block larger
 //! than `max_message_bytes` is answered AR as soon as the limit is passed (the rest of the
-//! block is skipped up to its end character, after which the connection goes on); a connection idle for `idle_timeout_secs` or cut
-//! mid-block is closed. Nothing a peer sends can stop the listener: every failure ends at
-//! most that peer's connection.
+//! block is skipped up to its end character, after which the connection goes on); a connection
+//! idle for `idle_timeout_secs` or cut mid-block is closed. Nothing a peer sends can stop the
+//! listener: every failure ends at most that peer's connection.
 //!
-//! The content is parsed by [`adt`], which maps the PID segment to a FHIR Patient and takes
-//! the same registration path as `POST /fhir/Patient`.
+//! The content is checked against the structure limits ([`limits`]) and parsed by [`adt`],
+//! which maps the PID segment to a FHIR Patient and takes the same registration path as
+//! `POST /fhir/Patient` for the institution MSH-4 names — one the connection speaks for.
 
 pub mod adt;
+pub mod limits;
+pub mod peer;
+pub mod settings;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 
-use crate::config::MllpSettings;
+use self::peer::{AllowList, Peer, PeerSlots};
+use self::settings::MllpSettings;
+use crate::mtls::ClientCert;
 use crate::state::AppState;
 
 /// Start of block (VT).
@@ -31,20 +45,67 @@ pub const START_BLOCK: u8 = 0x0B;
 pub const END_BLOCK: u8 = 0x1C;
 pub const CARRIAGE_RETURN: u8 = 0x0D;
 
-/// Bind the listener and serve in the background. Returns the bound address.
-pub async fn start(state: AppState, settings: &MllpSettings) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind(settings.listen)
+/// Longest wait for a TLS handshake (or `idle_timeout_secs` when shorter).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The bound addresses of the listeners.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bound {
+    pub plain: Option<SocketAddr>,
+    pub tls: Option<SocketAddr>,
+}
+
+/// How a listener authenticates its peers.
+enum Authenticator {
+    Address(AllowList),
+    Certificate(TlsAcceptor),
+}
+
+/// What the listeners share: the connection limits.
+struct Shared {
+    permits: Arc<Semaphore>,
+    slots: Arc<PeerSlots>,
+    limits: Limits,
+}
+
+async fn bind(address: &str, key: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address)
         .await
-        .map_err(|e| anyhow::anyhow!("mllp: cannot listen on {}: {e}", settings.listen))?;
-    let addr = listener.local_addr()?;
-    let limits = Limits {
-        max_message_bytes: settings.max_message_bytes.max(64),
-        idle: Duration::from_secs(settings.idle_timeout_secs.max(1)),
-    };
-    let permits = Arc::new(Semaphore::new(settings.max_connections.max(1)));
-    tokio::spawn(accept_loop(listener, state, limits, permits));
-    tracing::info!(%addr, "HL7 v2 MLLP listener started");
-    Ok(addr)
+        .map_err(|e| anyhow::anyhow!("mllp: cannot listen on {address} ({key}): {e}"))
+}
+
+/// Bind the listeners and serve in the background. Returns the bound addresses.
+pub async fn start(state: AppState, settings: &MllpSettings) -> anyhow::Result<Bound> {
+    let shared = Arc::new(Shared {
+        permits: Arc::new(Semaphore::new(settings.max_connections.max(1))),
+        slots: PeerSlots::new(settings.max_connections_per_peer),
+        limits: Limits {
+            max_message_bytes: settings.max_message_bytes.max(64),
+            idle: Duration::from_secs(settings.idle_timeout_secs.max(1)),
+        },
+    });
+    let mut bound = Bound::default();
+    if !settings.listen.is_empty() {
+        let listener = bind(&settings.listen, "mllp.listen").await?;
+        let addr = listener.local_addr()?;
+        if settings.allow.is_empty() {
+            tracing::warn!(%addr, "mllp.allow is empty: every connection to the plain MLLP listener is refused");
+        }
+        let auth = Authenticator::Address(AllowList::new(&settings.allow));
+        tokio::spawn(accept_loop(listener, auth, state.clone(), shared.clone()));
+        tracing::info!(%addr, "HL7 v2 MLLP listener started");
+        bound.plain = Some(addr);
+    }
+    if !settings.tls_listen.is_empty() {
+        let config = crate::mtls::server_config(&state.settings.mtls)?;
+        let listener = bind(&settings.tls_listen, "mllp.tls_listen").await?;
+        let addr = listener.local_addr()?;
+        let auth = Authenticator::Certificate(TlsAcceptor::from(Arc::new(config)));
+        tokio::spawn(accept_loop(listener, auth, state, shared));
+        tracing::info!(%addr, "HL7 v2 MLLP over TLS listener started");
+        bound.tls = Some(addr);
+    }
+    Ok(bound)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -55,32 +116,106 @@ struct Limits {
 
 async fn accept_loop(
     listener: TcpListener,
+    auth: Authenticator,
     state: AppState,
-    limits: Limits,
-    permits: Arc<Semaphore>,
+    shared: Arc<Shared>,
 ) {
+    let auth = Arc::new(auth);
+    let name = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
+        let Ok(permit) = shared.permits.clone().acquire_owned().await else {
             return;
         };
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let state = state.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = serve_connection(stream, peer, &state, limits).await {
-                        tracing::info!(%peer, error = %e, "MLLP connection ended");
-                    }
-                    drop(permit);
-                });
-            }
+        let (stream, addr) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
                 tracing::warn!(error = %e, "MLLP accept failed");
                 drop(permit);
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
-        }
+        };
+        let _ = stream.set_nodelay(true);
+        let Some(slot) = shared.slots.claim(addr.ip()) else {
+            drop(stream);
+            let why = format!(
+                "{} already has {} connections open (mllp.max_connections_per_peer)",
+                addr.ip().to_canonical(),
+                shared.slots.max()
+            );
+            peer::refuse(&state, addr, &name, &why);
+            continue;
+        };
+        let (state, auth, limits, name) =
+            (state.clone(), auth.clone(), shared.limits, name.clone());
+        tokio::spawn(async move {
+            let _held = (permit, slot);
+            let result = match auth.as_ref() {
+                Authenticator::Address(allow) => match allow.authenticate(addr) {
+                    Some(peer) => serve_connection(stream, peer, &state, limits).await,
+                    None => {
+                        drop(stream);
+                        let why = format!("{} is not on mllp.allow", addr.ip().to_canonical());
+                        peer::refuse(&state, addr, &name, &why);
+                        Ok(())
+                    }
+                },
+                Authenticator::Certificate(acceptor) => {
+                    match handshake(acceptor, stream, addr, &state, limits.idle).await {
+                        Ok((tls, peer)) => serve_connection(tls, peer, &state, limits).await,
+                        Err(why) => {
+                            peer::refuse(&state, addr, &name, &why);
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(e) = result {
+                tracing::info!(peer = %addr, error = %e, "MLLP connection ended");
+            }
+        });
     }
+}
+
+/// The TLS handshake (the client certificate is required and verified by rustls against
+/// `mtls.client_ca_file`), then the institutions the certificate is bound to.
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    addr: SocketAddr,
+    state: &AppState,
+    idle: Duration,
+) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, Peer), String> {
+    let wait = idle.min(HANDSHAKE_TIMEOUT);
+    let tls = match tokio::time::timeout(wait, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}")),
+        Err(_) => return Err(format!("TLS handshake not finished within {wait:?}")),
+    };
+    let Some(leaf) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+        return Err("no client certificate".into());
+    };
+    let sha256 = ClientCert(Sha256::digest(leaf.as_ref()).into()).hex();
+    let fingerprint = sha256.clone();
+    let institutions = state
+        .db(move |conn| yiqiao_registry::mtls::institutions_bound_to(conn, &fingerprint))
+        .await
+        .map_err(|e| format!("the certificate bindings cannot be read: {}", e.message))?;
+    if institutions.is_empty() {
+        return Err(format!(
+            "client certificate sha256 {sha256} is bound to no institution"
+        ));
+    }
+    let peer = Peer {
+        addr,
+        institutions,
+        by: format!("client certificate sha256 {sha256}"),
+    };
+    Ok((tls, peer))
 }
 
 /// What the framing layer read.
@@ -206,8 +341,8 @@ pub fn frame(payload: &[u8]) -> Vec<u8> {
     out
 }
 
-async fn read_frame(
-    reader: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
     decoder: &mut Decoder,
     idle: Duration,
 ) -> std::io::Result<Frame> {
@@ -234,14 +369,14 @@ async fn read_frame(
     }
 }
 
-async fn serve_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    peer: Peer,
     state: &AppState,
     limits: Limits,
 ) -> std::io::Result<()> {
-    let _ = stream.set_nodelay(true);
-    let (read, mut write) = stream.into_split();
+    tracing::debug!(peer = %peer.addr, by = %peer.by, institutions = ?peer.institutions, "MLLP connection authenticated");
+    let (read, mut write) = tokio::io::split(stream);
     let mut reader = BufReader::with_capacity(64 * 1024, read);
     let mut decoder = Decoder::new(limits.max_message_bytes);
     loop {
@@ -249,13 +384,13 @@ async fn serve_connection(
         let ack = match received {
             Frame::Message(bytes) => {
                 // A panic in parsing must not cost the peer its connection (nor the ACK).
-                match std::panic::AssertUnwindSafe(adt::handle(state, peer, &bytes))
+                match std::panic::AssertUnwindSafe(adt::handle(state, &peer, &bytes))
                     .catch_unwind()
                     .await
                 {
                     Ok(ack) => ack,
                     Err(_) => {
-                        tracing::error!(%peer, "HL7 v2 message handler panicked");
+                        tracing::error!(peer = %peer.addr, "HL7 v2 message handler panicked");
                         adt::reject_raw(&bytes, "the message could not be processed")
                     }
                 }
@@ -279,7 +414,7 @@ async fn serve_connection(
             }
             Frame::Closed { mid_block } => {
                 if mid_block {
-                    tracing::info!(%peer, "MLLP peer closed the connection mid-message");
+                    tracing::info!(peer = %peer.addr, "MLLP peer closed the connection mid-message");
                 }
                 return Ok(());
             }
