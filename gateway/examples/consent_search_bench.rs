@@ -1,7 +1,7 @@
 //! What consent enforcement costs in a PDQm or document search, measured through the real
 //! server.
 //!
-//! cargo run --release -p yiqiao --example consent_search_bench -- [PATIENTS] [REQUESTS] [ROUNDS] [patient|document] [DATABASE_URL]
+//! cargo run --release -p yiqiao --features bench-unenforced --example consent_search_bench -- [PATIENTS] [REQUESTS] [ROUNDS] [patient|document] [DATABASE_URL]
 //!
 //! DATABASE_URL: an empty PostgreSQL database for both gateways (default: SQLite in a temp dir).
 //!
@@ -11,7 +11,8 @@
 //! figure is `state.policy.release` on the 50 newest documents.
 //!
 //! One SQLite database (temp dir), two gateways on it: `consent.enforce = true` and `false`
-//! (same code path; `false` skips the policy). Hospital 1 registers PATIENTS patients (family
+//! (same code path; `false` skips the policy, and is set here in code: only a build with the
+//! feature `bench-unenforced` accepts it, and no configuration can ask for it). Hospital 1 registers PATIENTS patients (family
 //! 张); each has a permit consent for hospital 2 in an opt-in region, so every release needs the
 //! patient's consents. Hospital 2 (admin credential + X-On-Behalf-Of, purpose TREAT) sends
 //! `GET /fhir/Patient?family=张&_count=50` sequentially: REQUESTS pairs per round (one request

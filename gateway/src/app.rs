@@ -317,6 +317,9 @@ impl Application {
                 .app_data(web::PathConfig::default().error_handler(|err, _| {
                     ApiError::new(ErrorCode::InvalidParameter, format!("path: {err}")).into()
                 }))
+                .wrap(middleware::from_fn(
+                    crate::sanitize::refuse_control_characters,
+                ))
                 .wrap(middleware::from_fn(crate::audit::record_refusals))
                 .wrap(middleware::from_fn(crate::middleware::observe))
                 .configure(routes)

@@ -162,12 +162,16 @@ impl Default for OidcSettings {
     }
 }
 
+/// Why `consent.enforce = false` is refused (at load, and by the policy in a normal build).
+pub const UNENFORCED_REFUSED: &str = "cannot be false: consent enforcement is never turned off by configuration (only a benchmark build with the cargo feature bench-unenforced can turn it off, from code)";
+
 /// Consent and access-policy enforcement (docs/consent.md).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsentSettings {
-    /// Enforce policy decisions at every exit. `false` releases everything unmasked and is meant
-    /// only for measuring what enforcement costs; never in production.
+    /// Enforce policy decisions at every exit: must be `true` (the default). Configuration
+    /// cannot turn enforcement off ([`UNENFORCED_REFUSED`]); only code in a build with the cargo
+    /// feature `bench-unenforced` can, to measure what enforcement costs.
     pub enforce: bool,
     /// Purpose of use (HL7 v3 ActReason code) assumed when the credential carries none
     /// (the admin credential acting on behalf of an institution), and bound to access tokens
@@ -814,6 +818,9 @@ impl Settings {
             );
         }
         let consent = &self.consent;
+        if !consent.enforce {
+            return bad("consent.enforce", UNENFORCED_REFUSED);
+        }
         if yiqiao_consent::Purpose::from_code(&consent.default_purpose).is_none() {
             return bad(
                 "consent.default_purpose",

@@ -1,7 +1,8 @@
 //! Extractors that check input before a handler sees it.
 //!
-//! - [`ValidJson<T>`]: content type, size limit, well-formed JSON and shape, each with its own
-//!   error code and the offending field's path.
+//! - [`ValidJson<T>`]: content type, size limit, well-formed JSON, no control characters in
+//!   its text (crate::sanitize) and shape, each with its own error code and the offending
+//!   field's path.
 //! - [`AdminAuth`]: the admin credential; its presence in a handler's signature is the guard.
 
 use std::future::Future;
@@ -102,6 +103,7 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
             "the body is empty; a JSON document is required",
         ));
     }
+    crate::sanitize::check_json_bytes(body)?;
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|err| {
         let path = err.path().to_string();

@@ -26,6 +26,7 @@ pub mod policy;
 pub mod report;
 pub mod retention;
 pub mod routes;
+pub mod sanitize;
 pub mod service;
 pub mod sim;
 pub mod staff;

@@ -392,6 +392,11 @@ async fn complete_login(
     query: &CallbackQuery,
 ) -> Result<(Staff, String, String), LoginFailure> {
     let unauth = |why: String| failure(ErrorCode::Unauthenticated, why);
+    // Exempt from the control-character middleware, so that this refusal is a login failure
+    // with its auth_events row (crate::sanitize).
+    if let Some(e) = crate::sanitize::query_problem(req.query_string()) {
+        return Err(failure(ErrorCode::InvalidParameter, e.message));
+    }
     if let Some(error) = &query.error {
         return Err(unauth(format!(
             "the provider answered {error}: {}",

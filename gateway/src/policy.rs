@@ -698,6 +698,15 @@ impl Policy {
         redis: Option<redis::Client>,
     ) -> anyhow::Result<Policy> {
         let c = &settings.consent;
+        if !c.enforce {
+            if cfg!(feature = "bench-unenforced") {
+                tracing::warn!(
+                    "consent enforcement is OFF: data is released unfiltered and unmasked (benchmark build, feature bench-unenforced)"
+                );
+            } else {
+                anyhow::bail!("consent.enforce {}", crate::config::UNENFORCED_REFUSED);
+            }
+        }
         let engine = PolicyEngine::new(c.policy.clone())
             .map_err(|e| anyhow::anyhow!("consent.policy: {e}"))?;
         let default_purpose = Purpose::from_code(&c.default_purpose)

@@ -45,8 +45,26 @@ pub struct NewAuthEvent {
     pub request_id: Option<String>,
 }
 
+/// `value` as it can be stored on both backends: control characters escaped (`\u{0}`:
+/// PostgreSQL refuses U+0000 in text, and the others would garble the trail when read), then
+/// cut to `max` characters. What a refused request carried is kept, readably.
+fn storable(value: &str, max: usize) -> String {
+    let mut out = String::with_capacity(value.len().min(max));
+    for c in value.chars() {
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    match out.char_indices().nth(max) {
+        Some((end, _)) => out[..end].to_string(),
+        None => out,
+    }
+}
+
 fn clip(value: Option<String>, max: usize) -> Option<String> {
-    value.map(|v| v.chars().take(max).collect())
+    value.map(|v| storable(&v, max))
 }
 
 /// Append one event.
@@ -57,8 +75,8 @@ pub fn record_event(conn: &mut DbConn, event: NewAuthEvent) -> Result<(), StoreE
             auth_events::occurred_at.eq(now_utc()),
             auth_events::client_id.eq(clip(event.client_id, 128)),
             auth_events::outcome.eq(if event.success { "success" } else { "failure" }),
-            auth_events::oauth_error.eq(event.oauth_error),
-            auth_events::reason.eq(event.reason.chars().take(500).collect::<String>()),
+            auth_events::oauth_error.eq(clip(event.oauth_error, 64)),
+            auth_events::reason.eq(storable(&event.reason, 500)),
             auth_events::client_ip.eq(clip(event.client_ip, 64)),
             auth_events::jti.eq(clip(event.jti, 256)),
             auth_events::kid.eq(clip(event.kid, 128)),
@@ -148,4 +166,17 @@ pub fn ensure_first_key(
         Err(e) => return Err(e),
     }
     current_key(conn)?.ok_or(StoreError::NotFound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::storable;
+
+    #[test]
+    fn recorded_values_are_escaped_and_clipped() {
+        assert_eq!(storable("kid\u{0}x", 128), "kid\\u{0}x");
+        assert_eq!(storable("a\tb\u{85}", 128), "a\\u{9}b\\u{85}");
+        assert_eq!(storable("张三丰", 2), "张三");
+        assert_eq!(storable("\u{0}\u{0}", 7), "\\u{0}\\u");
+    }
 }

@@ -1133,6 +1133,90 @@ async fn mutual_tls_binds_an_institution_to_its_certificate(backend: Backend) {
     app.stop().await;
 }
 
+/// Issue 25: a control character in the token request's query string, a form parameter or the
+/// assertion's iss, kid or jti is refused with an OAuth error before anything is looked up, and
+/// every refusal has its auth_events row, the values escaped (PostgreSQL cannot store U+0000):
+/// a validly signed assertion with a NUL in its jti is a 401, not a 503 without a record.
+async fn control_characters_in_token_requests_are_refused_and_recorded(backend: Backend) {
+    let app = TestApp::spawn_with(backend, generous).await;
+    let keys = ClientKeys::new("");
+    register(&app, &keys.registration(1, "")).await;
+    let scope = "system/Patient.rs";
+    let with = |k: &str, v: &str| {
+        let mut c = claims(&app, "hosp-001");
+        c[k] = json!(v);
+        c
+    };
+    let before = events(&app).len();
+    let signed = |c: &Value| keys.sign("ES256", "es256", c);
+    let resp = token_with(&app, &signed(&with("jti", "j\u{0}1")), scope).await;
+    let out = assert_oauth_error(resp, 401, "invalid_client").await;
+    assert!(
+        out["error_description"].as_str().unwrap().contains("jti"),
+        "{out}"
+    );
+    let resp = token_with(&app, &signed(&with("iss", "hosp-001\u{0}")), scope).await;
+    assert_oauth_error(resp, 401, "invalid_client").await;
+    let bad_kid = keys.sign("ES256", "es256\u{0}", &claims(&app, "hosp-001"));
+    assert_oauth_error(
+        token_with(&app, &bad_kid, scope).await,
+        401,
+        "invalid_client",
+    )
+    .await;
+    let resp = token_with(
+        &app,
+        &signed(&claims(&app, "hosp-001")),
+        "system/Patient.rs\u{0}",
+    )
+    .await;
+    let out = assert_oauth_error(resp, 400, "invalid_request").await;
+    assert!(
+        out["error_description"].as_str().unwrap().contains("scope"),
+        "{out}"
+    );
+    let resp = app
+        .client
+        .post(app.url("/oauth2/token?state=a%00"))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_assertion_type", ASSERTION_TYPE),
+            ("client_assertion", &signed(&claims(&app, "hosp-001"))),
+            ("scope", scope),
+            ("purpose_of_use", "TREAT"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_oauth_error(resp, 400, "invalid_request").await;
+    let recorded = events(&app);
+    assert_eq!(
+        recorded.len(),
+        before + 5,
+        "one auth_events row per refusal"
+    );
+    let failures: Vec<&AuthEvent> = recorded.iter().filter(|e| e.outcome == "failure").collect();
+    assert!(
+        failures
+            .iter()
+            .any(|e| e.jti.as_deref() == Some("j\\u{0}1"))
+    );
+    assert!(
+        failures
+            .iter()
+            .any(|e| e.client_id.as_deref() == Some("hosp-001\\u{0}"))
+    );
+    assert!(
+        failures
+            .iter()
+            .any(|e| e.kid.as_deref() == Some("es256\\u{0}"))
+    );
+    // A clean request still gets its token afterwards.
+    let resp = token_with(&app, &signed(&claims(&app, "hosp-001")), scope).await;
+    assert_eq!(resp.status(), 200);
+    app.stop().await;
+}
+
 crate::on_both_backends!(
     tokens_for_every_algorithm,
     rejected_assertions_yield_oauth_errors_and_audit_records,
@@ -1143,6 +1227,7 @@ crate::on_both_backends!(
     forged_assertions_do_not_spend_an_institutions_limit,
     refused_api_calls_are_logged_within_a_budget,
     mutual_tls_binds_an_institution_to_its_certificate,
+    control_characters_in_token_requests_are_refused_and_recorded,
 );
 
 /// Two gateway replicas over one PostgreSQL database and one Redis: same signing key, a token

@@ -134,6 +134,49 @@ fn config_show_masks_secrets_and_check_names_bad_keys() {
     assert!(err.contains("does not exist"), "{err}");
 }
 
+/// Issue 25: consent enforcement cannot be turned off by configuration — not by the
+/// environment, not by the file — and the process says why at start; nor by code in a build
+/// without the `bench-unenforced` feature.
+#[tokio::test]
+async fn consent_enforcement_cannot_be_configured_off() {
+    let dir = TempDir::new();
+    let file = dir.path.join("y.toml");
+    std::fs::write(&file, "[consent]\nenforce = false\n").unwrap();
+    // `config check` first: before the refusal existed, `serve` would have served.
+    let config = file.to_str().unwrap();
+    let cases: [(&[&str], Option<&str>); 3] = [
+        (&["config", "check"], Some("false")),
+        (&["serve", "--listen", "127.0.0.1:0"], Some("false")),
+        (
+            &["--config", config, "serve", "--listen", "127.0.0.1:0"],
+            None,
+        ),
+    ];
+    for (args, env) in cases {
+        let mut cmd = yiqiao(&dir, "");
+        cmd.args(args).env_remove("YIQIAO_DATABASE_URL");
+        if let Some(value) = env {
+            cmd.env("YIQIAO_CONSENT__ENFORCE", value);
+        }
+        let (code, _, err) = run(&mut cmd);
+        assert_eq!(code, 3, "{args:?}: {err}");
+        assert!(err.contains("consent.enforce"), "{err}");
+        assert!(err.contains("bench-unenforced"), "{err}");
+    }
+    let (code, _, err) = run(yiqiao(&dir, "")
+        .args(["config", "check"])
+        .env_remove("YIQIAO_DATABASE_URL")
+        .env("YIQIAO_CONSENT__ENFORCE", "true"));
+    assert_eq!(code, 0, "{err}");
+    // Code cannot either, in a build without the feature (tests never enable it).
+    let db = TestDb::new(Backend::Sqlite);
+    let mut settings = crate::helpers::test_settings(&db.url);
+    settings.consent.enforce = false;
+    let built = yiqiao_gateway::Application::build(settings).await;
+    let err = built.err().expect("an unenforcing gateway started");
+    assert!(err.to_string().contains("bench-unenforced"), "{err}");
+}
+
 /// The README's main command: `yiqiao demo` serves a registered demo region on SQLite.
 #[test]
 fn demo_serves_a_registered_region() {

@@ -101,7 +101,8 @@ async fn get_as(app: &TestApp, inst: u32, path: &str) -> reqwest::Response {
         .unwrap()
 }
 
-fn person_of(p: &Value) -> String {
+/// The enterprise person of a registered Patient (its extension).
+pub(crate) fn person_of(p: &Value) -> String {
     p["extension"]
         .as_array()
         .unwrap()

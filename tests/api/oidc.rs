@@ -494,6 +494,16 @@ async fn tampered_logins_are_refused(backend: Backend) {
         .await
         .unwrap();
     assert_outcome(resp, 401, "unauthenticated").await;
+    // A control character in the callback's query (issue 25): refused, and recorded like any
+    // refused login (the value escaped, so PostgreSQL can store the row).
+    let resp = b
+        .get(app.url(&format!(
+            "/login/callback?error=access_denied&error_description=x%00&state={state}"
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_outcome(resp, 400, "invalid-parameter").await;
 
     // A forged session cookie and a forged staff bearer token.
     let resp = reqwest::Client::new()
@@ -520,8 +530,8 @@ async fn tampered_logins_are_refused(backend: Backend) {
     assert_outcome(resp, 400, "invalid-parameter").await;
 
     // Every refusal is in auth_events (wrong state, CSRF, replayed callback, replayed code,
-    // nonce, provider error).
-    assert_eq!(refused_before(&app), 6, "{:?}", auth_events(&app));
+    // nonce, provider error, control character).
+    assert_eq!(refused_before(&app), 7, "{:?}", auth_events(&app));
     app.stop().await;
 }
 

@@ -34,6 +34,7 @@ use super::limits::{self, ParseLimits};
 use super::peer::Peer;
 use crate::error::{ApiError, ErrorCode};
 use crate::routes::encounters::{ACT_CODE_SYSTEM, map_encounter};
+use crate::sanitize::{describe, escaped, first_refused};
 use crate::service::authz::PatientCreate;
 use crate::state::AppState;
 
@@ -339,12 +340,48 @@ pub async fn handle(state: &AppState, peer: &Peer, bytes: &[u8]) -> String {
         Err(e) => return reject_raw(bytes, &format!("the message cannot be parsed: {e}")),
     };
     let header = header_of(&message);
-    let outcome = process(state, peer, &message, &header).await;
+    let outcome = match control_character(&message.separators, text) {
+        Some((location, c)) => Err(nak(
+            AckCode::Error,
+            102,
+            Some(&location),
+            format!(
+                "{location} {} (escape sequences decoded); text may hold tab but no other control character",
+                describe(c)
+            ),
+        )),
+        None => process(state, peer, &message, &header).await,
+    };
     if let Err(n) = &outcome {
         tracing::info!(peer = %peer.addr, control_id = %header.control_id, ack = n.ack.as_str(), code = n.code,
             location = n.location.as_deref().unwrap_or(""), reason = %n.message, "HL7 v2 message not accepted");
     }
     build_ack(&header, outcome)
+}
+
+/// The first field holding a control character other than tab, raw or decoded from an escape
+/// sequence (`\X00\`), as (`PID^1^5`, the character): refused at the edge before anything is
+/// looked up or stored (crate::sanitize). Escapes never span a delimiter, so each component is
+/// decoded alone; MSH-2 (the delimiters themselves) is skipped.
+fn control_character(s: &Separators, text: &str) -> Option<(String, char)> {
+    for segment in text.split(['\r', '\n']) {
+        let name = segment.get(..3).unwrap_or(segment);
+        let msh = name == "MSH";
+        for (i, field) in segment.split(s.field).enumerate() {
+            if msh && i == 1 {
+                continue;
+            }
+            let found = field
+                .split([s.component, s.repetition, s.subcomponent])
+                .find_map(|atom| first_refused(&unescape(s, atom), true));
+            if let Some(c) = found {
+                // MSH-1 is the field separator itself: MSH's fields are numbered one up.
+                let number = if msh { i + 1 } else { i };
+                return Some((format!("{}^1^{number}", escaped(name)), c));
+            }
+        }
+    }
+    None
 }
 
 async fn process(

@@ -24,6 +24,7 @@ use yiqiao_registry::directory::{self, Institution};
 use crate::auth::{AuditEventRead, Caller, CallerVia, Scoped};
 use crate::error::ApiError;
 use crate::middleware::RequestId;
+use crate::sanitize::{describe, escaped, first_refused};
 use crate::state::AppState;
 
 use self::error::{OAuthCode, OAuthError};
@@ -272,6 +273,61 @@ pub async fn token(req: HttpRequest, state: web::Data<AppState>, body: web::Byte
 
 type Issued = (TokenResponse, Vec<(HeaderName, String)>);
 
+/// The form of a token request: a form body, each parameter once, and no control character in
+/// it or in the query string. (This endpoint is exempt from the control-character middleware so
+/// that these refusals are OAuth errors with their auth_events row; crate::sanitize.)
+fn token_form(req: &HttpRequest, body: &[u8]) -> Result<HashMap<String, String>, OAuthError> {
+    if let Some(e) = crate::sanitize::query_problem(req.query_string()) {
+        return Err(OAuthError::request(format!("query string: {}", e.message)));
+    }
+    let form_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if !form_type.starts_with("application/x-www-form-urlencoded") {
+        return Err(OAuthError::request(
+            "the body must be application/x-www-form-urlencoded",
+        ));
+    }
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
+        .map_err(|_| OAuthError::request("the body is not a valid form"))?;
+    let mut form: HashMap<String, String> = HashMap::new();
+    for (name, value) in pairs {
+        let bad = first_refused(&name, false).or_else(|| first_refused(&value, false));
+        if let Some(c) = bad {
+            return Err(OAuthError::request(format!(
+                "parameter {} {}",
+                escaped(&name),
+                describe(c)
+            )));
+        }
+        if form.insert(name.clone(), value).is_some() {
+            return Err(OAuthError::request(format!("parameter {name} is repeated")));
+        }
+    }
+    Ok(form)
+}
+
+/// The assertion's claims that are looked up or stored (directory, keys, replay cache,
+/// auth_events) hold no control character.
+fn plain_claims(parsed: &assertion::Parsed, client_id: &str) -> Result<(), OAuthError> {
+    for (claim, value) in [
+        ("iss", Some(client_id)),
+        ("kid", parsed.kid.as_deref()),
+        ("jti", parsed.jti()),
+        ("alg", Some(parsed.alg.as_str())),
+    ] {
+        if let Some(c) = value.and_then(|v| first_refused(v, false)) {
+            return Err(OAuthError::client(format!(
+                "the assertion's {claim} {}",
+                describe(c)
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn limited(verdict: Verdict, what: &str) -> Result<Vec<(HeaderName, String)>, OAuthError> {
     match verdict {
         Verdict::Allowed { limit, remaining } => Ok(vec![
@@ -319,25 +375,7 @@ async fn issue(
         .await
         .map_err(unavailable)?;
     limited(verdict, "from this address")?;
-
-    let form_type = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    if !form_type.starts_with("application/x-www-form-urlencoded") {
-        return Err(OAuthError::request(
-            "the body must be application/x-www-form-urlencoded",
-        ));
-    }
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
-        .map_err(|_| OAuthError::request("the body is not a valid form"))?;
-    let mut form: HashMap<String, String> = HashMap::new();
-    for (name, value) in pairs {
-        if form.insert(name.clone(), value).is_some() {
-            return Err(OAuthError::request(format!("parameter {name} is repeated")));
-        }
-    }
+    let form = token_form(req, body)?;
     let param = |name: &str| form.get(name).map(String::as_str).filter(|v| !v.is_empty());
     match param("grant_type") {
         Some("client_credentials") => {}
@@ -366,6 +404,7 @@ async fn issue(
         .ok_or_else(|| OAuthError::client("the assertion has no iss (client id)"))?
         .to_string();
     attempt.client_id = Some(client_id.clone());
+    plain_claims(&parsed, &client_id)?;
     if let Some(declared) = param("client_id")
         && declared != client_id
     {

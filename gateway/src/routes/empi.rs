@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
 use yiqiao_registry::audit::EntityRef;
+use yiqiao_registry::empi::record::prepare;
 use yiqiao_registry::empi::store::{self as empi, ReviewDecision};
 
 use crate::error::ApiError;
@@ -44,10 +45,17 @@ pub async fn read_person(
         .records
         .iter()
         .map(|r| {
+            // The matcher's view of the record: is its resident ID trusted, what is wrong.
+            let prepared = prepare(&r.record);
             json!({
                 "id": r.id,
                 "institution": r.institution_id,
                 "identifier": { "system": r.id_system, "value": r.id_value },
+                "resident_id": prepared.resident_id.as_ref().map(|id| json!({
+                    "value": id.number,
+                    "trusted": id.trusted,
+                })),
+                "quality_issues": prepared.issues,
                 "link": r.link.as_ref().map(|l| json!({
                     "score": l.score,
                     "explanation": l.explanation,

@@ -271,6 +271,9 @@ pub fn registration(
     expected: Option<(&str, &str)>,
     resident_system: &str,
 ) -> Result<Registration, ApiError> {
+    // The FHIR feed's body was checked by `ValidJson`; the HL7 v2 feed and the bulk import
+    // build theirs (crate::sanitize).
+    crate::sanitize::check_json_value(&patient)?;
     let system = institution.patient_id_system.clone();
     let value = own_identifier(&patient, &system)?;
     if let Some((qs, qv)) = expected

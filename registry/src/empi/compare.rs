@@ -203,12 +203,17 @@ pub fn compare_dates(a: Option<NaiveDate>, b: Option<NaiveDate>) -> Option<Level
     })
 }
 
+/// Resident IDs are evidence only when both are trusted (valid GB 11643 numbers). With an
+/// untrusted one, agreement (`Exact`, `OneCharDiff`) is no evidence at all — two records
+/// sharing a malformed number must not be linked by it — and disagreement is the weak
+/// `DifferentUntrusted`, never the `Different` that vetoes an auto-link.
 fn compare_resident_ids(a: &PreparedRecord, b: &PreparedRecord) -> Option<Level> {
     let (x, y) = both(a.resident_id.as_ref(), b.resident_id.as_ref())?;
-    Some(match compare_id_numbers(&x.number, &y.number) {
-        Level::Different if !(x.trusted && y.trusted) => Level::DifferentUntrusted,
-        level => level,
-    })
+    match compare_id_numbers(&x.number, &y.number) {
+        level if x.trusted && y.trusted => Some(level),
+        Level::Different => Some(Level::DifferentUntrusted),
+        _ => None,
+    }
 }
 
 /// Resident ID numbers: exact, one substitution / adjacent transposition, or different.
@@ -368,6 +373,34 @@ mod tests {
         ];
         for (a, b, want) in cases {
             assert_eq!(compare_id_numbers(a, b), want, "{a} / {b}");
+        }
+    }
+
+    /// Issue 25: an untrusted resident ID neither links (no agreement evidence) nor vetoes
+    /// (never `Different`).
+    #[test]
+    fn untrusted_resident_ids_are_no_strong_evidence() {
+        let level = |a: &str, b: &str| {
+            let mut ra = blank();
+            let mut rb = blank();
+            ra.resident_id = Some(crate::empi::ident::parse_resident_id(a).0);
+            rb.resident_id = Some(crate::empi::ident::parse_resident_id(b).0);
+            compare(&ra, &rb).level(Field::ResidentId)
+        };
+        let valid = "11010519491231002X";
+        let cases = [
+            (valid, valid, Some(Level::Exact)),
+            (valid, "110105194912130029", Some(Level::Different)),
+            // Same malformed number on both (16 digits; month 13): no evidence.
+            ("1101051949123100", "1101051949123100", None),
+            ("110105194913310021", "110105194913310021", None),
+            // A wrong check character next to the valid number: no evidence either way.
+            (valid, "110105194912310021", None),
+            // Disagreement with an untrusted number is weak, and never a veto.
+            (valid, "110105198001010021", Some(Level::DifferentUntrusted)),
+        ];
+        for (a, b, want) in cases {
+            assert_eq!(level(a, b), want, "{a} / {b}");
         }
     }
 

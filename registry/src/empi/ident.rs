@@ -42,6 +42,9 @@ pub enum DataQualityIssue {
     ResidentIdCheckCharacter { expected: char, found: char },
     /// Legacy 15-digit number, upgraded to 18 for comparison.
     ResidentIdLegacy15,
+    /// Legacy 15-digit number whose birth date, read as 19YY, contradicts the record's birth
+    /// date (a person born in 2000 or later never held one): kept as given, untrusted.
+    ResidentIdLegacy15BirthDate,
     /// Birth date on the record differs from the one encoded in the resident ID.
     BirthDateDisagreesWithResidentId,
     /// Sex on the record differs from the one encoded in the resident ID.
@@ -129,8 +132,29 @@ pub fn upgrade_15(number15: &str) -> Option<String> {
     Some(format!("{first17}{check}"))
 }
 
+/// Validate a resident ID number of a record whose birth date is `recorded_birth`: as
+/// [`parse_resident_id`], and a legacy 15-digit number is upgraded ("19" inserted) only when
+/// the birth date it then encodes agrees with the recorded one (or none is recorded); otherwise
+/// it is kept as given, untrusted, with [`DataQualityIssue::ResidentIdLegacy15BirthDate`].
+pub fn parse_resident_id_of(
+    raw: &str,
+    recorded_birth: Option<NaiveDate>,
+) -> (ResidentId, Vec<DataQualityIssue>) {
+    let (id, mut issues) = parse_resident_id(raw);
+    if id.upgraded_from_15
+        && let (Some(encoded), Some(recorded)) = (id.birth_date, recorded_birth)
+        && encoded != recorded
+    {
+        issues.push(DataQualityIssue::ResidentIdLegacy15BirthDate);
+        return (untrusted(clean_id(raw)), issues);
+    }
+    (id, issues)
+}
+
 /// Validate a resident ID number (18 or legacy 15 characters). Always returns the value
-/// (kept as data) plus the issues found; `trusted` says whether it is a strong identifier.
+/// (kept as data) plus the issues found; `trusted` says whether it is a strong identifier:
+/// 18 characters (a legacy 15-digit number upgraded), 17 digits and a check character that
+/// is a digit or `X`, a real birth date, and the ISO 7064 MOD 11-2 check character right.
 pub fn parse_resident_id(raw: &str) -> (ResidentId, Vec<DataQualityIssue>) {
     let cleaned = clean_id(raw);
     let mut issues = Vec::new();
@@ -289,6 +313,68 @@ mod tests {
             assert!(!id.trusted, "{raw}");
             assert!(issues.contains(issue), "{raw}: {issues:?}");
         }
+    }
+
+    /// Issue 25: none of these is a trusted identifier, each with its data-quality issue.
+    #[test]
+    fn invalid_numbers_are_never_trusted() {
+        use DataQualityIssue::*;
+        let wrong_check = ResidentIdCheckCharacter {
+            expected: 'X',
+            found: '1',
+        };
+        let cases: &[(&str, &str, DataQualityIssue)] = &[
+            ("wrong check digit", "110105194912310021", wrong_check),
+            ("month 13", "110105194913310021", ResidentIdBirthDate),
+            ("day 32", "110105194912320021", ResidentIdBirthDate),
+            ("February 30", "110105194902300021", ResidentIdBirthDate),
+            ("16 digits", "1101051949123100", ResidentIdLength),
+            ("17 digits", "11010519491231002", ResidentIdLength),
+            ("19 characters", "11010519491231002X1", ResidentIdLength),
+            (
+                "a letter inside",
+                "11010519491231A02X",
+                ResidentIdCharacters,
+            ),
+            (
+                "a final letter other than X",
+                "11010519491231002Y",
+                ResidentIdCharacters,
+            ),
+            ("X not last", "1101051949123100X2", ResidentIdCharacters),
+            ("15 with a letter", "11010549123100X", ResidentIdCharacters),
+            ("15 with month 13", "110105491331002", ResidentIdBirthDate),
+            ("empty after cleaning", " - ", ResidentIdLength),
+        ];
+        for (what, raw, issue) in cases {
+            let (id, issues) = parse_resident_id(raw);
+            assert!(!id.trusted, "{what}: {raw}");
+            assert_eq!((id.birth_date, id.sex), (None, None), "{what}");
+            assert!(issues.contains(issue), "{what}: {issues:?}");
+        }
+    }
+
+    /// Issue 25: a 15-digit number of someone born in 2005 is not turned into a 1905 one.
+    #[test]
+    fn legacy_15_contradicting_the_birth_date_is_not_upgraded() {
+        let born = |y, m, d| NaiveDate::from_ymd_opt(y, m, d);
+        // 350102 050304 123: read as 1905-03-04.
+        let (id, issues) = parse_resident_id_of("350102050304123", born(2005, 3, 4));
+        assert!(!id.trusted);
+        assert!(!id.upgraded_from_15);
+        assert_eq!(id.number, "350102050304123");
+        assert_eq!(id.birth_date, None);
+        assert!(issues.contains(&DataQualityIssue::ResidentIdLegacy15BirthDate));
+        // Agreeing (or no) recorded birth date: upgraded and trusted as before.
+        for recorded in [born(1905, 3, 4), None] {
+            let (id, issues) = parse_resident_id_of("350102050304123", recorded);
+            assert!(id.trusted && id.upgraded_from_15, "{recorded:?}");
+            assert_eq!(id.birth_date, born(1905, 3, 4));
+            assert_eq!(issues, vec![DataQualityIssue::ResidentIdLegacy15]);
+        }
+        // An 18-digit number is as issued: a disagreement is reported by `prepare`, not here.
+        let (id, _) = parse_resident_id_of("11010519491231002X", born(1950, 1, 1));
+        assert!(id.trusted);
     }
 
     #[test]

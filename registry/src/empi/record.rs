@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ident::{
     DataQualityIssue, IdentifierKind, ResidentId, Sex, normalise_other_id, normalise_phone,
-    parse_resident_id,
+    parse_resident_id_of,
 };
 use super::normalize::{Address, NameScript, PersonName, normalise_address, normalise_name};
 
@@ -76,7 +76,7 @@ pub fn prepare(record: &SourceRecord) -> PreparedRecord {
         }
         match ident.kind {
             IdentifierKind::ResidentId => {
-                let (id, found) = parse_resident_id(&ident.value);
+                let (id, found) = parse_resident_id_of(&ident.value, record.birth_date);
                 issues.extend(found);
                 // Keep the first trusted one; an untrusted one only if nothing better.
                 if resident_id
