@@ -1,9 +1,8 @@
 //! The HL7 v2 MLLP feed: real messages from an independent peer (python-hl7's MLLPClient,
 //! tests/interop/mllp_client.py) on both backends, and hostile peers on raw sockets.
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -14,6 +13,7 @@ use yiqiao_registry::empi::store as empi;
 
 use crate::helpers::{ADMIN_TOKEN, Backend, TestApp, institution};
 use crate::on_both_backends;
+use crate::wait;
 
 fn system(n: u32) -> String {
     format!("urn:oid:2.16.156.10011.1.99.{n}")
@@ -44,39 +44,35 @@ async fn app(backend: Backend, adjust: impl FnOnce(&mut yiqiao_gateway::Settings
 }
 
 /// Send messages with python-hl7 over one connection; one parsed ACK per message.
-fn send(addr: SocketAddr, messages: &[String]) -> Vec<Value> {
+pub(crate) async fn send_async(addr: SocketAddr, messages: Vec<String>) -> Vec<Value> {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/interop/mllp_client.py"
     );
-    let mut child = Command::new("python3")
-        .arg(script)
-        .arg(addr.ip().to_string())
-        .arg(addr.port().to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+    let mut child = wait::spawn(
+        wait::command("python3")
+            .arg(script)
+            .arg(addr.ip().to_string())
+            .arg(addr.port().to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+        "mllp_client.py",
+    );
+    let mut stdin = child.stdin.take().unwrap();
+    let input = serde_json::to_string(&messages).unwrap();
+    tokio::time::timeout(wait::RUN, stdin.write_all(input.as_bytes()))
+        .await
+        .expect("mllp_client.py did not read its messages")
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(serde_json::to_string(messages).unwrap().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    let out = wait::output_of(child, "mllp_client.py", wait::RUN).await;
     assert!(
         out.status.success(),
         "mllp_client.py: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-pub(crate) async fn send_async(addr: SocketAddr, messages: Vec<String>) -> Vec<Value> {
-    tokio::task::spawn_blocking(move || send(addr, &messages))
-        .await
-        .unwrap()
 }
 
 struct Adt<'a> {
