@@ -97,7 +97,7 @@ within_deadline() {
   local status=0
   timeout --foreground --kill-after=60 "$left" "$@" || status=$?
   if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
-    echo "FATAL: the deadline (YIQIAO_TEST_DEADLINE) ran out during: $* — the tests still running are named above (SIGTERM)" >&2
+    echo "FATAL: the deadline (YIQIAO_TEST_DEADLINE) ran out during: $* — the tests it stopped are named above (SIGTERM or SIGKILL)" >&2
   fi
   return "$status"
 }
