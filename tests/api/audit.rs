@@ -3,8 +3,6 @@
 //! independent Python verifier and the documented OpenSSL steps), replicas writing
 //! concurrently, fail closed.
 
-use std::process::Command;
-
 use diesel::connection::SimpleConnection;
 use serde_json::Value;
 use yiqiao_registry::audit::export::{Bundle, export, verify_bundle};
@@ -18,6 +16,7 @@ use crate::helpers::{
     test_settings,
 };
 use crate::on_both_backends;
+use crate::wait;
 
 fn public_key() -> Sm2PublicKey {
     Sm2PublicKey::from_spki_pem(&std::fs::read_to_string(&test_audit_key().1).unwrap()).unwrap()
@@ -169,8 +168,8 @@ async fn tamper_modify(backend: Backend) {
     );
     let bundle = detected_both_ways(&app, 13, ProblemKind::Modified).await;
     // The CLI and the independent verifiers agree.
-    cli_verify_fails(&app, "position 13: modified");
-    offline_tools_reject(&bundle, "13");
+    cli_verify_fails(&app, "position 13: modified").await;
+    offline_tools_reject(&bundle, "13").await;
     app.stop().await;
 }
 
@@ -178,7 +177,7 @@ async fn tamper_delete(backend: Backend) {
     let app = chain_of(backend, 30).await;
     sql(&app, "DELETE FROM audit_events WHERE seq = 15".into()).await;
     let bundle = detected_both_ways(&app, 15, ProblemKind::Deleted).await;
-    offline_tools_reject(&bundle, "15");
+    offline_tools_reject(&bundle, "15").await;
     app.stop().await;
 }
 
@@ -236,7 +235,7 @@ async fn tamper_insert(backend: Backend) {
     let report = verify(&app).await;
     assert_first(&report, 16, ProblemKind::Inserted);
     let bundle = detected_both_ways(&app, 16, ProblemKind::Inserted).await;
-    offline_tools_reject(&bundle, "16");
+    offline_tools_reject(&bundle, "16").await;
     app.stop().await;
 }
 
@@ -251,7 +250,7 @@ async fn tamper_reorder(backend: Backend) {
     )
     .await;
     let bundle = detected_both_ways(&app, 17, ProblemKind::Reordered).await;
-    offline_tools_reject(&bundle, "17");
+    offline_tools_reject(&bundle, "17").await;
     app.stop().await;
 }
 
@@ -263,7 +262,7 @@ async fn tamper_truncate(backend: Backend) {
     sql(&app, "UPDATE audit_chain_head SET head_seq = 25".into()).await;
     let report = verify(&app).await;
     assert_first(&report, 26, ProblemKind::Truncated);
-    cli_verify_fails(&app, "position 26: truncated");
+    cli_verify_fails(&app, "position 26: truncated").await;
     app.stop().await;
 }
 
@@ -298,7 +297,7 @@ async fn tamper_forged_checkpoint(backend: Backend) {
     )
     .await;
     let bundle = detected_both_ways(&app, 15, ProblemKind::BadCheckpointSignature).await;
-    offline_tools_reject(&bundle, "15");
+    offline_tools_reject(&bundle, "15").await;
     app.stop().await;
 }
 
@@ -473,12 +472,12 @@ async fn database_cut_answers_503_without_data() {
     app.stop().await;
 }
 
-fn yiqiao(app: &TestApp, args: &[&str]) -> std::process::Output {
-    crate::helpers::yiqiao_cli(app, args)
+async fn yiqiao(app: &TestApp, args: &[&str]) -> std::process::Output {
+    crate::helpers::yiqiao_cli(app, args).await
 }
 
-fn cli_verify_fails(app: &TestApp, expected: &str) {
-    let out = yiqiao(app, &["audit", "verify"]);
+async fn cli_verify_fails(app: &TestApp, expected: &str) {
+    let out = yiqiao(app, &["audit", "verify"]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(7), "{stderr}");
     assert!(stderr.contains(expected), "{stderr}");
@@ -486,38 +485,42 @@ fn cli_verify_fails(app: &TestApp, expected: &str) {
 
 /// `yiqiao audit verify-export` and tests/interop/verify_audit_export.py both reject the bundle
 /// and name the position.
-fn offline_tools_reject(bundle: &Bundle, seq: &str) {
+async fn offline_tools_reject(bundle: &Bundle, seq: &str) {
     let dir = TempDir::new();
     let file = dir.path.join("bundle.json");
     std::fs::write(&file, serde_json::to_string(bundle).unwrap()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_yiqiao"))
-        .args(["audit", "verify-export"])
-        .arg(&file)
-        .arg("--public-key")
-        .arg(&test_audit_key().1)
-        .output()
-        .unwrap();
+    let out = wait::output(
+        wait::command(env!("CARGO_BIN_EXE_yiqiao"))
+            .args(["audit", "verify-export"])
+            .arg(&file)
+            .arg("--public-key")
+            .arg(&test_audit_key().1),
+        "`yiqiao audit verify-export`",
+    )
+    .await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(7), "{stderr}");
     assert!(stderr.contains(&format!("position {seq}:")), "{stderr}");
-    let out = python_verifier(&file);
+    let out = python_verifier(&file).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "python accepted a tampered bundle");
     assert!(stderr.contains(&format!("position {seq}")), "{stderr}");
 }
 
-fn python_verifier(file: &std::path::Path) -> std::process::Output {
+async fn python_verifier(file: &std::path::Path) -> std::process::Output {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/interop/verify_audit_export.py"
     );
-    Command::new("python3")
-        .arg(script)
-        .arg(file)
-        .arg("--public-key")
-        .arg(&test_audit_key().1)
-        .output()
-        .unwrap()
+    wait::output(
+        wait::command("python3")
+            .arg(script)
+            .arg(file)
+            .arg("--public-key")
+            .arg(&test_audit_key().1),
+        "verify_audit_export.py",
+    )
+    .await
 }
 
 /// A clean export verifies with the CLI, with Python (gmssl) and with the documented OpenSSL
@@ -525,7 +528,7 @@ fn python_verifier(file: &std::path::Path) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clean_export_verifies_everywhere() {
     let app = chain_of(Backend::Sqlite, 12).await;
-    let out = yiqiao(&app, &["audit", "verify", "--from", "3", "--to", "11"]);
+    let out = yiqiao(&app, &["audit", "verify", "--from", "3", "--to", "11"]).await;
     assert!(
         out.status.success(),
         "{}",
@@ -534,7 +537,7 @@ async fn clean_export_verifies_everywhere() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("positions 3..11"));
     let dir = TempDir::new();
     let file = dir.path.join("bundle.json");
-    let out = yiqiao(&app, &["audit", "export", "--out", file.to_str().unwrap()]);
+    let out = yiqiao(&app, &["audit", "export", "--out", file.to_str().unwrap()]).await;
     assert!(
         out.status.success(),
         "{}",
@@ -549,13 +552,14 @@ async fn clean_export_verifies_everywhere() {
             "--public-key",
             test_audit_key().1.to_str().unwrap(),
         ],
-    );
+    )
+    .await;
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = python_verifier(&file);
+    let out = python_verifier(&file).await;
     assert!(
         out.status.success(),
         "{}",
@@ -570,11 +574,13 @@ async fn clean_export_verifies_everywhere() {
         format!("yiqiao-audit-v1\n{}\n{}", r.prev_hash, r.resource),
     )
     .unwrap();
-    let dgst = Command::new("openssl")
-        .args(["dgst", "-sm3", "-r"])
-        .arg(&input)
-        .output()
-        .unwrap();
+    let dgst = wait::output(
+        wait::command("openssl")
+            .args(["dgst", "-sm3", "-r"])
+            .arg(&input),
+        "`openssl dgst -sm3`",
+    )
+    .await;
     let text = String::from_utf8_lossy(&dgst.stdout);
     assert_eq!(
         text.split_whitespace().next(),
@@ -585,25 +591,27 @@ async fn clean_export_verifies_everywhere() {
     std::fs::write(&manifest, &bundle.manifest).unwrap();
     let sig = dir.path.join("manifest.sig");
     std::fs::write(&sig, hex_decode(&bundle.manifest_signature)).unwrap();
-    let verified = Command::new("openssl")
-        .args([
-            "pkeyutl",
-            "-verify",
-            "-rawin",
-            "-digest",
-            "sm3",
-            "-pkeyopt",
-            "distid:1234567812345678",
-            "-pubin",
-            "-inkey",
-        ])
-        .arg(&test_audit_key().1)
-        .arg("-in")
-        .arg(&manifest)
-        .arg("-sigfile")
-        .arg(&sig)
-        .output()
-        .unwrap();
+    let verified = wait::output(
+        wait::command("openssl")
+            .args([
+                "pkeyutl",
+                "-verify",
+                "-rawin",
+                "-digest",
+                "sm3",
+                "-pkeyopt",
+                "distid:1234567812345678",
+                "-pubin",
+                "-inkey",
+            ])
+            .arg(&test_audit_key().1)
+            .arg("-in")
+            .arg(&manifest)
+            .arg("-sigfile")
+            .arg(&sig),
+        "`openssl pkeyutl -verify`",
+    )
+    .await;
     assert!(
         String::from_utf8_lossy(&verified.stdout).contains("Verified Successfully"),
         "{}",

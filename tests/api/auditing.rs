@@ -4,12 +4,13 @@
 //! the compliance report, and kill -9 of the real binary under load.
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
 use serde_json::{Value, json};
+use tokio::process::Child;
 use yiqiao_gateway::config::{Secret, Settings};
 use yiqiao_registry::Store;
 use yiqiao_registry::audit::query::{self, EventFilter, StoredEvent};
@@ -20,6 +21,7 @@ use crate::helpers::{
     ADMIN_TOKEN, Backend, TempDir, TestApp, TestDb, assert_outcome, institution, test_audit_key,
 };
 use crate::on_both_backends;
+use crate::wait;
 
 pub(crate) const AUDITOR_TOKEN: &str = "test-auditor-token-9876543210";
 
@@ -815,7 +817,10 @@ async fn anomaly_rules_raise_alerts_once(backend: Backend) {
         .count()
         < 3
     {
-        assert!(Instant::now() < deadline);
+        assert!(
+            Instant::now() < deadline,
+            "the 3 refusals (HTTP 401) were not in the chain within 10 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let raised = yiqiao_gateway::alerting::scan_all(&app.state)
@@ -969,8 +974,8 @@ async fn anomaly_rules_raise_alerts_once(backend: Backend) {
     app.stop().await;
 }
 
-fn yiqiao(app: &TestApp, args: &[&str]) -> std::process::Output {
-    crate::helpers::yiqiao_cli(app, args)
+async fn yiqiao(app: &TestApp, args: &[&str]) -> std::process::Output {
+    crate::helpers::yiqiao_cli(app, args).await
 }
 
 /// `yiqiao audit report` in CSV and HTML: the figures, the break-the-glass review status,
@@ -994,7 +999,10 @@ async fn compliance_report(backend: Backend) {
     assert_eq!(r.status(), 401);
     let deadline = Instant::now() + Duration::from_secs(10);
     while records(&app).await.len() < 8 {
-        assert!(Instant::now() < deadline);
+        assert!(
+            Instant::now() < deadline,
+            "8 records were not in the chain within 10 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     yiqiao_gateway::alerting::scan_all(&app.state)
@@ -1017,7 +1025,8 @@ async fn compliance_report(backend: Backend) {
             "--out",
             csv_path.to_str().unwrap(),
         ],
-    );
+    )
+    .await;
     assert!(
         out.status.success(),
         "{}",
@@ -1051,7 +1060,7 @@ async fn compliance_report(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let out = yiqiao(&app, &["audit", "report", "--from", &today, "--to", &today]);
+    let out = yiqiao(&app, &["audit", "report", "--from", &today, "--to", &today]).await;
     assert!(
         out.status.success(),
         "{}",
@@ -1084,7 +1093,8 @@ async fn compliance_report(backend: Backend) {
         &[
             "audit", "report", "--from", &today, "--to", &today, "--format", "csv",
         ],
-    );
+    )
+    .await;
     assert_eq!(out.status.code(), Some(7));
     let csv = String::from_utf8(out.stdout).unwrap();
     assert!(csv.contains("verification,failed,,,"), "{csv}");
@@ -1102,10 +1112,10 @@ on_both_backends!(
     kill_9_under_load_loses_no_answered_record,
 );
 
-/// The real binary, serving on `port` over `db_url`.
+/// The real binary, serving on `port` over `db_url` (killed when dropped).
 fn serve(db_url: &str, port: u16, data_dir: &TempDir) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_yiqiao"))
-        .arg("serve")
+    let mut cmd = wait::command(env!("CARGO_BIN_EXE_yiqiao"));
+    cmd.arg("serve")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("YIQIAO_DATABASE_URL", db_url)
@@ -1116,9 +1126,8 @@ fn serve(db_url: &str, port: u16, data_dir: &TempDir) -> Child {
         .env("YIQIAO_LOG__LEVEL", "warn")
         .env("YIQIAO_HTTP__WORKERS", "2")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+        .stderr(Stdio::null());
+    wait::spawn(&mut cmd, "`yiqiao serve`")
 }
 
 fn free_port() -> u16 {
@@ -1129,32 +1138,16 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn wait_ready(client: &reqwest::Client, base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = client.get(format!("{base}/readyz")).send().await
-            && r.status() == 200
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the gateway did not become ready"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// SIGKILL the real gateway while clients read data; after a restart every 2xx answer the
 /// clients received has its audit record (by request id) and the chain verifies.
 async fn kill_9_under_load_loses_no_answered_record(backend: Backend) {
     let db = TestDb::new(backend);
     let dir = TempDir::new();
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let mut child = serve(&db.url, port, &dir);
-    wait_ready(&client, &base).await;
+    wait::ready(&client, &base, "`yiqiao serve`").await;
     let created = client
         .post(format!("{base}/admin/institutions"))
         .bearer_auth(ADMIN_TOKEN)
@@ -1198,8 +1191,7 @@ async fn kill_9_under_load_loses_no_answered_record(backend: Backend) {
         assert!(Instant::now() < deadline, "load did not get going");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    wait::kill(&mut child, "`yiqiao serve`").await; // SIGKILL
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for t in tasks {
@@ -1210,15 +1202,14 @@ async fn kill_9_under_load_loses_no_answered_record(backend: Backend) {
     let port2 = free_port();
     let base2 = format!("http://127.0.0.1:{port2}");
     let mut child = serve(&db.url, port2, &dir);
-    wait_ready(&client, &base2).await;
+    wait::ready(&client, &base2, "the restarted `yiqiao serve`").await;
     let again = client
         .get(format!("{base2}/fhir/Organization/hosp-001"))
         .send()
         .await
         .unwrap();
     assert_eq!(again.status(), 200);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    wait::kill(&mut child, "the restarted `yiqiao serve`").await;
     // Every answered request has its record; the chain verifies.
     let url = db.url.clone();
     let missing = tokio::task::spawn_blocking(move || {
@@ -1250,14 +1241,16 @@ async fn kill_9_under_load_loses_no_answered_record(backend: Backend) {
         missing.2,
         missing.1
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_yiqiao"))
-        .args(["audit", "verify"])
-        .env_remove("YIQIAO_CONFIG")
-        .env("YIQIAO_DATABASE_URL", &db.url)
-        .env("YIQIAO_AUDIT__SIGNING_KEY_FILE", &test_audit_key().0)
-        .env("YIQIAO_DATA_DIR", &dir.path)
-        .output()
-        .unwrap();
+    let out = wait::output(
+        wait::command(env!("CARGO_BIN_EXE_yiqiao"))
+            .args(["audit", "verify"])
+            .env_remove("YIQIAO_CONFIG")
+            .env("YIQIAO_DATABASE_URL", &db.url)
+            .env("YIQIAO_AUDIT__SIGNING_KEY_FILE", &test_audit_key().0)
+            .env("YIQIAO_DATA_DIR", &dir.path),
+        "`yiqiao audit verify`",
+    )
+    .await;
     assert!(
         out.status.success(),
         "{}",

@@ -3,8 +3,6 @@
 //! sharing PostgreSQL and Redis, and SM2 assertions produced by gmssl and the OpenSSL CLI.
 
 use std::path::Path;
-use std::process::Command;
-use std::sync::OnceLock;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -15,6 +13,7 @@ use ring::signature::{
     EcdsaSigningAlgorithm, KeyPair,
 };
 use serde_json::{Value, json};
+use tokio::sync::OnceCell;
 use yiqiao_gateway::config::{RateLimit, Secret, Settings};
 use yiqiao_registry::auth::{AuthEvent, list_events};
 use yiqiao_sm::{DEFAULT_SIGNER_ID, Sm2PrivateKey, sign_jws};
@@ -23,6 +22,7 @@ use crate::helpers::{
     ADMIN_TOKEN, Backend, TempDir, TestApp, TestDb, assert_outcome, institution, redis_url,
     test_settings,
 };
+use crate::wait;
 
 const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
@@ -32,8 +32,12 @@ struct RsaKey {
     jwk: Value,
 }
 
-fn openssl(args: &[&str]) -> Vec<u8> {
-    let out = Command::new("openssl").args(args).output().unwrap();
+async fn openssl(args: &[&str]) -> Vec<u8> {
+    let out = wait::output(
+        wait::command("openssl").args(args),
+        &format!("`openssl {}`", args.join(" ")),
+    )
+    .await;
     assert!(
         out.status.success(),
         "openssl {args:?}: {}",
@@ -43,9 +47,9 @@ fn openssl(args: &[&str]) -> Vec<u8> {
 }
 
 /// One RSA key for the whole test binary (generation is slow), made by the OpenSSL CLI.
-fn rsa_key() -> &'static RsaKey {
-    static KEY: OnceLock<RsaKey> = OnceLock::new();
-    KEY.get_or_init(|| {
+async fn rsa_key() -> &'static RsaKey {
+    static KEY: OnceCell<RsaKey> = OnceCell::const_new();
+    KEY.get_or_init(|| async {
         let dir = TempDir::new();
         let path = dir.path.join("rsa.pem");
         let path = path.to_str().unwrap();
@@ -57,11 +61,13 @@ fn rsa_key() -> &'static RsaKey {
             "rsa_keygen_bits:2048",
             "-out",
             path,
-        ]);
+        ])
+        .await;
         let private_pem = std::fs::read_to_string(path).unwrap();
-        let public_pem = String::from_utf8(openssl(&["pkey", "-in", path, "-pubout"])).unwrap();
+        let public_pem =
+            String::from_utf8(openssl(&["pkey", "-in", path, "-pubout"]).await).unwrap();
         let modulus =
-            String::from_utf8(openssl(&["rsa", "-in", path, "-noout", "-modulus"])).unwrap();
+            String::from_utf8(openssl(&["rsa", "-in", path, "-noout", "-modulus"]).await).unwrap();
         let n = hex::decode(modulus.trim().trim_start_matches("Modulus=")).unwrap();
         let jwk = json!({"kty": "RSA", "kid": "rs", "use": "sig", "n": B64.encode(n), "e": "AQAB"});
         RsaKey {
@@ -70,6 +76,7 @@ fn rsa_key() -> &'static RsaKey {
             jwk,
         }
     })
+    .await
 }
 
 struct EcKey {
@@ -92,14 +99,16 @@ fn ec_key(alg: &'static EcdsaSigningAlgorithm, crv: &str, kid: &str) -> EcKey {
 
 /// An institution's keys: RSA (kid rs), P-256 (es256), P-384 (es384), SM2 (sm2).
 struct ClientKeys {
+    rsa: &'static RsaKey,
     es256: EcKey,
     es384: EcKey,
     sm2: Sm2PrivateKey,
 }
 
 impl ClientKeys {
-    fn new(prefix: &str) -> ClientKeys {
+    async fn new(prefix: &str) -> ClientKeys {
         ClientKeys {
+            rsa: rsa_key().await,
             es256: ec_key(
                 &ECDSA_P256_SHA256_FIXED_SIGNING,
                 "P-256",
@@ -117,7 +126,7 @@ impl ClientKeys {
     /// Registration JSON for institution `n` with these keys (kids prefixed).
     fn registration(&self, n: u32, prefix: &str) -> Value {
         let mut body = institution(n);
-        let mut rsa = rsa_key().jwk.clone();
+        let mut rsa = self.rsa.jwk.clone();
         rsa["kid"] = json!(format!("{prefix}rs"));
         body["jwks"] = json!({"keys": [rsa, self.es256.jwk, self.es384.jwk]});
         body["sm2_keys"] = json!([{"kid": format!("{prefix}sm2"),
@@ -134,7 +143,7 @@ impl ClientKeys {
     /// A signed assertion. `alg` picks the key; `kid` is put in the header as given.
     fn sign(&self, alg: &str, kid: &str, claims: &Value) -> String {
         let encoding = match alg {
-            "RS256" | "RS384" => EncodingKey::from_rsa_pem(rsa_key().private_pem.as_bytes()),
+            "RS256" | "RS384" => EncodingKey::from_rsa_pem(self.rsa.private_pem.as_bytes()),
             "ES256" => Ok(EncodingKey::from_ec_der(&self.es256.pkcs8)),
             "ES384" => Ok(EncodingKey::from_ec_der(&self.es384.pkcs8)),
             "SM2SM3" => {
@@ -238,7 +247,7 @@ async fn access_token(app: &TestApp, keys: &ClientKeys, scope: &str) -> String {
 
 async fn tokens_for_every_algorithm(backend: Backend) {
     let app = TestApp::spawn_with(backend, generous).await;
-    let keys = ClientKeys::new("");
+    let keys = ClientKeys::new("").await;
     register(&app, &keys.registration(1, "")).await;
 
     let config: Value = app
@@ -347,9 +356,9 @@ async fn tokens_for_every_algorithm(backend: Backend) {
 
 async fn rejected_assertions_yield_oauth_errors_and_audit_records(backend: Backend) {
     let app = TestApp::spawn_with(backend, generous).await;
-    let keys = ClientKeys::new("");
-    let other = ClientKeys::new("b-");
-    let suspended = ClientKeys::new("c-");
+    let keys = ClientKeys::new("").await;
+    let other = ClientKeys::new("b-").await;
+    let suspended = ClientKeys::new("c-").await;
     register(&app, &keys.registration(1, "")).await;
     register(&app, &other.registration(2, "b-")).await;
     register(&app, &suspended.registration(3, "c-")).await;
@@ -381,7 +390,7 @@ async fn rejected_assertions_yield_oauth_errors_and_audit_records(backend: Backe
         jsonwebtoken::encode(
             &header,
             &base(),
-            &EncodingKey::from_secret(rsa_key().public_pem.as_bytes()),
+            &EncodingKey::from_secret(keys.rsa.public_pem.as_bytes()),
         )
         .unwrap()
     };
@@ -593,7 +602,7 @@ async fn rejected_assertions_yield_oauth_errors_and_audit_records(backend: Backe
 
 async fn access_tokens_guard_routes(backend: Backend) {
     let app = TestApp::spawn_with(backend, generous).await;
-    let keys = ClientKeys::new("");
+    let keys = ClientKeys::new("").await;
     register(&app, &keys.registration(1, "")).await;
 
     let resp = app.get("/oauth2/events").await;
@@ -686,8 +695,8 @@ async fn token_endpoint_rate_limits(backend: Backend) {
         );
     })
     .await;
-    let keys = ClientKeys::new("");
-    let other = ClientKeys::new("b-");
+    let keys = ClientKeys::new("").await;
+    let other = ClientKeys::new("b-").await;
     register(&app, &keys.registration(1, "")).await;
     register(&app, &other.registration(2, "b-")).await;
     for _ in 0..2 {
@@ -742,19 +751,21 @@ async fn sm2_assertion_signed_by_gmssl_and_openssl(backend: Backend) {
     let dir = TempDir::new();
     let private = dir.path.join("client.pem");
     let private = private.to_str().unwrap();
-    openssl(&["genpkey", "-algorithm", "SM2", "-out", private]);
-    let public = String::from_utf8(openssl(&["pkey", "-in", private, "-pubout"])).unwrap();
+    openssl(&["genpkey", "-algorithm", "SM2", "-out", private]).await;
+    let public = String::from_utf8(openssl(&["pkey", "-in", private, "-pubout"]).await).unwrap();
     let mut body = institution(1);
     body["sm2_keys"] = json!([{"kid": "py-sm2", "pem": public}]);
     register(&app, &body).await;
     for signer in ["gmssl", "openssl"] {
-        let out = Command::new("python3")
-            .arg(interop_script("jws_assertion.py"))
-            .args(["sign", "--key", private, "--iss", "hosp-001", "--aud"])
-            .arg(token_url(&app))
-            .args(["--kid", "py-sm2", "--signer", signer])
-            .output()
-            .unwrap();
+        let out = wait::output(
+            wait::command("python3")
+                .arg(interop_script("jws_assertion.py"))
+                .args(["sign", "--key", private, "--iss", "hosp-001", "--aud"])
+                .arg(token_url(&app))
+                .args(["--kid", "py-sm2", "--signer", signer]),
+            &format!("jws_assertion.py sign --signer {signer}"),
+        )
+        .await;
         assert!(
             out.status.success(),
             "{signer}: {}",
@@ -778,19 +789,23 @@ async fn sm2_registration_must_be_an_sm2_key(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let mut body = institution(1);
     // Valid PEM and base64, but a P-256 key, not SM2.
-    let p256 = String::from_utf8(openssl(&[
-        "genpkey",
-        "-algorithm",
-        "EC",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-    ]))
+    let p256 = String::from_utf8(
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .await,
+    )
     .unwrap();
     let dir = TempDir::new();
     let path = dir.path.join("p256.pem");
     std::fs::write(&path, p256).unwrap();
     let public =
-        String::from_utf8(openssl(&["pkey", "-in", path.to_str().unwrap(), "-pubout"])).unwrap();
+        String::from_utf8(openssl(&["pkey", "-in", path.to_str().unwrap(), "-pubout"]).await)
+            .unwrap();
     body["sm2_keys"] = json!([{"kid": "k", "pem": public}]);
     let resp = app.admin_post("/admin/institutions", &body).await;
     let out = assert_outcome(resp, 422, "validation-failed").await;
@@ -812,8 +827,8 @@ async fn forged_assertions_do_not_spend_an_institutions_limit(backend: Backend) 
         );
     })
     .await;
-    let keys = ClientKeys::new("");
-    let attacker = ClientKeys::new("");
+    let keys = ClientKeys::new("").await;
+    let attacker = ClientKeys::new("").await;
     register(&app, &keys.registration(1, "")).await;
     for _ in 0..5 {
         let forged = attacker.sign("ES256", "es256", &claims(&app, "hosp-001"));
@@ -844,7 +859,7 @@ async fn refused_api_calls_are_logged_within_a_budget(backend: Backend) {
         s.auth.failure_log_per_minute = 30;
     })
     .await;
-    let keys = ClientKeys::new("");
+    let keys = ClientKeys::new("").await;
     register(&app, &keys.registration(1, "")).await;
     let call = |token: String| {
         app.client
@@ -978,7 +993,7 @@ async fn mutual_tls_binds_an_institution_to_its_certificate(backend: Backend) {
         s.mtls.client_ca_file = dir.path.join("ca.pem").display().to_string();
     })
     .await;
-    let keys = ClientKeys::new("");
+    let keys = ClientKeys::new("").await;
     register(&app, &keys.registration(1, "")).await;
     let ca =
         reqwest::Certificate::from_pem(&std::fs::read(dir.path.join("ca.pem")).unwrap()).unwrap();
@@ -986,7 +1001,8 @@ async fn mutual_tls_binds_an_institution_to_its_certificate(backend: Backend) {
         let mut b = reqwest::Client::builder()
             .use_rustls_tls()
             .tls_built_in_root_certs(false)
-            .add_root_certificate(ca.clone());
+            .add_root_certificate(ca.clone())
+            .timeout(crate::wait::REQUEST);
         if let Some((cert, key, _)) = client {
             b = b.identity(reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap());
         }
@@ -1139,7 +1155,7 @@ async fn mutual_tls_binds_an_institution_to_its_certificate(backend: Backend) {
 /// a validly signed assertion with a NUL in its jti is a 401, not a 503 without a record.
 async fn control_characters_in_token_requests_are_refused_and_recorded(backend: Backend) {
     let app = TestApp::spawn_with(backend, generous).await;
-    let keys = ClientKeys::new("");
+    let keys = ClientKeys::new("").await;
     register(&app, &keys.registration(1, "")).await;
     let scope = "system/Patient.rs";
     let with = |k: &str, v: &str| {
@@ -1259,7 +1275,7 @@ async fn two_replicas_share_keys_replay_cache_and_rate_limit() {
     let jwks_b: Value = b.get("/.well-known/jwks.json").await.json().await.unwrap();
     assert_eq!(jwks_a, jwks_b, "replicas must publish the same keys");
 
-    let keys = ClientKeys::new("");
+    let keys = ClientKeys::new("").await;
     register(&a, &keys.registration(1, "")).await;
     let claims = claims(&a, "hosp-001");
     assert_eq!(claims["aud"], "http://gateway.test/oauth2/token");

@@ -1,42 +1,25 @@
 //! The command line as scripts use it: exit codes, output, and the demo.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::helpers::{Backend, TempDir, TestDb};
-
-fn yiqiao(dir: &TempDir, db_url: &str) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_yiqiao"));
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("YIQIAO_DATA_DIR", &dir.path)
-        .env("YIQIAO_DATABASE_URL", db_url)
-        .current_dir(&dir.path);
-    cmd
-}
-
-fn run(cmd: &mut Command) -> (i32, String, String) {
-    let out = cmd.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::helpers::{Backend, TempDir, TestDb, client, run_blocking, yiqiao_in};
+use crate::wait;
 
 fn cli_exit_codes(backend: Backend) {
     let dir = TempDir::new();
     let db = TestDb::new(backend);
-    let (code, out, _) = run(yiqiao(&dir, &db.url).arg("migrate"));
+    let (code, out, _) = run_blocking(yiqiao_in(&dir, &db.url).arg("migrate"));
     assert_eq!(code, 0);
     assert!(out.contains("migration(s) applied"), "{out}");
-    let (code, out, _) = run(yiqiao(&dir, &db.url).arg("migrate"));
+    let (code, out, _) = run_blocking(yiqiao_in(&dir, &db.url).arg("migrate"));
     assert_eq!(code, 0);
     assert!(out.contains("up to date"), "{out}");
 
     let add = |extra: &[&str]| {
-        let mut cmd = yiqiao(&dir, &db.url);
+        let mut cmd = yiqiao_in(&dir, &db.url);
         cmd.args([
             "institution",
             "add",
@@ -57,7 +40,7 @@ fn cli_exit_codes(backend: Backend) {
         ])
         .args(["--scope", "system/Patient.rs"])
         .args(extra);
-        run(&mut cmd)
+        run_blocking(&mut cmd)
     };
     let (code, out, err) = add(&[]);
     assert_eq!(code, 0, "{out}{err}");
@@ -68,24 +51,31 @@ fn cli_exit_codes(backend: Backend) {
     assert_eq!(code, 6, "{err}");
     assert!(err.contains("kind"), "{err}");
 
-    let (code, out, _) = run(yiqiao(&dir, &db.url).args(["institution", "show", "hosp-cli"]));
+    let (code, out, _) =
+        run_blocking(yiqiao_in(&dir, &db.url).args(["institution", "show", "hosp-cli"]));
     assert_eq!(code, 0);
     let shown: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(shown["name"], "命令行医院");
     assert_eq!(shown["status"], "active");
-    let (code, _, err) = run(yiqiao(&dir, &db.url).args(["institution", "show", "nope-1"]));
+    let (code, _, err) =
+        run_blocking(yiqiao_in(&dir, &db.url).args(["institution", "show", "nope-1"]));
     assert_eq!(code, 5, "{err}");
-    let (code, out, _) = run(yiqiao(&dir, &db.url).args(["institution", "suspend", "hosp-cli"]));
+    let (code, out, _) =
+        run_blocking(yiqiao_in(&dir, &db.url).args(["institution", "suspend", "hosp-cli"]));
     assert_eq!(code, 0);
     assert!(out.contains("suspended"));
-    let (code, out, _) =
-        run(yiqiao(&dir, &db.url).args(["institution", "list", "--status", "suspended"]));
+    let (code, out, _) = run_blocking(yiqiao_in(&dir, &db.url).args([
+        "institution",
+        "list",
+        "--status",
+        "suspended",
+    ]));
     assert_eq!(code, 0);
     assert!(
         out.contains("hosp-cli") && out.contains("1 institution(s)"),
         "{out}"
     );
-    let (code, _, _) = run(yiqiao(&dir, &db.url).args(["institution", "frobnicate"]));
+    let (code, _, _) = run_blocking(yiqiao_in(&dir, &db.url).args(["institution", "frobnicate"]));
     assert_eq!(code, 2, "usage error");
 }
 
@@ -108,9 +98,11 @@ fn config_show_masks_secrets_and_check_names_bad_keys() {
         "admin_token = \"s3cret-admin\"\n[database]\nurl = \"postgres://u:pw-42@db/x\"\n",
     )
     .unwrap();
-    let (code, out, _) = run(yiqiao(&dir, "")
-        .args(["--config", file.to_str().unwrap(), "config", "show"])
-        .env_remove("YIQIAO_DATABASE_URL"));
+    let (code, out, _) = run_blocking(
+        yiqiao_in(&dir, "")
+            .args(["--config", file.to_str().unwrap(), "config", "show"])
+            .env_remove("YIQIAO_DATABASE_URL"),
+    );
     assert_eq!(code, 0);
     assert!(
         !out.contains("s3cret-admin") && !out.contains("pw-42"),
@@ -118,18 +110,26 @@ fn config_show_masks_secrets_and_check_names_bad_keys() {
     );
     assert!(out.contains("postgres://u:***@db/x"), "{out}");
     std::fs::write(&file, "[database]\npool_size = -1\n").unwrap();
-    let (code, _, err) = run(yiqiao(&dir, "")
-        .args(["--config", file.to_str().unwrap(), "config", "check"])
-        .env_remove("YIQIAO_DATABASE_URL"));
+    let (code, _, err) = run_blocking(
+        yiqiao_in(&dir, "")
+            .args(["--config", file.to_str().unwrap(), "config", "check"])
+            .env_remove("YIQIAO_DATABASE_URL"),
+    );
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("database.pool_size"), "{err}");
-    let (code, _, err) = run(yiqiao(&dir, "")
-        .args(["config", "check"])
-        .env("YIQIAO_LISTEN", "not-an-address"));
+    let (code, _, err) = run_blocking(
+        yiqiao_in(&dir, "")
+            .args(["config", "check"])
+            .env("YIQIAO_LISTEN", "not-an-address"),
+    );
     assert_eq!(code, 3);
     assert!(err.contains("listen"), "{err}");
-    let (code, _, err) =
-        run(yiqiao(&dir, "").args(["--config", "/no/such/file.toml", "config", "check"]));
+    let (code, _, err) = run_blocking(yiqiao_in(&dir, "").args([
+        "--config",
+        "/no/such/file.toml",
+        "config",
+        "check",
+    ]));
     assert_eq!(code, 3);
     assert!(err.contains("does not exist"), "{err}");
 }
@@ -137,6 +137,17 @@ fn config_show_masks_secrets_and_check_names_bad_keys() {
 /// Issue 25: consent enforcement cannot be turned off by configuration — not by the
 /// environment, not by the file — and the process says why at start; nor by code in a build
 /// without the `bench-unenforced` feature.
+/// `cmd` to the end within the deadline: (exit code, stdout, stderr).
+async fn run(cmd: &mut tokio::process::Command) -> (i32, String, String) {
+    let what = format!("`{}`", wait::describe(cmd));
+    let out = wait::output(cmd, &what).await;
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[tokio::test]
 async fn consent_enforcement_cannot_be_configured_off() {
     let dir = TempDir::new();
@@ -153,20 +164,21 @@ async fn consent_enforcement_cannot_be_configured_off() {
         ),
     ];
     for (args, env) in cases {
-        let mut cmd = yiqiao(&dir, "");
+        let mut cmd = yiqiao_in(&dir, "");
         cmd.args(args).env_remove("YIQIAO_DATABASE_URL");
         if let Some(value) = env {
             cmd.env("YIQIAO_CONSENT__ENFORCE", value);
         }
-        let (code, _, err) = run(&mut cmd);
+        let (code, _, err) = run(&mut cmd).await;
         assert_eq!(code, 3, "{args:?}: {err}");
         assert!(err.contains("consent.enforce"), "{err}");
         assert!(err.contains("bench-unenforced"), "{err}");
     }
-    let (code, _, err) = run(yiqiao(&dir, "")
+    let (code, _, err) = run(yiqiao_in(&dir, "")
         .args(["config", "check"])
         .env_remove("YIQIAO_DATABASE_URL")
-        .env("YIQIAO_CONSENT__ENFORCE", "true"));
+        .env("YIQIAO_CONSENT__ENFORCE", "true"))
+    .await;
     assert_eq!(code, 0, "{err}");
     // Code cannot either, in a build without the feature (tests never enable it).
     let db = TestDb::new(Backend::Sqlite);
@@ -178,48 +190,53 @@ async fn consent_enforcement_cannot_be_configured_off() {
 }
 
 /// The README's main command: `yiqiao demo` serves a registered demo region on SQLite.
-#[test]
-fn demo_serves_a_registered_region() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_serves_a_registered_region() {
     let dir = TempDir::new();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let mut child = yiqiao(&dir, "")
-        .env_remove("YIQIAO_DATABASE_URL")
-        .env("YIQIAO_ADMIN_TOKEN", "demo-test-admin-token")
-        .args([
-            "demo",
-            "--institutions",
-            "8",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = wait::spawn(
+        yiqiao_in(&dir, "")
+            .env_remove("YIQIAO_DATABASE_URL")
+            .env("YIQIAO_ADMIN_TOKEN", "demo-test-admin-token")
+            .args([
+                "demo",
+                "--institutions",
+                "8",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+        "`yiqiao demo`",
+    );
     let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::blocking_get_json;
-    let mut orgs = None;
-    for _ in 0..100 {
-        if let Ok(v) = client(&format!("{base}/fhir/Organization?_count=50")) {
-            orgs = Some(v);
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let client = client();
+    let orgs_url = format!("{base}/fhir/Organization?_count=50");
+    let orgs: Value = wait::until(
+        &format!("`yiqiao demo` to serve {orgs_url}"),
+        wait::READY,
+        || async {
+            let resp = client.get(&orgs_url).send().await.ok()?;
+            if !resp.status().is_success() {
+                return None;
+            }
+            resp.json().await.ok()
+        },
+    )
+    .await;
     // The walkthrough's federated query works: every simulated hospital of the person answers.
-    let mut stdout = String::new();
-    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
-    while !stdout.contains("Stop with Ctrl-C") {
-        let mut line = String::new();
-        if std::io::BufRead::read_line(&mut reader, &mut line).unwrap() == 0 {
-            break;
-        }
-        stdout.push_str(&line);
-    }
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (_, stdout) = wait::line(
+        &mut lines,
+        "`yiqiao demo` to print its walkthrough (to \"Stop with Ctrl-C\")",
+        wait::READY,
+        |l| l.contains("Stop with Ctrl-C"),
+    )
+    .await;
     let person = stdout
         .split("/fhir/Observation?patient=")
         .nth(1)
@@ -232,12 +249,16 @@ fn demo_serves_a_registered_region() {
         .and_then(|rest| rest.split('\'').next())
         .unwrap_or_else(|| panic!("no requester in {stdout}"))
         .to_string();
-    let bundle = reqwest::blocking_get_json_as(
-        &format!("{base}/fhir/Observation?patient={person}"),
-        "demo-test-admin-token",
-        &asker,
-    )
-    .unwrap();
+    let resp = client
+        .get(format!("{base}/fhir/Observation?patient={person}"))
+        .bearer_auth("demo-test-admin-token")
+        .header("X-On-Behalf-Of", &asker)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let bundle: Value = resp.json().await.unwrap();
+    assert!(status.is_success(), "{status}: {bundle}");
     let entries = bundle["entry"].as_array().unwrap();
     assert!(
         entries.iter().any(|e| e["search"]["mode"] == "match"),
@@ -251,56 +272,12 @@ fn demo_serves_a_registered_region() {
         .as_str()
         .unwrap();
     assert!(summary.contains(" 0 did not"), "{summary}");
-    let _ = child.kill();
-    let _ = child.wait();
-    let orgs = orgs.expect("demo did not serve");
+    wait::kill(&mut child, "`yiqiao demo`").await;
     assert_eq!(orgs["entry"].as_array().unwrap().len(), 8, "{orgs}");
     assert!(stdout.contains("Walkthrough"), "{stdout}");
     assert!(stdout.contains("8 member institutions"), "{stdout}");
     assert!(dir.path.join("demo/keys/fz-004.sm2.pem").exists());
     assert!(dir.path.join("demo/yiqiao-demo.db").exists());
-}
-
-mod reqwest {
-    /// A blocking GET with the admin credential on behalf of an institution.
-    pub fn blocking_get_json_as(
-        url: &str,
-        token: &str,
-        institution: &str,
-    ) -> Result<serde_json::Value, String> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?;
-        rt.block_on(async {
-            let resp = ::reqwest::Client::new()
-                .get(url)
-                .bearer_auth(token)
-                .header("X-On-Behalf-Of", institution)
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            if !resp.status().is_success() {
-                return Err(resp.status().to_string());
-            }
-            resp.json().await.map_err(|e| e.to_string())
-        })
-    }
-
-    /// A tiny blocking GET for process tests (the test itself is synchronous).
-    pub fn blocking_get_json(url: &str) -> Result<serde_json::Value, String> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?;
-        rt.block_on(async {
-            let resp = ::reqwest::get(url).await.map_err(|e| e.to_string())?;
-            if !resp.status().is_success() {
-                return Err(resp.status().to_string());
-            }
-            resp.json().await.map_err(|e| e.to_string())
-        })
-    }
 }
 
 /// A minimal OTLP/HTTP receiver: records (path, content-type, body) of each POST.
@@ -353,8 +330,8 @@ fn otlp_receiver() -> (u16, std::sync::mpsc::Receiver<(String, String, Vec<u8>)>
 
 /// Traces reach an OpenTelemetry collector over OTLP/HTTP when configured (flushed at a graceful
 /// SIGTERM shutdown); JSON logs are one JSON object per line and carry no query string.
-#[test]
-fn otlp_export_json_logs_and_graceful_shutdown() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_export_json_logs_and_graceful_shutdown() {
     let (otlp_port, spans) = otlp_receiver();
     let dir = TempDir::new();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -363,34 +340,40 @@ fn otlp_export_json_logs_and_graceful_shutdown() {
         .unwrap()
         .port();
     let db = format!("sqlite://{}/y.db", dir.path.display());
-    let child = yiqiao(&dir, &db)
-        .env(
-            "YIQIAO_TELEMETRY__OTLP_ENDPOINT",
-            format!("http://127.0.0.1:{otlp_port}"),
-        )
-        .env("YIQIAO_TELEMETRY__SERVICE_NAME", "yiqiao-under-test")
-        .env("YIQIAO_LOG__FORMAT", "json")
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = wait::spawn(
+        yiqiao_in(&dir, &db)
+            .env(
+                "YIQIAO_TELEMETRY__OTLP_ENDPOINT",
+                format!("http://127.0.0.1:{otlp_port}"),
+            )
+            .env("YIQIAO_TELEMETRY__SERVICE_NAME", "yiqiao-under-test")
+            .env("YIQIAO_LOG__FORMAT", "json")
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+        "`yiqiao serve`",
+    );
     let url = format!("http://127.0.0.1:{port}/fhir/Organization?name=%E5%BC%A0%E4%B8%89");
-    let mut served = false;
-    for _ in 0..100 {
-        if reqwest::blocking_get_json(&url).is_ok() {
-            served = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert!(served, "gateway did not serve");
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = child.wait_with_output().unwrap();
+    let client = client();
+    wait::until(
+        &format!("`yiqiao serve` to answer {url}"),
+        wait::READY,
+        || async {
+            client
+                .get(&url)
+                .send()
+                .await
+                .ok()?
+                .status()
+                .is_success()
+                .then_some(())
+        },
+    )
+    .await;
+    let pid = child.id().unwrap().to_string();
+    let kill = wait::output(wait::command("kill").args(["-TERM", &pid]), "`kill -TERM`").await;
+    assert!(kill.status.success());
+    let out = wait::output_of(child, "`yiqiao serve` after SIGTERM", wait::EXIT).await;
     assert_eq!(out.status.code(), Some(0), "graceful shutdown exits 0");
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -409,9 +392,11 @@ fn otlp_export_json_logs_and_graceful_shutdown() {
         "query strings must not be logged"
     );
 
-    let (path, ct, body) = spans
-        .recv_timeout(std::time::Duration::from_secs(10))
-        .expect("no OTLP export");
+    let (path, ct, body) =
+        tokio::task::spawn_blocking(move || spans.recv_timeout(std::time::Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .expect("no OTLP export within 10 s of the shutdown");
     assert_eq!(path, "/v1/traces");
     assert_eq!(ct, "application/x-protobuf");
     let text = String::from_utf8_lossy(&body);

@@ -10,8 +10,7 @@
 //! chain still verifying. Missing chromium, node or playwright-core fails the test: never skipped.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use yiqiao_registry::audit::alerts;
@@ -21,6 +20,7 @@ use yiqiao_sm::Sm2PrivateKey;
 use crate::auditing::{access_token_for, chain_ok, region_with_patient};
 use crate::helpers::{Backend, TempDir, TestApp, assert_outcome};
 use crate::on_both_backends;
+use crate::wait;
 
 const ACK_NOTE: &str = "checked with the emergency department: admission at night";
 
@@ -61,34 +61,24 @@ async fn run_console_script(
     chromium: &Path,
 ) -> Value {
     let (stdout_path, stderr_path) = (out.join("node.stdout"), out.join("node.stderr"));
-    let mut child = Command::new("node")
-        .arg(dir.join("console.mjs"))
-        .current_dir(dir)
-        .env("CONSOLE_BASE", base)
-        .env("CONSOLE_EXPECT", expect.to_string())
-        .env("CONSOLE_OUT", out)
-        .env("CHROMIUM", chromium)
-        .stdout(std::fs::File::create(&stdout_path).unwrap())
-        .stderr(std::fs::File::create(&stderr_path).unwrap())
-        .spawn()
-        .expect("cannot start node (is Node.js installed?)");
-    let deadline = Instant::now() + SCRIPT_DEADLINE;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let mut child = wait::spawn(
+        wait::command("node")
+            .arg(dir.join("console.mjs"))
+            .current_dir(dir)
+            .env("CONSOLE_BASE", base)
+            .env("CONSOLE_EXPECT", expect.to_string())
+            .env("CONSOLE_OUT", out)
+            .env("CHROMIUM", chromium)
+            .stdout(std::fs::File::create(&stdout_path).unwrap())
+            .stderr(std::fs::File::create(&stderr_path).unwrap()),
+        "node tests/console/console.mjs (is Node.js installed?)",
+    );
+    let status = wait::try_exit(&mut child, "tests/console/console.mjs", SCRIPT_DEADLINE).await;
     let stdout = std::fs::read_to_string(&stdout_path).unwrap_or_default();
     let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
     assert!(
-        status.is_some_and(|s| s.success()),
-        "the console test failed ({status:?}; None: killed after {SCRIPT_DEADLINE:?}):\n{stdout}\n{stderr}"
+        status.as_ref().is_ok_and(|s| s.success()),
+        "the console test failed ({status:?}):\n{stdout}\n{stderr}"
     );
     let result: Value = stdout
         .lines()
@@ -330,6 +320,7 @@ async fn console_assets_and_redirect(backend: Backend) {
     let app = TestApp::spawn_with(backend, crate::auditing::settings).await;
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        .timeout(crate::wait::REQUEST)
         .build()
         .unwrap();
     let resp = client.get(app.url("/console")).send().await.unwrap();

@@ -18,6 +18,7 @@ use crate::helpers::{
     test_settings,
 };
 use crate::on_both_backends;
+use crate::wait;
 
 const LOINC: &str = "http://loinc.org";
 const WST500: &str = "https://yiqiao.health/fhir/CodeSystem/wst500-document";
@@ -1974,9 +1975,10 @@ on_both_backends!(
     kill_minus_nine_mid_delivery_loses_nothing,
 );
 
-fn spawn_gateway(dir: &TempDir, db_url: &str, port: u16) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_yiqiao"))
-        .env_clear()
+/// The real binary serving on `port` (killed when dropped).
+fn spawn_gateway(dir: &TempDir, db_url: &str, port: u16) -> tokio::process::Child {
+    let mut cmd = wait::command(env!("CARGO_BIN_EXE_yiqiao"));
+    cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("YIQIAO_DATA_DIR", &dir.path)
         .env("YIQIAO_DATABASE_URL", db_url)
@@ -1991,24 +1993,8 @@ fn spawn_gateway(dir: &TempDir, db_url: &str, port: u16) -> std::process::Child 
         .current_dir(&dir.path)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-async fn wait_serving(client: &reqwest::Client, port: u16) {
-    for _ in 0..200 {
-        if let Ok(r) = client
-            .get(format!("http://127.0.0.1:{port}/readyz"))
-            .send()
-            .await
-            && r.status() == 200
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("gateway did not become ready");
+        .stderr(std::process::Stdio::null());
+    wait::spawn(&mut cmd, "`yiqiao serve`")
 }
 
 /// The real binary is killed with SIGKILL while a notification is in flight; after a restart
@@ -2022,9 +2008,9 @@ async fn kill_minus_nine_mid_delivery_loses_nothing(backend: Backend) {
         .unwrap()
         .port();
     let mut child = spawn_gateway(&dir, &db.url, port);
-    let client = reqwest::Client::new();
-    wait_serving(&client, port).await;
+    let client = crate::helpers::client();
     let base = format!("http://127.0.0.1:{port}");
+    wait::ready(&client, &base, "`yiqiao serve`").await;
     let as_inst = |req: reqwest::RequestBuilder, n: u32| {
         req.bearer_auth(ADMIN_TOKEN)
             .header("X-On-Behalf-Of", inst_id(n))
@@ -2091,12 +2077,7 @@ async fn kill_minus_nine_mid_delivery_loses_nothing(backend: Backend) {
         rx.acked().is_empty(),
         "the first notification is still in flight"
     );
-    let status = std::process::Command::new("kill")
-        .args(["-KILL", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let _ = child.wait();
+    wait::kill(&mut child, "`yiqiao serve`").await; // SIGKILL
     let before = rx.acked();
     assert!(
         before.len() < 5,
@@ -2104,7 +2085,7 @@ async fn kill_minus_nine_mid_delivery_loses_nothing(backend: Backend) {
     );
     // Restart: the orphaned lease expires and the new process delivers the rest.
     let mut child = spawn_gateway(&dir, &db.url, port);
-    wait_serving(&client, port).await;
+    wait::ready(&client, &base, "the restarted `yiqiao serve`").await;
     rx.set(Behaviour::Ok);
     let acked = rx.wait_acked(5, Duration::from_secs(40)).await;
     let distinct: BTreeSet<i64> = acked.iter().copied().collect();
@@ -2116,7 +2097,6 @@ async fn kill_minus_nine_mid_delivery_loses_nothing(backend: Backend) {
     let mut sorted = acked.clone();
     sorted.sort();
     assert_eq!(acked, sorted, "order kept across the crash: {acked:?}");
-    let _ = child.kill();
-    let _ = child.wait();
+    wait::kill(&mut child, "the restarted `yiqiao serve`").await;
     rx.handle.stop(false).await;
 }

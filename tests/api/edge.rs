@@ -491,7 +491,8 @@ async fn control_characters_in_hl7_and_imports_are_refused(backend: Backend) {
             "--rejects",
             rejects.to_str().unwrap(),
         ],
-    );
+    )
+    .await;
     assert_eq!(
         out.status.code(),
         Some(6),

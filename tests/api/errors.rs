@@ -192,7 +192,10 @@ async fn pool_exhaustion_answers_503_with_retry_after(backend: Backend) {
         let _ = release_rx.recv();
         drop(conn);
     });
-    held_rx.recv().unwrap();
+    tokio::task::spawn_blocking(move || held_rx.recv_timeout(std::time::Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .expect("the holder thread did not check out the only pooled connection within 10 s");
     let started = std::time::Instant::now();
     let resp = app.get("/fhir/Organization").await;
     let waited = started.elapsed();

@@ -19,6 +19,7 @@ use yiqiao_sm::{ENVELOPE_MEDIA_TYPE, Envelope, RecipientKey, RequestBinding};
 
 use crate::helpers::{ADMIN_TOKEN, Backend, TestApp, assert_outcome, test_gateway_key};
 use crate::on_both_backends;
+use crate::wait;
 
 const SEED: u64 = 7;
 
@@ -161,7 +162,7 @@ fn statuses(bundle: &Value) -> Vec<(String, String)> {
 /// The Bundle passes an independent FHIR validator (Python `fhir.resources`, R4B models):
 /// the gateway assembles it from the hospitals' serialised resources, not from one tree.
 /// `body` is the answer's bytes as sent.
-fn fhir_valid(body: &[u8]) {
+async fn fhir_valid(body: &[u8]) {
     let dir = crate::helpers::TempDir::new();
     let file = dir.path.join("bundle.json");
     std::fs::write(&file, body).unwrap();
@@ -169,11 +170,11 @@ fn fhir_valid(body: &[u8]) {
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/interop/validate_fhir.py"
     );
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = wait::output(
+        wait::command("python3").arg(script).arg(&file),
+        "validate_fhir.py",
+    )
+    .await;
     assert!(
         out.status.success(),
         "fhir.resources rejected the Bundle: {}",
@@ -238,7 +239,7 @@ async fn full_fan_out_merges_tags_pages_and_audits(backend: Backend) {
         .bytes()
         .await
         .unwrap();
-    fhir_valid(&raw);
+    fhir_valid(&raw).await;
     let summary = outcome_issues(&obs)[0]["details"]["text"]
         .as_str()
         .unwrap()
@@ -402,7 +403,9 @@ async fn full_fan_out_merges_tags_pages_and_audits(backend: Backend) {
         let valid = yiqiao_registry::directory::validate(&narrow).unwrap();
         let event = auditor.event("create", "C", "Organization/fz-003".into());
         auditor
-            .change(event, |tx, _| yiqiao_registry::directory::create(tx, &valid))
+            .change(event, |tx, _| {
+                yiqiao_registry::directory::create(tx, &valid)
+            })
             .unwrap();
     })
     .await
@@ -495,7 +498,7 @@ async fn consent_engine_decides_each_answer(backend: Backend) {
                 "{text}"
             );
         }
-        fhir_valid(&raw);
+        fhir_valid(&raw).await;
     }
     let store = region.app.state.store.clone();
     let decisions: Vec<Option<String>> = tokio::task::spawn_blocking(move || {
@@ -566,28 +569,30 @@ async fn requester_envelope_is_sealed_to_its_key_and_bound(backend: Backend) {
     std::fs::write(file("me.pem"), my_key.to_pkcs8_pem().unwrap().as_bytes()).unwrap();
     std::fs::write(file("gw.pub.pem"), gateway.to_spki_pem().unwrap()).unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/interop/envelope.py");
-    let out = std::process::Command::new("python3")
-        .args([script, "open", "--method", "GET", "--path", &path])
-        .args([
-            "--requester-id",
-            "fz-004",
-            "--request-id",
-            "req-federation-1",
-        ])
-        .args([
-            "--in",
-            &file("env.json"),
-            "--recipient-key",
-            &file("me.pem"),
-        ])
-        .args([
-            "--sender-pub",
-            &file("gw.pub.pem"),
-            "--out",
-            &file("out.json"),
-        ])
-        .output()
-        .unwrap();
+    let out = wait::output(
+        wait::command("python3")
+            .args([script, "open", "--method", "GET", "--path", &path])
+            .args([
+                "--requester-id",
+                "fz-004",
+                "--request-id",
+                "req-federation-1",
+            ])
+            .args([
+                "--in",
+                &file("env.json"),
+                "--recipient-key",
+                &file("me.pem"),
+            ])
+            .args([
+                "--sender-pub",
+                &file("gw.pub.pem"),
+                "--out",
+                &file("out.json"),
+            ]),
+        "envelope.py open",
+    )
+    .await;
     assert!(
         out.status.success(),
         "{}",
@@ -686,7 +691,7 @@ async fn misbehaving_endpoints_are_reported_and_excluded(backend: Backend) {
     // 503 is retried once; garbage and tampered answers are not retried.
     assert_eq!(region.sim.hits("fz-005"), 2);
     // With its warnings the Bundle is still valid FHIR (checked independently).
-    fhir_valid(&serde_json::to_vec(&b).unwrap());
+    fhir_valid(&serde_json::to_vec(&b).unwrap()).await;
     assert_eq!(region.sim.hits("fz-007"), 1);
     assert_eq!(region.sim.hits("fz-008"), 1);
     region.stop().await;

@@ -15,6 +15,8 @@ use tokio::task::JoinHandle;
 use yiqiao_gateway::config::{Secret, Settings};
 use yiqiao_gateway::{Application, state::AppState};
 
+use crate::wait;
+
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,16 +171,43 @@ pub fn test_gateway_key() -> &'static (PathBuf, yiqiao_sm::Sm2PrivateKey) {
     })
 }
 
-/// Run the `yiqiao` binary against this app's database with the test audit key.
-pub fn yiqiao_cli(app: &TestApp, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_yiqiao"))
-        .args(args)
-        .env_remove("YIQIAO_CONFIG")
-        .env("YIQIAO_DATABASE_URL", app.state.settings.database_url())
-        .env("YIQIAO_AUDIT__SIGNING_KEY_FILE", &test_audit_key().0)
-        .env("YIQIAO_DATA_DIR", std::env::temp_dir())
-        .output()
-        .unwrap()
+/// Run the `yiqiao` binary against this app's database with the test audit key (within
+/// [`wait::RUN`]).
+pub async fn yiqiao_cli(app: &TestApp, args: &[&str]) -> std::process::Output {
+    wait::output(
+        wait::command(env!("CARGO_BIN_EXE_yiqiao"))
+            .args(args)
+            .env_remove("YIQIAO_CONFIG")
+            .env("YIQIAO_DATABASE_URL", app.state.settings.database_url())
+            .env("YIQIAO_AUDIT__SIGNING_KEY_FILE", &test_audit_key().0)
+            .env("YIQIAO_DATA_DIR", std::env::temp_dir()),
+        &format!("`yiqiao {}`", args.join(" ")),
+    )
+    .await
+}
+
+/// The `yiqiao` binary as scripts run it: a clean environment but PATH, `dir` as its data and
+/// working directory, `db_url` as its database.
+pub fn yiqiao_in(dir: &TempDir, db_url: &str) -> tokio::process::Command {
+    let mut cmd = wait::command(env!("CARGO_BIN_EXE_yiqiao"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("YIQIAO_DATA_DIR", &dir.path)
+        .env("YIQIAO_DATABASE_URL", db_url)
+        .current_dir(&dir.path);
+    cmd
+}
+
+/// Run `cmd` to the end within [`wait::RUN`] from a synchronous test: (exit code or -1, stdout,
+/// stderr).
+pub fn run_blocking(cmd: &mut tokio::process::Command) -> (i32, String, String) {
+    let what = format!("`{}`", wait::describe(cmd));
+    let out = wait::output_blocking(cmd, &what);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// One SM2 audit checkpoint key per test process (every replica of every test shares it):
@@ -198,6 +227,14 @@ pub fn test_audit_key() -> &'static (PathBuf, PathBuf) {
         std::fs::write(&public, key.public_key().to_spki_pem().unwrap()).unwrap();
         (private, public)
     })
+}
+
+/// An HTTP client whose requests fail after [`wait::REQUEST`] rather than hang.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(wait::REQUEST)
+        .build()
+        .unwrap()
 }
 
 /// A running gateway with its own database.
@@ -239,7 +276,7 @@ impl TestApp {
         tokio::spawn(app.into_server());
         TestApp {
             base,
-            client: reqwest::Client::new(),
+            client: client(),
             state,
             _db: db,
             server,

@@ -7,6 +7,7 @@
 )]
 
 mod helpers;
+mod wait;
 
 mod audit;
 mod auditing;

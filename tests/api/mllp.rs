@@ -1,9 +1,8 @@
 //! The HL7 v2 MLLP feed: real messages from an independent peer (python-hl7's MLLPClient,
 //! tests/interop/mllp_client.py) on both backends, and hostile peers on raw sockets.
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -16,6 +15,7 @@ use yiqiao_registry::empi::store as empi;
 use crate::auth::tls_material;
 use crate::helpers::{ADMIN_TOKEN, Backend, TempDir, TestApp, institution};
 use crate::on_both_backends;
+use crate::wait;
 
 fn system(n: u32) -> String {
     format!("urn:oid:2.16.156.10011.1.99.{n}")
@@ -81,12 +81,12 @@ fn from(source: &'static str) -> Via {
 
 /// Send messages with python-hl7 over one connection; one parsed ACK per message, and a last
 /// `{"closed": why}` when the server closed the connection first.
-fn send_with(addr: SocketAddr, via: &Via, messages: &[String]) -> Vec<Value> {
+async fn send_via(addr: SocketAddr, via: Via, messages: Vec<String>) -> Vec<Value> {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/interop/mllp_client.py"
     );
-    let mut cmd = Command::new("python3");
+    let mut cmd = wait::command("python3");
     cmd.arg(script)
         .arg(addr.ip().to_string())
         .arg(addr.port().to_string());
@@ -96,19 +96,20 @@ fn send_with(addr: SocketAddr, via: &Via, messages: &[String]) -> Vec<Value> {
     if !via.tls.is_empty() {
         cmd.arg("--tls").args(&via.tls);
     }
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+    let mut child = wait::spawn(
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+        "mllp_client.py",
+    );
+    let mut stdin = child.stdin.take().unwrap();
+    let input = serde_json::to_string(&messages).unwrap();
+    tokio::time::timeout(wait::RUN, stdin.write_all(input.as_bytes()))
+        .await
+        .expect("mllp_client.py did not read its messages")
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(serde_json::to_string(messages).unwrap().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    let out = wait::output_of(child, "mllp_client.py", wait::RUN).await;
     assert!(
         out.status.success(),
         "mllp_client.py: {}",
@@ -117,12 +118,7 @@ fn send_with(addr: SocketAddr, via: &Via, messages: &[String]) -> Vec<Value> {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-async fn send_via(addr: SocketAddr, via: Via, messages: Vec<String>) -> Vec<Value> {
-    tokio::task::spawn_blocking(move || send_with(addr, &via, &messages))
-        .await
-        .unwrap()
-}
-
+/// Send messages from the default address without TLS.
 pub(crate) async fn send_async(addr: SocketAddr, messages: Vec<String>) -> Vec<Value> {
     send_via(addr, Via::default(), messages).await
 }

@@ -1,35 +1,14 @@
 //! `yiqiao mpi import` as scripts use it: the binary against a real database (both
 //! backends): rejects report, idempotent re-runs, resume from the checkpoint, CSV mapping.
 
-use std::process::Command;
-
 use serde_json::{Value, json};
 use yiqiao_registry::empi::ident::check_character;
 use yiqiao_registry::empi::store as empi;
 use yiqiao_registry::{Store, StoreOptions};
 
-use crate::helpers::{Backend, TempDir, TestDb};
+use crate::helpers::{Backend, TempDir, TestDb, run_blocking, yiqiao_in};
 
 const SYSTEM: &str = "urn:oid:2.16.156.10011.1.99.7";
-
-fn yiqiao(dir: &TempDir, db_url: &str) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_yiqiao"));
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("YIQIAO_DATA_DIR", &dir.path)
-        .env("YIQIAO_DATABASE_URL", db_url)
-        .current_dir(&dir.path);
-    cmd
-}
-
-fn run(cmd: &mut Command) -> (i32, String, String) {
-    let out = cmd.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn rid(birth: &str, seq: u32) -> String {
     let first17 = format!("350102{birth}{seq:03}");
@@ -85,7 +64,7 @@ fn rejects(path: &std::path::Path) -> Vec<String> {
 fn import_ndjson_and_csv(backend: Backend) {
     let dir = TempDir::new();
     let db = TestDb::new(backend);
-    let (code, out, err) = run(yiqiao(&dir, &db.url).args([
+    let (code, out, err) = run_blocking(yiqiao_in(&dir, &db.url).args([
         "institution",
         "add",
         "--id",
@@ -122,7 +101,7 @@ fn import_ndjson_and_csv(backend: Backend) {
     let file = dir.path.join("patients.ndjson");
     std::fs::write(&file, lines.join("\n") + "\n").unwrap();
     let import = |extra: &[&str]| {
-        let mut cmd = yiqiao(&dir, &db.url);
+        let mut cmd = yiqiao_in(&dir, &db.url);
         cmd.args([
             "mpi",
             "import",
@@ -132,7 +111,7 @@ fn import_ndjson_and_csv(backend: Backend) {
         ])
         .args(["--format", "ndjson", "--batch", "2", "--no-progress"])
         .args(extra);
-        run(&mut cmd)
+        run_blocking(&mut cmd)
     };
     let (code, out, err) = import(&[]);
     assert_eq!(code, 6, "rows were rejected: {out}{err}");
@@ -206,7 +185,7 @@ fn import_ndjson_and_csv(backend: Backend) {
                C3,周杰,男,1990-02-03,,,\n\
                ,无号,男,1990-02-03,,,\n";
     std::fs::write(dir.path.join("p.csv"), csv).unwrap();
-    let (code, out, err) = run(yiqiao(&dir, &db.url).args([
+    let (code, out, err) = run_blocking(yiqiao_in(&dir, &db.url).args([
         "mpi",
         "import",
         "p.csv",
@@ -237,7 +216,7 @@ fn import_ndjson_and_csv(backend: Backend) {
         "record_number,name,shoe_size\n1,a,42\n",
     )
     .unwrap();
-    let (code, _, err) = run(yiqiao(&dir, &db.url).args([
+    let (code, _, err) = run_blocking(yiqiao_in(&dir, &db.url).args([
         "mpi",
         "import",
         "bad.csv",
@@ -249,7 +228,7 @@ fn import_ndjson_and_csv(backend: Backend) {
     ]));
     assert_eq!(code, 6);
     assert!(err.contains("shoe_size"), "{err}");
-    let (code, _, _) = run(yiqiao(&dir, &db.url).args([
+    let (code, _, _) = run_blocking(yiqiao_in(&dir, &db.url).args([
         "mpi",
         "import",
         "p.csv",

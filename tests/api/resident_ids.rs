@@ -182,7 +182,8 @@ async fn invalid_resident_ids_are_kept_untrusted_on_every_feed(backend: Backend)
             "csv",
             "--no-progress",
         ],
-    );
+    )
+    .await;
     assert!(
         out.status.success(),
         "{}{}",

@@ -4,8 +4,6 @@
 //! offline, the auditors' search says older months are archived, nothing inside the retention
 //! window is touched, and PostgreSQL has partitions ahead.
 
-use std::process::Command;
-
 use chrono::{Duration, NaiveDateTime};
 use diesel::connection::SimpleConnection;
 use serde_json::Value;
@@ -16,6 +14,7 @@ use yiqiao_sm::Sm2PrivateKey;
 
 use crate::helpers::{Backend, TempDir, TestApp, test_audit_key};
 use crate::on_both_backends;
+use crate::wait;
 
 const AUDITOR_TOKEN: &str = "test-auditor-token-9876543210";
 
@@ -24,8 +23,8 @@ fn signer() -> AuditSigner {
     AuditSigner::new(&Sm2PrivateKey::from_pkcs8_pem(&pem).unwrap()).unwrap()
 }
 
-fn yiqiao(app: &TestApp, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = crate::helpers::yiqiao_cli(app, args);
+async fn yiqiao(app: &TestApp, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = crate::helpers::yiqiao_cli(app, args).await;
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -123,9 +122,10 @@ async fn archive_through_the_cli(backend: Backend) {
             "--out",
             out_dir,
         ],
-    );
+    )
+    .await;
     assert_eq!(code, Some(6), "{stderr}");
-    let (code, stdout, stderr) = yiqiao(&app, &["audit", "archive", "--out", out_dir]);
+    let (code, stdout, stderr) = yiqiao(&app, &["audit", "archive", "--out", out_dir]).await;
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
         stdout.contains("archived 2025-01: positions 1..4 (4 records)"),
@@ -154,20 +154,22 @@ async fn archive_through_the_cli(backend: Backend) {
             ),
             ("python3", &[python][..]),
         ] {
-            let out = Command::new(program)
-                .args(first_args)
-                .arg(file)
-                .arg("--public-key")
-                .arg(&test_audit_key().1)
-                .output()
-                .unwrap();
+            let out = wait::output(
+                wait::command(program)
+                    .args(first_args)
+                    .arg(file)
+                    .arg("--public-key")
+                    .arg(&test_audit_key().1),
+                &format!("{program} {}", first_args.join(" ")),
+            )
+            .await;
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(out.status.success(), "{program}: {stderr}");
         }
     }
     // What remains (the recent record and the auditor's own searches) verifies from the
     // last manifest.
-    let (code, stdout, stderr) = yiqiao(&app, &["audit", "verify"]);
+    let (code, stdout, stderr) = yiqiao(&app, &["audit", "verify"]).await;
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
         stdout.contains("positions 1..5 archived (2 signed manifests verified)"),
@@ -219,7 +221,7 @@ async fn archive_through_the_cli(backend: Backend) {
     let after = search(&app, "?date=ge2025-03-01").await;
     assert!(archive_note(&after).is_none());
     // A second run has nothing to do.
-    let (code, stdout, _) = yiqiao(&app, &["audit", "archive", "--out", out_dir]);
+    let (code, stdout, _) = yiqiao(&app, &["audit", "archive", "--out", out_dir]).await;
     assert_eq!(code, Some(0));
     assert!(stdout.contains("nothing to archive"), "{stdout}");
     // A tampered manifest row fails verification.
@@ -231,7 +233,7 @@ async fn archive_through_the_cli(backend: Backend) {
     })
     .await
     .unwrap();
-    let (code, _, stderr) = yiqiao(&app, &["audit", "verify"]);
+    let (code, _, stderr) = yiqiao(&app, &["audit", "verify"]).await;
     assert_eq!(code, Some(7), "{stderr}");
     assert!(
         stderr.contains("position 5: bad-archive-manifest"),
@@ -292,7 +294,7 @@ async fn scheduled_maintenance(backend: Backend) {
     if backend == Backend::Postgres {
         assert!(parts.contains(&ahead), "{parts:?}");
     }
-    let (code, _, stderr) = yiqiao(&app, &["audit", "verify"]);
+    let (code, _, stderr) = yiqiao(&app, &["audit", "verify"]).await;
     assert_eq!(code, Some(0), "{stderr}");
     app.stop().await;
 }
