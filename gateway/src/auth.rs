@@ -67,6 +67,9 @@ pub struct Caller {
     pub purpose: Option<Purpose>,
     /// The end user the institution named with `X-Yiqiao-User` (its staff number), if any.
     pub user: Option<String>,
+    /// The access token's `jti` (`None` for the admin-on-behalf path): the key of its
+    /// rate-limit budget (crate::ratelimit).
+    pub token_id: Option<String>,
 }
 
 /// The `X-Yiqiao-User` value of a request: `Ok(None)` when absent, 400 naming the header when
@@ -226,10 +229,15 @@ impl FromRequest for Caller {
                 via: CallerVia::AdminOnBehalf,
                 purpose: None,
                 user: None,
+                token_id: None,
             })
         };
         Box::pin(async move {
             let mut caller = inner.await?;
+            // Over its token's or institution's budget: 429 before anything else is done.
+            if let Some(token) = caller.token_id.as_deref() {
+                crate::ratelimit::admit_token(&http, caller.institution.id.as_str(), token).await?;
+            }
             caller.user = user?;
             if caller.user.is_some() && caller.via == CallerVia::AdminOnBehalf {
                 return Err(ApiError::invalid_param(
@@ -317,6 +325,7 @@ async fn from_access_token(
         via: CallerVia::AccessToken,
         purpose: Purpose::from_code(&claims.purpose_of_use),
         user: None,
+        token_id: Some(claims.jti),
     })
 }
 

@@ -25,5 +25,6 @@ mod mllp;
 mod mpi_import;
 mod oidc;
 mod ops;
+mod ratelimit;
 mod retention;
 mod roster;
