@@ -22,6 +22,10 @@
 //! for it with its own credential. The admin credential acting on behalf of an institution is
 //! recorded as `admin-token` and may not name a user (400).
 //!
+//! Rate limits: a call with an access token spends from its token's and its institution's
+//! budgets once authenticated (429 beyond them; crate::ratelimit, docs/auth.md). The
+//! admin-on-behalf path is not limited.
+//!
 //! [`Scoped<N>`] puts the scope a handler needs into its signature: `Scoped<PatientRead>`
 //! answers 403 OperationOutcome (and `WWW-Authenticate: Bearer error="insufficient_scope"`)
 //! when the scope is not granted.
