@@ -9,6 +9,8 @@ secs="${1:-10}"; conns="${2:-32}"
 pg_admin="${YIQIAO_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 cargo build --release -q -p yiqiao --bin yiqiao --example bare_actix
 bin=target/release/yiqiao
+# One wrk address reads the public directory: lift its per-address budget (issue 25).
+export YIQIAO_RATE_LIMITS__DIRECTORY_PER_MINUTE=100000000 YIQIAO_RATE_LIMITS__DIRECTORY_BURST=100000000
 work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 dbname="yq_bench_$$"
 psql -q "$pg_admin" -c "DROP DATABASE IF EXISTS $dbname" -c "CREATE DATABASE $dbname"

@@ -56,6 +56,7 @@ bench() { # NAME URL PORT
     --no-progress --checkpoint "$work/$name.cp" --rejects "$work/$name.rejects.csv" | sed 's/^/    /'
   YIQIAO_DATA_DIR="$work" YIQIAO_DATABASE_URL="$url" YIQIAO_ADMIN_TOKEN=bench-admin \
     YIQIAO_LOG__LEVEL=warn YIQIAO_AUTH__IP_PER_MINUTE=100000000 YIQIAO_AUTH__IP_BURST=100000 \
+    YIQIAO_RATE_LIMITS__DIRECTORY_PER_MINUTE=100000000 YIQIAO_RATE_LIMITS__DIRECTORY_BURST=100000000 \
     "$bin" serve --listen "127.0.0.1:$port" &
   local pid=$!
   wait_up "http://127.0.0.1:$port/healthz"

@@ -286,6 +286,7 @@ async fn main() {
         via: CallerVia::AdminOnBehalf,
         purpose: None,
         user: None,
+        token_id: None,
     };
     let store = state.store.clone();
     let candidates: Vec<Candidate> = if documents {

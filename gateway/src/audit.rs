@@ -51,6 +51,11 @@ pub struct Auditor {
     refusals: mpsc::Sender<PreparedEvent>,
     /// Refusals that found the queue full since the last batch (recorded as one summary record).
     not_itemised: Arc<AtomicU64>,
+    /// Public directory reads: recorded without delaying their answer
+    /// (see [`Auditor::record_public`]); its own queue, so they cannot crowd out refusals.
+    public: mpsc::Sender<PreparedEvent>,
+    /// Public reads that found their queue full since the last batch (one summary record).
+    public_not_itemised: Arc<AtomicU64>,
     store: Store,
     opts: AppendOptions,
     signer: Arc<AuditSigner>,
@@ -115,6 +120,8 @@ impl Auditor {
         let (tx, rx) = mpsc::channel(a.queue_capacity.max(1));
         let (refusals, refusal_rx) = mpsc::channel(a.refusal_queue_capacity.max(1));
         let not_itemised = Arc::new(AtomicU64::new(0));
+        let (public, public_rx) = mpsc::channel(a.refusal_queue_capacity.max(1));
+        let public_not_itemised = Arc::new(AtomicU64::new(0));
         let opts = AppendOptions {
             checkpoint_every: a.checkpoint_every.max(1) as i64,
             force_checkpoint: false,
@@ -127,6 +134,7 @@ impl Auditor {
             batch_max: a.batch_max.max(1),
             interval: Duration::from_secs(a.checkpoint_interval_secs.max(1)),
             not_itemised: not_itemised.clone(),
+            public_not_itemised: public_not_itemised.clone(),
             replica: replica.clone(),
         };
         // The writer has a thread of its own and commits there: a record costs two
@@ -141,7 +149,15 @@ impl Auditor {
                     .enable_time()
                     .build()
                 {
-                    Ok(rt) => rt.block_on(writer(w, rx, refusal_rx, stopped)),
+                    Ok(rt) => rt.block_on(writer(
+                        w,
+                        rx,
+                        Unawaited {
+                            refusals: refusal_rx,
+                            public: public_rx,
+                        },
+                        stopped,
+                    )),
                     Err(e) => tracing::error!(cause = %e, "audit writer runtime; data requests answer 503"),
                 }
             });
@@ -157,6 +173,8 @@ impl Auditor {
             tx,
             refusals,
             not_itemised,
+            public,
+            public_not_itemised,
             store,
             opts,
             signer,
@@ -304,6 +322,18 @@ impl Auditor {
         }
         if self.refusals.try_send(PreparedEvent::new(event)).is_err() {
             self.not_itemised.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Record a public directory read (`/fhir/Organization`, `/fhir/Endpoint`: no credential,
+    /// no patient data) WITHOUT waiting for durability, so anonymous readers cannot load the
+    /// group commit that data requests wait on, nor be held up by it. Like refusals: a bounded
+    /// queue of its own (`audit.refusal_queue_capacity`), and public reads take only what
+    /// refusals leave of a quarter of each batch. When the queue is full the read is counted
+    /// and the count recorded as one summary record ("N public directory reads not itemised").
+    pub fn record_public(&self, event: AuditEvent) {
+        if self.public.try_send(PreparedEvent::new(event)).is_err() {
+            self.public_not_itemised.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -467,7 +497,70 @@ struct Writer {
     batch_max: usize,
     interval: Duration,
     not_itemised: Arc<AtomicU64>,
+    public_not_itemised: Arc<AtomicU64>,
     replica: Arc<str>,
+}
+
+/// The queues of records nobody waits for.
+struct Unawaited {
+    refusals: mpsc::Receiver<PreparedEvent>,
+    public: mpsc::Receiver<PreparedEvent>,
+}
+
+/// Unawaited records taken into one batch, and how many refusals and public reads the batch
+/// accounts for (itemised or in a summary): counted again if the batch fails to commit.
+#[derive(Default)]
+struct Taken {
+    events: Vec<PreparedEvent>,
+    refusals: u64,
+    public: u64,
+}
+
+impl Taken {
+    /// Refusals first, then public reads, at most `room` records in all; then one summary
+    /// record for each kind counted (not itemised) since the last batch.
+    fn take(&mut self, q: &mut Unawaited, room: usize, w: &Writer) {
+        while self.events.len() < room {
+            match q.refusals.try_recv() {
+                Ok(r) => {
+                    self.events.push(r);
+                    self.refusals += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        while self.events.len() < room {
+            match q.public.try_recv() {
+                Ok(r) => {
+                    self.events.push(r);
+                    self.public += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        let dropped = w.not_itemised.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            let mut e = AuditEvent::rest("110113", "E", &w.replica);
+            e.type_code = "110113".into();
+            e.outcome = outcome::MINOR_FAILURE.into();
+            e.outcome_desc = Some(format!(
+                "{dropped} refused requests not itemised: the refusal queue was full"
+            ));
+            self.events.push(PreparedEvent::new(e));
+            self.refusals += dropped;
+        }
+        let dropped = w.public_not_itemised.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            let mut e = AuditEvent::rest("read", "R", &w.replica);
+            e.entities
+                .push(EntityRef::query("/fhir/Organization, /fhir/Endpoint"));
+            e.outcome_desc = Some(format!(
+                "{dropped} public directory reads not itemised: their queue was full or their batch failed to commit"
+            ));
+            self.events.push(PreparedEvent::new(e));
+            self.public += dropped;
+        }
+    }
 }
 
 /// Committed batches between two WAL checkpoints by the writer (SQLite): a federated search's
@@ -478,14 +571,15 @@ const WAL_CHECKPOINT_COMMITS: u32 = 32;
 async fn writer(
     w: Writer,
     mut rx: mpsc::Receiver<Job>,
-    mut refusals: mpsc::Receiver<PreparedEvent>,
+    mut unawaited: Unawaited,
     mut stop: oneshot::Receiver<()>,
 ) {
     let mut tick = tokio::time::interval(w.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
-    // Refusals never take more than a quarter of a batch: data requests' records come first.
-    let refusal_room = (w.batch_max / 4).max(1);
+    // Unawaited records (refusals, then public reads) never take more than a quarter of a
+    // batch: data requests' records come first.
+    let room = (w.batch_max / 4).max(1);
     let mut commits = 0u32;
     let mut stopping = false;
     loop {
@@ -493,7 +587,7 @@ async fn writer(
             break;
         }
         let mut jobs = Vec::new();
-        let mut extra: Vec<PreparedEvent> = Vec::new();
+        let mut taken = Taken::default();
         tokio::select! {
             // The last Auditor is going (its senders closed, or the stop): commit what is
             // queued, then end.
@@ -501,7 +595,14 @@ async fn writer(
                 Some(job) => jobs.push(job),
                 None => stopping = true,
             },
-            Some(refusal) = refusals.recv() => extra.push(refusal),
+            Some(refusal) = unawaited.refusals.recv() => {
+                taken.events.push(refusal);
+                taken.refusals += 1;
+            }
+            Some(read) = unawaited.public.recv() => {
+                taken.events.push(read);
+                taken.public += 1;
+            }
             _ = &mut stop, if !stopping => stopping = true,
             _ = tick.tick() => {}
         }
@@ -511,31 +612,16 @@ async fn writer(
                 Err(_) => break,
             }
         }
-        while extra.len() < refusal_room {
-            match refusals.try_recv() {
-                Ok(r) => extra.push(r),
-                Err(_) => break,
-            }
-        }
-        let itemised = extra.len() as u64;
-        let dropped = w.not_itemised.swap(0, Ordering::Relaxed);
-        if dropped > 0 {
-            let mut e = AuditEvent::rest("110113", "E", &w.replica);
-            e.type_code = "110113".into();
-            e.outcome = outcome::MINOR_FAILURE.into();
-            e.outcome_desc = Some(format!(
-                "{dropped} refused requests not itemised: the refusal queue was full"
-            ));
-            extra.push(PreparedEvent::new(e));
-        }
-        let timed = jobs.is_empty() && extra.is_empty();
+        taken.take(&mut unawaited, room, &w);
+        let timed = jobs.is_empty() && taken.events.is_empty();
         if stopping && timed {
             // Nothing left to record; no timed checkpoint on the way out.
             break;
         }
         let (mut events, senders): (Vec<_>, Vec<_>) =
             jobs.into_iter().map(|j| (j.event, j.done)).unzip();
-        events.extend(extra);
+        let (refusals, public) = (taken.refusals, taken.public);
+        events.extend(taken.events);
         // Committed here, on the writer's own thread (nothing else runs on its runtime).
         let result = (|| {
             let mut conn = w.store.conn()?;
@@ -579,11 +665,11 @@ async fn writer(
             Err(e) => e.to_string(),
         };
         if !timed {
-            tracing::error!(records = senders.len(), refusals = itemised + dropped, cause = %failure, "audit append failed; requests answer 503");
+            tracing::error!(records = senders.len(), refusals, public_reads = public, cause = %failure, "audit append failed; requests answer 503");
         }
-        // Refusals that could not be written are counted into the next summary record.
-        w.not_itemised
-            .fetch_add(itemised + dropped, Ordering::Relaxed);
+        // Unawaited records that could not be written are counted into the next summaries.
+        w.not_itemised.fetch_add(refusals, Ordering::Relaxed);
+        w.public_not_itemised.fetch_add(public, Ordering::Relaxed);
         for done in senders {
             let _ = done.send(Err(failure.clone()));
         }

@@ -22,6 +22,10 @@
 //! for it with its own credential. The admin credential acting on behalf of an institution is
 //! recorded as `admin-token` and may not name a user (400).
 //!
+//! Rate limits: a call with an access token spends from its token's and its institution's
+//! budgets once authenticated (429 beyond them; crate::ratelimit, docs/auth.md). The
+//! admin-on-behalf path is not limited.
+//!
 //! [`Scoped<N>`] puts the scope a handler needs into its signature: `Scoped<PatientRead>`
 //! answers 403 OperationOutcome (and `WWW-Authenticate: Bearer error="insufficient_scope"`)
 //! when the scope is not granted.
@@ -70,6 +74,9 @@ pub struct Caller {
     pub purpose: Option<Purpose>,
     /// The end user the institution named with `X-Yiqiao-User` (its staff number), if any.
     pub user: Option<String>,
+    /// The access token's `jti` (`None` for the admin-on-behalf path): the key of its
+    /// rate-limit budget (crate::ratelimit).
+    pub token_id: Option<String>,
 }
 
 /// The `X-Yiqiao-User` value of a request: `Ok(None)` when absent, 400 naming the header when
@@ -105,6 +112,7 @@ impl Caller {
             via: CallerVia::Feed,
             purpose: None,
             user: None,
+            token_id: None,
         }
     }
 
@@ -240,10 +248,15 @@ impl FromRequest for Caller {
                 via: CallerVia::AdminOnBehalf,
                 purpose: None,
                 user: None,
+                token_id: None,
             })
         };
         Box::pin(async move {
             let mut caller = inner.await?;
+            // Over its token's or institution's budget: 429 before anything else is done.
+            if let Some(token) = caller.token_id.as_deref() {
+                crate::ratelimit::admit_token(&http, caller.institution.id.as_str(), token).await?;
+            }
             caller.user = user?;
             if caller.user.is_some() && caller.via == CallerVia::AdminOnBehalf {
                 return Err(ApiError::invalid_param(
@@ -331,6 +344,7 @@ async fn from_access_token(
         via: CallerVia::AccessToken,
         purpose: Purpose::from_code(&claims.purpose_of_use),
         user: None,
+        token_id: Some(claims.jti),
     })
 }
 

@@ -94,6 +94,9 @@ pub struct Settings {
     pub subscriptions: SubscriptionSettings,
     #[serde(default)]
     pub mllp: MllpSettings,
+    /// Rate limits on API calls and public directory reads (crate::ratelimit, docs/auth.md).
+    #[serde(default)]
+    pub rate_limits: crate::ratelimit::RateLimitSettings,
 }
 
 /// A second listener with TLS that asks institutions for client certificates (mutual TLS,
@@ -400,7 +403,8 @@ pub struct AuditSettings {
     /// Name of this replica in AuditEvent.source. Empty: $HOSTNAME, else "gateway".
     pub replica_id: String,
     /// Refused requests (401/403) waiting to be recorded. When full, further refusals are
-    /// counted and recorded as one summary record instead of one record each.
+    /// counted and recorded as one summary record instead of one record each. Public directory
+    /// reads have a queue of their own of the same size.
     pub refusal_queue_capacity: usize,
     /// Seconds between anomaly scans of the trail on this replica (0: this replica does not scan).
     pub alert_scan_interval_secs: u64,
@@ -503,7 +507,7 @@ pub struct AuthSettings {
 }
 
 /// A rate and burst.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
     pub per_minute: u32,
@@ -625,6 +629,7 @@ impl Default for Settings {
             },
             consent: ConsentSettings::default(),
             mllp: MllpSettings::default(),
+            rate_limits: Default::default(),
         }
     }
 }
@@ -922,6 +927,9 @@ impl Settings {
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return bad("log.level", &e.to_string());
+        }
+        if let Err((key, why)) = self.rate_limits.check() {
+            return bad(&key, why);
         }
         Ok(())
     }

@@ -23,6 +23,7 @@ pub mod mtls;
 pub mod oauth;
 pub mod oidc;
 pub mod policy;
+pub mod ratelimit;
 pub mod report;
 pub mod retention;
 pub mod routes;

@@ -1138,8 +1138,8 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// SIGKILL the real gateway while clients read data; after a restart every 2xx answer the
-/// clients received has its audit record (by request id) and the chain verifies.
+/// SIGKILL the real gateway while clients read patient data; after a restart every 2xx answer
+/// the clients received has its audit record (by request id) and the chain verifies.
 async fn kill_9_under_load_loses_no_answered_record(backend: Backend) {
     let db = TestDb::new(backend);
     let dir = TempDir::new();
@@ -1167,8 +1167,12 @@ async fn kill_9_under_load_loses_no_answered_record(backend: Backend) {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let id = format!("kill9-{t}-{i}");
                 i += 1;
+                // A clinical read (PDQm search for hosp-001): answered only once its record
+                // is durable. (Public directory reads are recorded without waiting.)
                 let sent = client
-                    .get(format!("{base}/fhir/Organization/hosp-001"))
+                    .get(format!("{base}/fhir/Patient?family=%E7%8E%8B"))
+                    .bearer_auth(ADMIN_TOKEN)
+                    .header("X-On-Behalf-Of", "hosp-001")
                     .header("X-Request-Id", &id)
                     .send()
                     .await;

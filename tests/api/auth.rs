@@ -14,13 +14,12 @@ use ring::signature::{
 };
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
-use yiqiao_gateway::config::{RateLimit, Secret, Settings};
+use yiqiao_gateway::config::{RateLimit, Settings};
 use yiqiao_registry::auth::{AuthEvent, list_events};
 use yiqiao_sm::{DEFAULT_SIGNER_ID, Sm2PrivateKey, sign_jws};
 
 use crate::helpers::{
-    ADMIN_TOKEN, Backend, TempDir, TestApp, TestDb, assert_outcome, institution, redis_url,
-    test_settings,
+    ADMIN_TOKEN, Backend, TempDir, TestApp, TestDb, assert_outcome, institution, replica_settings,
 };
 use crate::wait;
 
@@ -98,7 +97,7 @@ fn ec_key(alg: &'static EcdsaSigningAlgorithm, crv: &str, kid: &str) -> EcKey {
 }
 
 /// An institution's keys: RSA (kid rs), P-256 (es256), P-384 (es384), SM2 (sm2).
-struct ClientKeys {
+pub(crate) struct ClientKeys {
     rsa: &'static RsaKey,
     es256: EcKey,
     es384: EcKey,
@@ -106,7 +105,7 @@ struct ClientKeys {
 }
 
 impl ClientKeys {
-    async fn new(prefix: &str) -> ClientKeys {
+    pub(crate) async fn new(prefix: &str) -> ClientKeys {
         ClientKeys {
             rsa: rsa_key().await,
             es256: ec_key(
@@ -124,7 +123,7 @@ impl ClientKeys {
     }
 
     /// Registration JSON for institution `n` with these keys (kids prefixed).
-    fn registration(&self, n: u32, prefix: &str) -> Value {
+    pub(crate) fn registration(&self, n: u32, prefix: &str) -> Value {
         let mut body = institution(n);
         let mut rsa = self.rsa.jwk.clone();
         rsa["kid"] = json!(format!("{prefix}rs"));
@@ -141,7 +140,7 @@ impl ClientKeys {
     }
 
     /// A signed assertion. `alg` picks the key; `kid` is put in the header as given.
-    fn sign(&self, alg: &str, kid: &str, claims: &Value) -> String {
+    pub(crate) fn sign(&self, alg: &str, kid: &str, claims: &Value) -> String {
         let encoding = match alg {
             "RS256" | "RS384" => EncodingKey::from_rsa_pem(self.rsa.private_pem.as_bytes()),
             "ES256" => Ok(EncodingKey::from_ec_der(&self.es256.pkcs8)),
@@ -173,7 +172,7 @@ fn token_url(app: &TestApp) -> String {
     format!("{}/oauth2/token", app.state.base_url)
 }
 
-fn claims(app: &TestApp, iss: &str) -> Value {
+pub(crate) fn claims(app: &TestApp, iss: &str) -> Value {
     let now = now();
     json!({"iss": iss, "sub": iss, "aud": token_url(app), "iat": now, "exp": now + 240,
            "jti": uuid::Uuid::new_v4().to_string()})
@@ -188,7 +187,7 @@ async fn request_token(app: &TestApp, form: &[(&str, &str)]) -> reqwest::Respons
         .unwrap()
 }
 
-async fn token_with(app: &TestApp, assertion: &str, scope: &str) -> reqwest::Response {
+pub(crate) async fn token_with(app: &TestApp, assertion: &str, scope: &str) -> reqwest::Response {
     request_token(
         app,
         &[
@@ -226,7 +225,7 @@ fn events(app: &TestApp) -> Vec<AuthEvent> {
     list_events(&mut conn, None, 10_000).unwrap()
 }
 
-async fn register(app: &TestApp, body: &Value) {
+pub(crate) async fn register(app: &TestApp, body: &Value) {
     let resp = app.admin_post("/admin/institutions", body).await;
     assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
 }
@@ -573,7 +572,6 @@ async fn rejected_assertions_yield_oauth_errors_and_audit_records(backend: Backe
         f
     };
     for (f, status, error) in [
-        (form(None, "client_credentials"), 400, "invalid_request"),
         (
             form(Some("FUN"), "client_credentials"),
             400,
@@ -596,6 +594,14 @@ async fn rejected_assertions_yield_oauth_errors_and_audit_records(backend: Backe
         .await
         .unwrap();
     assert_oauth_error(resp, 400, "invalid_request").await;
+    // A stock SMART Backend Services client sends no purpose_of_use: its token carries the
+    // configured default (consent.default_purpose, TREAT) instead of being refused.
+    let f = form(None, "client_credentials");
+    let refs: Vec<(&str, &str)> = f.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let resp = request_token(&app, &refs).await;
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["purpose_of_use"], "TREAT", "{body}");
     assert_eq!(events(&app).len(), expected_events + 4);
     app.stop().await;
 }
@@ -1255,10 +1261,7 @@ async fn two_replicas_share_keys_replay_cache_and_rate_limit() {
     let url = db.url.clone();
     let prefix = format!("yqtest:{}:", uuid::Uuid::new_v4().simple());
     let settings = || {
-        let mut s = test_settings(&url);
-        s.public_url = "http://gateway.test".into();
-        s.redis.url = Secret::new(redis_url());
-        s.redis.key_prefix = prefix.clone();
+        let mut s = replica_settings(&url, &prefix);
         s.auth.ip_burst = 1000;
         s.auth.institution_limits.insert(
             "hosp-001".into(),

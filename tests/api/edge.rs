@@ -422,6 +422,7 @@ async fn control_characters_in_hl7_and_imports_are_refused(backend: Backend) {
     let app = TestApp::spawn_with(backend, |s| {
         s.mllp.enabled = true;
         s.mllp.listen = "127.0.0.1:0".parse().unwrap();
+        s.mllp.allow = crate::mllp::allow(&[("127.0.0.1", "hosp-001"), ("127.0.0.1", "hosp-002")]);
     })
     .await;
     let mut inst = institution(1);

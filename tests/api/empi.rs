@@ -344,7 +344,8 @@ async fn pdqm_filters(backend: Backend) {
         ("name=zhou", 0),
         ("birthdate=1980-03-15", 1),
         ("birthdate=1980-03-16", 0),
-        ("gender=male", 1),
+        ("gender=male&name=jianguo", 1),
+        ("gender=female&name=jianguo", 0),
         ("gender=female&family=李", 0),
         ("identifier=A1", 1),
         (&format!("identifier={}|B1", system(2)), 1),
@@ -352,12 +353,21 @@ async fn pdqm_filters(backend: Backend) {
         (&format!("identifier={RID_SYSTEM}|{id}"), 1),
         ("telecom=13700001111", 1),
         ("telecom=+86%20137%200000%201111", 1),
-        ("", 2),
+        ("name=i", 2),
     ] {
         assert_eq!(search_count(&app, query).await, expected, "{query}");
     }
+    // A search must name whom it looks for: no criterion, or only gender, is refused.
+    for query in ["", "gender=male", "_count=1"] {
+        assert_outcome(
+            get_as(&app, 1, &format!("/fhir/Patient?{query}")).await,
+            400,
+            "invalid-parameter",
+        )
+        .await;
+    }
     // Paging.
-    let b: Value = get_as(&app, 1, "/fhir/Patient?_count=1")
+    let b: Value = get_as(&app, 1, "/fhir/Patient?name=i&_count=1")
         .await
         .json()
         .await
@@ -603,7 +613,16 @@ async fn match_scores_and_grades(backend: Backend) {
     .unwrap();
     assert_eq!(one["entry"].as_array().unwrap().len(), 1);
     // Nothing was stored by $match.
-    assert_eq!(search_count(&app, "").await, 3);
+    let store = app.state.store.clone();
+    let stored: i64 = tokio::task::spawn_blocking(move || {
+        use diesel::prelude::*;
+        use yiqiao_registry::store::schema::empi_source_records as records;
+        let mut conn = store.conn().unwrap();
+        records::table.count().get_result(&mut *conn).unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(stored, 3);
     // Invalid input names the parameter.
     let out = assert_outcome(
         post_as(

@@ -653,7 +653,8 @@ async fn hl7_admit_discharge_cancel(backend: Backend) {
         diesel::RunQueryDsl::load(
             diesel::sql_query(
                 "SELECT subtype_code, agent_institution, patient_id FROM audit_events \
-                 WHERE agent_user LIKE 'mllp:%' AND resource LIKE '%Encounter/%' ORDER BY seq",
+                 WHERE agent_user LIKE 'mllp:%' AND resource LIKE '%Encounter/%' \
+                 AND outcome = '0' ORDER BY seq",
             ),
             &mut *conn,
         )

@@ -151,6 +151,21 @@ pub fn test_settings(db_url: &str) -> Settings {
     // Bulk loads in tests share one SQLite file with the audit writer and the delivery worker on
     // a loaded 2-core machine: allow a longer wait for the write lock than the default.
     s.database.sqlite_busy_timeout_ms = 20_000;
+    // API rate limits stay on (every call takes the check) with budgets no other test reaches;
+    // tests/api/ratelimit.rs sets its own.
+    s.rate_limits.token_burst = 1_000_000;
+    s.rate_limits.institution_burst = 1_000_000;
+    s.rate_limits.directory_burst = 1_000_000;
+    s
+}
+
+/// Settings of one of several replicas over `db_url` sharing one Redis under `prefix` and one
+/// public URL (so a token issued by one is valid at the others).
+pub fn replica_settings(db_url: &str, prefix: &str) -> Settings {
+    let mut s = test_settings(db_url);
+    s.public_url = "http://gateway.test".into();
+    s.redis.url = Secret::new(redis_url());
+    s.redis.key_prefix = prefix.to_string();
     s
 }
 

@@ -27,6 +27,7 @@ mod mllp;
 mod mpi_import;
 mod oidc;
 mod ops;
+mod ratelimit;
 mod resident_ids;
 mod retention;
 mod roster;

@@ -409,14 +409,15 @@ async fn feed_registers_updates_and_merges(backend: Backend) {
     .await
     .unwrap();
 
-    // Every accepted registration and merge is audited, attributed to the hospital.
+    // Every accepted registration and merge is audited, attributed to the hospital (refused
+    // changes are recorded too, with a failure outcome: not counted here).
     let store = app.state.store.clone();
     let rows: Vec<AuditRow> = tokio::task::spawn_blocking(move || {
         let mut conn = store.conn().unwrap();
         diesel::RunQueryDsl::load(
             diesel::sql_query(
                 "SELECT subtype_code, agent_institution FROM audit_events \
-                 WHERE agent_user LIKE 'mllp:%' ORDER BY seq",
+                 WHERE agent_user LIKE 'mllp:%' AND outcome = '0' ORDER BY seq",
             ),
             &mut *conn,
         )

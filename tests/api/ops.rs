@@ -213,6 +213,14 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
             let code = interaction["code"].as_str().unwrap();
             let req = match code {
                 "read" => app.client.get(app.url(&format!("/fhir/{ty}/{read_id}"))),
+                // Searches name a criterion: a patient search needs a demographic one, and a
+                // member searches consents by a patient it holds.
+                "search-type" if ty == "Patient" => {
+                    app.client.get(app.url("/fhir/Patient?family=x"))
+                }
+                "search-type" if ty == "Consent" => app
+                    .client
+                    .get(app.url(&format!("/fhir/Consent?patient=Patient/{patient_id}"))),
                 "search-type" => app.client.get(app.url(&format!("/fhir/{ty}"))),
                 "create" if ty == "Consent" => {
                     app.client.post(app.url("/fhir/Consent")).json(&consent)
@@ -282,9 +290,16 @@ async fn health_metrics_and_capability_statement(backend: Backend) {
                 _ if name == "purpose" => "TREAT",
                 _ => "x",
             };
+            // Gender alone is not a criterion a patient search accepts; a member searches
+            // consents by a patient it holds.
+            let extra = match (ty, name) {
+                ("Patient", "gender" | "_count" | "_offset") => "&family=x".to_string(),
+                ("Consent", n) if n != "patient" => format!("&patient=Patient/{patient_id}"),
+                _ => String::new(),
+            };
             let resp = as_member(
                 app.client
-                    .get(app.url(&format!("/fhir/{ty}?{name}={value}"))),
+                    .get(app.url(&format!("/fhir/{ty}?{name}={value}{extra}"))),
                 ty,
             )
             .send()

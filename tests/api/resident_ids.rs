@@ -27,6 +27,7 @@ async fn app(backend: Backend) -> TestApp {
     let app = TestApp::spawn_with(backend, |s| {
         s.mllp.enabled = true;
         s.mllp.listen = "127.0.0.1:0".parse().unwrap();
+        s.mllp.allow = crate::mllp::allow(&[("127.0.0.1", "hosp-001"), ("127.0.0.1", "hosp-002")]);
     })
     .await;
     for n in 1..=2 {

@@ -1,4 +1,11 @@
 //! FHIR read views of the directory: `Organization` and `Endpoint` under `/fhir`.
+//!
+//! Public: no credential is needed (the directory lists the members of the exchange and their
+//! FHIR base URLs; no patient data). Each read spends from its client address's budget
+//! (`rate_limits.directory_per_minute`, 429 beyond it) and is recorded in the audit trail
+//! WITHOUT waiting for the record to be durable (`Auditor::record_public`: a bounded queue,
+//! counted when full), so anonymous readers cannot load the group commit that data requests
+//! wait on. See docs/audit.md and docs/auth.md.
 
 use std::collections::HashMap;
 
@@ -7,6 +14,7 @@ use yiqiao_registry::directory::{self, InstitutionFilter, InstitutionKind, Insti
 
 use crate::error::ApiError;
 use crate::fhir;
+use crate::ratelimit::{admit_public, client_address};
 use crate::routes::{check_params, paging};
 use crate::state::AppState;
 
@@ -14,31 +22,43 @@ fn fhir_ok(body: serde_json::Value) -> HttpResponse {
     HttpResponse::Ok().content_type(fhir::FHIR_JSON).json(body)
 }
 
+/// Record a public read without waiting for it (module docs), with the client's address.
+fn record(state: &AppState, req: &HttpRequest, mut event: yiqiao_registry::audit::AuditEvent) {
+    event.agent_address = client_address(req);
+    state.auditor.record_public(event);
+}
+
 /// Read one Organization.
 #[utoipa::path(get, path = "/fhir/Organization/{id}", tag = "fhir",
     params(("id" = String, Path)),
-    responses((status = 200, description = "FHIR Organization"), (status = 404, description = "OperationOutcome")))]
+    responses((status = 200, description = "FHIR Organization"), (status = 404, description = "OperationOutcome"),
+        (status = 429, description = "Too many directory reads from this address (Retry-After); OperationOutcome rate-limited")))]
 pub async fn read_organization(
     state: web::Data<AppState>,
+    req: HttpRequest,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    admit_public(&req).await?;
     let id = id.into_inner();
     let inst = state.db(move |conn| directory::get(conn, &id)).await?;
     let event = state
         .auditor
         .read_event(format!("Organization/{}", inst.id));
-    state.auditor.record(event).await?;
+    record(&state, &req, event);
     Ok(fhir_ok(fhir::organization(&inst)))
 }
 
 /// Read one Endpoint (the institution's FHIR base URL).
 #[utoipa::path(get, path = "/fhir/Endpoint/{id}", tag = "fhir",
     params(("id" = String, Path)),
-    responses((status = 200, description = "FHIR Endpoint"), (status = 404, description = "OperationOutcome")))]
+    responses((status = 200, description = "FHIR Endpoint"), (status = 404, description = "OperationOutcome"),
+        (status = 429, description = "Too many directory reads from this address (Retry-After); OperationOutcome rate-limited")))]
 pub async fn read_endpoint(
     state: web::Data<AppState>,
+    req: HttpRequest,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    admit_public(&req).await?;
     let id = id.into_inner();
     let lookup = id.clone();
     let inst = state.db(move |conn| directory::get(conn, &lookup)).await?;
@@ -46,7 +66,7 @@ pub async fn read_endpoint(
         ApiError::not_found(format!("institution {id} has no registered endpoint"))
     })?;
     let event = state.auditor.read_event(format!("Endpoint/{}", inst.id));
-    state.auditor.record(event).await?;
+    record(&state, &req, event);
     Ok(fhir_ok(body))
 }
 
@@ -162,6 +182,7 @@ async fn search(
     known: &[&str],
     view: fn(&yiqiao_registry::directory::Institution) -> Option<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
+    admit_public(&req).await?;
     check_params(&query, known)?;
     let (count, offset) = paging(&query, 50, 500)?;
     let mut filter = filter_from(&query, count, offset)?;
@@ -198,7 +219,7 @@ async fn search(
         q => format!("{}?{q}", req.path()),
     };
     let event = state.auditor.search_event(query_text);
-    state.auditor.record(event).await?;
+    record(&state, &req, event);
     Ok(fhir_ok(fhir::searchset(
         &state.base_url,
         &self_url,
@@ -215,7 +236,8 @@ async fn search(
         ("type" = Option<String>, Query, description = "Institution kind code"),
         ("_count" = Option<i64>, Query), ("_offset" = Option<i64>, Query),
     ),
-    responses((status = 200, description = "searchset Bundle"), (status = 400, description = "OperationOutcome")))]
+    responses((status = 200, description = "searchset Bundle"), (status = 400, description = "OperationOutcome"),
+        (status = 429, description = "Too many directory reads from this address (Retry-After); OperationOutcome rate-limited")))]
 pub async fn search_organizations(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -237,7 +259,8 @@ pub async fn search_organizations(
         ("organization" = Option<String>, Query), ("status" = Option<String>, Query), ("name" = Option<String>, Query),
         ("_count" = Option<i64>, Query), ("_offset" = Option<i64>, Query),
     ),
-    responses((status = 200, description = "searchset Bundle"), (status = 400, description = "OperationOutcome")))]
+    responses((status = 200, description = "searchset Bundle"), (status = 400, description = "OperationOutcome"),
+        (status = 429, description = "Too many directory reads from this address (Retry-After); OperationOutcome rate-limited")))]
 pub async fn search_endpoints(
     state: web::Data<AppState>,
     req: HttpRequest,

@@ -55,7 +55,7 @@ use crate::routes::{
                         auditing::FlagView, auditing::ChainStatus, auditing::ChainProblem,
                         auditing::DailyStats, auditing::DailyRow,
                         crate::console::ConsoleSession)),
-    modifiers(&SecurityAddon, &FederatedPaths),
+    modifiers(&SecurityAddon, &FederatedPaths, &RateLimitedPaths),
     tags(
         (name = "operations", description = "Health, readiness, metrics"),
         (name = "directory", description = "Institution directory administration"),
@@ -95,6 +95,48 @@ impl utoipa::Modify for SecurityAddon {
                     .build(),
             ),
         );
+    }
+}
+
+/// 429 on every operation that takes a member's access token (crate::ratelimit): all of `/fhir`
+/// but the public directory (which documents its own per-address 429) and the auditors'
+/// `AuditEvent` read, and `/oauth2/whoami`, `/oauth2/events`.
+struct RateLimitedPaths;
+
+impl utoipa::Modify for RateLimitedPaths {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::ResponseBuilder;
+        let response = ResponseBuilder::new()
+            .description(
+                "Over the access token's or the institution's rate limit: OperationOutcome rate-limited, with Retry-After, RateLimit-Limit and RateLimit-Remaining: 0",
+            )
+            .build();
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let limited = (path.starts_with("/fhir")
+                && !path.starts_with("/fhir/Organization")
+                && !path.starts_with("/fhir/Endpoint")
+                && path != "/fhir/AuditEvent/{id}")
+                || path == "/oauth2/whoami"
+                || path == "/oauth2/events";
+            if !limited {
+                continue;
+            }
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                op.responses
+                    .responses
+                    .entry("429".into())
+                    .or_insert_with(|| response.clone().into());
+            }
+        }
     }
 }
 

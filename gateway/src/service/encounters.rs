@@ -31,6 +31,8 @@ pub fn upsert_in(
     if !closed(new.status)
         && let Some(stored) = store::find(tx.conn(), &new.institution_id, &new.identifier)?
         && closed(stored.status)
+        // A stale If-Match is answered 412 by the store first.
+        && !matches!(pre, Precondition::Version(v) if v != stored.version)
     {
         return Err(ApiError::new(
             ErrorCode::Conflict,
