@@ -27,7 +27,9 @@ export YIQIAO_DATA_DIR="$work" YIQIAO_DATABASE_URL="${BENCH_DATABASE_URL:-sqlite
   YIQIAO_ADMIN_TOKEN=bench-admin-token YIQIAO_LOG__LEVEL=warn \
   YIQIAO_DATABASE__POOL_SIZE=32 YIQIAO_FEDERATION__MAX_CONCURRENCY=8192 \
   YIQIAO_FEDERATION__MAX_CONCURRENCY_PER_ENDPOINT=256 YIQIAO_FEDERATION__POOL_MAX_IDLE_PER_HOST=512 \
-  YIQIAO_FEDERATION__ENDPOINT_TIMEOUT_MS=10000 YIQIAO_FEDERATION__OVERALL_TIMEOUT_MS=15000
+  YIQIAO_FEDERATION__ENDPOINT_TIMEOUT_MS=10000 YIQIAO_FEDERATION__OVERALL_TIMEOUT_MS=15000 \
+  YIQIAO_OUTBOUND__ALLOW_HTTP=true YIQIAO_OUTBOUND__ALLOW_CIDRS='["127.0.0.0/8"]'
+# (the simulated hospitals listen on plain HTTP at 127.0.0.1, refused by the default policy)
 wait_up() { for _ in $(seq 1 600); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.2; done; echo "nothing at $1" >&2; exit 1; }
 
 "$bin" sim --institutions 300 --patients "$persons" --min-sites 5 --max-sites 20 \

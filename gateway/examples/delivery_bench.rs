@@ -7,7 +7,7 @@
 //! Defaults: BACKLOG 1000 documents, 10 subscribers, RATE 5 documents/s for 30 SECONDS.
 //!
 //! Two gateways in this process share the database: R (delivery worker off) and W (worker
-//! on, default subscription settings except `allow_http`). A webhook receiver (actix-web,
+//! on, default subscription settings; `[outbound]` allows http to 127.0.0.0/8). A webhook receiver (actix-web,
 //! 2 workers, answers 200) records every notification: its subscription and event number
 //! (from `Idempotency-Key`), the event's `timestamp` (the event row's `created_at`, written
 //! in the registration's transaction just before it commits) and the arrival time.
@@ -252,7 +252,8 @@ async fn main() {
     s.database.url = Secret::new(url.clone());
     s.database.pool_size = 8;
     s.http.workers = 2;
-    s.subscriptions.allow_http = true;
+    s.outbound.allow_http = true;
+    s.outbound.allow_cidrs = vec!["127.0.0.0/8".into()];
     let mut reg_settings = s.clone();
     reg_settings.subscriptions.worker = false;
     let (reg, _) = support::start(reg_settings).await;

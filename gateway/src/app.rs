@@ -282,13 +282,16 @@ impl Application {
             store.clone(),
             redis.clone(),
         )?);
-        let federation = federation::Federation::new(&settings)?;
+        let outbound = crate::outbound::OutboundPolicy::new(&settings.outbound)?;
+        let federation = federation::Federation::new(&settings, &outbound)?;
         let documents = Arc::new(crate::documents::DocumentRuntime::new(
             &settings.documents,
             &settings.subscriptions,
+            &outbound,
             auditor.replica(),
         )?);
         let state = AppState {
+            outbound,
             policy,
             federation,
             documents,

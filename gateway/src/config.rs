@@ -97,6 +97,10 @@ pub struct Settings {
     /// Rate limits on API calls and public directory reads (crate::ratelimit, docs/auth.md).
     #[serde(default)]
     pub rate_limits: crate::ratelimit::RateLimitSettings,
+    /// Policy for the URLs the gateway calls: attachments, webhooks, federation endpoints
+    /// (crate::outbound, docs/outbound.md).
+    #[serde(default)]
+    pub outbound: crate::outbound::OutboundSettings,
 }
 
 /// A second listener with TLS that asks institutions for client certificates (mutual TLS,
@@ -335,8 +339,6 @@ pub struct SubscriptionSettings {
     pub backoff_max_ms: u64,
     /// Most deliveries one worker claims at a time (at most one per subscription).
     pub claim_batch: i64,
-    /// Accept `http://` webhook endpoints (tests, closed networks); otherwise https only.
-    pub allow_http: bool,
 }
 
 impl Default for SubscriptionSettings {
@@ -350,7 +352,6 @@ impl Default for SubscriptionSettings {
             backoff_initial_ms: 1000,
             backoff_max_ms: 300_000,
             claim_batch: 32,
-            allow_http: false,
         }
     }
 }
@@ -630,6 +631,7 @@ impl Default for Settings {
             consent: ConsentSettings::default(),
             mllp: MllpSettings::default(),
             rate_limits: Default::default(),
+            outbound: Default::default(),
         }
     }
 }
@@ -695,6 +697,9 @@ impl Settings {
         }
         if self.http.max_body_bytes < 1024 {
             return bad("http.max_body_bytes", "must be at least 1024");
+        }
+        if let Err((key, why)) = self.outbound.check() {
+            return bad(&key, &why);
         }
         let url = self.database.url.expose();
         if let Err(e) = yiqiao_registry::Backend::from_url(url)

@@ -159,6 +159,17 @@ pub fn run(mut settings: Settings, institutions: u32) -> Result<(), Failure> {
     if !settings.admin_token.is_set() {
         settings.admin_token = Secret::new(random_token()?);
     }
+    // The simulated hospitals listen on plain HTTP at 127.0.0.1, which the default outbound
+    // policy refuses: the demo region allow-lists exactly that.
+    settings.outbound.allow_http = true;
+    if !settings
+        .outbound
+        .allow_cidrs
+        .iter()
+        .any(|c| c == "127.0.0.0/8")
+    {
+        settings.outbound.allow_cidrs.push("127.0.0.0/8".into());
+    }
     let store = Store::open(&settings.store_options())?;
     store
         .migrate()

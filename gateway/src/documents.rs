@@ -184,6 +184,7 @@ impl DocumentRuntime {
     pub fn new(
         docs: &DocumentsSettings,
         subs: &SubscriptionSettings,
+        outbound: &crate::outbound::OutboundPolicy,
         replica: &str,
     ) -> anyhow::Result<DocumentRuntime> {
         let table = if docs.code_file.is_empty() {
@@ -197,7 +198,8 @@ impl DocumentRuntime {
         let codes = table
             .restrict(&docs.type_systems)
             .map_err(|e| anyhow::anyhow!("documents.type_systems: {e}"))?;
-        let http = reqwest::Client::builder()
+        let http = outbound
+            .client_builder()
             .timeout(Duration::from_millis(subs.request_timeout_ms.max(1)))
             .build()
             .map_err(|e| anyhow::anyhow!("HTTP client: {e}"))?;
@@ -442,10 +444,17 @@ async fn attempt(state: &AppState, c: &Claimed) -> AttemptResult {
         "event-notification",
         &status,
     );
+    let endpoint = match state.outbound.check_syntax(&sub.endpoint) {
+        Ok(u) => u,
+        Err(why) => {
+            tracing::warn!(subscription = %sub.id, reason = %why, "webhook endpoint refused by the outbound policy");
+            return fail(crate::federation::OUTBOUND_REFUSED.into());
+        }
+    };
     let sent = state
         .documents
         .http
-        .post(&sub.endpoint)
+        .post(endpoint)
         .header("Content-Type", "application/fhir+json")
         .header(IDEMPOTENCY_KEY, format!("{}-{}", sub.id, event.seq))
         .header("X-Yiqiao-Event-Number", event.seq.to_string())
@@ -459,6 +468,12 @@ async fn attempt(state: &AppState, c: &Claimed) -> AttemptResult {
             "subscriber answered HTTP {}",
             resp.status().as_u16()
         )),
+        Err(e) if crate::outbound::refusal_of(&e).is_some() => {
+            if let Some(why) = crate::outbound::refusal_of(&e) {
+                tracing::warn!(subscription = %sub.id, reason = %why, "webhook endpoint refused by the outbound policy");
+            }
+            fail(crate::federation::OUTBOUND_REFUSED.into())
+        }
         Err(e) if e.is_timeout() => fail("subscriber did not answer in time".into()),
         Err(e) if e.is_connect() => fail("subscriber unreachable (connection failed)".into()),
         Err(e) => fail(format!("request failed: {e}")),

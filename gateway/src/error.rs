@@ -49,6 +49,7 @@ error_codes! {
     PayloadTooLarge => ("payload-too-large", 413, "too-costly", "The body is larger than the configured limit."),
     UnsupportedMediaType => ("unsupported-media-type", 415, "structure", "The Content-Type is not accepted by this endpoint."),
     ValidationFailed => ("validation-failed", 422, "business-rule", "The body is well-formed but breaks a rule; the field is named."),
+    OutboundRefused => ("outbound-refused", 422, "security", "The gateway does not call this URL: its scheme is not allowed, or its host is or resolves to a loopback, link-local (cloud metadata), private or other special-purpose address that is not allow-listed in [outbound]. The same answer at registration and when the URL would be called."),
     RateLimited => ("rate-limited", 429, "throttled", "Too many requests; retry after the given delay."),
     Internal => ("internal", 500, "exception", "An internal error; quote the request id to the operators."),
     Unavailable => ("unavailable", 503, "transient", "A dependency (database, Redis) is unavailable; retry later."),

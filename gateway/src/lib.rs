@@ -22,6 +22,7 @@ pub mod mpi_import;
 pub mod mtls;
 pub mod oauth;
 pub mod oidc;
+pub mod outbound;
 pub mod policy;
 pub mod ratelimit;
 pub mod report;

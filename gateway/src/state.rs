@@ -32,6 +32,8 @@ pub struct AppState {
     pub federation: crate::federation::Federation,
     /// Document registry: code table, HTTP client, delivery worker wake-up (crate::documents).
     pub documents: Arc<crate::documents::DocumentRuntime>,
+    /// The policy every URL the gateway calls passes (crate::outbound).
+    pub outbound: crate::outbound::OutboundPolicy,
 }
 
 impl AppState {

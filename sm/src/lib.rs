@@ -20,6 +20,7 @@ mod encoding;
 pub mod envelope;
 mod error;
 pub mod jws;
+pub mod request_sig;
 mod sm2;
 mod sm3;
 mod sm4gcm;
@@ -29,6 +30,7 @@ pub use crate::envelope::{
 };
 pub use crate::error::SmError;
 pub use crate::jws::{JWS_ALG, JwsError, Sm2Jwk, sign_jws, verify_jws};
+pub use crate::request_sig::{RequestSigError, SignedRequest};
 
 pub use crate::sm2::{
     DEFAULT_SIGNER_ID, Sm2CiphertextFormat, Sm2PrivateKey, Sm2PublicKey, Sm2Signature,

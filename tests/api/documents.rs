@@ -32,7 +32,7 @@ fn system(n: u32) -> String {
     format!("urn:oid:2.16.156.10011.1.99.{n}")
 }
 
-fn inst_id(n: u32) -> String {
+pub(crate) fn inst_id(n: u32) -> String {
     format!("hosp-{n:03}")
 }
 
@@ -42,10 +42,9 @@ fn rid(seq: u32) -> String {
     format!("{first17}{check}")
 }
 
-fn allow_http(s: &mut Settings) {
+fn delivery_settings(s: &mut Settings) {
     s.database.pool_size = 8;
     s.database.acquire_timeout_ms = 10_000;
-    s.subscriptions.allow_http = true;
     s.subscriptions.poll_interval_ms = 100;
     s.subscriptions.backoff_initial_ms = 100;
     s.subscriptions.backoff_max_ms = 400;
@@ -69,9 +68,9 @@ async fn add_institutions(app: &TestApp, n: u32) {
 
 /// Gateway with three hospitals; 张伟 is registered at hosp-001 (MR-1) and hosp-002 (MR-9)
 /// with one resident ID (one enterprise person), 李娜 at hosp-001 (MR-2).
-async fn setup(backend: Backend, adjust: impl FnOnce(&mut Settings)) -> TestApp {
+pub(crate) async fn setup(backend: Backend, adjust: impl FnOnce(&mut Settings)) -> TestApp {
     let app = TestApp::spawn_with(backend, |s| {
-        allow_http(s);
+        delivery_settings(s);
         s.steward_token = yiqiao_gateway::config::Secret::new(crate::consent::STEWARD_TOKEN);
         adjust(s);
     })
@@ -98,7 +97,12 @@ async fn setup(backend: Backend, adjust: impl FnOnce(&mut Settings)) -> TestApp 
     app
 }
 
-async fn post_as(app: &TestApp, inst: u32, path: &str, body: &Value) -> reqwest::Response {
+pub(crate) async fn post_as(
+    app: &TestApp,
+    inst: u32,
+    path: &str,
+    body: &Value,
+) -> reqwest::Response {
     app.client
         .post(app.url(path))
         .bearer_auth(ADMIN_TOKEN)
@@ -109,7 +113,7 @@ async fn post_as(app: &TestApp, inst: u32, path: &str, body: &Value) -> reqwest:
         .unwrap()
 }
 
-async fn get_as(app: &TestApp, inst: u32, path: &str) -> reqwest::Response {
+pub(crate) async fn get_as(app: &TestApp, inst: u32, path: &str) -> reqwest::Response {
     get_url_as(app, inst, &app.url(path)).await
 }
 
@@ -123,12 +127,18 @@ async fn get_url_as(app: &TestApp, inst: u32, url: &str) -> reqwest::Response {
         .unwrap()
 }
 
-fn content_of(doc_id: &str) -> Vec<u8> {
+pub(crate) fn content_of(doc_id: &str) -> Vec<u8> {
     format!("<ClinicalDocument id=\"{doc_id}\"/>").into_bytes()
 }
 
 /// A DocumentReference of hospital `inst` about its patient `local`.
-fn doc(inst: u32, doc_id: &str, local: &str, (ts, code): (&str, &str), date: &str) -> Value {
+pub(crate) fn doc(
+    inst: u32,
+    doc_id: &str,
+    local: &str,
+    (ts, code): (&str, &str),
+    date: &str,
+) -> Value {
     let content = content_of(doc_id);
     json!({
         "resourceType": "DocumentReference",
@@ -156,10 +166,10 @@ pub fn sample_document(inst: u32, doc_id: &str, local: &str) -> Value {
     doc(inst, doc_id, local, DISCHARGE, "2024-03-01T08:00:00+08:00")
 }
 
-const DISCHARGE: (&str, &str) = (LOINC, "18842-5");
+pub(crate) const DISCHARGE: (&str, &str) = (LOINC, "18842-5");
 const LAB: (&str, &str) = (WST500, "C0007");
 
-async fn register(app: &TestApp, inst: u32, body: &Value) -> Value {
+pub(crate) async fn register(app: &TestApp, inst: u32, body: &Value) -> Value {
     let resp = post_as(app, inst, "/fhir/DocumentReference", body).await;
     let status = resp.status();
     let v: Value = resp.json().await.unwrap();
@@ -167,7 +177,7 @@ async fn register(app: &TestApp, inst: u32, body: &Value) -> Value {
     v
 }
 
-async fn search(app: &TestApp, inst: u32, query: &str) -> Vec<Value> {
+pub(crate) async fn search(app: &TestApp, inst: u32, query: &str) -> Vec<Value> {
     let resp = get_as(app, inst, &format!("/fhir/DocumentReference?{query}")).await;
     let status = resp.status();
     let v: Value = resp.json().await.unwrap();
@@ -729,7 +739,9 @@ async fn search_filters_and_paging(backend: Backend) {
 
 /// A small content server standing in for a custodian's document endpoint: plain content
 /// at `/docs/{id}`.
-async fn content_server(docs: BTreeMap<String, Vec<u8>>) -> (String, actix_web::dev::ServerHandle) {
+pub(crate) async fn content_server(
+    docs: BTreeMap<String, Vec<u8>>,
+) -> (String, actix_web::dev::ServerHandle) {
     content_server_sealing(docs, None).await
 }
 
@@ -1123,7 +1135,12 @@ impl Receiver {
     }
 }
 
-async fn subscribe(app: &TestApp, inst: u32, endpoint: &str, filter: Option<&str>) -> String {
+pub(crate) async fn subscribe(
+    app: &TestApp,
+    inst: u32,
+    endpoint: &str,
+    filter: Option<&str>,
+) -> String {
     let mut body = json!({
         "resourceType": "Subscription",
         "status": "requested",
@@ -1442,7 +1459,7 @@ async fn two_replicas_never_deliver_the_same_attempt(backend: Backend) {
     let first = setup(backend, |s| s.subscriptions.claim_batch = 4).await;
     let db_url = first.state.settings.database.url.expose().to_string();
     let mut settings = test_settings(&db_url);
-    allow_http(&mut settings);
+    delivery_settings(&mut settings);
     settings.subscriptions.claim_batch = 4;
     let second = TestApp::spawn_on(TestDb::shared(&db_url), settings).await;
     let rx = Receiver::start(Behaviour::Ok).await;

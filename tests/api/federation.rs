@@ -21,17 +21,21 @@ use crate::helpers::{ADMIN_TOKEN, Backend, TestApp, assert_outcome, test_gateway
 use crate::on_both_backends;
 use crate::wait;
 
-const SEED: u64 = 7;
+pub(crate) const SEED: u64 = 7;
 
-struct Region {
-    app: TestApp,
-    sim: SimServer,
+pub(crate) struct Region {
+    pub(crate) app: TestApp,
+    pub(crate) sim: SimServer,
     loaded: Loaded,
 }
 
 impl Region {
     /// `n` hospitals (fz-004 …), every person present at all of them.
-    async fn start(backend: Backend, n: u32, adjust: impl FnOnce(&mut Settings)) -> Region {
+    pub(crate) async fn start(
+        backend: Backend,
+        n: u32,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> Region {
         let app = TestApp::spawn_with(backend, |s| {
             s.database.pool_size = 8;
             s.database.acquire_timeout_ms = 10_000;
@@ -75,7 +79,7 @@ impl Region {
         Region { app, sim, loaded }
     }
 
-    fn person(&self, index: usize) -> String {
+    pub(crate) fn person(&self, index: usize) -> String {
         self.loaded.persons[index].clone().expect("person linked")
     }
 
@@ -91,7 +95,7 @@ impl Region {
             .unwrap()
     }
 
-    async fn bundle(&self, path: &str) -> Value {
+    pub(crate) async fn bundle(&self, path: &str) -> Value {
         let resp = self.get_as("fz-004", path).await;
         assert_eq!(resp.status(), 200, "{path}");
         resp.json().await.unwrap()
@@ -107,7 +111,7 @@ impl Region {
             .sum()
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.sim.stop().await;
         self.app.stop().await;
     }
@@ -123,7 +127,7 @@ fn matches(bundle: &Value) -> Vec<&Value> {
         .collect()
 }
 
-fn sources(bundle: &Value) -> BTreeSet<String> {
+pub(crate) fn sources(bundle: &Value) -> BTreeSet<String> {
     matches(bundle)
         .iter()
         .map(|r| {
@@ -133,7 +137,7 @@ fn sources(bundle: &Value) -> BTreeSet<String> {
         .collect()
 }
 
-fn outcome_issues(bundle: &Value) -> Vec<Value> {
+pub(crate) fn outcome_issues(bundle: &Value) -> Vec<Value> {
     let outcomes: Vec<&Value> = bundle["entry"]
         .as_array()
         .unwrap()
@@ -146,7 +150,7 @@ fn outcome_issues(bundle: &Value) -> Vec<Value> {
 }
 
 /// (institution, status) of each per-institution issue.
-fn statuses(bundle: &Value) -> Vec<(String, String)> {
+pub(crate) fn statuses(bundle: &Value) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = outcome_issues(bundle)
         .iter()
         .filter_map(|i| {

@@ -156,6 +156,11 @@ pub fn test_settings(db_url: &str) -> Settings {
     s.rate_limits.token_burst = 1_000_000;
     s.rate_limits.institution_burst = 1_000_000;
     s.rate_limits.directory_burst = 1_000_000;
+    // The test region (simulated hospitals, webhook receivers, custodians) listens on plain
+    // HTTP at 127.0.0.1: allow-listed here, refused by the default policy
+    // (tests/api/outbound.rs starts from the default).
+    s.outbound.allow_http = true;
+    s.outbound.allow_cidrs = vec!["127.0.0.0/8".into()];
     s
 }
 

@@ -27,6 +27,7 @@ mod mllp;
 mod mpi_import;
 mod oidc;
 mod ops;
+mod outbound;
 mod ratelimit;
 mod resident_ids;
 mod retention;

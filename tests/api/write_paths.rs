@@ -168,7 +168,6 @@ async fn send(app: &TestApp, w: &WritePath) -> reqwest::Response {
 async fn a_failed_audit_write_leaves_no_change(backend: Backend) {
     let app = TestApp::spawn_with(backend, |s| {
         s.steward_token = yiqiao_gateway::config::Secret::new(STEWARD);
-        s.subscriptions.allow_http = true;
     })
     .await;
     for n in [1, 2] {

@@ -23,17 +23,23 @@ use tokio::sync::Semaphore;
 use yiqiao_registry::directory::Institution;
 use yiqiao_sm::{
     ENVELOPE_MEDIA_TYPE, Envelope, EnvelopeError, RecipientKey, RequestBinding, SenderKeys,
-    Sm2PrivateKey, Sm2PublicKey,
+    SignedRequest, Sm2PrivateKey, Sm2PublicKey, Sm2SigningKey,
 };
 
 use crate::config::{FederationSettings, Settings};
+use crate::outbound::OutboundPolicy;
 pub use breaker::{Admit, Breakers};
 pub use policy::{PermitAll, Release, ReleasePolicy};
+use yiqiao_sm::request_sig;
 
 /// Header carrying the unique ID of one upstream request; bound into the response envelope.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Header naming the requester (the gateway's `federation.gateway_id`) for the binding.
 pub const REQUESTER_HEADER: &str = "x-yiqiao-requester";
+
+/// The detail of an endpoint the outbound policy refuses (the reason is logged).
+pub const OUTBOUND_REFUSED: &str =
+    "outbound-refused: the endpoint is refused by the outbound policy";
 
 /// Why an institution contributed nothing.
 #[derive(Debug, Clone, PartialEq)]
@@ -136,6 +142,8 @@ struct Inner {
     /// the server's per-thread runtimes would make every answer hop threads.
     clients: Mutex<HashMap<std::thread::ThreadId, reqwest::Client>>,
     key: Sm2PrivateKey,
+    /// The same key bound to the default signer ID: signs every outgoing request.
+    request_signer: Sm2SigningKey,
     sender: SenderKeys,
     global: Arc<Semaphore>,
     per_endpoint: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -144,6 +152,8 @@ struct Inner {
     keys: Mutex<HashMap<String, Option<Sm2PublicKey>>>,
     breakers: Breakers,
     policy: RwLock<Arc<dyn ReleasePolicy>>,
+    /// The outbound URL policy (endpoints are checked before every call).
+    outbound: OutboundPolicy,
 }
 
 /// The federation runtime shared by all requests of this process (cheap to clone).
@@ -242,34 +252,43 @@ fn upstream_reason(body: &[u8]) -> String {
     text.chars().take(200).collect()
 }
 
-/// The HTTP client for hospitals' endpoints: pooled keep-alive connections, no redirects.
-fn http_client(settings: &FederationSettings) -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder()
+/// The HTTP client for hospitals' endpoints: pooled keep-alive connections, no redirects,
+/// destinations checked and pinned by the outbound policy.
+fn http_client(
+    settings: &FederationSettings,
+    outbound: &OutboundPolicy,
+) -> reqwest::Result<reqwest::Client> {
+    outbound
+        .client_builder()
         .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
         .pool_max_idle_per_host(settings.pool_max_idle_per_host)
         .pool_idle_timeout(Duration::from_secs(settings.pool_idle_timeout_secs))
         .tcp_keepalive(Duration::from_secs(60))
         .tcp_nodelay(true)
-        .redirect(reqwest::redirect::Policy::none())
         .build()
 }
 
 impl Federation {
-    pub fn new(settings: &Settings) -> anyhow::Result<Federation> {
+    pub fn new(settings: &Settings, outbound: &OutboundPolicy) -> anyhow::Result<Federation> {
         let key = load_key(settings)?;
-        Federation::with_key(&settings.federation, key)
+        Federation::with_key(&settings.federation, outbound, key)
     }
 
     pub fn with_key(
         settings: &FederationSettings,
+        outbound: &OutboundPolicy,
         key: Sm2PrivateKey,
     ) -> anyhow::Result<Federation> {
         // Fail at start-up, not on the first query, if the client cannot be built.
-        let client = http_client(settings)?;
+        let client = http_client(settings, outbound)?;
         let sender = SenderKeys::new(&settings.gateway_id, &key)
             .map_err(|e| anyhow::anyhow!("federation.gateway_id: {e}"))?;
+        let request_signer = key
+            .signing_key(yiqiao_sm::DEFAULT_SIGNER_ID)
+            .map_err(|e| anyhow::anyhow!("gateway key: {e}"))?;
         Ok(Federation {
             inner: Arc::new(Inner {
+                request_signer,
                 clients: Mutex::new(HashMap::from([(std::thread::current().id(), client)])),
                 sender,
                 key,
@@ -281,6 +300,7 @@ impl Federation {
                     Duration::from_millis(settings.breaker_cooldown_ms),
                 ),
                 policy: RwLock::new(Arc::new(PermitAll)),
+                outbound: outbound.clone(),
                 settings: settings.clone(),
             }),
         })
@@ -305,6 +325,36 @@ impl Federation {
     /// The gateway as an envelope sender (for sealing answers to requesters).
     pub fn sender(&self) -> &SenderKeys {
         &self.inner.sender
+    }
+
+    /// The identity headers of one outgoing request (docs/hospital-contract.md): requester,
+    /// request id, timestamp, key id and the SM2 signature over them, the method, the
+    /// target (path and query exactly as sent) and the SM3 of the body.
+    pub fn identity_headers(
+        &self,
+        method: &str,
+        target: &str,
+        request_id: &str,
+        body: &[u8],
+    ) -> Result<Vec<(&'static str, String)>, yiqiao_sm::RequestSigError> {
+        let settings = &self.inner.settings;
+        let timestamp = chrono::Utc::now().timestamp();
+        let signature = SignedRequest {
+            method,
+            target,
+            timestamp,
+            requester: &settings.gateway_id,
+            request_id,
+            body,
+        }
+        .sign(&self.inner.request_signer)?;
+        Ok(vec![
+            (REQUEST_ID_HEADER, request_id.to_string()),
+            (REQUESTER_HEADER, settings.gateway_id.clone()),
+            (request_sig::TIMESTAMP_HEADER, timestamp.to_string()),
+            (request_sig::KEY_ID_HEADER, settings.key_id.clone()),
+            (request_sig::SIGNATURE_HEADER, signature),
+        ])
     }
 
     pub fn breakers(&self) -> &Breakers {
@@ -335,7 +385,7 @@ impl Federation {
         if let Some(c) = clients.get(&std::thread::current().id()) {
             return Ok(c.clone());
         }
-        let c = http_client(&self.inner.settings)
+        let c = http_client(&self.inner.settings, &self.inner.outbound)
             .map_err(|e| Problem::Failed(format!("HTTP client: {e}")))?;
         clients.insert(std::thread::current().id(), c.clone());
         Ok(c)
@@ -587,8 +637,11 @@ impl Federation {
         query.extend(params.iter().cloned());
         let qs = serde_urlencoded::to_string(&query)
             .map_err(|e| (Problem::Failed(format!("query: {e}")), false))?;
-        let url = url::Url::parse(&format!("{base}/{resource_type}?{qs}"))
-            .map_err(|e| (Problem::NotQueried(format!("endpoint URL: {e}")), false))?;
+        let raw = format!("{base}/{resource_type}?{qs}");
+        let url = self.inner.outbound.check_syntax(&raw).map_err(|why| {
+            tracing::warn!(institution = %id, reason = %why, "federation endpoint refused by the outbound policy");
+            (Problem::NotQueried(OUTBOUND_REFUSED.into()), false)
+        })?;
         let target = match url.query() {
             Some(q) => format!("{}?{q}", url.path()),
             None => url.path().to_string(),
@@ -598,14 +651,23 @@ impl Federation {
         let binding = RequestBinding::new("GET", &target, &settings.gateway_id, &request_id)
             .map_err(|e| (Problem::Failed(format!("request binding: {e}")), false))?;
         let client = self.client().map_err(|p| (p, false))?;
-        let resp = client
+        let identity = self
+            .identity_headers("GET", &target, &request_id, b"")
+            .map_err(|e| (Problem::Failed(format!("request signature: {e}")), false))?;
+        let mut request = client
             .get(url)
-            .header(reqwest::header::ACCEPT, ENVELOPE_MEDIA_TYPE)
-            .header(REQUEST_ID_HEADER, &request_id)
-            .header(REQUESTER_HEADER, &settings.gateway_id)
+            .header(reqwest::header::ACCEPT, ENVELOPE_MEDIA_TYPE);
+        for (name, value) in identity {
+            request = request.header(name, value);
+        }
+        let resp = request
             .send()
             .await
             .map_err(|e| {
+                if let Some(why) = crate::outbound::refusal_of(&e) {
+                    tracing::warn!(institution = %id, reason = %why, "federation endpoint refused by the outbound policy");
+                    return (Problem::NotQueried(OUTBOUND_REFUSED.into()), false);
+                }
                 let why = if e.is_connect() {
                     "connection failed"
                 } else if e.is_timeout() {

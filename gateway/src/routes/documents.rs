@@ -270,14 +270,12 @@ fn map_document(state: &AppState, caller: &Caller, doc: &Value) -> Result<NewDoc
             "attachment.url (the location at the custodian) is required",
         )
     })?;
-    match url::Url::parse(location) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {}
-        _ => {
-            return Err(invalid(
-                "content[0].attachment.url",
-                "attachment.url must be an absolute http(s) URL",
-            ));
-        }
+    // Scheme and destination are the outbound policy's (checked in `register`).
+    if !url::Url::parse(location).is_ok_and(|u| u.has_host()) {
+        return Err(invalid(
+            "content[0].attachment.url",
+            "attachment.url must be an absolute URL",
+        ));
     }
     let content_type = str_at(att, "contentType").ok_or_else(|| {
         invalid(
@@ -400,6 +398,17 @@ async fn register(
     docs: Vec<NewDocument>,
     bundle: bool,
 ) -> Result<Vec<(RegisterOutcome, StoredDocument)>, ApiError> {
+    // The gateway fetches every location when a member reads the Binary: refuse now what the
+    // outbound policy would refuse then.
+    for (i, d) in docs.iter().enumerate() {
+        let checked = state
+            .outbound
+            .check_registration(&d.location, "DocumentReference.content[0].attachment.url")
+            .await;
+        if let Err(e) = checked {
+            return Err(if bundle { in_entry(e, i) } else { e });
+        }
+    }
     let event = state.auditor.by_caller(
         state
             .auditor
@@ -939,7 +948,8 @@ async fn fill_page(
     params(("id" = String, Path, description = "DocumentReference id")),
     responses((status = 200, description = "The content, with the registered content type; an SM envelope (application/yiqiao-sm-envelope+json) sealed to the requester's key when asked with Accept and X-Request-Id or required by its directory entry"),
         (status = 404, description = "No such document"),
-        (status = 502, description = "Custodian unreachable (upstream-unavailable) or content does not match the registry (upstream-integrity)")))]
+        (status = 422, description = "The location is refused by the outbound policy (outbound-refused)"),
+        (status = 502, description = "Custodian unreachable (upstream-unavailable, one text whatever the cause) or content does not match the registry (upstream-integrity)")))]
 pub async fn retrieve(
     state: web::Data<AppState>,
     caller: Caller,
@@ -966,29 +976,44 @@ pub async fn retrieve(
     // registered SM3 hash and size below).
     let request_id = uuid::Uuid::new_v4().to_string();
     let gateway_id = state.federation.settings().gateway_id.clone();
-    let location = url::Url::parse(&doc.location).map_err(|e| upstream(e.to_string()))?;
+    let location = state.outbound.check_syntax(&doc.location).map_err(|why| {
+        crate::outbound::log_refusal(
+            &doc.location,
+            &why,
+            "DocumentReference.content[0].attachment.url",
+        )
+    })?;
     let target = match location.query() {
         Some(q) => format!("{}?{q}", location.path()),
         None => location.path().to_string(),
     };
     let binding = RequestBinding::new("GET", &target, &gateway_id, &request_id)
         .map_err(|e| upstream(format!("request binding: {e}")))?;
-    let resp = state
-        .documents
-        .http
-        .get(location)
-        .header(
-            reqwest::header::ACCEPT,
-            format!("{ENVELOPE_MEDIA_TYPE}, {};q=0.5", doc.content_type),
-        )
-        .header(crate::federation::REQUEST_ID_HEADER, &request_id)
-        .header(crate::federation::REQUESTER_HEADER, &gateway_id)
+    let identity = state
+        .federation
+        .identity_headers("GET", &target, &request_id, b"")
+        .map_err(|e| upstream(format!("request signature: {e}")))?;
+    let mut request = state.documents.http.get(location).header(
+        reqwest::header::ACCEPT,
+        format!("{ENVELOPE_MEDIA_TYPE}, {};q=0.5", doc.content_type),
+    );
+    for (name, value) in identity {
+        request = request.header(name, value);
+    }
+    let resp = request
         .timeout(std::time::Duration::from_millis(
             settings.retrieval_timeout_ms,
         ))
         .send()
         .await
-        .map_err(|e| upstream(e.to_string()))?;
+        .map_err(|e| match crate::outbound::refusal_of(&e) {
+            Some(why) => crate::outbound::log_refusal(
+                &doc.location,
+                &why,
+                "DocumentReference.content[0].attachment.url",
+            ),
+            None => upstream(e.to_string()),
+        })?;
     if !resp.status().is_success() {
         return Err(upstream(format!("HTTP {}", resp.status())));
     }

@@ -191,6 +191,7 @@ pub async fn create(
     state: web::Data<AppState>,
     ValidJson(input): ValidJson<InstitutionInput>,
 ) -> Result<HttpResponse, ApiError> {
+    check_endpoint(&state, &input).await?;
     let event =
         state
             .auditor
@@ -209,6 +210,17 @@ pub async fn create(
         resp.headers_mut().insert(header::LOCATION, v);
     }
     Ok(resp)
+}
+
+/// The gateway calls an institution's FHIR endpoint in federated queries: refuse now what the
+/// outbound policy would refuse then (a malformed URL is left to `directory::validate`).
+async fn check_endpoint(state: &AppState, input: &InstitutionInput) -> Result<(), ApiError> {
+    match input.endpoint_url.as_deref() {
+        Some(url) if url::Url::parse(url).is_ok_and(|u| u.has_host()) => {
+            state.outbound.check_registration(url, "endpoint_url").await
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Read an institution.
@@ -303,6 +315,7 @@ pub async fn update(
         )
         .field("id"));
     }
+    check_endpoint(&state, &input).await?;
     let expected = if_match(&req)?;
     let event = state
         .auditor

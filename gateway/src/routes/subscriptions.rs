@@ -149,22 +149,17 @@ pub async fn create(
         .get("endpoint")
         .and_then(Value::as_str)
         .ok_or_else(|| invalid("channel.endpoint", "channel.endpoint is required"))?;
-    let allow_http = state.settings.subscriptions.allow_http;
-    match url::Url::parse(endpoint) {
-        Ok(u)
-            if u.host_str().is_some()
-                && (u.scheme() == "https" || (allow_http && u.scheme() == "http")) => {}
-        _ => {
-            return Err(invalid(
-                "channel.endpoint",
-                if allow_http {
-                    "channel.endpoint must be an absolute http(s) URL"
-                } else {
-                    "channel.endpoint must be an absolute https URL"
-                },
-            ));
-        }
+    if !url::Url::parse(endpoint).is_ok_and(|u| u.has_host()) {
+        return Err(invalid(
+            "channel.endpoint",
+            "channel.endpoint must be an absolute URL",
+        ));
     }
+    // Scheme and destination: the outbound policy (one refusal for all, crate::outbound).
+    state
+        .outbound
+        .check_registration(endpoint, "Subscription.channel.endpoint")
+        .await?;
     if let Some(p) = channel.get("payload").and_then(Value::as_str)
         && p != "application/fhir+json"
     {

@@ -6,7 +6,8 @@
 //! from the seed, see [`data::institution_key`]). Knobs inject latency, errors, hangs, garbage
 //! and tampered envelopes, globally or per institution, and can be changed while running
 //! (`PUT /_sim/knobs/{id}`, [`SimServer::set_knobs`]) so tests can make one hospital misbehave
-//! and recover.
+//! and recover. Like a real hospital (docs/hospital-contract.md section 2a) each one checks the
+//! gateway's SM2 request signature and timestamp and answers 401 otherwise.
 
 pub mod cli;
 pub mod data;
@@ -22,7 +23,8 @@ use actix_web::{App, HttpRequest, HttpResponse, web};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use yiqiao_sm::{Envelope, RecipientKey, RequestBinding, SenderKeys};
+use yiqiao_sm::request_sig;
+use yiqiao_sm::{Envelope, RecipientKey, RequestBinding, SenderKeys, SignedRequest};
 
 pub use data::{Region, RegionShape};
 
@@ -415,6 +417,9 @@ async fn search(
     if state.gateway_id.as_ref().is_some_and(|g| g != &requester) {
         return outcome(StatusCode::FORBIDDEN, "forbidden", "unknown requester");
     }
+    if let Err(why) = verify_gateway(&state, &req, &requester, &request_id) {
+        return outcome(StatusCode::UNAUTHORIZED, "login", &why);
+    }
     let knobs = state.knobs_of(&id);
     let (delay, fate) = {
         let mut rng = rand::thread_rng();
@@ -567,6 +572,47 @@ async fn search(
             .body(body),
         Err(e) => outcome(StatusCode::INTERNAL_SERVER_ERROR, "exception", &e),
     }
+}
+
+/// How far a request's `X-Yiqiao-Timestamp` may be from the hospital's clock (seconds).
+pub const SIGNATURE_MAX_SKEW_SECS: u64 = 300;
+
+/// The hospital's check of the gateway's identity (docs/hospital-contract.md): the SM2
+/// signature over method, target, timestamp, requester, request id and body, under the
+/// gateway's published key, with a fresh timestamp. `Err(why)` is answered 401.
+fn verify_gateway(
+    state: &SimState,
+    req: &HttpRequest,
+    requester: &str,
+    request_id: &str,
+) -> Result<(), String> {
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let (Some(timestamp), Some(signature)) = (
+        header(request_sig::TIMESTAMP_HEADER),
+        header(request_sig::SIGNATURE_HEADER),
+    ) else {
+        return Err("X-Yiqiao-Timestamp and X-Yiqiao-Signature are required".into());
+    };
+    let timestamp = request_sig::parse_timestamp(timestamp).map_err(|e| e.to_string())?;
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| req.path().to_string(), |pq| pq.as_str().to_string());
+    SignedRequest {
+        method: req.method().as_str(),
+        target: &target,
+        timestamp,
+        requester,
+        request_id,
+        body: b"",
+    }
+    .verify(
+        &state.gateway_key.public_key,
+        signature,
+        chrono::Utc::now().timestamp(),
+        SIGNATURE_MAX_SKEW_SECS,
+    )
+    .map_err(|e| e.to_string())
 }
 
 fn request_base(req: &HttpRequest) -> String {
