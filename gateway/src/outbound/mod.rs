@@ -377,8 +377,10 @@ mod tests {
 
     #[test]
     fn settings_are_checked() {
-        let mut s = OutboundSettings::default();
-        s.allow_cidrs = vec!["10.0.0.0/33".into()];
+        let mut s = OutboundSettings {
+            allow_cidrs: vec!["10.0.0.0/33".into()],
+            ..OutboundSettings::default()
+        };
         assert_eq!(s.check().unwrap_err().0, "outbound.allow_cidrs[0]");
         s.allow_cidrs = vec!["192.168.0.0/16".into()];
         assert!(s.check().is_ok());
