@@ -45,6 +45,9 @@ def schemathesis(region, matrix, out_dir, ci):
                        "content_type_conformance",
            "--max-examples", "8" if ci else "50",
            "--workers", "2", "--request-timeout", "30", "--seed", "25",
+           # The coverage phase trips over a Hypothesis/CPython 3.11 error of its own ("AST
+           # constructor recursion depth mismatch"), not over the API: the other three run.
+           "--phases", "examples,fuzzing,stateful",
            "--generation-deterministic", "--no-shrink" if ci else "--continue-on-failure",
            # Logging out and the OpenID login redirect are people's routes, out of scope here.
            "--exclude-path-regex", "^/(login|logout)",
