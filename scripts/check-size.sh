@@ -4,10 +4,12 @@
 # there is one.
 #
 # What counts: a file's lines outside its `#[cfg(test)]` items (unit-test modules and test-only
-# helpers are tests, not production code); tests/ and benches/ are not scanned. A function runs
+# helpers are tests, not production code), and files named tests.rs (a unit-test module of its
+# own); tests/ and benches/ are not scanned. A function runs
 # from its `fn` line to the brace that closes its body, found by a brace-depth scan with string,
 # character literals and comments blanked out (a simple scan, not a parser: good enough for
 # rustfmt-formatted code). A nested function or closure counts inside its outer function.
+# Also fails when production code outside gateway/src/{sim/,demo.rs,cli/} imports the simulator.
 #
 #   scripts/check-size.sh [DIR...]     default: gateway/src registry/src
 #   MAX_FILE_LINES / MAX_FN_LINES      override the limits (1000 / 150)
@@ -123,6 +125,9 @@ def production_lines(code):
 
 bad = 0
 for path in paths:
+    # a unit-test module in a file of its own (`#[cfg(test)] mod tests;`)
+    if path.endswith('/tests.rs') or '/tests/' in path:
+        continue
     with open(path, encoding='utf-8') as f:
         lines = f.read().split('\n')
     if lines and lines[-1] == '':
@@ -176,5 +181,15 @@ if bad:
 PY
 )
 
+status=0
 # xargs may split the list over several runs; it exits 123 when any of them found an offender.
-find "$@" -name '*.rs' -print0 | sort -z | xargs -0 python3 -c "$scan" "$max_file" "$max_fn"
+find "$@" -name '*.rs' -print0 | sort -z | xargs -0 python3 -c "$scan" "$max_file" "$max_fn" || status=1
+
+# The simulator is not on the production path: only itself, the demo and the `yiqiao sim`
+# subcommand import it (tests may too; they are not scanned here).
+if sim=$(grep -rn --include='*.rs' -E 'crate::sim\b|use crate::sim|super::sim\b' gateway/src \
+  | grep -v -E '^gateway/src/(sim/|demo\.rs|cli/)'); then
+  echo "$sim" | sed 's/$/  (production code imports the simulator)/'
+  status=1
+fi
+exit "$status"
