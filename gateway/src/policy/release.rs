@@ -91,6 +91,29 @@ impl Released {
         }
     }
 
+    /// Withhold a candidate whose patient's consents were not read for this release.
+    fn withhold_unread(&mut self, index: usize, candidate: Candidate) {
+        const RULE: &str = "consents-not-read";
+        let reason = "the patient's consents were not read for this release".to_string();
+        self.reasons.push(ReasonEntry {
+            effect: "deny",
+            rule: RULE,
+            reason: reason.clone(),
+            custodian: Some(candidate.custodian.clone()),
+            patient: candidate.patient.clone(),
+            resource: resource_ref(&candidate.resource),
+            ..ReasonEntry::default()
+        });
+        self.withheld.push(Withheld {
+            index,
+            custodian: candidate.custodian,
+            patient: candidate.patient,
+            rule: RULE.into(),
+            consent: None,
+            reason,
+        });
+    }
+
     /// Forget every candidate at index `n` or later (read ahead but not released).
     pub fn truncate(&mut self, n: usize) {
         self.kept.retain(|(i, _)| *i < n);
@@ -280,8 +303,12 @@ impl Policy {
         }))
     }
 
-    /// Decide and mask `candidates` with a prepared context (no IO): the release itself.
-    /// Candidates of patients the context was not prepared for are decided without consents.
+    /// Decide and mask `candidates` with a prepared context (no IO): the release itself, the
+    /// one place every release path ends in. It fails closed: a resource leaves only when the
+    /// engine permits it and its obligations are met; another custodian's resource about a
+    /// patient whose consents the context does not hold is withheld (`consents-not-read`),
+    /// never decided as if the patient had none. Data not linked to a person is decided
+    /// without consents (none can name it).
     pub fn release_prepared(
         &self,
         prepared: &Prepared,
@@ -323,7 +350,14 @@ impl Policy {
                 .unwrap_or_else(|| "(unlinked)".to_string());
             let patient = PatientId::new(patient_key.clone());
             let custodian = InstitutionId::new(candidate.custodian.clone());
-            let list = consents.get(&patient_key).map_or(&none, |l| l.as_ref());
+            let list = match consents.get(&patient_key) {
+                Some(list) => list.as_ref(),
+                None if candidate.patient.is_some() && candidate.custodian != own => {
+                    released.withhold_unread(index, candidate);
+                    continue;
+                }
+                None => &none,
+            };
             let request = AccessRequest {
                 requester,
                 purpose: ask.purpose,
