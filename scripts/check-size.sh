@@ -96,28 +96,39 @@ def blank(lines):
     return out
 
 
+def item_end(code, start):
+    """The last line of the item (or `fn`) starting at `start`: where its body's braces close,
+    or its `;` when it has no body."""
+    depth = parens = 0
+    opened = False
+    for j in range(start, len(code)):
+        for ch in code[j]:
+            if ch == '{':
+                depth += 1
+                opened = True
+            elif ch == '}':
+                depth -= 1
+            elif ch in '([':
+                parens += 1
+            elif ch in ')]':
+                parens -= 1
+            elif ch == ';' and not opened and depth == 0 and parens == 0:
+                return j
+        if opened and depth <= 0:
+            return j
+    return len(code) - 1
+
+
 def production_lines(code):
-    """Indices of the lines outside `#[cfg(test)]` items."""
+    """Whether each line is outside `#[cfg(test)]` items."""
     keep = [True] * len(code)
     i = 0
     while i < len(code):
         if CFG_TEST.match(code[i]):
-            # the item after the attribute: up to its closing brace (or `;` for `mod x;`)
-            depth = 0
-            opened = False
-            j = i
-            while j < len(code):
+            end = item_end(code, i)
+            for j in range(i, end + 1):
                 keep[j] = False
-                for ch in code[j]:
-                    if ch == '{':
-                        depth += 1
-                        opened = True
-                    elif ch == '}':
-                        depth -= 1
-                if (opened and depth <= 0) or (not opened and code[j].rstrip().endswith(';')):
-                    break
-                j += 1
-            i = j + 1
+            i = end + 1
         else:
             i += 1
     return keep
@@ -144,30 +155,7 @@ for path in paths:
         if not m:
             i += 1
             continue
-        depth = 0
-        parens = 0
-        opened = False
-        j = i
-        end = None
-        while j < len(code):
-            for ch in code[j]:
-                if ch == '{':
-                    depth += 1
-                    opened = True
-                elif ch == '}':
-                    depth -= 1
-                elif ch in '([':
-                    parens += 1
-                elif ch in ')]':
-                    parens -= 1
-                elif ch == ';' and not opened and depth == 0 and parens == 0:
-                    end = j  # a declaration without a body (trait method)
-            if end is not None or (opened and depth == 0):
-                end = j
-                break
-            j += 1
-        if end is None:
-            end = len(code) - 1
+        end = item_end(code, i)
         length = end - i + 1
         if length > max_fn:
             print(f'{path}:{i + 1}: fn {m.group(5)} is {length} lines (limit {max_fn})')

@@ -16,7 +16,6 @@ pub use crate::mllp::settings::{MllpPeer, MllpSettings};
 mod check;
 mod sections;
 
-use check::*;
 pub use sections::*;
 
 /// A value that must never appear in logs or output. Serialises as `"********"` (or `""`
