@@ -384,6 +384,40 @@ fn csv_escape(s: &str) -> String {
     }
 }
 
+/// Every row of an import file as the registration it would make, or the (field, reason) it
+/// would be refused for: the reading, mapping and validation of [`import`] without the
+/// registry (the fuzz target `fuzz/fuzz_targets/mpi_csv.rs` runs hostile files through it).
+pub fn check_rows(
+    opts: &ImportOptions,
+    institution: &Institution,
+) -> Result<Vec<(u64, Result<Registration, (String, String)>)>, ImportError> {
+    let mut reader = Reader::open(opts)?;
+    let mut rows = Vec::new();
+    while let Some(row) = reader.next(institution, &opts.resident_system)? {
+        rows.push((row.line, registration_of_row(row.patient, institution, opts)));
+    }
+    Ok(rows)
+}
+
+/// A row's patient as a registration, or the (field, reason) it is refused for; CSV rows name
+/// the CSV column.
+fn registration_of_row(
+    patient: Result<Value, (String, String)>,
+    institution: &Institution,
+    opts: &ImportOptions,
+) -> Result<Registration, (String, String)> {
+    patient.and_then(|p| {
+        registration(institution, p, None, &opts.resident_system).map_err(|e| {
+            let field = e.field.clone().unwrap_or_default();
+            let field = match opts.format {
+                ImportFormat::Csv => csv_field(&field).to_string(),
+                ImportFormat::Ndjson => field,
+            };
+            (field, e.message)
+        })
+    })
+}
+
 /// Import the file; `institution` must be active.
 pub fn import(
     auditor: &OfflineAuditor,
@@ -483,17 +517,7 @@ pub fn import(
             if row.line <= skip_to {
                 continue;
             }
-            let reg = row.patient.and_then(|p| {
-                registration(institution, p, None, &opts.resident_system).map_err(|e| {
-                    let field = e.field.clone().unwrap_or_default();
-                    let field = match opts.format {
-                        ImportFormat::Csv => csv_field(&field).to_string(),
-                        ImportFormat::Ndjson => field,
-                    };
-                    (field, e.message)
-                })
-            });
-            batch.push((row.line, reg));
+            batch.push((row.line, registration_of_row(row.patient, institution, opts)));
         }
         bar.set_position(last_offset);
         if batch.is_empty() {

@@ -210,7 +210,7 @@ struct Attempt {
 #[utoipa::path(
     post, path = "/oauth2/token", tag = "auth",
     request_body(content_type = "application/x-www-form-urlencoded",
-        description = "grant_type=client_credentials, client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer, client_assertion=<JWT signed with RS256/RS384/ES256/ES384/SM2SM3>, scope=<SMART v2 system scopes>, purpose_of_use=<TREAT|ETREAT|HPAYMT|HOPERAT|PUBHLTH|HRESCH|PATRQT>"),
+        description = "grant_type=client_credentials, client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer, client_assertion=<JWT signed with RS256/RS384/ES256/ES384/SM2SM3>, scope=<SMART v2 system scopes>, optional purpose_of_use=<TREAT|ETREAT|HPAYMT|HOPERAT|PUBHLTH|HRESCH|PATRQT> (default: the institution's configured purpose)"),
     responses(
         (status = 200, description = "Access token", body = TokenResponse),
         (status = 400, description = "RFC 6749 error: invalid_request, invalid_grant, invalid_scope, unsupported_grant_type"),

@@ -55,7 +55,7 @@ use crate::routes::{
                         auditing::FlagView, auditing::ChainStatus, auditing::ChainProblem,
                         auditing::DailyStats, auditing::DailyRow,
                         crate::console::ConsoleSession)),
-    modifiers(&SecurityAddon, &FederatedPaths, &RateLimitedPaths),
+    modifiers(&SecurityAddon, &FederatedPaths, &RateLimitedPaths, &CommonResponses),
     tags(
         (name = "operations", description = "Health, readiness, metrics"),
         (name = "directory", description = "Institution directory administration"),
@@ -135,6 +135,92 @@ impl utoipa::Modify for RateLimitedPaths {
                     .responses
                     .entry("429".into())
                     .or_insert_with(|| response.clone().into());
+            }
+        }
+    }
+}
+
+/// The answers any operation can give, documented on every operation that can give them
+/// (schemathesis checks that every status the server returns is documented): 400 from the edge
+/// (control characters in the path or query, malformed parameters), 401/403 where a credential
+/// is required, 413/415 where a body is read, 503 when storage or the audit record cannot be
+/// written (nothing is then changed or released).
+struct CommonResponses;
+
+/// Operations anyone may call without a credential (all others answer 401 without one).
+const PUBLIC_PATHS: [&str; 10] = [
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/metadata",
+    "/openapi.json",
+    "/docs",
+    "/.well-known/",
+    "/fhir/Organization",
+    "/fhir/Endpoint",
+    "/federation/key",
+];
+
+impl utoipa::Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::ResponseBuilder;
+        let answer = |text: &str| ResponseBuilder::new().description(text).build();
+        let bad = answer(
+            "OperationOutcome naming what is invalid: a parameter, a path segment, a header or a body field (control characters are refused here, before anything is looked up or stored)",
+        );
+        let unauthenticated = answer(
+            "OperationOutcome: no credential, or one that is invalid, expired or revoked (WWW-Authenticate says which)",
+        );
+        let forbidden = answer(
+            "OperationOutcome: authenticated, but this caller may not do this (the scope, role or ownership rule of ARCHITECTURE.md's authorization table, or the patient's consent)",
+        );
+        let too_large = answer("OperationOutcome: the body is over the size limit");
+        let media = answer(
+            "OperationOutcome: Content-Type missing or not one this operation reads",
+        );
+        let invalid = answer(
+            "OperationOutcome: the body is well-formed but not acceptable (names the field and why)",
+        );
+        let missing = answer(
+            "OperationOutcome: no such item, or none this caller may know of",
+        );
+        let unavailable = answer(
+            "OperationOutcome: storage or the audit record could not be written; nothing was changed or released (retry later)",
+        );
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let by_id = path.contains('{');
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let secured = op.security.as_ref().is_some_and(|s| !s.is_empty())
+                    || !PUBLIC_PATHS.iter().any(|p| path.starts_with(p));
+                let with_body = op.request_body.is_some();
+                let r = &mut op.responses.responses;
+                r.entry("400".into()).or_insert_with(|| bad.clone().into());
+                if secured {
+                    r.entry("401".into())
+                        .or_insert_with(|| unauthenticated.clone().into());
+                    r.entry("403".into())
+                        .or_insert_with(|| forbidden.clone().into());
+                }
+                if with_body {
+                    r.entry("413".into())
+                        .or_insert_with(|| too_large.clone().into());
+                    r.entry("415".into()).or_insert_with(|| media.clone().into());
+                    r.entry("422".into()).or_insert_with(|| invalid.clone().into());
+                }
+                if by_id {
+                    r.entry("404".into()).or_insert_with(|| missing.clone().into());
+                }
+                r.entry("503".into())
+                    .or_insert_with(|| unavailable.clone().into());
             }
         }
     }

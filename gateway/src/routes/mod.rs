@@ -51,14 +51,39 @@ pub fn paging(
                 ApiError::invalid_param("_count", format!("must be an integer from 1 to {max}"))
             })?,
     };
-    let offset =
-        match query.get("_offset") {
-            None => 0,
-            Some(raw) => raw.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
-                ApiError::invalid_param("_offset", "must be a non-negative integer")
+    let offset = match query.get("_offset") {
+        None => 0,
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (0..=MAX_OFFSET).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid_param(
+                    "_offset",
+                    format!("must be an integer from 0 to {MAX_OFFSET} (narrow the search to go further)"),
+                )
             })?,
-        };
+    };
     Ok((count, offset))
+}
+
+/// The deepest page a search may ask for: bounded so that `offset + count` (the next page,
+/// the rows a page reads) never overflows, whatever a client sends.
+pub const MAX_OFFSET: i64 = 10_000_000;
+
+#[cfg(test)]
+mod paging_tests {
+    use super::*;
+
+    #[test]
+    fn offsets_are_bounded_so_next_pages_cannot_overflow() {
+        let q = |o: &str| HashMap::from([("_offset".to_string(), o.to_string())]);
+        assert_eq!(paging(&q("10000000"), 20, 200).unwrap(), (20, MAX_OFFSET));
+        for bad in ["9223372036854775807", "10000001", "-1", "1e3", ""] {
+            let e = paging(&q(bad), 20, 200).unwrap_err();
+            assert!(e.to_string().contains("_offset"), "{bad}: {e}");
+        }
+    }
 }
 
 /// A stored FHIR resource as an answer: `ETag: W/"<version>"` and, for 201 Created,
