@@ -211,6 +211,21 @@ pub fn endpoint(inst: &Institution) -> Option<Value> {
     }))
 }
 
+/// The date a clinical resource is sorted and filtered by (as sent): the first of
+/// `effectiveDateTime`, `period.start`, `recordedDate`, `authoredOn`, `issued`,
+/// `onsetDateTime` and `meta.lastUpdated` present.
+pub fn clinical_date(resource: &Value) -> Option<&str> {
+    let r = resource;
+    r["effectiveDateTime"]
+        .as_str()
+        .or_else(|| r["period"]["start"].as_str())
+        .or_else(|| r["recordedDate"].as_str())
+        .or_else(|| r["authoredOn"].as_str())
+        .or_else(|| r["issued"].as_str())
+        .or_else(|| r["onsetDateTime"].as_str())
+        .or_else(|| r["meta"]["lastUpdated"].as_str())
+}
+
 /// A searchset Bundle with a self link and optional next link.
 pub fn searchset(
     base: &str,

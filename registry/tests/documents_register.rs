@@ -4,15 +4,13 @@
 //! default postgres://postgres@127.0.0.1:5432/test; unreachable means the test fails).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
-
 use chrono::NaiveDateTime;
-use diesel::prelude::*;
 use serde_json::json;
+use yiqiao_registry::Backend;
 use yiqiao_registry::audit::{AppendOptions, AuditEvent, AuditSigner, append_with};
 use yiqiao_registry::documents::{DocStatus, NewDocument, RegisterOutcome, get, register_batch};
+use yiqiao_registry::store::testdb::{TestDatabase, open_store};
 use yiqiao_registry::store::{Audited, DbConn, now_utc};
-use yiqiao_registry::{Store, StoreOptions};
 use yiqiao_sm::Sm2PrivateKey;
 
 #[path = "support/documents.rs"]
@@ -37,21 +35,6 @@ fn audited<T, E>(
     }
 }
 
-fn open(url: &str) -> Store {
-    let store = Store::open(&StoreOptions {
-        url: url.to_string(),
-        pool_size: 1,
-        min_idle: None,
-        acquire_timeout: Duration::from_secs(10),
-        connect_timeout: Duration::from_secs(5),
-        statement_timeout: Duration::from_secs(30),
-        sqlite_busy_timeout: Duration::from_secs(10),
-    })
-    .unwrap();
-    store.migrate().unwrap();
-    store
-}
-
 fn date(s: &str) -> NaiveDateTime {
     chrono::DateTime::parse_from_rfc3339(s).unwrap().naive_utc()
 }
@@ -66,8 +49,9 @@ fn document(doc_id: &str, when: NaiveDateTime) -> NewDocument {
     )
 }
 
-fn check(url: &str) {
-    let store = open(url);
+fn check(backend: Backend) {
+    let db = TestDatabase::new(backend);
+    let store = open_store(&db.url, 1);
     let mut conn = store.conn().unwrap();
     let now = now_utc();
     support::insert_institution(&mut conn, "H1", "TEST0000000000001", "urn:test:1", now).unwrap();
@@ -116,31 +100,10 @@ fn check(url: &str) {
 
 #[test]
 fn registered_documents_are_returned_as_stored_sqlite() {
-    let dir = std::env::temp_dir().join(format!(
-        "yq-documents-register-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    check(&format!("sqlite://{}", dir.join("test.db").display()));
-    let _ = std::fs::remove_dir_all(dir);
+    check(Backend::Sqlite);
 }
 
 #[test]
 fn registered_documents_are_returned_as_stored_postgres() {
-    let admin = std::env::var("YIQIAO_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let name = format!("yq_docreg_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = PgConnection::establish(&admin)
-        .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is unreachable: {e}"));
-    diesel::sql_query(format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .unwrap();
-    let mut url = url::Url::parse(&admin).unwrap();
-    url.set_path(&format!("/{name}"));
-    let result = std::panic::catch_unwind(|| check(url.as_str()));
-    let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&mut conn);
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    check(Backend::Postgres);
 }

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use diesel::{Connection, PgConnection, RunQueryDsl};
 use serde_json::{Value, json};
 use tokio::io::copy_bidirectional;
 use tokio::net::TcpStream;
@@ -19,11 +18,10 @@ use crate::wait;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
+/// The storage backends, and a database of a test's own (a fresh PostgreSQL database dropped
+/// at the end, or a SQLite file in a fresh directory): the registry's one test-database helper.
+pub use yiqiao_registry::Backend;
+pub use yiqiao_registry::store::testdb::TestDatabase as TestDb;
 
 /// Run each listed `async fn name(backend: Backend)` as two tests, one per backend.
 #[macro_export]
@@ -40,79 +38,8 @@ macro_rules! on_both_backends {
     };
 }
 
-/// The PostgreSQL server for tests. Never skipped: unreachable means the test fails.
-pub fn pg_admin_url() -> String {
-    std::env::var("YIQIAO_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
 pub fn redis_url() -> String {
     std::env::var("YIQIAO_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-/// Replace the database name of a PostgreSQL URL (keeping any query string).
-pub fn with_database(url: &str, db: &str) -> String {
-    let mut parsed = url::Url::parse(url).expect("YIQIAO_TEST_DATABASE_URL is not a URL");
-    parsed.set_path(&format!("/{db}"));
-    parsed.to_string()
-}
-
-/// A database of this test's own: a fresh PostgreSQL database (dropped at the end) or a SQLite
-/// file in a fresh directory.
-pub struct TestDb {
-    pub url: String,
-    pg_name: Option<String>,
-    _dir: Option<TempDir>,
-}
-
-impl TestDb {
-    /// Another handle on a database owned elsewhere (a second replica); dropping it keeps the database.
-    pub fn shared(url: &str) -> TestDb {
-        TestDb {
-            url: url.to_string(),
-            pg_name: None,
-            _dir: None,
-        }
-    }
-
-    pub fn new(backend: Backend) -> TestDb {
-        match backend {
-            Backend::Sqlite => {
-                let dir = TempDir::new();
-                let url = format!("sqlite://{}", dir.path.join("yiqiao.db").display());
-                TestDb {
-                    url,
-                    pg_name: None,
-                    _dir: Some(dir),
-                }
-            }
-            Backend::Postgres => {
-                let name = format!("yq_t_{}", uuid::Uuid::new_v4().simple());
-                let admin = pg_admin_url();
-                let mut conn = PgConnection::establish(&admin)
-                    .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is unreachable: {e}"));
-                diesel::sql_query(format!("CREATE DATABASE {name}"))
-                    .execute(&mut conn)
-                    .unwrap();
-                TestDb {
-                    url: with_database(&admin, &name),
-                    pg_name: Some(name),
-                    _dir: None,
-                }
-            }
-        }
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        if let Some(name) = &self.pg_name
-            && let Ok(mut conn) = PgConnection::establish(&pg_admin_url())
-        {
-            let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .execute(&mut conn);
-        }
-    }
 }
 
 pub struct TempDir {

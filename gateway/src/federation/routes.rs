@@ -63,7 +63,7 @@ fn millis_param(name: &str, raw: &str, max: u64) -> Result<Duration, ApiError> {
 
 /// When a resource happened, for sorting (newest first; undated last).
 fn when(resource: &Value) -> Option<DateTime<Utc>> {
-    let text = crate::sim::data::clinical_date(resource)?;
+    let text = crate::fhir::clinical_date(resource)?;
     if let Ok(t) = DateTime::parse_from_rfc3339(text) {
         return Some(t.with_timezone(&Utc));
     }

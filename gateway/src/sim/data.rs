@@ -550,19 +550,6 @@ pub fn resources(
     out
 }
 
-/// The date a resource is sorted and filtered by (as sent).
-pub fn clinical_date(resource: &Value) -> Option<&str> {
-    let r = resource;
-    r["effectiveDateTime"]
-        .as_str()
-        .or_else(|| r["period"]["start"].as_str())
-        .or_else(|| r["recordedDate"].as_str())
-        .or_else(|| r["authoredOn"].as_str())
-        .or_else(|| r["issued"].as_str())
-        .or_else(|| r["onsetDateTime"].as_str())
-        .or_else(|| r["meta"]["lastUpdated"].as_str())
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

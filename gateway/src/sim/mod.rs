@@ -370,7 +370,7 @@ fn date_matches(resource: &Value, param: &str) -> Result<bool, String> {
     if !ok {
         return Err(format!("date: {param} is not [prefix]YYYY[-MM[-DD]]"));
     }
-    let Some(date) = data::clinical_date(resource) else {
+    let Some(date) = crate::fhir::clinical_date(resource) else {
         return Ok(false);
     };
     let have = date.get(..value.len()).unwrap_or(date);
@@ -421,31 +421,7 @@ async fn search(
         return outcome(StatusCode::UNAUTHORIZED, "login", &why);
     }
     let knobs = state.knobs_of(&id);
-    let (delay, fate) = {
-        let mut rng = rand::thread_rng();
-        let delay = if knobs.latency_max_ms > knobs.latency_min_ms {
-            rng.gen_range(knobs.latency_min_ms..=knobs.latency_max_ms)
-        } else {
-            knobs.latency_min_ms
-        };
-        let roll: f64 = rng.r#gen();
-        let fates = [
-            ("timeout", knobs.timeout_rate),
-            ("error", knobs.error_rate),
-            ("garbage", knobs.garbage_rate),
-            ("tampered", knobs.tampered_rate),
-        ];
-        let mut edge = 0.0;
-        let mut fate = "ok";
-        for (name, rate) in fates {
-            edge += rate;
-            if roll < edge {
-                fate = name;
-                break;
-            }
-        }
-        (delay, fate)
-    };
+    let (delay, fate) = roll(&knobs);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
@@ -542,30 +518,14 @@ async fn search(
         .path_and_query()
         .map(|pq| pq.as_str().to_string())
         .unwrap_or_else(|| req.uri().path().to_string());
-    let sealed = (|| -> Result<String, String> {
-        let binding = RequestBinding::new("GET", &target, &requester, &request_id)
-            .map_err(|e| e.to_string())?;
-        let sender = state.senders.get(&id).ok_or("no sender key")?;
-        let payload = serde_json::to_vec(&bundle).map_err(|e| e.to_string())?;
-        let mut env = Envelope::seal(
-            &payload,
-            "application/fhir+json",
-            sender,
-            &state.gateway_key,
-            &binding,
-            chrono::Utc::now(),
-        )
-        .map_err(|e| e.to_string())?;
-        if fate == "tampered" {
-            // Alter the ciphertext after signing, as a man in the middle would.
-            let mut bytes = env.ciphertext.into_bytes();
-            if let Some(b) = bytes.get_mut(4) {
-                *b = if *b == b'A' { b'B' } else { b'A' };
-            }
-            env.ciphertext = String::from_utf8(bytes).map_err(|e| e.to_string())?;
-        }
-        env.to_json().map_err(|e| e.to_string())
-    })();
+    let sealed = seal(
+        &state,
+        &id,
+        &target,
+        (&requester, &request_id),
+        &bundle,
+        fate == "tampered",
+    );
     match sealed {
         Ok(body) => HttpResponse::Ok()
             .content_type(yiqiao_sm::ENVELOPE_MEDIA_TYPE)
@@ -613,6 +573,68 @@ fn verify_gateway(
         SIGNATURE_MAX_SKEW_SECS,
     )
     .map_err(|e| e.to_string())
+}
+
+/// This answer's delay (ms) and fate (`ok`, `timeout`, `error`, `garbage` or `tampered`),
+/// drawn with the institution's knobs.
+fn roll(knobs: &Knobs) -> (u64, &'static str) {
+    let mut rng = rand::thread_rng();
+    let delay = if knobs.latency_max_ms > knobs.latency_min_ms {
+        rng.gen_range(knobs.latency_min_ms..=knobs.latency_max_ms)
+    } else {
+        knobs.latency_min_ms
+    };
+    let draw: f64 = rng.r#gen();
+    let fates = [
+        ("timeout", knobs.timeout_rate),
+        ("error", knobs.error_rate),
+        ("garbage", knobs.garbage_rate),
+        ("tampered", knobs.tampered_rate),
+    ];
+    let mut edge = 0.0;
+    let mut fate = "ok";
+    for (name, rate) in fates {
+        edge += rate;
+        if draw < edge {
+            fate = name;
+            break;
+        }
+    }
+    (delay, fate)
+}
+
+/// The answer sealed in an SM envelope from institution `id` to the gateway, bound to the
+/// request (`target`, requester, request id); `tampered`: its ciphertext altered after signing.
+fn seal(
+    state: &SimState,
+    id: &str,
+    target: &str,
+    (requester, request_id): (&str, &str),
+    bundle: &Value,
+    tampered: bool,
+) -> Result<String, String> {
+    let binding =
+        RequestBinding::new("GET", target, requester, request_id).map_err(|e| e.to_string())?;
+    let sender = state.senders.get(id).ok_or("no sender key")?;
+    let payload = serde_json::to_vec(bundle).map_err(|e| e.to_string())?;
+    let mut env = Envelope::seal(
+        &payload,
+        "application/fhir+json",
+        sender,
+        &state.gateway_key,
+        &binding,
+        chrono::Utc::now(),
+    )
+    .map_err(|e| e.to_string())?;
+    if tampered {
+        // Alter the ciphertext after signing, as a man in the middle would.
+        let mut bytes = env.ciphertext.into_bytes();
+        if let Some(b) = bytes.get_mut(4) {
+            *b = if *b == b'A' { b'B' } else { b'A' };
+        }
+        env.ciphertext = String::from_utf8(bytes).map_err(|e| e.to_string())?;
+    }
+    env.to_json().map_err(|e| e.to_string())
 }
 
 fn request_base(req: &HttpRequest) -> String {

@@ -334,6 +334,94 @@ fn same_surname_address(
     Ok(())
 }
 
+/// A windowed rule: an agent's events of one kind counted in the window that ends at the
+/// agent's last such event of the scan; an alert when the count reaches `min_count`. The
+/// three rules differ only in this table's rows.
+struct WindowRule {
+    id: &'static str,
+    count: WindowCount,
+    /// 0: the rule is off.
+    threshold: u64,
+    /// The count that raises an alert (the threshold itself, or one above it for a rule that
+    /// fires only when the threshold is exceeded).
+    min_count: u64,
+    window_secs: i64,
+    /// The alert's message from the agent, the count, the window and the threshold.
+    message: fn(&str, i64, i64, u64) -> String,
+}
+
+impl WindowRule {
+    fn many_patients(rules: &Rules) -> WindowRule {
+        WindowRule {
+            id: "many-patients",
+            count: WindowCount::DistinctPatients,
+            threshold: rules.many_patients_threshold,
+            min_count: rules.many_patients_threshold.saturating_add(1),
+            window_secs: rules.many_patients_window_secs,
+            message: |agent, n, w, threshold| {
+                format!(
+                    "{agent} accessed {n} distinct patients within {w} s (threshold {threshold})"
+                )
+            },
+        }
+    }
+
+    fn break_glass(rules: &Rules) -> WindowRule {
+        WindowRule {
+            id: "break-the-glass-frequent",
+            count: WindowCount::BreakGlass,
+            threshold: rules.break_glass_threshold,
+            min_count: rules.break_glass_threshold,
+            window_secs: rules.break_glass_window_secs,
+            message: |agent, n, w, threshold| {
+                format!(
+                    "{agent} used break-the-glass {n} times within {w} s (threshold {threshold})"
+                )
+            },
+        }
+    }
+
+    fn denials(rules: &Rules) -> WindowRule {
+        WindowRule {
+            id: "denials",
+            count: WindowCount::Denials,
+            threshold: rules.denials_threshold,
+            min_count: rules.denials_threshold,
+            window_secs: rules.denials_window_secs,
+            message: |agent, n, w, threshold| {
+                format!("{n} refused requests by {agent} within {w} s (threshold {threshold})")
+            },
+        }
+    }
+
+    /// Evaluate the rule for each agent's last event (`last`), adding its alerts to `c`.
+    fn raise(
+        &self,
+        tx: &mut DbConn,
+        c: &mut Candidates<'_>,
+        last: &BTreeMap<String, &StoredEvent>,
+    ) -> Result<(), diesel::result::Error> {
+        if self.threshold == 0 {
+            return Ok(());
+        }
+        let w = self.window_secs;
+        for (agent, e) in last {
+            let n = count_in_window(tx, e, w, self.count)?;
+            if n as u64 >= self.min_count {
+                let bucket = e.recorded_at.and_utc().timestamp() / w.max(1);
+                c.add(
+                    self.id,
+                    format!("{}:{agent}:{bucket}", self.id),
+                    e,
+                    None,
+                    json!({"message": (self.message)(agent, n, w, self.threshold), "count": n, "window_secs": w}),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum WindowCount {
     DistinctPatients,
@@ -509,51 +597,12 @@ fn evaluate(
     if !by_user.is_empty() {
         same_surname_address(tx, &mut c, &by_user, offset)?;
     }
-    let bucket = |e: &StoredEvent, w: i64| e.recorded_at.and_utc().timestamp() / w.max(1);
-    if rules.many_patients_threshold > 0 {
-        for (agent, e) in &last_access {
-            let w = rules.many_patients_window_secs;
-            let n = count_in_window(tx, e, w, WindowCount::DistinctPatients)?;
-            if n as u64 > rules.many_patients_threshold {
-                c.add(
-                    "many-patients",
-                    format!("many-patients:{agent}:{}", bucket(e, w)),
-                    e,
-                    None,
-                    json!({"message": format!("{agent} accessed {n} distinct patients within {w} s (threshold {})", rules.many_patients_threshold), "count": n, "window_secs": w}),
-                );
-            }
-        }
-    }
-    if rules.break_glass_threshold > 0 {
-        for (agent, e) in &last_btg {
-            let w = rules.break_glass_window_secs;
-            let n = count_in_window(tx, e, w, WindowCount::BreakGlass)?;
-            if n as u64 >= rules.break_glass_threshold {
-                c.add(
-                    "break-the-glass-frequent",
-                    format!("break-the-glass-frequent:{agent}:{}", bucket(e, w)),
-                    e,
-                    None,
-                    json!({"message": format!("{agent} used break-the-glass {n} times within {w} s (threshold {})", rules.break_glass_threshold), "count": n, "window_secs": w}),
-                );
-            }
-        }
-    }
-    if rules.denials_threshold > 0 {
-        for (agent, e) in &last_denial {
-            let w = rules.denials_window_secs;
-            let n = count_in_window(tx, e, w, WindowCount::Denials)?;
-            if n as u64 >= rules.denials_threshold {
-                c.add(
-                    "denials",
-                    format!("denials:{agent}:{}", bucket(e, w)),
-                    e,
-                    None,
-                    json!({"message": format!("{n} refused requests by {agent} within {w} s (threshold {})", rules.denials_threshold), "count": n, "window_secs": w}),
-                );
-            }
-        }
+    for (rule, last) in [
+        (WindowRule::many_patients(rules), &last_access),
+        (WindowRule::break_glass(rules), &last_btg),
+        (WindowRule::denials(rules), &last_denial),
+    ] {
+        rule.raise(tx, &mut c, last)?;
     }
     Ok(Some(Found {
         evaluated: events.len(),

@@ -254,39 +254,109 @@ pub fn register_batch(
     })
 }
 
+/// A registration of a document the custodian registered before: withdrawn
+/// (`entered-in-error`), unchanged, or refused when its metadata differ.
+fn register_existing(
+    conn: &mut DbConn,
+    i: usize,
+    doc: &NewDocument,
+    existing: StoredDocument,
+) -> Result<(RegisterOutcome, StoredDocument, Option<NewEvent>), DocumentError> {
+    if doc.status == DocStatus::EnteredInError {
+        if existing.status == DocStatus::EnteredInError {
+            return Ok((RegisterOutcome::Unchanged, existing, None));
+        }
+        let now = now_utc();
+        diesel::update(refs_t::table.find(&existing.id))
+            .set((
+                refs_t::status.eq(DocStatus::EnteredInError.as_str()),
+                refs_t::version.eq(refs_t::version + 1),
+                refs_t::updated_at.eq(now),
+            ))
+            .execute(conn)?;
+        let stored = get(conn, &existing.id)?;
+        let event = NewEvent::document("document-withdrawn", &stored);
+        return Ok((RegisterOutcome::Withdrawn, stored, Some(event)));
+    }
+    if existing.resource == doc.resource {
+        return Ok((RegisterOutcome::Unchanged, existing, None));
+    }
+    Err(DocumentError::Conflict {
+        index: i,
+        field: "DocumentReference.masterIdentifier".into(),
+        message: format!(
+            "document {} of {} is already registered (DocumentReference/{}) with other metadata; register a new document that replaces it (relatesTo code replaces)",
+            doc.custodian_doc_id, doc.custodian_id, existing.id
+        ),
+    })
+}
+
+/// Mark `old_id`, the document `doc` replaces, superseded: only its custodian may replace
+/// it, only while it is current, and only by a document about the same patient (`person`).
+fn supersede(
+    conn: &mut DbConn,
+    i: usize,
+    doc: &NewDocument,
+    old_id: &str,
+    person: &str,
+    now: NaiveDateTime,
+) -> Result<(), DocumentError> {
+    let old = get(conn, old_id).map_err(|e| match e {
+        DocumentError::NotFound(_) => invalid(
+            i,
+            "DocumentReference.relatesTo.target",
+            format!("DocumentReference/{old_id} does not exist"),
+        ),
+        other => other,
+    })?;
+    if old.custodian_id != doc.custodian_id {
+        return Err(invalid(
+            i,
+            "DocumentReference.relatesTo.target",
+            "only the custodian of a document can replace it",
+        ));
+    }
+    if old.status != DocStatus::Current {
+        return Err(DocumentError::Conflict {
+            index: i,
+            field: "DocumentReference.relatesTo.target".into(),
+            message: format!(
+                "DocumentReference/{old_id} is {} and cannot be replaced",
+                old.status.as_str()
+            ),
+        });
+    }
+    if old.person_id != person {
+        let same: i64 = crate::store::schema::empi_links::table
+            .filter(crate::store::schema::empi_links::record_id.eq(&old.patient_record_id))
+            .filter(crate::store::schema::empi_links::person_id.eq(person))
+            .count()
+            .get_result(conn)?;
+        if same == 0 {
+            return Err(invalid(
+                i,
+                "DocumentReference.subject",
+                "a replacement must be about the same patient as the document it replaces",
+            ));
+        }
+    }
+    diesel::update(refs_t::table.find(old_id))
+        .set((
+            refs_t::status.eq(DocStatus::Superseded.as_str()),
+            refs_t::version.eq(refs_t::version + 1),
+            refs_t::updated_at.eq(now),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
 fn register_one(
     conn: &mut DbConn,
     i: usize,
     doc: &NewDocument,
 ) -> Result<(RegisterOutcome, StoredDocument, Option<NewEvent>), DocumentError> {
     if let Some(existing) = find_by_custodian(conn, &doc.custodian_id, &doc.custodian_doc_id)? {
-        if doc.status == DocStatus::EnteredInError {
-            if existing.status == DocStatus::EnteredInError {
-                return Ok((RegisterOutcome::Unchanged, existing, None));
-            }
-            let now = now_utc();
-            diesel::update(refs_t::table.find(&existing.id))
-                .set((
-                    refs_t::status.eq(DocStatus::EnteredInError.as_str()),
-                    refs_t::version.eq(refs_t::version + 1),
-                    refs_t::updated_at.eq(now),
-                ))
-                .execute(conn)?;
-            let stored = get(conn, &existing.id)?;
-            let event = NewEvent::document("document-withdrawn", &stored);
-            return Ok((RegisterOutcome::Withdrawn, stored, Some(event)));
-        }
-        if existing.resource == doc.resource {
-            return Ok((RegisterOutcome::Unchanged, existing, None));
-        }
-        return Err(DocumentError::Conflict {
-            index: i,
-            field: "DocumentReference.masterIdentifier".into(),
-            message: format!(
-                "document {} of {} is already registered (DocumentReference/{}) with other metadata; register a new document that replaces it (relatesTo code replaces)",
-                doc.custodian_doc_id, doc.custodian_id, existing.id
-            ),
-        });
+        return register_existing(conn, i, doc, existing);
     }
     if doc.status != DocStatus::Current {
         return Err(invalid(
@@ -333,52 +403,7 @@ fn register_one(
     let now = now_utc();
     let mut kind = "document-new";
     if let Some(old_id) = &doc.replaces {
-        let old = get(conn, old_id).map_err(|e| match e {
-            DocumentError::NotFound(_) => invalid(
-                i,
-                "DocumentReference.relatesTo.target",
-                format!("DocumentReference/{old_id} does not exist"),
-            ),
-            other => other,
-        })?;
-        if old.custodian_id != doc.custodian_id {
-            return Err(invalid(
-                i,
-                "DocumentReference.relatesTo.target",
-                "only the custodian of a document can replace it",
-            ));
-        }
-        if old.status != DocStatus::Current {
-            return Err(DocumentError::Conflict {
-                index: i,
-                field: "DocumentReference.relatesTo.target".into(),
-                message: format!(
-                    "DocumentReference/{old_id} is {} and cannot be replaced",
-                    old.status.as_str()
-                ),
-            });
-        }
-        if old.person_id != person {
-            let same: i64 = crate::store::schema::empi_links::table
-                .filter(crate::store::schema::empi_links::record_id.eq(&old.patient_record_id))
-                .filter(crate::store::schema::empi_links::person_id.eq(&person))
-                .count()
-                .get_result(conn)?;
-            if same == 0 {
-                return Err(invalid(
-                    i,
-                    "DocumentReference.subject",
-                    "a replacement must be about the same patient as the document it replaces",
-                ));
-            }
-        }
-        diesel::update(refs_t::table.find(old_id))
-            .set((
-                refs_t::status.eq(DocStatus::Superseded.as_str()),
-                refs_t::version.eq(refs_t::version + 1),
-                refs_t::updated_at.eq(now),
-            ))
-            .execute(conn)?;
+        supersede(conn, i, doc, old_id, &person, now)?;
         kind = "document-replaced";
     }
     let id = uuid::Uuid::now_v7().to_string();

@@ -13,8 +13,8 @@
 mod audited;
 pub mod schema;
 pub use audited::Audited;
-#[cfg(test)]
-pub(crate) mod testdb;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testdb;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
