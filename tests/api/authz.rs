@@ -285,9 +285,14 @@ async fn expect_recorded(
     let (status, body, request_id) = send(fx, kind, call).await;
     let what = format!("{what} by {kind:?} ({} {})", call.method, call.path);
     let success = (200..300).contains(&status);
+    // Rows open to members release patient data through the consent engine, which may then
+    // withhold it (the internet hospital here has no visit with the patient): the table let
+    // the caller in; the engine's denial is its own decision, recorded with its reasons.
+    let withheld = status == 403
+        && body["issue"][0]["details"]["coding"][0]["code"] == "consent-denied";
     if allowed {
         assert!(
-            success || also_ok.contains(&status),
+            success || withheld || also_ok.contains(&status),
             "{what}: the table allows it, got {status}: {body}"
         );
     } else if kind == Kind::Anonymous {
@@ -299,7 +304,11 @@ async fn expect_recorded(
         );
     }
     // An allowed operation that then found nothing to do is recorded as failed.
-    let recorded = ((success && definite) || !allowed).then_some(allowed);
+    let recorded = if withheld {
+        Some(false)
+    } else {
+        ((success && definite) || !allowed).then_some(allowed)
+    };
     assert_audited(&fx.app, &what, &request_id, recorded).await;
 }
 
