@@ -534,20 +534,19 @@ impl Check {
 }
 
 fn forbidden(resource: Resource, op: Op, ways: &[Who]) -> ApiError {
-    let ways: Vec<String> = ways
-        .iter()
-        .map(|w| match w {
-            Anyone => "anyone".to_string(),
-            Member => "a member with the scope".to_string(),
-            Custodian => {
-                "the custodian (the member holding the item or the patient's records)".to_string()
-            }
-            PatientPlatform => {
-                "the patient's platform (a care relationship with the patient)".to_string()
-            }
-            Staff(role) => format!("the {} role", role.as_str()),
-        })
-        .collect();
+    let ways: Vec<String> =
+        ways.iter()
+            .map(|w| match w {
+                Anyone => "anyone".to_string(),
+                Member => "a member with the scope".to_string(),
+                Custodian => "the custodian (the member holding the item or the patient's records)"
+                    .to_string(),
+                PatientPlatform => {
+                    "the patient's platform (a care relationship with the patient)".to_string()
+                }
+                Staff(role) => format!("the {} role", role.as_str()),
+            })
+            .collect();
     let who = match ways.as_slice() {
         [one] => one.clone(),
         many => format!("one of {}", many.join(", ")),
@@ -786,7 +785,24 @@ impl<N: Need> actix_web::FromRequest for Permit<N> {
         req: &actix_web::HttpRequest,
         payload: &mut actix_web::dev::Payload,
     ) -> Self::Future {
-        let actor = Actor::from_request(req, payload);
+        // Authenticate the way the row admits: a row only for members takes the member
+        // credential path (refused tokens logged as before) unless a known staff credential
+        // is presented (the table then answers 403); a row only for roles takes the staff path
+        // (a member's token: 401 as before); a row open to both tells them apart by the form
+        // of the credential.
+        let ways = rule(N::RESOURCE, N::OP).map_or(&[][..], |r| r.who);
+        let staff = ways.iter().any(|w| matches!(w, Staff(_)));
+        let member = ways
+            .iter()
+            .any(|w| matches!(w, Member | Custodian | PatientPlatform));
+        let actor = match (staff, member) {
+            (false, true) if crate::service::presents_known_staff_credential(req) => {
+                Actor::authenticate_staff(req)
+            }
+            (false, true) => Actor::authenticate_member(req, payload),
+            (true, false) => Actor::authenticate_staff(req),
+            _ => Actor::from_request(req, payload),
+        };
         Box::pin(async move { Permit::check(actor.await?) })
     }
 }
