@@ -1,5 +1,6 @@
 //! Who is calling: the [`Caller`] extractor. A handler that takes a `Caller` requires an
-//! authenticated member institution; `caller.require(...)` checks a SMART scope.
+//! authenticated member institution; [`Caller::require`] checks a SMART scope (the
+//! authorization table, crate::service::authz, asks it).
 //!
 //! Credentials accepted today:
 //! - the admin credential plus `X-On-Behalf-Of: <institution id>`: an operator acting for an
@@ -26,12 +27,12 @@
 //! budgets once authenticated (429 beyond them; crate::ratelimit, docs/auth.md). The
 //! admin-on-behalf path is not limited.
 //!
-//! [`Scoped<N>`] puts the scope a handler needs into its signature: `Scoped<PatientRead>`
-//! answers 403 OperationOutcome (and `WWW-Authenticate: Bearer error="insufficient_scope"`)
-//! when the scope is not granted.
+//! Handlers do not take a `Caller` to decide access themselves: they take a
+//! `crate::service::authz::Permit<N>`, which authenticates the caller through this extractor
+//! and evaluates the resource × operation × role table (including the SMART scope; 403 with
+//! `WWW-Authenticate: Bearer error="insufficient_scope"` when it is not granted).
 
 use std::future::Future;
-use std::marker::PhantomData;
 use std::pin::Pin;
 
 use actix_web::dev::Payload;
@@ -42,7 +43,6 @@ use yiqiao_registry::auth::NewAuthEvent;
 use yiqiao_registry::directory::Institution;
 
 use crate::error::{ApiError, ErrorCode};
-use crate::extract::AdminAuth;
 use crate::state::AppState;
 
 pub const ON_BEHALF_OF: HeaderName = HeaderName::from_static("x-on-behalf-of");
@@ -162,8 +162,8 @@ impl FromRequest for Caller {
     type Error = ApiError;
     type Future = Pin<Box<dyn Future<Output = Result<Caller, ApiError>>>>;
 
-    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
-        let admin = AdminAuth::from_request(req, payload).into_inner();
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let admin = crate::extract::admin_credential(req);
         let on_behalf = req
             .headers()
             .get(ON_BEHALF_OF)
@@ -346,89 +346,6 @@ async fn from_access_token(
         user: None,
         token_id: Some(claims.jti),
     })
-}
-
-/// A scope a handler needs: `RESOURCE` and one SMART v2 permission (c, r, u, d, s).
-pub trait ScopeNeed: 'static {
-    const RESOURCE: &'static str;
-    const PERMISSION: char;
-}
-
-macro_rules! scope_needs {
-    ($($name:ident => ($resource:literal, $permission:literal),)*) => {
-        $(
-            #[doc = concat!("Needs `system/", $resource, ".", $permission, "`.")]
-            #[derive(Debug, Clone, Copy)]
-            pub struct $name;
-            impl ScopeNeed for $name {
-                const RESOURCE: &'static str = $resource;
-                const PERMISSION: char = $permission;
-            }
-        )*
-    };
-}
-
-scope_needs! {
-    PatientRead => ("Patient", 'r'),
-    PatientSearch => ("Patient", 's'),
-    DocumentReferenceRead => ("DocumentReference", 'r'),
-    DocumentReferenceSearch => ("DocumentReference", 's'),
-    ObservationRead => ("Observation", 'r'),
-    ObservationSearch => ("Observation", 's'),
-    ConsentCreate => ("Consent", 'c'),
-    ConsentRead => ("Consent", 'r'),
-    ConsentUpdate => ("Consent", 'u'),
-    ConsentDelete => ("Consent", 'd'),
-    ConsentSearch => ("Consent", 's'),
-    EncounterCreate => ("Encounter", 'c'),
-    EncounterRead => ("Encounter", 'r'),
-    EncounterUpdate => ("Encounter", 'u'),
-    AuditEventRead => ("AuditEvent", 'r'),
-    AuditEventSearch => ("AuditEvent", 's'),
-    PractitionerCreate => ("Practitioner", 'c'),
-    PractitionerRead => ("Practitioner", 'r'),
-    PractitionerUpdate => ("Practitioner", 'u'),
-    PractitionerSearch => ("Practitioner", 's'),
-}
-
-/// A [`Caller`] holding the scope `N` — the requirement is visible in the handler signature.
-#[derive(Debug, Clone)]
-pub struct Scoped<N: ScopeNeed> {
-    pub caller: Caller,
-    _need: PhantomData<N>,
-}
-
-impl<N: ScopeNeed> std::ops::Deref for Scoped<N> {
-    type Target = Caller;
-    fn deref(&self) -> &Caller {
-        &self.caller
-    }
-}
-
-impl<N: ScopeNeed> FromRequest for Scoped<N> {
-    type Error = ApiError;
-    type Future = Pin<Box<dyn Future<Output = Result<Scoped<N>, ApiError>>>>;
-
-    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
-        let caller = Caller::from_request(req, payload);
-        Box::pin(async move {
-            let caller = caller.await?;
-            caller.require(N::RESOURCE, N::PERMISSION).map_err(|e| {
-                e.header(
-                    header::WWW_AUTHENTICATE,
-                    format!(
-                        "Bearer realm=\"yiqiao\", error=\"insufficient_scope\", scope=\"system/{}.{}\"",
-                        N::RESOURCE,
-                        N::PERMISSION
-                    ),
-                )
-            })?;
-            Ok(Scoped {
-                caller,
-                _need: PhantomData,
-            })
-        })
-    }
 }
 
 #[cfg(test)]

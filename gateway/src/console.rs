@@ -22,7 +22,8 @@ use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ErrorCode};
-use crate::staff::{Auditor, RequireRole, Role, Staff};
+use crate::service::authz::{AuditReportRead, Permit};
+use crate::staff::{Role, Staff};
 
 const PAGE: &str = include_str!("../assets/console/index.html");
 const SCRIPT: &str = include_str!("../assets/console/console.js");
@@ -176,9 +177,10 @@ pub struct ConsoleSession {
               (status = 403, description = "Not the auditor role")),
     security(("auditor_token" = [])))]
 pub async fn session(
-    auditor: RequireRole<Auditor>,
+    permit: Permit<AuditReportRead>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
+    let auditor = permit.staff()?;
     let csrf = match auditor.session_kind {
         Some("cookie") => {
             crate::oidc::request_cookie(&req, crate::oidc::SESSION_COOKIE).map(|t| csrf_token(&t))

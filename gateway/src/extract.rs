@@ -3,7 +3,9 @@
 //! - [`ValidJson<T>`]: content type, size limit, well-formed JSON, no control characters in
 //!   its text (crate::sanitize) and shape, each with its own error code and the offending
 //!   field's path.
-//! - [`AdminAuth`]: the admin credential; its presence in a handler's signature is the guard.
+//! - [`IfMatch`]: the version an `If-Match` precondition names (every versioned update).
+//! - [`admin_credential`]: is the admin credential presented (for the `Caller` extractor's
+//!   on-behalf path; handlers state their access with `crate::service::authz::Permit`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -132,21 +134,10 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     })
 }
 
-/// Proof that the caller presented the admin credential (`Authorization: Bearer <admin_token>`).
-/// Replaced by OpenID Connect roles when people log in through the identity provider.
-#[derive(Debug, Clone, Copy)]
-pub struct AdminAuth;
-
-impl FromRequest for AdminAuth {
-    type Error = ApiError;
-    type Future = std::future::Ready<Result<AdminAuth, ApiError>>;
-
-    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        std::future::ready(check_admin(req))
-    }
-}
-
-fn check_admin(req: &HttpRequest) -> Result<AdminAuth, ApiError> {
+/// Did the request present the admin credential (`Authorization: Bearer <admin_token>`)? Used
+/// by the `Caller` extractor for the admin credential acting on behalf of an institution, and
+/// by the `Staff` extractor; handlers take a `Permit` instead.
+pub fn admin_credential(req: &HttpRequest) -> Result<(), ApiError> {
     let challenge = |msg: &str| {
         ApiError::new(ErrorCode::Unauthenticated, msg)
             .header(header::WWW_AUTHENTICATE, "Bearer realm=\"yiqiao-admin\"")
@@ -168,8 +159,36 @@ fn check_admin(req: &HttpRequest) -> Result<AdminAuth, ApiError> {
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(|| challenge("the admin API needs Authorization: Bearer <admin token>"))?;
     if bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
-        Ok(AdminAuth)
+        Ok(())
     } else {
         Err(challenge("the admin credential is not valid"))
     }
+}
+
+/// The version an update's `If-Match: W/"3"` (or `"3"`) precondition names, `None` without
+/// the header; 400 naming `If-Match` when it is not such an ETag. In a handler's signature, so
+/// that every versioned update reads it the same way.
+#[derive(Debug, Clone, Copy)]
+pub struct IfMatch(pub Option<i64>);
+
+impl FromRequest for IfMatch {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<IfMatch, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        std::future::ready(if_match(req).map(IfMatch))
+    }
+}
+
+/// `If-Match: W/"3"` or `"3"` → Some(3).
+fn if_match(req: &HttpRequest) -> Result<Option<i64>, ApiError> {
+    let Some(raw) = req.headers().get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    raw.to_str()
+        .ok()
+        .map(|v| v.trim().trim_start_matches("W/").trim_matches('"'))
+        .and_then(|v| v.parse::<i64>().ok())
+        .map(Some)
+        .ok_or_else(|| ApiError::invalid_param("If-Match", "must be an ETag such as W/\"3\""))
 }

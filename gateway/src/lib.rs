@@ -11,6 +11,7 @@ pub mod config;
 pub mod console;
 pub mod demo;
 pub mod documents;
+pub mod envelope;
 pub mod error;
 pub mod extract;
 pub mod federation;

@@ -23,7 +23,7 @@ use utoipa::ToSchema;
 use crate::config::MtlsSettings;
 use crate::error::{ApiError, ErrorCode};
 use crate::extract::ValidJson;
-use crate::staff::{Admin, RequireRole};
+use crate::service::authz::{InstitutionUpdate, Permit};
 use crate::state::AppState;
 
 /// The SHA-256 of the client certificate the connection presented.
@@ -128,17 +128,18 @@ fn normalise_fingerprint(raw: &str) -> Result<String, ApiError> {
               (status = 422, description = "Not a SHA-256 fingerprint")),
     security(("admin_token" = [])))]
 pub async fn bind(
-    admin: RequireRole<Admin>,
+    permit: Permit<InstitutionUpdate>,
     state: web::Data<AppState>,
     id: web::Path<String>,
     body: ValidJson<ClientCertBinding>,
 ) -> Result<HttpResponse, ApiError> {
+    let admin = permit.staff()?;
     let sha256 = normalise_fingerprint(&body.0.sha256)?;
     let id = id.into_inner();
     let (inst, fp) = (id.clone(), sha256.clone());
     let event = state
         .auditor
-        .admin_event(&admin, "update", "U", format!("Organization/{id}"));
+        .admin_event(admin, "update", "U", format!("Organization/{id}"));
     state
         .auditor
         .change(event, move |tx, _| {
@@ -155,15 +156,16 @@ pub async fn bind(
     responses((status = 204, description = "Unbound"), (status = 404, description = "No binding")),
     security(("admin_token" = [])))]
 pub async fn unbind(
-    admin: RequireRole<Admin>,
+    permit: Permit<InstitutionUpdate>,
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    let admin = permit.staff()?;
     let id = id.into_inner();
     let inst = id.clone();
     let event = state
         .auditor
-        .admin_event(&admin, "update", "U", format!("Organization/{id}"));
+        .admin_event(admin, "update", "U", format!("Organization/{id}"));
     state
         .auditor
         .change(event, move |tx, _| {

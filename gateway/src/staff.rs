@@ -1,9 +1,10 @@
 //! People and operators: the [`Staff`] extractor and role guards.
 //!
 //! MLPS level 3 wants administration, audit and security duties separated, so a credential
-//! carries roles, and a handler states the role it needs in its signature:
-//! `RequireRole<Auditor>` answers 401 (no or unknown credential) or 403 (credential without the
-//! role) as an OperationOutcome before the handler runs.
+//! carries roles. A handler states what it needs in its signature with
+//! `crate::service::authz::Permit<N>`, which authenticates through [`Staff::authenticate`] and
+//! looks the roles up in the authorization table: 401 (no or unknown credential) or 403
+//! (credential without a role the table names) as an OperationOutcome before the handler runs.
 //!
 //! Credentials accepted:
 //! - the admin credential (`admin_token`): role admin only;
@@ -20,13 +21,8 @@
 //! cookie is also `SameSite=Lax`). The auditors' changes also check a CSRF token
 //! (crate::console::require_csrf).
 
-use std::future::Future;
-use std::marker::PhantomData;
-use std::pin::Pin;
-
-use actix_web::dev::Payload;
 use actix_web::http::header;
-use actix_web::{FromRequest, HttpMessage, HttpRequest, web};
+use actix_web::{HttpMessage, HttpRequest, web};
 use serde::Serialize;
 use subtle::ConstantTimeEq;
 
@@ -208,82 +204,4 @@ async fn session(
 fn unauthenticated(msg: &str) -> ApiError {
     ApiError::new(ErrorCode::Unauthenticated, msg)
         .header(header::WWW_AUTHENTICATE, "Bearer realm=\"yiqiao-staff\"")
-}
-
-/// A role a handler requires (marker types below).
-pub trait RoleNeed {
-    const ROLE: Role;
-}
-
-macro_rules! role_need {
-    ($($name:ident => $role:expr),* $(,)?) => {
-        $(
-            #[doc = concat!("Marker: the `", stringify!($name), "` role.")]
-            #[derive(Debug)]
-            pub struct $name;
-            impl RoleNeed for $name {
-                const ROLE: Role = $role;
-            }
-        )*
-    };
-}
-
-role_need!(
-    Admin => Role::Admin,
-    Auditor => Role::Auditor,
-    SecurityOfficer => Role::SecurityOfficer,
-    Steward => Role::Steward,
-);
-
-/// A staff member holding role `R`.
-#[derive(Debug)]
-pub struct RequireRole<R: RoleNeed> {
-    pub staff: Staff,
-    _role: PhantomData<R>,
-}
-
-impl<R: RoleNeed> std::ops::Deref for RequireRole<R> {
-    type Target = Staff;
-    fn deref(&self) -> &Staff {
-        &self.staff
-    }
-}
-
-impl<R: RoleNeed + 'static> FromRequest for RequireRole<R> {
-    type Error = ApiError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
-
-    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let req = req.clone();
-        Box::pin(async move {
-            let staff = Staff::authenticate(&req).await?;
-            let staff = staff.ok_or_else(|| {
-                unauthenticated(&format!(
-                    "this API needs a credential with the {} role: Authorization: Bearer <token>",
-                    R::ROLE.as_str()
-                ))
-            })?;
-            if staff.has(R::ROLE) {
-                Ok(RequireRole {
-                    staff,
-                    _role: PhantomData,
-                })
-            } else {
-                Err(ApiError::new(
-                    ErrorCode::Forbidden,
-                    format!(
-                        "the {} role is required; {} holds {}",
-                        R::ROLE.as_str(),
-                        staff.subject,
-                        staff
-                            .roles
-                            .iter()
-                            .map(|r| r.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                ))
-            }
-        })
-    }
 }

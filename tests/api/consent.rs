@@ -74,6 +74,24 @@ async fn register_hospitals(app: &TestApp, key: &Sm2PrivateKey) {
 
 /// An access token of hospital `n` with a purpose of use (SM2SM3 client assertion).
 async fn token(app: &TestApp, key: &Sm2PrivateKey, n: u32, purpose: &str) -> String {
+    scoped_token(
+        app,
+        key,
+        n,
+        purpose,
+        "system/Patient.rs system/Consent.cruds",
+    )
+    .await
+}
+
+/// An access token of hospital `n` (registered with `key` as kid `sm2`) for `scope`.
+pub async fn scoped_token(
+    app: &TestApp,
+    key: &Sm2PrivateKey,
+    n: u32,
+    purpose: &str,
+    scope: &str,
+) -> String {
     let inst = format!("hosp-{n:03}");
     let now = chrono::Utc::now().timestamp();
     let aud = format!("{}/oauth2/token", app.state.base_url);
@@ -95,7 +113,7 @@ async fn token(app: &TestApp, key: &Sm2PrivateKey, n: u32, purpose: &str) -> Str
                 "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
             ),
             ("client_assertion", assertion.as_str()),
-            ("scope", "system/Patient.rs system/Consent.cruds"),
+            ("scope", scope),
             ("purpose_of_use", purpose),
         ])
         .send()

@@ -12,6 +12,7 @@ mod wait;
 mod audit;
 mod auditing;
 mod auth;
+mod authz;
 mod cli;
 mod consent;
 mod console;

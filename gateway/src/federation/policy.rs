@@ -1,6 +1,7 @@
-//! The release decision for each resource a hospital returned, before anything reaches the
-//! requester. The consent engine (`yiqiao_consent`) is wired in behind [`ReleasePolicy`];
-//! until then [`PermitAll`] releases everything.
+//! A deployment's own filter on each resource a hospital returned ([`ReleasePolicy`]), applied
+//! before the consent engine. The consent engine (`state.policy`, crate::policy) is applied
+//! after it to every resource, always; [`PermitAll`], the default hook, only means "no
+//! deployment-specific filter" — it does not bypass consent.
 
 use serde_json::Value;
 
@@ -26,7 +27,7 @@ pub trait ReleasePolicy: Send + Sync {
     ) -> Release;
 }
 
-/// Releases everything (the placeholder until the consent engine is wired in).
+/// The default hook: no deployment-specific filter (the consent engine still decides).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PermitAll;
 

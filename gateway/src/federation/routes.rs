@@ -4,19 +4,20 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use actix_web::http::header;
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
 use chrono::{DateTime, NaiveDate, Utc};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use yiqiao_registry::audit::{EntityRef, outcome};
 use yiqiao_registry::empi::store as empi;
-use yiqiao_sm::{ENVELOPE_MEDIA_TYPE, Envelope, RecipientKey, RequestBinding, Sm2PublicKey};
+use yiqiao_sm::ENVELOPE_MEDIA_TYPE;
 
 use super::{Deadlines, Release, Site, SiteResult};
 use crate::auth::Caller;
+use crate::envelope::{requester_envelope, seal_for};
 use crate::error::{ApiError, ErrorCode};
 use crate::fhir::{self, INSTITUTION_ID_SYSTEM};
+use crate::service::authz::{ClinicalDataSearch, Permit, Public};
 use crate::state::AppState;
 
 /// Resource types answered by fan-out.
@@ -162,47 +163,25 @@ fn bundle_bytes(
     Ok(out)
 }
 
-/// Federated search (docs/federation.md).
-#[utoipa::path(get, path = "/fhir/Observation", tag = "federation",
-    params(("patient" = String, Query, description = "enterprise patient id (EMPI person)"),
-        ("code" = Option<String>, Query, description = "token, forwarded to hospitals (not for Encounter)"),
-        ("date" = Option<String>, Query, description = "[eq|ge|gt|le|lt]YYYY[-MM[-DD]], forwarded; may repeat"),
-        ("_count" = Option<i64>, Query, description = "page size"),
-        ("_offset" = Option<i64>, Query, description = "entries to skip (next links carry it)"),
-        ("_timeout" = Option<u64>, Query, description = "overall deadline, ms (≤ federation.max_timeout_ms)"),
-        ("_endpointTimeout" = Option<u64>, Query, description = "per-institution deadline, ms")),
-    responses((status = 200, description = "searchset Bundle: merged entries (meta.source = custodian) and an OperationOutcome entry (search.mode=outcome) naming every institution that failed and why; application/yiqiao-sm-envelope+json when asked with Accept"),
-        (status = 404, description = "no records linked to the enterprise patient")))]
-pub async fn search(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    caller: Caller,
-    query: web::Query<Vec<(String, String)>>,
-) -> Result<HttpResponse, ApiError> {
-    let resource_type = req
-        .path()
-        .rsplit('/')
-        .next()
-        .filter(|t| FEDERATED_TYPES.contains(t))
-        .ok_or_else(|| ApiError::new(ErrorCode::UnknownRoute, "not a federated type"))?
-        .to_string();
-    caller.require(&resource_type, 'r')?;
-    caller.require(&resource_type, 's')?;
-    let handler_started = std::time::Instant::now();
-    // Routing, middleware and the extractors (authentication) before the handler ran.
-    let before_ms = req
-        .extensions()
-        .get::<crate::middleware::RequestStarted>()
-        .map_or(0.0, |s| {
-            handler_started.duration_since(s.0).as_secs_f64() * 1000.0
-        });
-    let fed = state.federation.clone();
-    let settings = fed.settings().clone();
-    let query = query.into_inner();
-    let allowed = forwarded(&resource_type);
+/// A federated search's parameters: what is forwarded to the hospitals, the enterprise
+/// patient, the page and the deadlines.
+struct FederatedQuery {
+    params: Vec<(String, String)>,
+    person: String,
+    count: i64,
+    offset: i64,
+    deadlines: Deadlines,
+}
+
+fn parse_query(
+    query: &[(String, String)],
+    resource_type: &str,
+    settings: &crate::config::FederationSettings,
+) -> Result<FederatedQuery, ApiError> {
+    let allowed = forwarded(resource_type);
     let mut params = Vec::new();
     let mut single: BTreeMap<&str, String> = BTreeMap::new();
-    for (k, v) in &query {
+    for (k, v) in query {
         if GATEWAY_PARAMS.contains(&k.as_str()) {
             if single.insert(k.as_str(), v.clone()).is_some() {
                 return Err(ApiError::invalid_param(k, "may be given only once"));
@@ -248,18 +227,31 @@ pub async fn search(
     if let Some(raw) = single.get("_endpointTimeout") {
         deadlines.endpoint = millis_param("_endpointTimeout", raw, settings.max_timeout_ms)?;
     }
-    let requester_envelope = requester_envelope(&req, &caller)?;
+    Ok(FederatedQuery {
+        params,
+        person,
+        count,
+        offset,
+        deadlines,
+    })
+}
 
-    // Where does the person have records?
-    let resolve_started = std::time::Instant::now();
+/// Where the person has records (the holders, with their directory entries through the
+/// same per-replica cache as access tokens), and the consent engine's context for releasing
+/// their answers; 404 when no institution holds any.
+async fn resolve(
+    state: &web::Data<AppState>,
+    caller: &Caller,
+    person: &str,
+) -> Result<(Vec<Site>, crate::policy::Prepared), ApiError> {
     // The holders' identifiers in one statement; their directory entries through the same
     // per-replica cache as access tokens (at most `auth.directory_cache_ttl_ms` old).
     // The consent engine's caches are synchronised and the person's consents read on the
     // same trip (their state as of the request's start, like a document search), so the
     // release of each hospital's answer reads nothing shared.
-    let lookup = person.clone();
+    let lookup = person.to_string();
     let policy = state.policy.clone();
-    let requester = crate::policy::Policy::requester(&caller);
+    let requester = crate::policy::Policy::requester(caller);
     let app = state.get_ref().clone();
     let (holders, institutions, synced, prepared) = state
         .db(move |conn| -> Result<_, ApiError> {
@@ -293,100 +285,23 @@ pub async fn search(
         None => {
             state
                 .policy
-                .prepare(&caller, vec![person.clone()], synced)
+                .prepare(caller, vec![person.to_string()], synced)
                 .await?
         }
     };
-    let ask = state.policy.ask(&caller, &req);
-    // Where each site was in the directory order: the outcome and the audit record list
-    // them in that order, whatever order they answered in.
-    let order: std::collections::HashMap<String, usize> = sites
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.institution.id.to_string(), i))
-        .collect();
+    Ok((sites, prepared))
+}
 
-    let resolve_ms = ms_since(resolve_started);
-    let fan_out_started = std::time::Instant::now();
-    // Each answer is released (federation hook, then the consent engine with its masking)
-    // and serialised as it arrives, while the slower hospitals are still answering: after
-    // the last answer only its own resources are left to do.
-    let hook = fed.policy();
-    let mut results: Vec<SiteResult> = Vec::with_capacity(sites.len());
-    let mut items: Vec<Item> = Vec::new();
-    let mut withheld: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut released = crate::policy::Released::default();
-    let mut decided = 0usize;
-    let mut release_s = 0.0f64;
-    let mut answers = std::pin::pin!(fed.fan_out_each(&resource_type, sites, &params, deadlines));
-    while let Some(mut site) = answers.next().await {
-        let started = std::time::Instant::now();
-        let found = match &mut site.result {
-            Ok(found) => std::mem::take(found),
-            Err(_) => Vec::new(),
-        };
-        let custodian = site.institution.id.to_string();
-        let mut candidates = Vec::with_capacity(found.len());
-        for r in found {
-            match hook.release(&caller, &person, &custodian, r) {
-                Release::Keep(r) => candidates.push(crate::policy::Candidate {
-                    custodian: custodian.clone(),
-                    patient: Some(person.clone()),
-                    resource: r,
-                }),
-                Release::Withhold { reason } => {
-                    withheld.entry(custodian.clone()).or_default().push(reason)
-                }
-            }
-        }
-        let n = candidates.len();
-        let mut part = state.policy.release_prepared(&prepared, &ask, candidates);
-        for w in &part.withheld {
-            withheld
-                .entry(w.custodian.clone())
-                .or_default()
-                .push(format!("consent policy: {}", w.rule));
-        }
-        let base = site.institution.endpoint_url.as_deref().unwrap_or_default();
-        for (_, r) in part.take_kept() {
-            items.push(Item::new(
-                r,
-                &custodian,
-                base,
-                &resource_type,
-                &state.base_url,
-            )?);
-        }
-        released.append(part, decided);
-        decided += n;
-        results.push(site);
-        release_s += started.elapsed().as_secs_f64();
-    }
-    let fan_out_ms = ms_since(fan_out_started);
-    results.sort_by_key(|r| order.get(r.institution.id.as_str()).copied());
-    let slowest_ms = results
-        .iter()
-        .filter_map(|r| r.round_trip)
-        .max()
-        .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
-    let release_started = std::time::Instant::now();
-    let problems: Vec<(&SiteResult, &super::Problem)> = results
-        .iter()
-        .filter_map(|site| site.result.as_ref().err().map(|p| (site, p)))
-        .collect();
+/// The outcome entry's issues: the summary, each institution that did not answer and why,
+/// and what the release policy withheld per institution.
+fn outcome_issues(
+    results: &[SiteResult],
+    problems: &[(&SiteResult, &super::Problem)],
+    entries: usize,
+    duplicates: usize,
+    withheld: &BTreeMap<String, Vec<String>>,
+) -> Vec<Value> {
     let answered = results.len() - problems.len();
-    items.sort_by(|a, b| {
-        b.when
-            .cmp(&a.when)
-            .then_with(|| a.custodian.cmp(&b.custodian))
-            .then_with(|| a.id.cmp(&b.id))
-    });
-    let before = items.len();
-    let mut seen = HashSet::new();
-    items.retain_mut(|i| seen.insert(std::mem::take(&mut i.dedup)));
-    let duplicates = before - items.len();
-
-    // The outcome entry.
     let mut issues = vec![issue(
         "information",
         "informational",
@@ -396,10 +311,10 @@ pub async fn search(
             "{} institution(s) hold records of this patient: {answered} answered, {} did not; {} entries ({duplicates} duplicate(s) collapsed)",
             results.len(),
             problems.len(),
-            items.len()
+            entries
         ),
     )];
-    for (site, p) in &problems {
+    for (site, p) in problems {
         issues.push(issue(
             "warning",
             p.issue_type(),
@@ -414,8 +329,7 @@ pub async fn search(
             ),
         ));
     }
-    let withheld_total: usize = withheld.values().map(Vec::len).sum();
-    for (inst, reasons) in &withheld {
+    for (inst, reasons) in withheld {
         let mut distinct: Vec<&String> = reasons.iter().collect();
         distinct.sort();
         distinct.dedup();
@@ -436,16 +350,22 @@ pub async fn search(
         ));
     }
 
-    // The audit record, before anything is sent.
-    let release_ms = ms_since(release_started);
-    let audit_started = std::time::Instant::now();
-    let target = req
-        .uri()
-        .path_and_query()
-        .map(|pq| pq.as_str().to_string())
-        .unwrap_or_else(|| req.path().to_string());
-    let mut event = state.auditor.search_event(target.clone());
-    for site in &results {
+    issues
+}
+
+/// The search's audit record: every institution queried, the failures, what was withheld, and
+/// the consent decisions.
+fn audit_event(
+    state: &AppState,
+    target: &str,
+    resource_type: &str,
+    results: &[SiteResult],
+    problems: &[(&SiteResult, &super::Problem)],
+    withheld_total: usize,
+    released: &crate::policy::Released,
+) -> yiqiao_registry::audit::AuditEvent {
+    let mut event = state.auditor.search_event(target.to_string());
+    for site in results {
         event.entities.push(EntityRef::resource(format!(
             "Organization/{}",
             site.institution.id
@@ -476,20 +396,140 @@ pub async fn search(
         // The federation release hook withheld more than the consent engine did.
         event.consent_decision = Some(format!("partial: {withheld_total} withheld"));
     }
-    // The record goes to the writer now; the page is encoded (and sealed) while it is made
-    // durable, and nothing is sent before it is.
-    let pending = state
-        .auditor
-        .submit(
-            state
-                .auditor
-                .by_caller(event, &caller, Some(person.clone())),
-        )
-        .await?;
-    let submit_ms = ms_since(audit_started);
+    event
+}
 
-    // The page.
-    let encode_started = std::time::Instant::now();
+/// Where and for whom each hospital's answer is released.
+struct Releasing<'a> {
+    state: &'a AppState,
+    caller: &'a Caller,
+    person: &'a str,
+    resource_type: &'a str,
+    /// The deployment's hook, applied before the consent engine.
+    hook: &'a dyn super::ReleasePolicy,
+    prepared: &'a crate::policy::Prepared,
+    ask: &'a crate::policy::Ask,
+}
+
+/// What the fan-out gathered so far: every site's result, the released entries (serialised),
+/// what was withheld per institution and the consent decisions.
+#[derive(Default)]
+struct Gathered {
+    results: Vec<SiteResult>,
+    items: Vec<Item>,
+    withheld: BTreeMap<String, Vec<String>>,
+    released: crate::policy::Released,
+    decided: usize,
+    /// Time spent releasing, within the fan-out.
+    release_s: f64,
+}
+
+impl Gathered {
+    /// Release one site's answer as it arrives (the hook, then the consent engine with its
+    /// masking) and serialise what is kept, while the slower hospitals are still answering.
+    fn take(&mut self, mut site: SiteResult, ctx: &Releasing<'_>) -> Result<(), ApiError> {
+        let started = std::time::Instant::now();
+        let found = match &mut site.result {
+            Ok(found) => std::mem::take(found),
+            Err(_) => Vec::new(),
+        };
+        let custodian = site.institution.id.to_string();
+        let mut candidates = Vec::with_capacity(found.len());
+        for r in found {
+            match ctx.hook.release(ctx.caller, ctx.person, &custodian, r) {
+                Release::Keep(r) => candidates.push(crate::policy::Candidate {
+                    custodian: custodian.clone(),
+                    patient: Some(ctx.person.to_string()),
+                    resource: r,
+                }),
+                Release::Withhold { reason } => self
+                    .withheld
+                    .entry(custodian.clone())
+                    .or_default()
+                    .push(reason),
+            }
+        }
+        let n = candidates.len();
+        let mut part = ctx
+            .state
+            .policy
+            .release_prepared(ctx.prepared, ctx.ask, candidates);
+        for w in &part.withheld {
+            self.withheld
+                .entry(w.custodian.clone())
+                .or_default()
+                .push(format!("consent policy: {}", w.rule));
+        }
+        let base = site.institution.endpoint_url.as_deref().unwrap_or_default();
+        for (_, r) in part.take_kept() {
+            self.items.push(Item::new(
+                r,
+                &custodian,
+                base,
+                ctx.resource_type,
+                &ctx.state.base_url,
+            )?);
+        }
+        self.released.append(part, self.decided);
+        self.decided += n;
+        self.results.push(site);
+        self.release_s += started.elapsed().as_secs_f64();
+        Ok(())
+    }
+}
+
+/// Each site's position in the directory order.
+fn directory_order(sites: &[Site]) -> std::collections::HashMap<String, usize> {
+    sites
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.institution.id.to_string(), i))
+        .collect()
+}
+
+/// Routing, middleware and the extractors (authentication) before the handler ran, ms.
+fn before_handler_ms(req: &HttpRequest, handler_started: std::time::Instant) -> f64 {
+    req.extensions()
+        .get::<crate::middleware::RequestStarted>()
+        .map_or(0.0, |s| {
+            handler_started.duration_since(s.0).as_secs_f64() * 1000.0
+        })
+}
+
+/// The federated type the path names.
+fn federated_type(req: &HttpRequest) -> Result<String, ApiError> {
+    req.path()
+        .rsplit('/')
+        .next()
+        .filter(|t| FEDERATED_TYPES.contains(t))
+        .map(str::to_string)
+        .ok_or_else(|| ApiError::new(ErrorCode::UnknownRoute, "not a federated type"))
+}
+
+/// Newest first (then by custodian and id), duplicates collapsed: how many were.
+fn merge(items: &mut Vec<Item>) -> usize {
+    items.sort_by(|a, b| {
+        b.when
+            .cmp(&a.when)
+            .then_with(|| a.custodian.cmp(&b.custodian))
+            .then_with(|| a.id.cmp(&b.id))
+    });
+    let before = items.len();
+    let mut seen = HashSet::new();
+    items.retain_mut(|i| seen.insert(std::mem::take(&mut i.dedup)));
+    before - items.len()
+}
+
+/// The page of the merged entries as a searchset Bundle (self and next links, the outcome
+/// entry last).
+fn encode_page(
+    base_url: &str,
+    query: &[(String, String)],
+    resource_type: &str,
+    (count, offset): (i64, i64),
+    items: &[Item],
+    issues: Vec<Value>,
+) -> Result<Vec<u8>, ApiError> {
     let total = items.len();
     let start = (offset as usize).min(total);
     let end = (start + count as usize).min(total);
@@ -503,7 +543,7 @@ pub async fn search(
         q.push(("_offset".into(), off.to_string()));
         format!(
             "{}/fhir/{resource_type}?{}",
-            state.base_url,
+            base_url,
             serde_urlencoded::to_string(&q).unwrap_or_default()
         )
     };
@@ -515,15 +555,138 @@ pub async fn search(
         "resource": { "resourceType": "OperationOutcome", "issue": issues },
         "search": { "mode": "outcome" },
     });
-    let payload = bundle_bytes(total, &links, &items[start..end], &outcome)?;
+    bundle_bytes(total, &links, &items[start..end], &outcome)
+}
+
+/// Federated search (docs/federation.md).
+#[utoipa::path(get, path = "/fhir/Observation", tag = "federation",
+    params(("patient" = String, Query, description = "enterprise patient id (EMPI person)"),
+        ("code" = Option<String>, Query, description = "token, forwarded to hospitals (not for Encounter)"),
+        ("date" = Option<String>, Query, description = "[eq|ge|gt|le|lt]YYYY[-MM[-DD]], forwarded; may repeat"),
+        ("_count" = Option<i64>, Query, description = "page size"),
+        ("_offset" = Option<i64>, Query, description = "entries to skip (next links carry it)"),
+        ("_timeout" = Option<u64>, Query, description = "overall deadline, ms (≤ federation.max_timeout_ms)"),
+        ("_endpointTimeout" = Option<u64>, Query, description = "per-institution deadline, ms")),
+    responses((status = 200, description = "searchset Bundle: merged entries (meta.source = custodian) and an OperationOutcome entry (search.mode=outcome) naming every institution that failed and why; application/yiqiao-sm-envelope+json when asked with Accept"),
+        (status = 404, description = "no records linked to the enterprise patient")))]
+pub async fn search(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    permit: Permit<ClinicalDataSearch>,
+    query: web::Query<Vec<(String, String)>>,
+) -> Result<HttpResponse, ApiError> {
+    let resource_type = federated_type(&req)?;
+    let caller = permit.member()?;
+    permit.type_scope(&resource_type)?;
+    let handler_started = std::time::Instant::now();
+    let before_ms = before_handler_ms(&req, handler_started);
+    let fed = state.federation.clone();
+    let query = query.into_inner();
+    let FederatedQuery {
+        params,
+        person,
+        count,
+        offset,
+        deadlines,
+    } = parse_query(&query, &resource_type, fed.settings())?;
+    let requester_envelope = requester_envelope(&req, caller)?;
+
+    // Where does the person have records?
+    let resolve_started = std::time::Instant::now();
+    let (sites, prepared) = resolve(&state, caller, &person).await?;
+    let ask = state.policy.ask(caller, &req);
+    // Where each site was in the directory order: the outcome and the audit record list
+    // them in that order, whatever order they answered in.
+    let order = directory_order(&sites);
+
+    let resolve_ms = ms_since(resolve_started);
+    let fan_out_started = std::time::Instant::now();
+    // Each answer is released (federation hook, then the consent engine with its masking)
+    // and serialised as it arrives, while the slower hospitals are still answering: after
+    // the last answer only its own resources are left to do.
+    let hook = fed.policy();
+    let releasing = Releasing {
+        state: &state,
+        caller,
+        person: &person,
+        resource_type: &resource_type,
+        hook: &*hook,
+        prepared: &prepared,
+        ask: &ask,
+    };
+    let mut gathered = Gathered::default();
+    let mut answers = std::pin::pin!(fed.fan_out_each(&resource_type, sites, &params, deadlines));
+    while let Some(site) = answers.next().await {
+        gathered.take(site, &releasing)?;
+    }
+    let Gathered {
+        mut results,
+        mut items,
+        withheld,
+        released,
+        release_s,
+        ..
+    } = gathered;
+    let fan_out_ms = ms_since(fan_out_started);
+    results.sort_by_key(|r| order.get(r.institution.id.as_str()).copied());
+    let slowest_ms = results
+        .iter()
+        .filter_map(|r| r.round_trip)
+        .max()
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    let release_started = std::time::Instant::now();
+    let problems: Vec<(&SiteResult, &super::Problem)> = results
+        .iter()
+        .filter_map(|site| site.result.as_ref().err().map(|p| (site, p)))
+        .collect();
+    let duplicates = merge(&mut items);
+
+    let withheld_total: usize = withheld.values().map(Vec::len).sum();
+    let issues = outcome_issues(&results, &problems, items.len(), duplicates, &withheld);
+
+    // The audit record, before anything is sent.
+    let release_ms = ms_since(release_started);
+    let audit_started = std::time::Instant::now();
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str().to_string())
+        .unwrap_or_else(|| req.path().to_string());
+    let event = audit_event(
+        &state,
+        &target,
+        &resource_type,
+        &results,
+        &problems,
+        withheld_total,
+        &released,
+    );
+    // The record goes to the writer now; the page is encoded (and sealed) while it is made
+    // durable, and nothing is sent before it is.
+    let pending = state
+        .auditor
+        .submit(state.auditor.by_caller(event, caller, Some(person.clone())))
+        .await?;
+    let submit_ms = ms_since(audit_started);
+
+    // The page.
+    let encode_started = std::time::Instant::now();
+    let payload = encode_page(
+        &state.base_url,
+        &query,
+        &resource_type,
+        (count, offset),
+        &items,
+        issues,
+    )?;
     let (body, content_type) = match requester_envelope {
         None => (payload, fhir::FHIR_JSON),
-        Some((request_id, key)) => (
+        Some(envelope) => (
             seal_for(
                 &state,
-                &caller,
+                caller,
                 &target,
-                (request_id, key),
+                envelope,
                 payload,
                 "application/fhir+json",
             )
@@ -554,87 +717,14 @@ pub async fn search(
         .body(body))
 }
 
-/// Whether the requester wants (Accept) or must get (its directory entry) an SM envelope
-/// answer: its X-Request-Id (the envelope is bound to it) and its registered SM2 key. An error
-/// when it wants one but sent no request id or has no key.
-pub fn requester_envelope(
-    req: &HttpRequest,
-    caller: &Caller,
-) -> Result<Option<(String, RecipientKey)>, ApiError> {
-    let wants_envelope = req
-        .headers()
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.to_ascii_lowercase().contains(ENVELOPE_MEDIA_TYPE))
-        || caller.institution.require_sm_envelope;
-    if !wants_envelope {
-        return Ok(None);
-    }
-    let request_id = req
-        .headers()
-        .get(crate::middleware::REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| {
-            ApiError::invalid_param(
-                "X-Request-Id",
-                "an SM envelope answer is bound to your X-Request-Id; send one",
-            )
-        })?
-        .to_string();
-    let key = caller
-        .institution
-        .sm2_keys
-        .iter()
-        .find_map(|k| {
-            Sm2PublicKey::from_spki_pem(&k.pem)
-                .ok()
-                .map(|pk| RecipientKey {
-                    key_id: k.kid.clone(),
-                    public_key: pk,
-                })
-        })
-        .ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::Forbidden,
-                format!(
-                    "institution {} has no SM2 key registered; an SM envelope cannot be sealed to it",
-                    caller.institution.id
-                ),
-            )
-        })?;
-    Ok(Some((request_id, key)))
-}
-
-/// Seal `payload` (of `content_type`) to the requester, signed by the gateway and bound to
-/// `GET target` with the requester's request id; the envelope's JSON text.
-pub async fn seal_for(
-    state: &AppState,
-    caller: &Caller,
-    target: &str,
-    (request_id, key): (String, RecipientKey),
-    payload: Vec<u8>,
-    content_type: &str,
-) -> Result<String, ApiError> {
-    let requester = caller.institution.id.to_string();
-    let sender = state.federation.sender().clone();
-    let (target, content_type) = (target.to_string(), content_type.to_string());
-    web::block(move || -> Result<String, String> {
-        let binding = RequestBinding::new("GET", &target, &requester, &request_id)
-            .map_err(|e| e.to_string())?;
-        Envelope::seal(&payload, &content_type, &sender, &key, &binding, Utc::now())
-            .and_then(|e| e.to_json())
-            .map_err(|e| e.to_string())
-    })
-    .await?
-    .map_err(ApiError::internal)
-}
-
 /// The gateway's SM2 envelope key: hospitals seal answers to it; requesters verify the
 /// gateway's envelopes with it.
 #[utoipa::path(get, path = "/federation/key", tag = "federation",
     responses((status = 200, description = "{ gateway_id, key_id, public_key_pem }")))]
-pub async fn gateway_key(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn gateway_key(
+    _public: Public,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let fed = &state.federation;
     let pem = fed.public_key().to_spki_pem().map_err(ApiError::internal)?;
     Ok(HttpResponse::Ok().json(json!({

@@ -15,16 +15,17 @@ use std::time::{Duration, Instant};
 use actix_web::http::header::{self, HeaderName};
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{Value, json};
 use utoipa::ToSchema;
 use yiqiao_consent::Purpose;
 use yiqiao_registry::auth::{self as store, NewAuthEvent};
 use yiqiao_registry::directory::{self, Institution};
 
-use crate::auth::{AuditEventRead, Caller, CallerVia, Scoped};
+use crate::auth::{Caller, CallerVia};
 use crate::error::ApiError;
 use crate::middleware::RequestId;
 use crate::sanitize::{describe, escaped, first_refused};
+use crate::service::authz::{AuthEventRead, Permit, Public};
 use crate::state::AppState;
 
 use self::error::{OAuthCode, OAuthError};
@@ -219,7 +220,12 @@ struct Attempt {
         (status = 503, description = "Database or Redis unavailable"),
     )
 )]
-pub async fn token(req: HttpRequest, state: web::Data<AppState>, body: web::Bytes) -> HttpResponse {
+pub async fn token(
+    _public: Public,
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Bytes,
+) -> HttpResponse {
     let client_ip = req.peer_addr().map(|a| a.ip().to_string());
     let request_id = req.extensions().get::<RequestId>().map(|r| r.0.clone());
     let mut attempt = Attempt::default();
@@ -356,6 +362,56 @@ fn unavailable(e: impl std::fmt::Display) -> OAuthError {
     .header(header::RETRY_AFTER, "5")
 }
 
+/// A client bound to a certificate (RFC 8705) must present it on this connection: the
+/// token's `cnf` claim, `None` for an unbound client.
+async fn certificate_binding(
+    req: &HttpRequest,
+    state: &AppState,
+    client_id: &str,
+) -> Result<Option<Value>, OAuthError> {
+    let lookup = client_id.to_string();
+    let bound = state
+        .db(move |conn| yiqiao_registry::mtls::bound_cert(conn, &lookup))
+        .await
+        .map_err(unavailable)?;
+    Ok(match bound {
+        None => None,
+        Some(expected) => match crate::mtls::presented(req) {
+            Some(cert) if cert.hex() == expected => Some(json!({ "x5t#S256": cert.x5t_s256() })),
+            Some(_) => {
+                return Err(OAuthError::client(format!(
+                    "client {client_id} must present its registered client certificate; this one is not it"
+                )));
+            }
+            None => {
+                return Err(OAuthError::client(format!(
+                    "client {client_id} requires mutual TLS: connect to the mTLS listener with its registered client certificate"
+                )));
+            }
+        },
+    })
+}
+
+/// `grant_type=client_credentials` with a JWT-bearer client assertion, else the OAuth error.
+fn check_grant(grant_type: Option<&str>, assertion_type: Option<&str>) -> Result<(), OAuthError> {
+    match grant_type {
+        Some("client_credentials") => {}
+        Some(other) => {
+            return Err(OAuthError::new(
+                OAuthCode::UnsupportedGrantType,
+                format!("grant_type {other} is not supported (client_credentials only)"),
+            ));
+        }
+        None => return Err(OAuthError::request("grant_type is required")),
+    }
+    if assertion_type != Some(CLIENT_ASSERTION_TYPE) {
+        return Err(OAuthError::request(format!(
+            "client_assertion_type must be {CLIENT_ASSERTION_TYPE}"
+        )));
+    }
+    Ok(())
+}
+
 async fn issue(
     req: &HttpRequest,
     state: &AppState,
@@ -377,21 +433,7 @@ async fn issue(
     limited(verdict, "from this address")?;
     let form = token_form(req, body)?;
     let param = |name: &str| form.get(name).map(String::as_str).filter(|v| !v.is_empty());
-    match param("grant_type") {
-        Some("client_credentials") => {}
-        Some(other) => {
-            return Err(OAuthError::new(
-                OAuthCode::UnsupportedGrantType,
-                format!("grant_type {other} is not supported (client_credentials only)"),
-            ));
-        }
-        None => return Err(OAuthError::request("grant_type is required")),
-    }
-    if param("client_assertion_type") != Some(CLIENT_ASSERTION_TYPE) {
-        return Err(OAuthError::request(format!(
-            "client_assertion_type must be {CLIENT_ASSERTION_TYPE}"
-        )));
-    }
+    check_grant(param("grant_type"), param("client_assertion_type"))?;
     let raw = param("client_assertion")
         .ok_or_else(|| OAuthError::request("client_assertion is required"))?;
     let parsed = assertion::parse(raw)?;
@@ -460,27 +502,7 @@ async fn issue(
         .map_err(unavailable)?;
     let headers = limited(verdict, "for this client")?;
     // Mutual TLS: a bound institution must present its certificate on this connection.
-    let lookup = client_id.clone();
-    let bound = state
-        .db(move |conn| yiqiao_registry::mtls::bound_cert(conn, &lookup))
-        .await
-        .map_err(unavailable)?;
-    let cnf = match bound {
-        None => None,
-        Some(expected) => match crate::mtls::presented(req) {
-            Some(cert) if cert.hex() == expected => Some(json!({ "x5t#S256": cert.x5t_s256() })),
-            Some(_) => {
-                return Err(OAuthError::client(format!(
-                    "client {client_id} must present its registered client certificate; this one is not it"
-                )));
-            }
-            None => {
-                return Err(OAuthError::client(format!(
-                    "client {client_id} requires mutual TLS: connect to the mTLS listener with its registered client certificate"
-                )));
-            }
-        },
-    };
+    let cnf = certificate_binding(req, state, &client_id).await?;
 
     let purpose = match asked {
         Some(p) => p,
@@ -539,7 +561,7 @@ async fn issue(
 /// The gateway's public signing keys (verifies access tokens).
 #[utoipa::path(get, path = "/.well-known/jwks.json", tag = "auth",
     responses((status = 200, description = "JWKS of the gateway's access-token keys")))]
-pub async fn jwks(state: web::Data<AppState>) -> HttpResponse {
+pub async fn jwks(_public: Public, state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "public, max-age=300"))
         .json(state.auth.keys.jwks())
@@ -548,7 +570,7 @@ pub async fn jwks(state: web::Data<AppState>) -> HttpResponse {
 /// SMART App Launch discovery document for backend services.
 #[utoipa::path(get, path = "/.well-known/smart-configuration", tag = "auth",
     responses((status = 200, description = "SMART configuration")))]
-pub async fn smart_configuration(state: web::Data<AppState>) -> HttpResponse {
+pub async fn smart_configuration(_public: Public, state: web::Data<AppState>) -> HttpResponse {
     let base = &state.base_url;
     let purposes: Vec<&str> = Purpose::ALL.iter().map(|p| p.code()).collect();
     HttpResponse::Ok().json(json!({
@@ -587,12 +609,20 @@ pub struct AuthEventView {
               (status = 401, description = "No valid access token"),
               (status = 403, description = "system/AuditEvent.rs not granted")))]
 pub async fn own_events(
-    caller: Scoped<AuditEventRead>,
+    permit: Permit<AuthEventRead>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
+    let caller = permit.member()?;
     let id = caller.institution.id.to_string();
     let events = state
         .db(move |conn| store::list_events(conn, Some(&id), 100))
+        .await?;
+    permit
+        .record(
+            &state.auditor,
+            state.auditor.search_event("/oauth2/events".into()),
+            None,
+        )
         .await?;
     let views: Vec<AuthEventView> = events
         .into_iter()

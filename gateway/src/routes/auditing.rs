@@ -11,23 +11,31 @@
 //! The admin credential never reaches these APIs (403), and every read here is itself audited
 //! before the response is built.
 
-use actix_web::dev::Payload;
 use actix_web::http::header;
-use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{NaiveDate, NaiveDateTime};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
-use yiqiao_registry::audit::query::{self, EventFilter, StoredEvent, TimeBound};
-use yiqiao_registry::audit::{EMPI_SYSTEM, alerts};
+use yiqiao_registry::audit::alerts;
+use yiqiao_registry::audit::query::{self, EventFilter, TimeBound};
 use yiqiao_registry::empi::store as empi;
 
 use crate::auth::{Caller, CallerVia};
 use crate::error::{ApiError, ErrorCode};
 use crate::extract::ValidJson;
 use crate::fhir;
-use crate::staff::{Auditor, RequireRole, Role, Staff};
+use crate::service::Actor;
+use crate::service::authz::{
+    AlertSearch, AlertUpdate, AuditEventRead, AuditEventSearch, AuditReportRead, Facts,
+    FlaggedPatientDelete, FlaggedPatientSearch, FlaggedPatientUpdate, Need, Op, Permit, Resource,
+};
+use crate::staff::Staff;
 use crate::state::AppState;
+
+mod search_query;
+
+use search_query::{parse_search, resolve_patient, trimmed};
 
 /// Who is reading the trail.
 enum Viewer {
@@ -37,223 +45,17 @@ enum Viewer {
     Platform(Box<Caller>),
 }
 
-async fn viewer(req: &HttpRequest) -> Result<Viewer, ApiError> {
-    match Staff::authenticate(req).await {
-        Ok(Some(staff)) if staff.has(Role::Auditor) => Ok(Viewer::Auditor(staff)),
-        Ok(Some(staff)) => Err(ApiError::new(
+/// Who reads the trail, from the permit: a staff role the table lets in, or a member's access
+/// token (not the admin credential on its behalf).
+fn viewer<N: Need>(permit: &Permit<N>) -> Result<Viewer, ApiError> {
+    match &permit.actor {
+        Actor::Staff(staff) => Ok(Viewer::Auditor(staff.clone())),
+        Actor::Member(caller) if caller.via != CallerVia::AccessToken => Err(ApiError::new(
             ErrorCode::Forbidden,
-            format!(
-                "the audit trail is for the auditor role (or an institution's access token with system/AuditEvent.s for its own patients); {} holds {}",
-                staff.subject,
-                staff.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", ")
-            ),
+            "the audit trail is not available on behalf of an institution",
         )),
-        Ok(None) => Err(ApiError::new(
-            ErrorCode::Unauthenticated,
-            "an Authorization: Bearer credential is required: the auditor credential, or an institution's access token with system/AuditEvent.s",
-        )
-        .header(header::WWW_AUTHENTICATE, "Bearer realm=\"yiqiao\"")),
-        // Not an operator credential: perhaps an institution's access token.
-        Err(_) => {
-            let caller = Caller::from_request(req, &mut Payload::None).await?;
-            if caller.via != CallerVia::AccessToken {
-                return Err(ApiError::new(
-                    ErrorCode::Forbidden,
-                    "the audit trail is not available on behalf of an institution",
-                ));
-            }
-            Ok(Viewer::Platform(Box::new(caller)))
-        }
+        Actor::Member(caller) => Ok(Viewer::Platform(Box::new(caller.clone()))),
     }
-}
-
-const SEARCH_PARAMS: [&str; 9] = [
-    "patient", "agent", "entity", "date", "outcome", "purpose", "_count", "_id", "_cursor",
-];
-
-/// A parsed search: the filter without the patient (resolved against the EMPI later).
-struct Search {
-    filter: EventFilter,
-    patient: Option<String>,
-    count: i64,
-    params: Vec<(String, String)>,
-}
-
-fn parse_time(name: &str, raw: &str) -> Result<Vec<TimeBound>, ApiError> {
-    let (prefix, value) = match raw.get(..2) {
-        Some(p @ ("eq" | "ge" | "gt" | "le" | "lt")) => (p, &raw[2..]),
-        _ => ("eq", raw),
-    };
-    let bad = || {
-        ApiError::invalid_param(
-            name,
-            "must be [eq|ge|gt|le|lt]YYYY-MM-DD or an RFC 3339 date-time (e.g. ge2026-11-01T00:00:00Z)",
-        )
-    };
-    if let Ok(day) = NaiveDate::parse_from_str(value, "%Y-%m-%d") {
-        let start = day.and_hms_opt(0, 0, 0).ok_or_else(bad)?;
-        let next = start + chrono::Duration::days(1);
-        return Ok(match prefix {
-            "eq" => vec![TimeBound::From(start), TimeBound::Before(next)],
-            "ge" => vec![TimeBound::From(start)],
-            "gt" => vec![TimeBound::From(next)],
-            "le" => vec![TimeBound::Before(next)],
-            _ => vec![TimeBound::Before(start)],
-        });
-    }
-    let t: NaiveDateTime = chrono::DateTime::parse_from_rfc3339(value)
-        .map_err(|_| bad())?
-        .naive_utc();
-    Ok(match prefix {
-        "eq" => vec![TimeBound::From(t), TimeBound::Until(t)],
-        "ge" => vec![TimeBound::From(t)],
-        "gt" => vec![TimeBound::After(t)],
-        "le" => vec![TimeBound::Until(t)],
-        _ => vec![TimeBound::Before(t)],
-    })
-}
-
-/// `Organization/x`, `system|x` or `x` → `x`.
-fn reference_value(raw: &str) -> String {
-    if let Some((_, v)) = raw.split_once('|') {
-        return v.to_string();
-    }
-    match raw.split_once('/') {
-        Some((_, v)) if !v.is_empty() => v.to_string(),
-        _ => raw.to_string(),
-    }
-}
-
-fn parse_search(req: &HttpRequest) -> Result<Search, ApiError> {
-    let params: Vec<(String, String)> = url::form_urlencoded::parse(req.query_string().as_bytes())
-        .into_owned()
-        .collect();
-    let mut filter = EventFilter::default();
-    let mut patient = None;
-    let mut count = 50;
-    let mut seen = std::collections::BTreeSet::new();
-    for (name, value) in &params {
-        if !SEARCH_PARAMS.contains(&name.as_str()) {
-            return Err(ApiError::invalid_param(
-                name,
-                format!("unknown parameter; supported: {}", SEARCH_PARAMS.join(", ")),
-            ));
-        }
-        if name != "date" && !seen.insert(name.clone()) {
-            return Err(ApiError::invalid_param(name, "may be given only once"));
-        }
-        if value.trim().is_empty() {
-            return Err(ApiError::invalid_param(name, "must not be empty"));
-        }
-        match name.as_str() {
-            "patient" => patient = Some(value.clone()),
-            "agent" => filter.agent = Some(reference_value(value)),
-            "entity" => {
-                if !value.contains('/') {
-                    return Err(ApiError::invalid_param(
-                        "entity",
-                        "must be a reference such as Patient/123 or Organization/hosp-001",
-                    ));
-                }
-                filter.entity = Some(value.clone());
-            }
-            "date" => filter.time.extend(parse_time("date", value)?),
-            "outcome" => {
-                if !["0", "4", "8", "12"].contains(&value.as_str()) {
-                    return Err(ApiError::invalid_param("outcome", "must be 0, 4, 8 or 12"));
-                }
-                filter.outcome = Some(value.clone());
-            }
-            "purpose" => {
-                let code = value.rsplit('|').next().unwrap_or(value);
-                if yiqiao_consent::Purpose::from_code(code).is_none() {
-                    return Err(ApiError::invalid_param(
-                        "purpose",
-                        "must be a purpose of use code: TREAT, ETREAT, HPAYMT, HOPERAT, PUBHLTH, HRESCH, PATRQT",
-                    ));
-                }
-                filter.purpose = Some(code.to_string());
-            }
-            "_count" => {
-                count = value
-                    .parse::<i64>()
-                    .ok()
-                    .filter(|n| (1..=500).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::invalid_param("_count", "must be an integer from 1 to 500")
-                    })?;
-            }
-            "_id" => filter.event_id = Some(value.clone()),
-            _ => {
-                filter.before_seq = Some(value.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(
-                    || ApiError::invalid_param("_cursor", "must be the value from a next link"),
-                )?);
-            }
-        }
-    }
-    filter.limit = count + 1;
-    Ok(Search {
-        filter,
-        patient,
-        count,
-        params,
-    })
-}
-
-/// The enterprise person a `patient` parameter names: `Patient/<source record id>` (resolved
-/// through the EMPI), `<empi system>|<id>` or a bare enterprise id. `None`: no such patient.
-fn resolve_patient(
-    conn: &mut yiqiao_registry::store::DbConn,
-    raw: &str,
-) -> Result<Option<String>, ApiError> {
-    if let Some(record) = raw.strip_prefix("Patient/") {
-        return match empi::get_record(conn, record) {
-            Ok(r) => Ok(r.link.map(|l| l.person_id)),
-            Err(empi::EmpiError::NotFound(_)) => Ok(None),
-            Err(e) => Err(e.into()),
-        };
-    }
-    match raw.split_once('|') {
-        Some((system, value)) if system == EMPI_SYSTEM => Ok(Some(value.to_string())),
-        Some(_) => Err(ApiError::invalid_param(
-            "patient",
-            format!("must be Patient/<id>, {EMPI_SYSTEM}|<enterprise id> or an enterprise id"),
-        )),
-        None => Ok(Some(raw.to_string())),
-    }
-}
-
-/// The "who accessed my records" view of an event: accessing institution, purpose of use,
-/// time, action and outcome; no user, role, address, query text, replica or request id.
-fn trimmed(e: &StoredEvent) -> Value {
-    let stored: Value = serde_json::from_str(&e.resource).unwrap_or(Value::Null);
-    let requestor = &stored["agent"][0];
-    let mut agent = json!({
-        "requestor": true,
-        "type": requestor["type"],
-        "who": requestor["who"],
-    });
-    if !requestor["purposeOfUse"].is_null() {
-        agent["purposeOfUse"] = requestor["purposeOfUse"].clone();
-    }
-    let mut v = json!({
-        "resourceType": "AuditEvent",
-        "id": e.event_id,
-        "type": stored["type"],
-        "subtype": stored["subtype"],
-        "action": stored["action"],
-        "recorded": stored["recorded"],
-        "outcome": stored["outcome"],
-        "agent": [agent],
-        "source": {"observer": {"display": "Yiqiao regional gateway"}},
-    });
-    if let Some(p) = &e.patient_id {
-        v["entity"] = json!([{
-            "what": {"identifier": {"system": EMPI_SYSTEM, "value": p}},
-            "role": {"system": yiqiao_registry::audit::OBJECT_ROLE_SYSTEM, "code": "1"},
-        }]);
-    }
-    v
 }
 
 /// The record of an auditor's read of the trail: who, the role, the query text and the patient
@@ -310,13 +112,13 @@ fn fhir_ok(body: Value) -> HttpResponse {
     ),
     security(("auditor_token" = []), ("access_token" = [])))]
 pub async fn search(
+    permit: Permit<AuditEventSearch>,
     req: HttpRequest,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let viewer = viewer(&req).await?;
+    let viewer = viewer(&permit)?;
     let s = parse_search(&req)?;
-    if let Viewer::Platform(caller) = &viewer {
-        caller.require("AuditEvent", 's')?;
+    if let Viewer::Platform(_) = &viewer {
         if s.patient.is_none() {
             return Err(ApiError::invalid_param(
                 "patient",
@@ -336,6 +138,7 @@ pub async fn search(
     };
     let raw_patient = s.patient.clone();
     let mut filter = s.filter.clone();
+    let check = permit.check.clone();
     let (person, found, archived) = state
         .db(move |conn| -> Result<_, ApiError> {
             let person = match &raw_patient {
@@ -350,12 +153,16 @@ pub async fn search(
                         .any(|r| &r.institution_id == inst),
                     None => false,
                 };
-                if !registered {
-                    return Err(ApiError::new(
+                let facts = Facts {
+                    custodian: registered,
+                    ..Facts::default()
+                };
+                check
+                    .settle(facts, Resource::AuditEvent, Op::Search, None)
+                    .map_err(|_| ApiError::new(
                         ErrorCode::Forbidden,
                         format!("the patient is not registered by {inst}; an institution sees only the accesses to its own patients"),
-                    ));
-                }
+                    ))?;
             }
             let found = match &person {
                 Some(None) => Vec::new(),
@@ -453,10 +260,11 @@ fn archive_note(
     responses((status = 200, description = "AuditEvent (BALP), as hashed"), (status = 404, description = "OperationOutcome")),
     security(("auditor_token" = [])))]
 pub async fn read(
-    auditor: RequireRole<Auditor>,
+    permit: Permit<AuditEventRead>,
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    let auditor = permit.staff()?;
     let id = id.into_inner();
     let wanted = id.clone();
     let found = state
@@ -549,11 +357,12 @@ pub struct AlertList {
     responses((status = 200, body = AlertList)),
     security(("auditor_token" = [])))]
 pub async fn list_alerts(
-    auditor: RequireRole<Auditor>,
+    permit: Permit<AlertSearch>,
     state: web::Data<AppState>,
     req: HttpRequest,
     q: web::Query<std::collections::HashMap<String, String>>,
 ) -> Result<HttpResponse, ApiError> {
+    let auditor = permit.staff()?;
     crate::routes::check_params(&q, &["status", "rule", "_count", "_offset"])?;
     let (count, offset) = crate::routes::paging(&q, 100, 500)?;
     let status = q.get("status").cloned();
@@ -571,7 +380,7 @@ pub async fn list_alerts(
         .await?;
     let next_offset = (items.len() as i64 > count).then_some(offset + count);
     items.truncate(count as usize);
-    record_auditor_read(&state, &auditor.staff, &req, None).await?;
+    record_auditor_read(&state, auditor, &req, None).await?;
     Ok(HttpResponse::Ok().json(AlertList {
         items: items.into_iter().map(AlertView::from).collect(),
         next_offset,
@@ -598,6 +407,36 @@ fn check_note(note: &str) -> Result<String, ApiError> {
     Ok(note.to_string())
 }
 
+/// The start of an auditor's change, the same for every one: the CSRF check of a session
+/// cookie, the note (when the change takes one), and the audit event of the operation the
+/// permit names on `reference`.
+struct AuditorChange {
+    /// Who makes the change (the staff subject).
+    by: String,
+    note: String,
+    event: yiqiao_registry::audit::AuditEvent,
+}
+
+fn auditor_change<N: Need>(
+    state: &AppState,
+    permit: &Permit<N>,
+    req: &HttpRequest,
+    note: Option<&str>,
+    reference: String,
+) -> Result<AuditorChange, ApiError> {
+    let auditor = permit.staff()?;
+    crate::console::require_csrf(req, auditor)?;
+    let note = note.map(check_note).transpose()?.unwrap_or_default();
+    let event = state
+        .auditor
+        .staff_event(auditor, N::OP.name(), N::OP.action(), reference);
+    Ok(AuditorChange {
+        by: auditor.subject.clone(),
+        note,
+        event,
+    })
+}
+
 /// Acknowledge an alert with a note (auditor role; recorded in the audit trail with the change).
 #[utoipa::path(post, path = "/audit/alerts/{id}/ack", tag = "audit",
     params(("id" = String, Path)), request_body = NoteInput,
@@ -607,19 +446,20 @@ fn check_note(note: &str) -> Result<String, ApiError> {
         (status = 409, description = "Already acknowledged"), (status = 422, description = "Empty note")),
     security(("auditor_token" = [])))]
 pub async fn ack_alert(
-    auditor: RequireRole<Auditor>,
+    permit: Permit<AlertUpdate>,
     state: web::Data<AppState>,
     id: web::Path<String>,
     body: ValidJson<NoteInput>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    crate::console::require_csrf(&req, &auditor.staff)?;
-    let note = check_note(&body.0.note)?;
     let id = id.into_inner();
-    let by = auditor.subject.clone();
-    let event = state
-        .auditor
-        .staff_event(&auditor, "update", "U", format!("AuditAlert/{id}"));
+    let AuditorChange { by, note, event } = auditor_change(
+        &state,
+        &permit,
+        &req,
+        Some(&body.0.note),
+        format!("AuditAlert/{id}"),
+    )?;
     let alert = state
         .auditor
         .change(event, move |conn, event| {
@@ -650,18 +490,14 @@ pub struct FlagView {
     responses((status = 200, body = [FlagView])),
     security(("auditor_token" = [])))]
 pub async fn list_flags(
-    auditor: RequireRole<Auditor>,
+    permit: Permit<FlaggedPatientSearch>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
+    let auditor = permit.staff()?;
     let flags = state
         .db(|conn| alerts::flagged(conn).map_err(yiqiao_registry::StoreError::from_diesel))
         .await?;
-    let event = auditor_search_event(
-        &state,
-        &auditor.staff,
-        "/audit/flagged-patients".into(),
-        None,
-    );
+    let event = auditor_search_event(&state, auditor, "/audit/flagged-patients".into(), None);
     state.auditor.record(event).await?;
     Ok(HttpResponse::Ok().json(
         flags
@@ -684,26 +520,30 @@ pub async fn list_flags(
         (status = 422, description = "Empty note")),
     security(("auditor_token" = [])))]
 pub async fn put_flag(
-    auditor: RequireRole<Auditor>,
+    permit: Permit<FlaggedPatientUpdate>,
     state: web::Data<AppState>,
     patient: web::Path<String>,
     body: ValidJson<NoteInput>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    crate::console::require_csrf(&req, &auditor.staff)?;
-    let note = check_note(&body.0.note)?;
     let patient = patient.into_inner();
+    let AuditorChange {
+        by,
+        note,
+        mut event,
+    } = auditor_change(
+        &state,
+        &permit,
+        &req,
+        Some(&body.0.note),
+        format!("AuditFlag/{patient}"),
+    )?;
     if patient.is_empty() || patient.len() > 128 {
         return Err(ApiError::invalid_param(
             "patient",
             "must be 1–128 characters",
         ));
     }
-    let by = auditor.subject.clone();
-    let mut event =
-        state
-            .auditor
-            .staff_event(&auditor, "update", "U", format!("AuditFlag/{patient}"));
     event.patient_id = Some(patient.clone());
     event.outcome_desc = Some(format!("flagged: {note}"));
     let flag = state
@@ -729,17 +569,14 @@ pub async fn put_flag(
         (status = 404, description = "Not flagged")),
     security(("auditor_token" = [])))]
 pub async fn delete_flag(
-    auditor: RequireRole<Auditor>,
+    permit: Permit<FlaggedPatientDelete>,
     state: web::Data<AppState>,
     patient: web::Path<String>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    crate::console::require_csrf(&req, &auditor.staff)?;
     let patient = patient.into_inner();
-    let mut event =
-        state
-            .auditor
-            .staff_event(&auditor, "delete", "D", format!("AuditFlag/{patient}"));
+    let AuditorChange { mut event, .. } =
+        auditor_change(&state, &permit, &req, None, format!("AuditFlag/{patient}"))?;
     event.patient_id = Some(patient.clone());
     state
         .auditor
@@ -817,14 +654,15 @@ fn position_param(
               (status = 400, description = "OperationOutcome naming the parameter")),
     security(("auditor_token" = [])))]
 pub async fn chain_status(
-    auditor: RequireRole<Auditor>,
+    permit: Permit<AuditReportRead>,
     state: web::Data<AppState>,
     req: HttpRequest,
     q: web::Query<std::collections::HashMap<String, String>>,
 ) -> Result<HttpResponse, ApiError> {
+    let auditor = permit.staff()?;
     crate::routes::check_params(&q, &["from", "to"])?;
     let (from, to) = (position_param(&q, "from")?, position_param(&q, "to")?);
-    record_auditor_read(&state, &auditor.staff, &req, None).await?;
+    record_auditor_read(&state, auditor, &req, None).await?;
     let key = state.auditor.signer().public_key().clone();
     let key_id = state.auditor.signer().key_id().to_string();
     let started = std::time::Instant::now();
@@ -932,11 +770,12 @@ fn day_param(
               (status = 400, description = "OperationOutcome naming the parameter")),
     security(("auditor_token" = [])))]
 pub async fn daily_stats(
-    auditor: RequireRole<Auditor>,
+    permit: Permit<AuditReportRead>,
     state: web::Data<AppState>,
     req: HttpRequest,
     q: web::Query<std::collections::HashMap<String, String>>,
 ) -> Result<HttpResponse, ApiError> {
+    let auditor = permit.staff()?;
     crate::routes::check_params(&q, &["from", "to"])?;
     let to = day_param(&q, "to")?.unwrap_or_else(|| yiqiao_registry::store::now_utc().date());
     let from = day_param(&q, "from")?.unwrap_or(to - chrono::Duration::days(13));
@@ -947,7 +786,7 @@ pub async fn daily_stats(
             "must be on or before `to`, at most 366 days",
         ));
     }
-    record_auditor_read(&state, &auditor.staff, &req, None).await?;
+    record_auditor_read(&state, auditor, &req, None).await?;
     let (start, end) = (
         from.and_time(chrono::NaiveTime::MIN),
         (to + chrono::Duration::days(1)).and_time(chrono::NaiveTime::MIN),
@@ -1001,11 +840,12 @@ pub async fn daily_stats(
               (status = 400, description = "OperationOutcome naming the parameter")),
     security(("auditor_token" = [])))]
 pub async fn report(
-    auditor: RequireRole<Auditor>,
+    permit: Permit<AuditReportRead>,
     state: web::Data<AppState>,
     req: HttpRequest,
     q: web::Query<std::collections::HashMap<String, String>>,
 ) -> Result<HttpResponse, ApiError> {
+    let auditor = permit.staff()?;
     crate::routes::check_params(&q, &["from", "to", "format"])?;
     let bound = |name: &str, is_end: bool| {
         let raw = q
@@ -1024,7 +864,7 @@ pub async fn report(
         Some("csv") => true,
         Some(_) => return Err(ApiError::invalid_param("format", "must be html or csv")),
     };
-    record_auditor_read(&state, &auditor.staff, &req, None).await?;
+    record_auditor_read(&state, auditor, &req, None).await?;
     let key = state.auditor.signer().public_key().clone();
     let data = state
         .db(move |conn| crate::report::gather(conn, from, to, &key))

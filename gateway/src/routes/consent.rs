@@ -21,16 +21,15 @@ use yiqiao_registry::audit::EntityRef;
 use yiqiao_registry::consent::{self as store, StoredConsent};
 
 use crate::error::{ApiError, ErrorCode};
-use crate::extract::ValidJson;
+use crate::extract::{IfMatch, ValidJson};
 use crate::fhir;
 use crate::policy::{Ask, annotate_decision, kind_of, status_code};
 use crate::routes::{check_params, paging};
 use crate::service::authz::{
-    AgreementSearch, AgreementUpdate, ConsentCreate, ConsentRead, ConsentSearch, ConsentUpdate,
-    Permit,
+    AgreementSearch, AgreementUpdate, ConsentCreate, ConsentPolicyRead, ConsentRead, ConsentSearch,
+    ConsentUpdate, Permit,
 };
 use crate::service::consent::{self as service, ConsentBody, ConsentQuery};
-use crate::staff::{Role, Staff};
 use crate::state::AppState;
 
 const STATUSES: [&str; 6] = [
@@ -104,11 +103,11 @@ pub async fn update(
     state: web::Data<AppState>,
     permit: Permit<ConsentUpdate>,
     id: web::Path<String>,
-    req: HttpRequest,
+    if_match: IfMatch,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
-    let expected = crate::routes::institutions::if_match(&req)?;
+    let expected = if_match.0;
     let body = ConsentBody::parse(body.0, Some(&id))?;
     let row = service::update(&state, &permit, id, expected, body).await?;
     Ok(respond(&state, StatusCode::OK, &row))
@@ -241,29 +240,11 @@ pub struct EvaluateOutput {
         (status = 422, description = "OperationOutcome naming the field")),
     security(("admin_token" = [])))]
 pub async fn evaluate(
+    permit: Permit<ConsentPolicyRead>,
     state: web::Data<AppState>,
-    req: HttpRequest,
     body: ValidJson<EvaluateInput>,
 ) -> Result<HttpResponse, ApiError> {
-    let staff = Staff::authenticate(&req).await?.ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::Unauthenticated,
-            "this API needs a staff credential (admin, auditor or security-officer)",
-        )
-        .header(header::WWW_AUTHENTICATE, "Bearer realm=\"yiqiao-staff\"")
-    })?;
-    if ![Role::Admin, Role::Auditor, Role::SecurityOfficer]
-        .iter()
-        .any(|r| staff.has(*r))
-    {
-        return Err(ApiError::new(
-            ErrorCode::Forbidden,
-            format!(
-                "the admin, auditor or security-officer role is required; {} has none",
-                staff.subject
-            ),
-        ));
-    }
+    let staff = permit.staff()?;
     let input = body.0;
     let purpose = Purpose::from_code(&input.purpose).ok_or_else(|| {
         invalid(

@@ -16,6 +16,7 @@ use crate::error::ApiError;
 use crate::fhir;
 use crate::ratelimit::{admit_public, client_address};
 use crate::routes::{check_params, paging};
+use crate::service::authz::Public;
 use crate::state::AppState;
 
 fn fhir_ok(body: serde_json::Value) -> HttpResponse {
@@ -34,6 +35,7 @@ fn record(state: &AppState, req: &HttpRequest, mut event: yiqiao_registry::audit
     responses((status = 200, description = "FHIR Organization"), (status = 404, description = "OperationOutcome"),
         (status = 429, description = "Too many directory reads from this address (Retry-After); OperationOutcome rate-limited")))]
 pub async fn read_organization(
+    _public: Public,
     state: web::Data<AppState>,
     req: HttpRequest,
     id: web::Path<String>,
@@ -54,6 +56,7 @@ pub async fn read_organization(
     responses((status = 200, description = "FHIR Endpoint"), (status = 404, description = "OperationOutcome"),
         (status = 429, description = "Too many directory reads from this address (Retry-After); OperationOutcome rate-limited")))]
 pub async fn read_endpoint(
+    _public: Public,
     state: web::Data<AppState>,
     req: HttpRequest,
     id: web::Path<String>,
@@ -239,6 +242,7 @@ async fn search(
     responses((status = 200, description = "searchset Bundle"), (status = 400, description = "OperationOutcome"),
         (status = 429, description = "Too many directory reads from this address (Retry-After); OperationOutcome rate-limited")))]
 pub async fn search_organizations(
+    _public: Public,
     state: web::Data<AppState>,
     req: HttpRequest,
     query: web::Query<HashMap<String, String>>,
@@ -262,6 +266,7 @@ pub async fn search_organizations(
     responses((status = 200, description = "searchset Bundle"), (status = 400, description = "OperationOutcome"),
         (status = 429, description = "Too many directory reads from this address (Retry-After); OperationOutcome rate-limited")))]
 pub async fn search_endpoints(
+    _public: Public,
     state: web::Data<AppState>,
     req: HttpRequest,
     query: web::Query<HashMap<String, String>>,

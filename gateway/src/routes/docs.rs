@@ -10,6 +10,7 @@ use crate::routes::{
     auditing, consent, directory, documents, empi, encounters, institutions, metadata, ops,
     patients, practitioners, subscriptions,
 };
+use crate::service::authz::Public;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -233,7 +234,7 @@ pub fn openapi_json() -> String {
         .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
 
-pub async fn openapi() -> HttpResponse {
+pub async fn openapi(_public: Public) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")
         .body(openapi_json())
@@ -249,14 +250,14 @@ const DOCS_PAGE: &str = r#"<!doctype html>
 const REDOC_JS: &[u8] = include_bytes!("../../assets/redoc/redoc.standalone.js");
 
 /// The API reference page (ReDoc, vendored: no CDN).
-pub async fn page() -> HttpResponse {
+pub async fn page(_public: Public) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
         .insert_header((header::CONTENT_SECURITY_POLICY, "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; worker-src 'self' blob:; script-src 'self' 'unsafe-inline' blob:"))
         .body(DOCS_PAGE)
 }
 
-pub async fn redoc_js() -> HttpResponse {
+pub async fn redoc_js(_public: Public) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/javascript")
         .insert_header((header::CACHE_CONTROL, "public, max-age=86400"))

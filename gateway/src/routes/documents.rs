@@ -12,9 +12,9 @@ use std::time::Instant;
 
 use actix_web::http::{StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse, web};
-use chrono::{DateTime, Duration as ChronoDuration, NaiveDate, NaiveDateTime};
+use chrono::{Duration as ChronoDuration, NaiveDate, NaiveDateTime};
 use serde_json::{Value, json};
-use yiqiao_consent::{Confidentiality, Decision, Obligation, Sensitivity};
+use yiqiao_consent::{Decision, Obligation};
 use yiqiao_registry::audit::EntityRef;
 use yiqiao_registry::directory;
 use yiqiao_registry::documents::{
@@ -25,349 +25,25 @@ use yiqiao_registry::empi::store as empi;
 use yiqiao_sm::{ENVELOPE_MEDIA_TYPE, RequestBinding};
 
 use crate::auth::Caller;
-use crate::documents::{ACT_CODE_SYSTEM, CONFIDENTIALITY_SYSTEM, SM3_HASH_EXT, document_view};
+use crate::documents::document_view;
 use crate::error::{ApiError, ErrorCode};
 use crate::extract::ValidJson;
 use crate::fhir;
 use crate::policy::{Ask, Released, annotate_decision, data_item_of};
 use crate::routes::patients::EMPI_SYSTEM;
+use crate::service::authz::{
+    DocumentReferenceCreate, DocumentReferenceRead, DocumentReferenceSearch, Facts, Permit,
+};
 use crate::state::AppState;
+
+mod map;
+
+use map::{map_document, parse_instant, str_at};
 
 fn fhir_response(status: StatusCode, body: Value) -> HttpResponse {
     HttpResponse::build(status)
         .content_type(fhir::FHIR_JSON)
         .json(body)
-}
-
-fn invalid(field: &str, message: impl Into<String>) -> ApiError {
-    ApiError::new(ErrorCode::ValidationFailed, message).field(format!("DocumentReference.{field}"))
-}
-
-fn str_at<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
-    v.get(key)
-        .and_then(Value::as_str)
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-}
-
-/// Parse `2024-03-01T08:00:00+08:00` (an instant with offset) to UTC.
-fn parse_instant(raw: &str) -> Option<NaiveDateTime> {
-    DateTime::parse_from_rfc3339(raw)
-        .ok()
-        .map(|d| d.naive_utc())
-}
-
-/// Check a DocumentReference and map it for the registry. `caller` must be the custodian.
-fn map_document(state: &AppState, caller: &Caller, doc: &Value) -> Result<NewDocument, ApiError> {
-    if doc.get("resourceType").and_then(Value::as_str) != Some("DocumentReference") {
-        return Err(invalid(
-            "resourceType",
-            "resourceType must be DocumentReference",
-        ));
-    }
-    let custodian_doc_id = doc
-        .get("masterIdentifier")
-        .and_then(|m| str_at(m, "value"))
-        .ok_or_else(|| {
-            invalid(
-                "masterIdentifier.value",
-                "masterIdentifier.value (the custodian's document id) is required",
-            )
-        })?;
-    if custodian_doc_id.len() > 256 {
-        return Err(invalid(
-            "masterIdentifier.value",
-            "masterIdentifier.value is longer than 256 characters",
-        ));
-    }
-    let status = match str_at(doc, "status") {
-        Some("current") => DocStatus::Current,
-        Some("entered-in-error") => DocStatus::EnteredInError,
-        Some("superseded") => {
-            return Err(invalid(
-                "status",
-                "superseded is set by the registry when a replacement is registered",
-            ));
-        }
-        _ => {
-            return Err(invalid(
-                "status",
-                "status must be current (or entered-in-error to withdraw a registered document)",
-            ));
-        }
-    };
-    // Custodian: the caller itself.
-    let own = caller.institution.id.to_string();
-    let custodian = doc
-        .get("custodian")
-        .and_then(|c| str_at(c, "reference"))
-        .ok_or_else(|| {
-            invalid(
-                "custodian",
-                "custodian (Organization/<your id>) is required",
-            )
-        })?;
-    if custodian.strip_prefix("Organization/") != Some(own.as_str()) {
-        return Err(invalid(
-            "custodian",
-            format!("custodian {custodian} is not the calling institution Organization/{own}"),
-        ));
-    }
-    // Subject: the patient by the identifier the custodian registered in the EMPI.
-    let ident = doc
-        .get("subject")
-        .and_then(|s| s.get("identifier"))
-        .ok_or_else(|| {
-            invalid(
-                "subject.identifier",
-                "subject.identifier (system and value of the patient's registered identifier) is required",
-            )
-        })?;
-    let (patient_system, patient_value) = match (str_at(ident, "system"), str_at(ident, "value")) {
-        (Some(s), Some(v)) => (s.to_string(), v.to_string()),
-        _ => {
-            return Err(invalid(
-                "subject.identifier",
-                "subject.identifier needs system and value",
-            ));
-        }
-    };
-    // Type: a coding in an enabled type system with a known code.
-    let codes = &state.documents.codes;
-    let type_codings: Vec<&Value> = doc
-        .get("type")
-        .and_then(|t| t.get("coding"))
-        .and_then(Value::as_array)
-        .map(|c| c.iter().collect())
-        .unwrap_or_default();
-    if type_codings.is_empty() {
-        return Err(invalid("type", "type.coding is required"));
-    }
-    let mut doc_type = None;
-    for (i, c) in type_codings.iter().enumerate() {
-        let system = str_at(c, "system").unwrap_or_default();
-        if !codes.is_type_system(system) {
-            continue;
-        }
-        let code = str_at(c, "code").unwrap_or_default();
-        doc_type = Some(codes.document_type(system, code).ok_or_else(|| {
-            invalid(
-                &format!("type.coding[{i}].code"),
-                format!("unknown document type code {code} in {system}"),
-            )
-        })?);
-        break;
-    }
-    let doc_type = doc_type.ok_or_else(|| {
-        invalid(
-            "type.coding",
-            format!(
-                "no coding in an accepted type system ({})",
-                codes.type_systems().collect::<Vec<_>>().join(", ")
-            ),
-        )
-    })?;
-    // Category: optional; defaults to the type's category.
-    let category_code = match doc
-        .get("category")
-        .and_then(|c| c.get(0))
-        .and_then(|c| c.get("coding"))
-        .and_then(|c| c.get(0))
-    {
-        None => doc_type.category.clone(),
-        Some(c) => {
-            let system = str_at(c, "system").unwrap_or_default();
-            let code = str_at(c, "code").unwrap_or_default();
-            if system != codes.category_system() || codes.category(code).is_none() {
-                return Err(invalid(
-                    "category[0].coding[0]",
-                    format!(
-                        "unknown category {system}|{code}; categories are codes of {}",
-                        codes.category_system()
-                    ),
-                ));
-            }
-            code.to_string()
-        }
-    };
-    let date = str_at(doc, "date")
-        .ok_or_else(|| invalid("date", "date (an instant with time zone) is required"))?;
-    let date = parse_instant(date).ok_or_else(|| {
-        invalid(
-            "date",
-            "date must be an instant with time zone, e.g. 2024-03-01T08:00:00+08:00",
-        )
-    })?;
-    let author_id = doc
-        .get("author")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|a| str_at(a, "reference"))
-        .find_map(|r| r.strip_prefix("Organization/"))
-        .map(String::from);
-    // Security labels.
-    let mut confidentiality: Option<Confidentiality> = None;
-    let mut sensitivity = Vec::new();
-    for (i, label) in doc
-        .get("securityLabel")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
-        for (j, c) in label
-            .get("coding")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .enumerate()
-        {
-            let field = format!("securityLabel[{i}].coding[{j}]");
-            let system = str_at(c, "system").unwrap_or_default();
-            let code = str_at(c, "code").unwrap_or_default();
-            if system == CONFIDENTIALITY_SYSTEM {
-                let level = Confidentiality::from_code(code).ok_or_else(|| {
-                    invalid(&field, format!("unknown confidentiality code {code}"))
-                })?;
-                if confidentiality.replace(level).is_some() {
-                    return Err(invalid(&field, "only one confidentiality label is allowed"));
-                }
-            } else if system == ACT_CODE_SYSTEM {
-                let s = Sensitivity::from_code(code)
-                    .ok_or_else(|| invalid(&field, format!("unknown sensitivity code {code}")))?;
-                if !sensitivity.contains(&s.code().to_string()) {
-                    sensitivity.push(s.code().to_string());
-                }
-            } else {
-                return Err(invalid(
-                    &field,
-                    format!(
-                        "security labels must be codes of {CONFIDENTIALITY_SYSTEM} or {ACT_CODE_SYSTEM}"
-                    ),
-                ));
-            }
-        }
-    }
-    // Content: one attachment at the custodian, with size and SM3 hash.
-    let contents = doc
-        .get("content")
-        .and_then(Value::as_array)
-        .filter(|c| !c.is_empty())
-        .ok_or_else(|| invalid("content", "content with one attachment is required"))?;
-    if contents.len() > 1 {
-        return Err(invalid(
-            "content",
-            "one content entry per DocumentReference is supported",
-        ));
-    }
-    let att = contents[0]
-        .get("attachment")
-        .ok_or_else(|| invalid("content[0].attachment", "attachment is required"))?;
-    let location = str_at(att, "url").ok_or_else(|| {
-        invalid(
-            "content[0].attachment.url",
-            "attachment.url (the location at the custodian) is required",
-        )
-    })?;
-    // Scheme and destination are the outbound policy's (checked in `register`).
-    if !url::Url::parse(location).is_ok_and(|u| u.has_host()) {
-        return Err(invalid(
-            "content[0].attachment.url",
-            "attachment.url must be an absolute URL",
-        ));
-    }
-    let content_type = str_at(att, "contentType").ok_or_else(|| {
-        invalid(
-            "content[0].attachment.contentType",
-            "attachment.contentType is required",
-        )
-    })?;
-    let size = att
-        .get("size")
-        .and_then(Value::as_i64)
-        .filter(|n| *n >= 0)
-        .ok_or_else(|| {
-            invalid(
-                "content[0].attachment.size",
-                "attachment.size (bytes, a non-negative integer) is required",
-            )
-        })?;
-    let hash = att
-        .get("extension")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .find(|e| e.get("url").and_then(Value::as_str) == Some(SM3_HASH_EXT))
-        .and_then(|e| e.get("valueString"))
-        .and_then(Value::as_str)
-        .ok_or_else(|| {
-            invalid(
-                "content[0].attachment.extension",
-                format!("the SM3 hash of the content is required (extension {SM3_HASH_EXT}, valueString)"),
-            )
-        })?;
-    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(invalid(
-            "content[0].attachment.extension",
-            "the SM3 hash must be 64 hexadecimal digits",
-        ));
-    }
-    // relatesTo: only `replaces`, at most once.
-    let mut replaces = None;
-    for (i, rel) in doc
-        .get("relatesTo")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
-        if str_at(rel, "code") != Some("replaces") {
-            return Err(invalid(
-                &format!("relatesTo[{i}].code"),
-                "only relatesTo code replaces is supported",
-            ));
-        }
-        let target = rel
-            .get("target")
-            .and_then(|t| str_at(t, "reference"))
-            .and_then(|r| r.rsplit_once("DocumentReference/").map(|(_, id)| id))
-            .filter(|id| !id.is_empty() && !id.contains('/'))
-            .ok_or_else(|| {
-                invalid(
-                    &format!("relatesTo[{i}].target"),
-                    "target.reference must be DocumentReference/<registry id>",
-                )
-            })?;
-        if replaces.replace(target.to_string()).is_some() {
-            return Err(invalid(
-                &format!("relatesTo[{i}]"),
-                "a document replaces at most one other",
-            ));
-        }
-    }
-    Ok(NewDocument {
-        custodian_id: own,
-        custodian_doc_id: custodian_doc_id.to_string(),
-        patient_system,
-        patient_value,
-        type_code: format!("{}|{}", doc_type.system, doc_type.code),
-        category_code,
-        date,
-        author_id,
-        confidentiality: confidentiality
-            .unwrap_or(Confidentiality::N)
-            .code()
-            .to_string(),
-        sensitivity,
-        content_type: content_type.to_string(),
-        content_size: size,
-        sm3_hash: hash.to_ascii_lowercase(),
-        location: location.to_string(),
-        status,
-        replaces,
-        resource: doc.clone(),
-    })
 }
 
 /// Prefix a DocumentReference field path with the Bundle entry it came from.
@@ -446,12 +122,14 @@ async fn register(
         (status = 422, description = "OperationOutcome naming the field")))]
 pub async fn create(
     state: web::Data<AppState>,
-    caller: Caller,
+    permit: Permit<DocumentReferenceCreate>,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require("DocumentReference", 'c')?;
-    let doc = map_document(&state, &caller, &body.0)?;
-    let mut done = register(&state, &caller, vec![doc], false).await?;
+    let caller = permit.member()?;
+    // map_document accepts only the caller as the custodian.
+    permit.settle(Facts::OWN, None)?;
+    let doc = map_document(&state, caller, &body.0)?;
+    let mut done = register(&state, caller, vec![doc], false).await?;
     let (outcome, stored) = done
         .pop()
         .ok_or_else(|| ApiError::internal("registration returned nothing"))?;
@@ -475,10 +153,12 @@ pub async fn create(
         (status = 422, description = "OperationOutcome naming Bundle.entry[i] and the field; nothing stored")))]
 pub async fn transaction(
     state: web::Data<AppState>,
-    caller: Caller,
+    permit: Permit<DocumentReferenceCreate>,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require("DocumentReference", 'c')?;
+    let caller = permit.member()?;
+    // map_document accepts only the caller as the custodian.
+    permit.settle(Facts::OWN, None)?;
     let bundle = body.0;
     let bad = |field: &str, message: String| {
         ApiError::new(ErrorCode::ValidationFailed, message).field(field.to_string())
@@ -524,9 +204,9 @@ pub async fn transaction(
                 format!("entry {i}: resource is required"),
             )
         })?;
-        docs.push(map_document(&state, &caller, resource).map_err(|e| in_entry(e, i))?);
+        docs.push(map_document(&state, caller, resource).map_err(|e| in_entry(e, i))?);
     }
-    let done = register(&state, &caller, docs, true).await?;
+    let done = register(&state, caller, docs, true).await?;
     let entries: Vec<Value> = done
         .iter()
         .map(|(outcome, d)| {
@@ -556,14 +236,14 @@ pub async fn transaction(
     responses((status = 200, description = "DocumentReference"), (status = 404, description = "OperationOutcome")))]
 pub async fn read(
     state: web::Data<AppState>,
-    caller: Caller,
+    permit: Permit<DocumentReferenceRead>,
     req: HttpRequest,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let doc = stored_document(&state, &caller, id.into_inner()).await?;
+    let (caller, doc) = stored_document(&state, &permit, id.into_inner()).await?;
     let resource = crate::routes::release_read(
         &state,
-        &caller,
+        caller,
         &req,
         format!("DocumentReference/{}", doc.id),
         crate::documents::candidate(&state.base_url, &doc),
@@ -646,25 +326,17 @@ fn tokens(raw: &str) -> Vec<&str> {
         .collect()
 }
 
-/// Search DocumentReferences across all custodians.
-#[utoipa::path(get, path = "/fhir/DocumentReference", tag = "documents",
-    params(("patient" = Option<String>, Query, description = "Patient/<source record id>: documents of the enterprise person"),
-        ("patient.identifier" = Option<String>, Query, description = "system|value of a registered identifier, or the EMPI system|person id"),
-        ("type" = Option<String>, Query, description = "[system|]code, comma-separated"),
-        ("category" = Option<String>, Query, description = "[system|]code, comma-separated"),
-        ("date" = Option<String>, Query, description = "[eq|ge|gt|le|lt]date, repeatable"),
-        ("status" = Option<String>, Query, description = "current, superseded, entered-in-error (comma-separated)"),
-        ("custodian" = Option<String>, Query, description = "Organization/<id>, comma-separated"),
-        ("_count" = Option<i64>, Query), ("_offset" = Option<i64>, Query),
-        ("_sort" = Option<String>, Query, description = "date or -date (default)")),
-    responses((status = 200, description = "searchset Bundle with next link")))]
-pub async fn search(
-    state: web::Data<AppState>,
-    caller: Caller,
-    req: HttpRequest,
-) -> Result<HttpResponse, ApiError> {
-    caller.require("DocumentReference", 's')?;
-    let started = Instant::now();
+/// A parsed DocumentReference search: the registry filter (all but the patient) and the
+/// patient parameters still to resolve against the EMPI.
+struct DocumentQuery {
+    f: DocumentFilter,
+    count: i64,
+    offset: i64,
+    patient_ref: Option<String>,
+    patient_ident: Option<String>,
+}
+
+fn parse_query(state: &AppState, req: &HttpRequest) -> Result<DocumentQuery, ApiError> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(req.query_string())
         .map_err(|e| ApiError::new(ErrorCode::InvalidParameter, format!("query string: {e}")))?;
     let mut single: HashMap<String, String> = HashMap::new();
@@ -757,6 +429,41 @@ pub async fn search(
             "must be system|value",
         ));
     }
+    Ok(DocumentQuery {
+        f,
+        count,
+        offset,
+        patient_ref,
+        patient_ident,
+    })
+}
+
+/// Search DocumentReferences across all custodians.
+#[utoipa::path(get, path = "/fhir/DocumentReference", tag = "documents",
+    params(("patient" = Option<String>, Query, description = "Patient/<source record id>: documents of the enterprise person"),
+        ("patient.identifier" = Option<String>, Query, description = "system|value of a registered identifier, or the EMPI system|person id"),
+        ("type" = Option<String>, Query, description = "[system|]code, comma-separated"),
+        ("category" = Option<String>, Query, description = "[system|]code, comma-separated"),
+        ("date" = Option<String>, Query, description = "[eq|ge|gt|le|lt]date, repeatable"),
+        ("status" = Option<String>, Query, description = "current, superseded, entered-in-error (comma-separated)"),
+        ("custodian" = Option<String>, Query, description = "Organization/<id>, comma-separated"),
+        ("_count" = Option<i64>, Query), ("_offset" = Option<i64>, Query),
+        ("_sort" = Option<String>, Query, description = "date or -date (default)")),
+    responses((status = 200, description = "searchset Bundle with next link")))]
+pub async fn search(
+    state: web::Data<AppState>,
+    permit: Permit<DocumentReferenceSearch>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let caller = permit.member()?;
+    let started = Instant::now();
+    let DocumentQuery {
+        mut f,
+        count,
+        offset,
+        patient_ref,
+        patient_ident,
+    } = parse_query(&state, &req)?;
     let (filter, person) = state
         .db(move |conn| -> Result<_, ApiError> {
             let mut person: Option<String> = None;
@@ -795,9 +502,9 @@ pub async fn search(
         })
         .await?;
     let resolve_ms = ms_since(started);
-    let ask = state.policy.ask(&caller, &req);
+    let ask = state.policy.ask(caller, &req);
     let page = match filter {
-        Some(f) => fill_page(&state, &caller, &ask, f, offset, count).await?,
+        Some(f) => fill_page(&state, caller, &ask, f, offset, count).await?,
         None => Page::default(),
     };
     let audit_started = Instant::now();
@@ -811,7 +518,7 @@ pub async fn search(
     // nothing is sent before it is.
     let pending = state
         .auditor
-        .submit(state.auditor.by_caller(event, &caller, person))
+        .submit(state.auditor.by_caller(event, caller, person))
         .await?;
     let submit_ms = ms_since(audit_started);
     let encode_started = Instant::now();
@@ -942,56 +649,38 @@ async fn fill_page(
     }
 }
 
-/// Retrieve a document's content: the gateway fetches it from the custodian's location,
-/// checks size and SM3 hash against the registry, and relays it only when both match.
-#[utoipa::path(get, path = "/fhir/Binary/{id}", tag = "documents",
-    params(("id" = String, Path, description = "DocumentReference id")),
-    responses((status = 200, description = "The content, with the registered content type; an SM envelope (application/yiqiao-sm-envelope+json) sealed to the requester's key when asked with Accept and X-Request-Id or required by its directory entry"),
-        (status = 404, description = "No such document"),
-        (status = 422, description = "The location is refused by the outbound policy (outbound-refused)"),
-        (status = 502, description = "Custodian unreachable (upstream-unavailable, one text whatever the cause) or content does not match the registry (upstream-integrity)")))]
-pub async fn retrieve(
-    state: web::Data<AppState>,
-    caller: Caller,
-    req: HttpRequest,
-    id: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
-    let doc = stored_document(&state, &caller, id.into_inner()).await?;
-    let decision = content_decision(&state, &caller, &req, &doc).await?;
+/// The custodian did not serve `doc` (unreachable, an error status, a broken stream).
+fn upstream(doc: &StoredDocument, msg: String) -> ApiError {
+    let mut e = ApiError::new(
+        ErrorCode::UpstreamUnavailable,
+        format!(
+            "the custodian {} did not serve the document",
+            doc.custodian_id
+        ),
+    );
+    e.internal = Some(msg);
+    e
+}
+
+/// GET the content from the custodian, asking for an SM envelope bound to `request_id`: the
+/// body (read up to what the registered size allows) and whether it came sealed.
+async fn fetch_content(
+    state: &AppState,
+    doc: &StoredDocument,
+    location: url::Url,
+    request_id: &str,
+) -> Result<(Vec<u8>, bool), ApiError> {
     let settings = &state.settings.documents;
-    let upstream = |msg: String| {
-        let mut e = ApiError::new(
-            ErrorCode::UpstreamUnavailable,
-            format!(
-                "the custodian {} did not serve the document",
-                doc.custodian_id
-            ),
-        );
-        e.internal = Some(msg);
-        e
-    };
-    let wanted = crate::federation::routes::requester_envelope(&req, &caller)?;
-    // Ask the custodian for an SM envelope bound to this request (a custodian that only
-    // serves plain content may ignore it; its content is still checked against the
-    // registered SM3 hash and size below).
-    let request_id = uuid::Uuid::new_v4().to_string();
-    let gateway_id = state.federation.settings().gateway_id.clone();
-    let location = state.outbound.check_syntax(&doc.location).map_err(|why| {
-        crate::outbound::log_refusal(
-            &doc.location,
-            &why,
-            "DocumentReference.content[0].attachment.url",
-        )
-    })?;
+    let upstream = |msg: String| upstream(doc, msg);
     let target = match location.query() {
         Some(q) => format!("{}?{q}", location.path()),
         None => location.path().to_string(),
     };
-    let binding = RequestBinding::new("GET", &target, &gateway_id, &request_id)
-        .map_err(|e| upstream(format!("request binding: {e}")))?;
+    // The gateway's SM2 request signature (docs/hospital-contract.md), with the request id
+    // and requester it binds.
     let identity = state
         .federation
-        .identity_headers("GET", &target, &request_id, b"")
+        .identity_headers("GET", &target, request_id, b"")
         .map_err(|e| upstream(format!("request signature: {e}")))?;
     let mut request = state.documents.http.get(location).header(
         reqwest::header::ACCEPT,
@@ -1040,7 +729,48 @@ pub async fn retrieve(
             break;
         }
     }
-    let (st, who, d) = (&state, &caller, &doc);
+    Ok((body, sealed))
+}
+
+/// Retrieve a document's content: the gateway fetches it from the custodian's location,
+/// checks size and SM3 hash against the registry, and relays it only when both match.
+#[utoipa::path(get, path = "/fhir/Binary/{id}", tag = "documents",
+    params(("id" = String, Path, description = "DocumentReference id")),
+    responses((status = 200, description = "The content, with the registered content type; an SM envelope (application/yiqiao-sm-envelope+json) sealed to the requester's key when asked with Accept and X-Request-Id or required by its directory entry"),
+        (status = 404, description = "No such document"),
+        (status = 422, description = "The location is refused by the outbound policy (outbound-refused)"),
+        (status = 502, description = "Custodian unreachable (upstream-unavailable, one text whatever the cause) or content does not match the registry (upstream-integrity)")))]
+pub async fn retrieve(
+    state: web::Data<AppState>,
+    permit: Permit<DocumentReferenceRead>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let (caller, doc) = stored_document(&state, &permit, id.into_inner()).await?;
+    let decision = content_decision(&state, caller, &req, &doc).await?;
+    let upstream = |msg: String| upstream(&doc, msg);
+    let wanted = crate::envelope::requester_envelope(&req, caller)?;
+    // Ask the custodian for an SM envelope bound to this request (a custodian that only
+    // serves plain content may ignore it; its content is still checked against the
+    // registered SM3 hash and size below).
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let gateway_id = state.federation.settings().gateway_id.clone();
+    let location = state.outbound.check_syntax(&doc.location).map_err(|why| {
+        crate::outbound::log_refusal(
+            &doc.location,
+            &why,
+            "DocumentReference.content[0].attachment.url",
+        )
+    })?;
+    let target = match location.query() {
+        Some(q) => format!("{}?{q}", location.path()),
+        None => location.path().to_string(),
+    };
+    let binding = RequestBinding::new("GET", &target, &gateway_id, &request_id)
+        .map_err(|e| upstream(format!("request binding: {e}")))?;
+    let (mut body, sealed) =
+        fetch_content(&state, &doc, location, &request_id).await?;
+    let (st, who, d) = (&state, caller, &doc);
     let integrity = |why: String| async move {
         tracing::warn!(document = %d.id, custodian = %d.custodian_id, cause = %why, "retrieved content refused");
         // Reported in the audit trail as well as to the requester; nothing is relayed.
@@ -1093,7 +823,7 @@ pub async fn retrieve(
         .record(
             state
                 .auditor
-                .by_caller(event, &caller, Some(doc.person_id.clone())),
+                .by_caller(event, caller, Some(doc.person_id.clone())),
         )
         .await?;
     if let Some(envelope) = wanted {
@@ -1101,15 +831,9 @@ pub async fn retrieve(
             .uri()
             .path_and_query()
             .map_or_else(|| req.path().to_string(), |pq| pq.as_str().to_string());
-        let sealed = crate::federation::routes::seal_for(
-            &state,
-            &caller,
-            &target,
-            envelope,
-            body,
-            &doc.content_type,
-        )
-        .await?;
+        let sealed =
+            crate::envelope::seal_for(&state, caller, &target, envelope, body, &doc.content_type)
+                .await?;
         return Ok(HttpResponse::Ok()
             .content_type(ENVELOPE_MEDIA_TYPE)
             .insert_header(("X-Content-SM3", doc.sm3_hash.clone()))
@@ -1121,14 +845,16 @@ pub async fn retrieve(
         .body(body))
 }
 
-/// The stored document `id`, if the caller's scopes allow reading DocumentReferences.
-async fn stored_document(
+/// The member reading, and the stored document `id` (what it sees of it is the consent
+/// engine's decision).
+async fn stored_document<'a>(
     state: &AppState,
-    caller: &Caller,
+    permit: &'a Permit<DocumentReferenceRead>,
     id: String,
-) -> Result<StoredDocument, ApiError> {
-    caller.require("DocumentReference", 'r')?;
-    state.db(move |conn| registry::get(conn, &id)).await
+) -> Result<(&'a Caller, StoredDocument), ApiError> {
+    let caller = permit.member()?;
+    let doc = state.db(move |conn| registry::get(conn, &id)).await?;
+    Ok((caller, doc))
 }
 
 /// The consent decision on handing out a document's content, taken before the custodian is

@@ -1,4 +1,4 @@
-//! EMPI administration (admin role: `RequireRole<Admin>`): enterprise persons with their golden
+//! EMPI administration (admin and steward roles, the authorization table): enterprise persons with their golden
 //! record, merge / unmerge, and the review queue. Every change is written to `empi_events`.
 
 use std::collections::HashMap;
@@ -14,7 +14,7 @@ use yiqiao_registry::empi::store::{self as empi, ReviewDecision};
 use crate::error::ApiError;
 use crate::extract::ValidJson;
 use crate::routes::{check_params, paging};
-use crate::staff::{Admin, RequireRole};
+use crate::service::authz::{Permit, PersonRead, PersonUpdate, ReviewItemSearch, ReviewItemUpdate};
 use crate::state::AppState;
 
 fn ts(t: chrono::NaiveDateTime) -> String {
@@ -27,11 +27,12 @@ fn ts(t: chrono::NaiveDateTime) -> String {
     params(("id" = String, Path)),
     responses((status = 200, description = "Person with golden record, links and events"), (status = 404, description = "OperationOutcome")))]
 pub async fn read_person(
-    _admin: RequireRole<Admin>,
+    permit: Permit<PersonRead>,
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
+    let reference = format!("Person/{id}");
     let (person, events) = state
         .db(move |conn| -> Result<_, empi::EmpiError> {
             Ok((
@@ -39,6 +40,13 @@ pub async fn read_person(
                 empi::events_of_person(conn, &id)?,
             ))
         })
+        .await?;
+    permit
+        .record(
+            &state.auditor,
+            state.auditor.read_event(reference),
+            Some(person.id.clone()),
+        )
         .await?;
     let golden = empi::golden_record(&person);
     let records: Vec<Value> = person
@@ -95,17 +103,18 @@ pub struct MergeInput {
     request_body = MergeInput,
     responses((status = 200, description = "Merged; the merge event id"), (status = 404, description = "OperationOutcome"), (status = 409, description = "OperationOutcome")))]
 pub async fn merge(
-    admin: RequireRole<Admin>,
+    permit: Permit<PersonUpdate>,
     state: web::Data<AppState>,
     id: web::Path<String>,
     body: ValidJson<MergeInput>,
 ) -> Result<HttpResponse, ApiError> {
+    let admin = permit.staff()?;
     let target = id.into_inner();
     let source = body.0.source;
     let actor = admin.subject.clone();
     let mut audit = state
         .auditor
-        .admin_event(&admin, "operation", "U", format!("Person/{target}"));
+        .admin_event(admin, "operation", "U", format!("Person/{target}"));
     audit.patient_id = Some(target.clone());
     audit
         .entities
@@ -127,17 +136,18 @@ pub async fn merge(
     request_body = MergeInput,
     responses((status = 200, description = "Unmerged; the unmerge event id"), (status = 404, description = "OperationOutcome"), (status = 409, description = "OperationOutcome")))]
 pub async fn unmerge(
-    admin: RequireRole<Admin>,
+    permit: Permit<PersonUpdate>,
     state: web::Data<AppState>,
     id: web::Path<String>,
     body: ValidJson<MergeInput>,
 ) -> Result<HttpResponse, ApiError> {
+    let admin = permit.staff()?;
     let target = id.into_inner();
     let source = body.0.source;
     let actor = admin.subject.clone();
     let mut audit = state
         .auditor
-        .admin_event(&admin, "operation", "U", format!("Person/{target}"));
+        .admin_event(admin, "operation", "U", format!("Person/{target}"));
     audit.patient_id = Some(target.clone());
     audit
         .entities
@@ -159,7 +169,7 @@ pub async fn unmerge(
         ("_count" = Option<i64>, Query), ("_offset" = Option<i64>, Query)),
     responses((status = 200, description = "Review items")))]
 pub async fn list_review(
-    _admin: RequireRole<Admin>,
+    permit: Permit<ReviewItemSearch>,
     state: web::Data<AppState>,
     query: web::Query<HashMap<String, String>>,
 ) -> Result<HttpResponse, ApiError> {
@@ -177,6 +187,13 @@ pub async fn list_review(
     }
     let items = state
         .db(move |conn| empi::list_review(conn, &status, count, offset))
+        .await?;
+    permit
+        .record(
+            &state.auditor,
+            state.auditor.search_event("/empi/review".into()),
+            None,
+        )
         .await?;
     Ok(HttpResponse::Ok().json(json!({ "items": items })))
 }
@@ -220,13 +237,14 @@ async fn resolve(
     params(("id" = String, Path)), request_body = ReviewInput,
     responses((status = 200, description = "The resolved item"), (status = 409, description = "Already resolved")))]
 pub async fn review_link(
-    admin: RequireRole<Admin>,
+    permit: Permit<ReviewItemUpdate>,
     state: web::Data<AppState>,
     id: web::Path<String>,
     body: ValidJson<ReviewInput>,
 ) -> Result<HttpResponse, ApiError> {
+    let admin = permit.staff()?;
     resolve(
-        admin.staff,
+        admin.clone(),
         state,
         id.into_inner(),
         ReviewDecision::Link,
@@ -240,13 +258,14 @@ pub async fn review_link(
     params(("id" = String, Path)), request_body = ReviewInput,
     responses((status = 200, description = "The resolved item"), (status = 409, description = "Already resolved")))]
 pub async fn review_keep_separate(
-    admin: RequireRole<Admin>,
+    permit: Permit<ReviewItemUpdate>,
     state: web::Data<AppState>,
     id: web::Path<String>,
     body: ValidJson<ReviewInput>,
 ) -> Result<HttpResponse, ApiError> {
+    let admin = permit.staff()?;
     resolve(
-        admin.staff,
+        admin.clone(),
         state,
         id.into_inner(),
         ReviewDecision::KeepSeparate,

@@ -17,7 +17,7 @@
 //! [`map_encounter`] and store.
 
 use actix_web::http::StatusCode;
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpResponse, web};
 use chrono::{DateTime, NaiveDateTime, SubsecRound};
 use serde_json::{Value, json};
 use yiqiao_registry::audit::EntityRef;
@@ -27,10 +27,11 @@ use yiqiao_registry::encounters::{
     UpsertOutcome,
 };
 
-use crate::auth::{Caller, EncounterCreate, EncounterRead, EncounterUpdate, Scoped};
+use crate::auth::Caller;
 use crate::error::{ApiError, ErrorCode};
-use crate::extract::ValidJson;
+use crate::extract::{IfMatch, ValidJson};
 use crate::fhir::{subject_identifier, text_at};
+use crate::service::authz::{EncounterCreate, EncounterRead, EncounterUpdate, Facts, Need, Permit};
 use crate::state::AppState;
 
 /// Code system of `Encounter.class`.
@@ -241,16 +242,19 @@ async fn write(
     security(("access_token" = [])))]
 pub async fn create(
     state: web::Data<AppState>,
-    caller: Scoped<EncounterCreate>,
+    permit: Permit<EncounterCreate>,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
+    let caller = permit.member()?;
+    // The visit is registered under the caller's own id (map_encounter).
+    permit.settle(Facts::OWN, None)?;
     let new = map_encounter(&caller.institution, &body.0)?;
     let pre = if caller.allows("Encounter", 'u') {
         Precondition::None
     } else {
         Precondition::NoChange
     };
-    let (outcome, stored) = write(&state, &caller, new, pre).await?;
+    let (outcome, stored) = write(&state, caller, new, pre).await?;
     let status = match outcome {
         UpsertOutcome::Created => StatusCode::CREATED,
         _ => StatusCode::OK,
@@ -260,18 +264,25 @@ pub async fn create(
 
 /// A registered encounter of the caller, else not found (another institution's registration is
 /// not revealed).
-async fn own_encounter(
+/// The refusal is recorded as `event`.
+async fn own_encounter<N: Need>(
     state: &AppState,
-    caller: &Caller,
+    permit: &Permit<N>,
     id: String,
+    event: yiqiao_registry::audit::AuditEvent,
 ) -> Result<StoredEncounter, ApiError> {
+    let caller = permit.member()?;
     let stored = state.db(move |conn| store::get(conn, &id)).await?;
-    if stored.institution_id != caller.institution.id.as_str() {
-        return Err(ApiError::not_found(format!(
-            "Encounter/{} not found",
-            stored.id
-        )));
-    }
+    let facts = Facts {
+        custodian: stored.institution_id == caller.institution.id.as_str(),
+        ..Facts::default()
+    };
+    permit.settle_audited(
+        &state.auditor,
+        facts,
+        Some(&format!("Encounter/{} not found", stored.id)),
+        event,
+    )?;
     Ok(stored)
 }
 
@@ -286,13 +297,14 @@ async fn own_encounter(
     security(("access_token" = [])))]
 pub async fn update(
     state: web::Data<AppState>,
-    caller: Scoped<EncounterUpdate>,
+    permit: Permit<EncounterUpdate>,
     id: web::Path<String>,
-    req: HttpRequest,
+    if_match: IfMatch,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
+    let caller = permit.member()?;
     let id = id.into_inner();
-    let expected = crate::routes::institutions::if_match(&req)?;
+    let expected = if_match.0;
     if let Some(body_id) = body.0.get("id")
         && body_id.as_str() != Some(id.as_str())
     {
@@ -301,7 +313,11 @@ pub async fn update(
             format!("Encounter.id must equal the id in the URL ({id}) or be absent"),
         ));
     }
-    let stored = own_encounter(&state, &caller, id).await?;
+    let mut refused = state.auditor.rest_event("update", "U");
+    refused
+        .entities
+        .push(EntityRef::resource(format!("Encounter/{id}")));
+    let stored = own_encounter(&state, &permit, id, refused).await?;
     let new = map_encounter(&caller.institution, &body.0)?;
     if new.identifier != stored.identifier {
         return Err(invalid(
@@ -313,7 +329,7 @@ pub async fn update(
         ));
     }
     let pre = expected.map_or(Precondition::None, Precondition::Version);
-    let (_, stored) = write(&state, &caller, new, pre).await?;
+    let (_, stored) = write(&state, caller, new, pre).await?;
     Ok(respond(&state, StatusCode::OK, &stored))
 }
 
@@ -325,17 +341,20 @@ pub async fn update(
     security(("access_token" = [])))]
 pub async fn read(
     state: web::Data<AppState>,
-    caller: Scoped<EncounterRead>,
+    permit: Permit<EncounterRead>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let stored = own_encounter(&state, &caller, id.into_inner()).await?;
+    let caller = permit.member()?;
+    let id = id.into_inner();
+    let refused = state.auditor.read_event(format!("Encounter/{id}"));
+    let stored = own_encounter(&state, &permit, id, refused).await?;
     let event = state.auditor.read_event(format!("Encounter/{}", stored.id));
     state
         .auditor
         .record(
             state
                 .auditor
-                .by_caller(event, &caller, stored.person_id.clone()),
+                .by_caller(event, caller, stored.person_id.clone()),
         )
         .await?;
     Ok(respond(&state, StatusCode::OK, &stored))

@@ -12,9 +12,11 @@ use yiqiao_registry::directory::{
 };
 
 use crate::error::{ApiError, ErrorCode};
-use crate::extract::ValidJson;
+use crate::extract::{IfMatch, ValidJson};
 use crate::routes::{check_params, paging};
-use crate::staff::{Admin, RequireRole};
+use crate::service::authz::{
+    InstitutionCreate, InstitutionRead, InstitutionSearch, InstitutionUpdate, Permit,
+};
 use crate::state::AppState;
 
 /// An institution as registered by an administrator.
@@ -160,19 +162,6 @@ fn with_etag(status: actix_web::http::StatusCode, inst: Institution) -> HttpResp
         .json(InstitutionView::from(inst))
 }
 
-/// `If-Match: W/"3"` or `"3"` → Some(3).
-pub(crate) fn if_match(req: &HttpRequest) -> Result<Option<i64>, ApiError> {
-    let Some(raw) = req.headers().get(header::IF_MATCH) else {
-        return Ok(None);
-    };
-    raw.to_str()
-        .ok()
-        .map(|v| v.trim().trim_start_matches("W/").trim_matches('"'))
-        .and_then(|v| v.parse::<i64>().ok())
-        .map(Some)
-        .ok_or_else(|| ApiError::invalid_param("If-Match", "must be an ETag such as W/\"3\""))
-}
-
 /// Register an institution.
 #[utoipa::path(post, path = "/admin/institutions", tag = "directory",
     request_body = InstitutionInput,
@@ -187,15 +176,16 @@ pub(crate) fn if_match(req: &HttpRequest) -> Result<Option<i64>, ApiError> {
     ),
     security(("admin_token" = [])))]
 pub async fn create(
-    admin: RequireRole<Admin>,
+    permit: Permit<InstitutionCreate>,
     state: web::Data<AppState>,
     ValidJson(input): ValidJson<InstitutionInput>,
 ) -> Result<HttpResponse, ApiError> {
+    let admin = permit.staff()?;
     check_endpoint(&state, &input).await?;
     let event =
         state
             .auditor
-            .admin_event(&admin, "create", "C", format!("Organization/{}", input.id));
+            .admin_event(admin, "create", "C", format!("Organization/{}", input.id));
     let created = state
         .auditor
         .change(event, move |conn, _| {
@@ -229,12 +219,16 @@ async fn check_endpoint(state: &AppState, input: &InstitutionInput) -> Result<()
     responses((status = 200, body = InstitutionView), (status = 404, description = "No such institution")),
     security(("admin_token" = [])))]
 pub async fn read(
-    _admin: RequireRole<Admin>,
+    permit: Permit<InstitutionRead>,
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
     let inst = state.db(move |conn| directory::get(conn, &id)).await?;
+    let event = state
+        .auditor
+        .read_event(format!("Organization/{}", inst.id));
+    permit.record(&state.auditor, event, None).await?;
     Ok(with_etag(actix_web::http::StatusCode::OK, inst))
 }
 
@@ -250,8 +244,9 @@ pub async fn read(
     responses((status = 200, body = InstitutionList)),
     security(("admin_token" = [])))]
 pub async fn list(
-    _admin: RequireRole<Admin>,
+    permit: Permit<InstitutionSearch>,
     state: web::Data<AppState>,
+    req: HttpRequest,
     query: web::Query<HashMap<String, String>>,
 ) -> Result<HttpResponse, ApiError> {
     check_params(&query, &["status", "kind", "name", "_count", "_offset"])?;
@@ -282,6 +277,10 @@ pub async fn list(
         offset,
     };
     let mut items = state.db(move |conn| directory::list(conn, &filter)).await?;
+    let event = state
+        .auditor
+        .search_event(format!("{}?{}", req.path(), req.query_string()));
+    permit.record(&state.auditor, event, None).await?;
     let next_offset = if items.len() as i64 > count {
         items.truncate(count as usize);
         Some(offset + count)
@@ -301,12 +300,13 @@ pub async fn list(
     responses((status = 200, body = InstitutionView), (status = 404), (status = 409), (status = 412, description = "Version mismatch"), (status = 422)),
     security(("admin_token" = [])))]
 pub async fn update(
-    admin: RequireRole<Admin>,
+    permit: Permit<InstitutionUpdate>,
     state: web::Data<AppState>,
-    req: HttpRequest,
+    if_match: IfMatch,
     id: web::Path<String>,
     ValidJson(input): ValidJson<InstitutionInput>,
 ) -> Result<HttpResponse, ApiError> {
+    let admin = permit.staff()?;
     let id = id.into_inner();
     if input.id != id {
         return Err(ApiError::new(
@@ -316,10 +316,10 @@ pub async fn update(
         .field("id"));
     }
     check_endpoint(&state, &input).await?;
-    let expected = if_match(&req)?;
+    let expected = if_match.0;
     let event = state
         .auditor
-        .admin_event(&admin, "update", "U", format!("Organization/{id}"));
+        .admin_event(admin, "update", "U", format!("Organization/{id}"));
     let updated = state
         .auditor
         .change(event, move |conn, _| {
@@ -335,11 +335,11 @@ pub async fn update(
 async fn set_status(
     staff: &crate::staff::Staff,
     state: web::Data<AppState>,
-    req: HttpRequest,
+    if_match: IfMatch,
     id: String,
     status: InstitutionStatus,
 ) -> Result<HttpResponse, ApiError> {
-    let expected = if_match(&req)?;
+    let expected = if_match.0;
     let mut event = state
         .auditor
         .admin_event(staff, "update", "U", format!("Organization/{id}"));
@@ -361,15 +361,16 @@ async fn set_status(
     responses((status = 200, body = InstitutionView), (status = 404)),
     security(("admin_token" = [])))]
 pub async fn suspend(
-    admin: RequireRole<Admin>,
+    permit: Permit<InstitutionUpdate>,
     state: web::Data<AppState>,
-    req: HttpRequest,
+    if_match: IfMatch,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    let admin = permit.staff()?;
     set_status(
-        &admin,
+        admin,
         state,
-        req,
+        if_match,
         id.into_inner(),
         InstitutionStatus::Suspended,
     )
@@ -382,15 +383,16 @@ pub async fn suspend(
     responses((status = 200, body = InstitutionView), (status = 404)),
     security(("admin_token" = [])))]
 pub async fn activate(
-    admin: RequireRole<Admin>,
+    permit: Permit<InstitutionUpdate>,
     state: web::Data<AppState>,
-    req: HttpRequest,
+    if_match: IfMatch,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    let admin = permit.staff()?;
     set_status(
-        &admin,
+        admin,
         state,
-        req,
+        if_match,
         id.into_inner(),
         InstitutionStatus::Active,
     )

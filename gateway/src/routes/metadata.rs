@@ -5,6 +5,7 @@ use actix_web::{HttpResponse, web};
 use serde_json::{Value, json};
 
 use crate::fhir;
+use crate::service::authz::Public;
 use crate::state::AppState;
 
 /// A FHIR resource type the gateway serves, with its interactions and search parameters.
@@ -171,7 +172,7 @@ pub fn capability_statement(base_url: &str) -> Value {
 
 /// The FHIR CapabilityStatement (at `/metadata` and `/fhir/metadata`).
 #[utoipa::path(get, path = "/metadata", tag = "fhir", responses((status = 200, description = "CapabilityStatement")))]
-pub async fn metadata(state: web::Data<AppState>) -> HttpResponse {
+pub async fn metadata(_public: Public, state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type(fhir::FHIR_JSON)
         .json(capability_statement(&state.base_url))

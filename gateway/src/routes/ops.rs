@@ -6,11 +6,12 @@ use actix_web::{HttpResponse, web};
 use serde_json::json;
 
 use crate::error::ApiError;
+use crate::service::authz::Public;
 use crate::state::AppState;
 
 /// Liveness: the process is up and serving.
 #[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Alive")))]
-pub async fn healthz() -> HttpResponse {
+pub async fn healthz(_public: Public) -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "alive" }))
 }
 
@@ -18,7 +19,7 @@ pub async fn healthz() -> HttpResponse {
 /// without a restart when they return.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, description = "Ready"), (status = 503, description = "A dependency is unreachable")))]
-pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+pub async fn readyz(_public: Public, state: web::Data<AppState>) -> HttpResponse {
     let store = state.store.clone();
     let timeout = Duration::from_millis(state.settings.database.acquire_timeout_ms.min(2000));
     let db = web::block(move || store.ping(timeout)).await;
@@ -60,7 +61,10 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 
 /// Prometheus text exposition.
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text format")))]
-pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn metrics(
+    _public: Public,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let text = state
         .metrics
         .render(state.store.pool_state())

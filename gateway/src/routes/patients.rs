@@ -18,7 +18,6 @@ use yiqiao_registry::empi::store::{
     self as empi, RecordFilter, Registration, RegistrationOutcome, ScoredCandidate, StoredRecord,
 };
 
-use crate::auth::Caller;
 use crate::error::{ApiError, ErrorCode};
 use crate::extract::ValidJson;
 use crate::fhir;
@@ -26,7 +25,7 @@ use crate::policy::Candidate;
 use crate::routes::{check_params, paging};
 use crate::service::{
     self,
-    authz::{Need, PatientCreate, PatientUpdate, Permit},
+    authz::{Need, PatientCreate, PatientRead, PatientSearch, PatientUpdate, Permit},
 };
 use crate::state::AppState;
 
@@ -386,11 +385,11 @@ pub async fn conditional_update(
     responses((status = 200, description = "FHIR Patient"), (status = 404, description = "OperationOutcome")))]
 pub async fn read(
     state: web::Data<AppState>,
-    caller: Caller,
+    permit: Permit<PatientRead>,
     req: HttpRequest,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require("Patient", 'r')?;
+    let caller = permit.member()?;
     let id = id.into_inner();
     let r = state.db(move |conn| empi::get_record(conn, &id)).await?;
     let candidate = Candidate {
@@ -398,14 +397,9 @@ pub async fn read(
         patient: r.link.as_ref().map(|l| l.person_id.clone()),
         resource: patient_view(&r),
     };
-    let resource = crate::routes::release_read(
-        &state,
-        &caller,
-        &req,
-        format!("Patient/{}", r.id),
-        candidate,
-    )
-    .await?;
+    let resource =
+        crate::routes::release_read(&state, caller, &req, format!("Patient/{}", r.id), candidate)
+            .await?;
     Ok(fhir_response(actix_web::http::StatusCode::OK, resource))
 }
 
@@ -431,11 +425,11 @@ const SEARCH_PARAMS: [&str; 9] = [
     responses((status = 200, description = "searchset Bundle of source-record Patients")))]
 pub async fn search(
     state: web::Data<AppState>,
-    caller: Caller,
+    permit: Permit<PatientSearch>,
     req: HttpRequest,
     query: web::Query<HashMap<String, String>>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require("Patient", 's')?;
+    let caller = permit.member()?;
     check_params(&query, &SEARCH_PARAMS)?;
     // A search must say whom it looks for: no listing the region's patients page by page.
     const IDENTIFYING: [&str; 6] = [
@@ -498,10 +492,10 @@ pub async fn search(
     found.truncate(count as usize);
     let (self_url, next) = crate::routes::directory::page_urls(&state, &req, offset, count, more);
     // Paging is over the stored records; records the policy withholds leave gaps in a page.
-    let ask = state.policy.ask(&caller, &req);
+    let ask = state.policy.ask(caller, &req);
     let released = state
         .policy
-        .release(&caller, &ask, found.iter().map(candidate).collect())
+        .release(caller, &ask, found.iter().map(candidate).collect())
         .await?;
     let mut event = state
         .auditor
@@ -509,7 +503,7 @@ pub async fn search(
     released.annotate(&mut event);
     state
         .auditor
-        .record(state.auditor.by_caller(event, &caller, None))
+        .record(state.auditor.by_caller(event, caller, None))
         .await?;
     let resources = released.kept.into_iter().map(|(_, r)| r).collect();
     Ok(fhir_response(
@@ -526,11 +520,11 @@ pub async fn search(
         (status = 404, description = "sourceIdentifier not known")))]
 pub async fn pix(
     state: web::Data<AppState>,
-    caller: Caller,
+    permit: Permit<PatientRead>,
     req: HttpRequest,
     query: web::Query<HashMap<String, String>>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require("Patient", 'r')?;
+    let caller = permit.member()?;
     check_params(&query, &["sourceIdentifier", "targetSystem"])?;
     let raw = query
         .get("sourceIdentifier")
@@ -590,8 +584,8 @@ pub async fn pix(
                 "identifier": [{ "system": r.id_system, "value": r.id_value }] }),
         })
         .collect();
-    let ask = state.policy.ask(&caller, &req);
-    let released = state.policy.release(&caller, &ask, candidates).await?;
+    let ask = state.policy.ask(caller, &req);
+    let released = state.policy.release(caller, &ask, candidates).await?;
     let mut params = Vec::new();
     for (index, resource) in &released.kept {
         if *index == 0 {
@@ -619,7 +613,7 @@ pub async fn pix(
     released.annotate(&mut event);
     state
         .auditor
-        .record(state.auditor.by_caller(event, &caller, person))
+        .record(state.auditor.by_caller(event, caller, person))
         .await?;
     Ok(fhir_response(
         actix_web::http::StatusCode::OK,
@@ -642,11 +636,11 @@ fn grade(c: &ScoredCandidate) -> &'static str {
     responses((status = 200, description = "searchset Bundle with search.score, match-grade and per-field explanation")))]
 pub async fn match_patient(
     state: web::Data<AppState>,
-    caller: Caller,
+    permit: Permit<PatientSearch>,
     req: HttpRequest,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require("Patient", 's')?;
+    let caller = permit.member()?;
     let params = body.0;
     if params.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
         return Err(invalid(
@@ -712,11 +706,11 @@ pub async fn match_patient(
     let candidates = state
         .db(move |conn| empi::match_record(conn, &mapped.record))
         .await?;
-    let ask = state.policy.ask(&caller, &req);
+    let ask = state.policy.ask(caller, &req);
     let released = state
         .policy
         .release(
-            &caller,
+            caller,
             &ask,
             candidates.iter().map(|c| candidate(&c.record)).collect(),
         )
@@ -725,7 +719,7 @@ pub async fn match_patient(
     released.annotate(&mut event);
     state
         .auditor
-        .record(state.auditor.by_caller(event, &caller, None))
+        .record(state.auditor.by_caller(event, caller, None))
         .await?;
     // Best released record per enterprise person.
     let mut seen = BTreeSet::new();

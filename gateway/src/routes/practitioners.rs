@@ -29,13 +29,14 @@ use yiqiao_registry::practitioners::{
     self as store, Allowed, NewPractitioner, StoredPractitioner, UpsertOutcome, identifier_system,
 };
 
-use crate::auth::{
-    Caller, PractitionerCreate, PractitionerRead, PractitionerSearch, PractitionerUpdate, Scoped,
-};
+use crate::auth::Caller;
 use crate::error::{ApiError, ErrorCode};
 use crate::extract::ValidJson;
 use crate::fhir;
 use crate::routes::{check_params, paging};
+use crate::service::authz::{
+    Facts, Permit, PractitionerCreate, PractitionerRead, PractitionerSearch, PractitionerUpdate,
+};
 use crate::state::AppState;
 
 fn invalid(field: &str, message: impl Into<String>) -> ApiError {
@@ -174,11 +175,14 @@ async fn write(
     security(("access_token" = [])))]
 pub async fn create(
     state: web::Data<AppState>,
-    caller: Scoped<PractitionerCreate>,
+    permit: Permit<PractitionerCreate>,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
+    let caller = permit.member()?;
+    // A member's roster is its own by construction (its practitioner system).
+    permit.settle(Facts::OWN, None)?;
     let new = map_practitioner(&caller.institution, &body.0)?;
-    write(&state, &caller, new).await
+    write(&state, caller, new).await
 }
 
 /// `identifier=system|value` of the caller's own practitioner system → the staff number.
@@ -213,10 +217,12 @@ fn own_identifier(caller: &Caller, raw: &str) -> Result<String, ApiError> {
     security(("access_token" = [])))]
 pub async fn conditional_update(
     state: web::Data<AppState>,
-    caller: Scoped<PractitionerUpdate>,
+    permit: Permit<PractitionerUpdate>,
     query: web::Query<HashMap<String, String>>,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
+    let caller = permit.member()?;
+    permit.settle(Facts::OWN, None)?;
     check_params(&query, &["identifier"])?;
     let raw = query.get("identifier").ok_or_else(|| {
         ApiError::invalid_param(
@@ -224,7 +230,7 @@ pub async fn conditional_update(
             "system|value is required (conditional update)",
         )
     })?;
-    let value = own_identifier(&caller, raw)?;
+    let value = own_identifier(caller, raw)?;
     let new = map_practitioner(&caller.institution, &body.0)?;
     if new.identifier != value {
         return Err(invalid(
@@ -232,7 +238,7 @@ pub async fn conditional_update(
             "the identifier in the body differs from the one in the URL",
         ));
     }
-    write(&state, &caller, new).await
+    write(&state, caller, new).await
 }
 
 /// Read a roster entry (only the registering institution).
@@ -243,23 +249,26 @@ pub async fn conditional_update(
     security(("access_token" = [])))]
 pub async fn read(
     state: web::Data<AppState>,
-    caller: Scoped<PractitionerRead>,
+    permit: Permit<PractitionerRead>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    let caller = permit.member()?;
     let id = id.into_inner();
     let stored = state.db(move |conn| store::get(conn, &id)).await?;
-    if stored.institution_id != caller.institution.id.as_str() {
-        return Err(ApiError::not_found(format!(
-            "Practitioner/{} not found",
-            stored.id
-        )));
-    }
-    let event = state
-        .auditor
-        .read_event(format!("Practitioner/{}", stored.id));
+    let reference = format!("Practitioner/{}", stored.id);
+    permit.settle_audited(
+        &state.auditor,
+        Facts {
+            custodian: stored.institution_id == caller.institution.id.as_str(),
+            ..Facts::default()
+        },
+        Some(&format!("{reference} not found")),
+        state.auditor.read_event(reference.clone()),
+    )?;
+    let event = state.auditor.read_event(reference);
     state
         .auditor
-        .record(state.auditor.by_caller(event, &caller, None))
+        .record(state.auditor.by_caller(event, caller, None))
         .await?;
     Ok(respond(&state, StatusCode::OK, &stored))
 }
@@ -273,15 +282,17 @@ pub async fn read(
     security(("access_token" = [])))]
 pub async fn search(
     state: web::Data<AppState>,
-    caller: Scoped<PractitionerSearch>,
+    permit: Permit<PractitionerSearch>,
     req: HttpRequest,
     query: web::Query<HashMap<String, String>>,
 ) -> Result<HttpResponse, ApiError> {
+    let caller = permit.member()?;
+    permit.settle(Facts::OWN, None)?;
     check_params(&query, &["identifier", "_count", "_offset"])?;
     let (count, offset) = paging(&query, 50, 500)?;
     let identifier = query
         .get("identifier")
-        .map(|raw| own_identifier(&caller, raw))
+        .map(|raw| own_identifier(caller, raw))
         .transpose()?;
     let institution = caller.institution.id.to_string();
     let mut found = state
@@ -302,7 +313,7 @@ pub async fn search(
     let event = state.auditor.search_event(query_text);
     state
         .auditor
-        .record(state.auditor.by_caller(event, &caller, None))
+        .record(state.auditor.by_caller(event, caller, None))
         .await?;
     let (self_url, next) = crate::routes::directory::page_urls(&state, &req, offset, count, more);
     let resources = found.iter().map(practitioner_view).collect();

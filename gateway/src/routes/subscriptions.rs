@@ -25,6 +25,10 @@ use crate::error::{ApiError, ErrorCode};
 use crate::extract::ValidJson;
 use crate::fhir;
 use crate::routes::patients::EMPI_SYSTEM;
+use crate::service::authz::{
+    Facts, Need, Permit, SubscriptionCreate, SubscriptionDelete, SubscriptionRead,
+    SubscriptionSearch, SubscriptionUpdate,
+};
 use crate::state::AppState;
 
 fn fhir_response(status: StatusCode, body: Value) -> HttpResponse {
@@ -58,31 +62,13 @@ enum PatientFilter {
     Identifier(String, String),
 }
 
-/// Create a subscription owned by the calling institution.
-#[utoipa::path(post, path = "/fhir/Subscription", tag = "documents",
-    request_body(content = Object, description = "Subscription: criteria = topic URL, optional backport filter-criteria, channel rest-hook"),
-    responses((status = 201, description = "Subscription (status active)"),
-        (status = 422, description = "OperationOutcome naming the field")))]
-pub async fn create(
-    state: web::Data<AppState>,
-    caller: Caller,
-    body: ValidJson<Value>,
-) -> Result<HttpResponse, ApiError> {
-    caller.require("Subscription", 'c')?;
-    let sub = body.0;
-    if sub.get("resourceType").and_then(Value::as_str) != Some("Subscription") {
-        return Err(invalid("resourceType", "resourceType must be Subscription"));
-    }
-    let topic = match sub.get("criteria").and_then(Value::as_str) {
-        Some(TOPIC_DOCUMENT_URL) => outbox::TOPIC_DOCUMENT,
-        Some(TOPIC_MERGE_URL) => outbox::TOPIC_PATIENT_MERGE,
-        _ => {
-            return Err(invalid(
-                "criteria",
-                format!("criteria must be a topic: {TOPIC_DOCUMENT_URL} or {TOPIC_MERGE_URL}"),
-            ));
-        }
-    };
+/// The backport filter criteria (`_criteria.extension`): the patient and, for the document
+/// topic, the document type.
+fn filter_criteria(
+    state: &AppState,
+    sub: &Value,
+    topic: &str,
+) -> Result<(Option<PatientFilter>, Option<String>), ApiError> {
     let mut patient = None;
     let mut doc_type = None;
     for (i, ext) in sub
@@ -139,6 +125,11 @@ pub async fn create(
             }
         }
     }
+    Ok((patient, doc_type))
+}
+
+/// The rest-hook channel's endpoint (https, or http when `subscriptions.allow_http`).
+fn channel_endpoint(state: &AppState, sub: &Value) -> Result<String, ApiError> {
     let channel = sub
         .get("channel")
         .ok_or_else(|| invalid("channel", "channel is required"))?;
@@ -168,8 +159,82 @@ pub async fn create(
             "channel.payload must be application/fhir+json",
         ));
     }
+    Ok(endpoint.to_string())
+}
+
+/// The enterprise person a filtered patient's record is linked to.
+fn linked(link: Option<yiqiao_registry::empi::store::Link>) -> Result<String, ApiError> {
+    link.map(|l| l.person_id).ok_or_else(|| {
+        invalid(
+            "_criteria",
+            "the patient is not linked to an enterprise person",
+        )
+    })
+}
+
+/// The enterprise person a patient filter names (checked inside the change's transaction).
+fn filter_person(
+    conn: &mut yiqiao_registry::store::DbConn,
+    patient: Option<PatientFilter>,
+) -> Result<Option<String>, ApiError> {
+    Ok(match patient {
+        None => None,
+        Some(PatientFilter::Record(id)) => {
+            let r = empi::get_record(conn, &id).map_err(|_| {
+                invalid(
+                    "_criteria",
+                    format!("patient Patient/{id} is not registered"),
+                )
+            })?;
+            Some(linked(r.link)?)
+        }
+        Some(PatientFilter::Identifier(s, v)) if s == EMPI_SYSTEM => {
+            empi::get_person(conn, &v)
+                .map_err(|_| invalid("_criteria", format!("person {v} does not exist")))?;
+            Some(v)
+        }
+        Some(PatientFilter::Identifier(s, v)) => {
+            let r = empi::find_by_identifier(conn, &s, &v)?.ok_or_else(|| {
+                invalid(
+                    "_criteria",
+                    format!("patient identifier {s}|{v} is not registered"),
+                )
+            })?;
+            Some(linked(r.link)?)
+        }
+    })
+}
+
+/// Create a subscription owned by the calling institution.
+#[utoipa::path(post, path = "/fhir/Subscription", tag = "documents",
+    request_body(content = Object, description = "Subscription: criteria = topic URL, optional backport filter-criteria, channel rest-hook"),
+    responses((status = 201, description = "Subscription (status active)"),
+        (status = 422, description = "OperationOutcome naming the field")))]
+pub async fn create(
+    state: web::Data<AppState>,
+    permit: Permit<SubscriptionCreate>,
+    body: ValidJson<Value>,
+) -> Result<HttpResponse, ApiError> {
+    let caller = permit.member()?;
+    // Its own subscriptions, by construction (owner: the caller).
+    permit.settle(Facts::OWN, None)?;
+    let sub = body.0;
+    if sub.get("resourceType").and_then(Value::as_str) != Some("Subscription") {
+        return Err(invalid("resourceType", "resourceType must be Subscription"));
+    }
+    let topic = match sub.get("criteria").and_then(Value::as_str) {
+        Some(TOPIC_DOCUMENT_URL) => outbox::TOPIC_DOCUMENT,
+        Some(TOPIC_MERGE_URL) => outbox::TOPIC_PATIENT_MERGE,
+        _ => {
+            return Err(invalid(
+                "criteria",
+                format!("criteria must be a topic: {TOPIC_DOCUMENT_URL} or {TOPIC_MERGE_URL}"),
+            ));
+        }
+    };
+    let (patient, doc_type) = filter_criteria(&state, &sub, topic)?;
+    let endpoint = channel_endpoint(&state, &sub)?;
     let owner = caller.institution.id.to_string();
-    let endpoint = endpoint.to_string();
     // Notifications are decided for the purpose of the credential that subscribed.
     let purpose = caller.purpose.unwrap_or(state.policy.default_purpose());
     let mut sub = sub;
@@ -185,47 +250,12 @@ pub async fn create(
     }
     let event = state
         .auditor
-        .by_caller(state.auditor.rest_event("create", "C"), &caller, None);
+        .by_caller(state.auditor.rest_event("create", "C"), caller, None);
     let stored = state
         .auditor
         .change(event, move |tx, event| -> Result<Subscription, ApiError> {
             let conn = tx.conn();
-            let filter_person = match patient {
-                None => None,
-                Some(PatientFilter::Record(id)) => {
-                    let r = empi::get_record(conn, &id).map_err(|_| {
-                        invalid(
-                            "_criteria",
-                            format!("patient Patient/{id} is not registered"),
-                        )
-                    })?;
-                    Some(r.link.map(|l| l.person_id).ok_or_else(|| {
-                        invalid(
-                            "_criteria",
-                            "the patient is not linked to an enterprise person",
-                        )
-                    })?)
-                }
-                Some(PatientFilter::Identifier(s, v)) if s == EMPI_SYSTEM => {
-                    empi::get_person(conn, &v)
-                        .map_err(|_| invalid("_criteria", format!("person {v} does not exist")))?;
-                    Some(v)
-                }
-                Some(PatientFilter::Identifier(s, v)) => {
-                    let r = empi::find_by_identifier(conn, &s, &v)?.ok_or_else(|| {
-                        invalid(
-                            "_criteria",
-                            format!("patient identifier {s}|{v} is not registered"),
-                        )
-                    })?;
-                    Some(r.link.map(|l| l.person_id).ok_or_else(|| {
-                        invalid(
-                            "_criteria",
-                            "the patient is not linked to an enterprise person",
-                        )
-                    })?)
-                }
-            };
+            let filter_person = filter_person(conn, patient)?;
             let stored = outbox::create_subscription(
                 tx,
                 &NewSubscription {
@@ -263,11 +293,13 @@ pub async fn create(
     responses((status = 200, description = "searchset Bundle of the caller's subscriptions")))]
 pub async fn search(
     state: web::Data<AppState>,
-    caller: Caller,
+    permit: Permit<SubscriptionSearch>,
     req: HttpRequest,
     query: web::Query<HashMap<String, String>>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require("Subscription", 's')?;
+    let caller = permit.member()?;
+    // Its own subscriptions, by construction (owner: the caller).
+    permit.settle(Facts::OWN, None)?;
     crate::routes::check_params(&query, &["_count", "_offset"])?;
     let (count, offset) = crate::routes::paging(&query, 20, 200)?;
     let owner = caller.institution.id.to_string();
@@ -287,7 +319,7 @@ pub async fn search(
         .search_event(format!("{}?{}", req.path(), req.query_string()));
     state
         .auditor
-        .record(state.auditor.by_caller(event, &caller, None))
+        .record(state.auditor.by_caller(event, caller, None))
         .await?;
     Ok(fhir_response(
         StatusCode::OK,
@@ -296,20 +328,30 @@ pub async fn search(
 }
 
 /// The caller's own subscription (another institution's is 404).
-async fn own_subscription(
+async fn own_subscription<N: Need>(
     state: &web::Data<AppState>,
-    caller: &Caller,
+    permit: &Permit<N>,
     id: String,
 ) -> Result<Subscription, ApiError> {
+    let caller = permit.member()?;
     let sub = state
         .db(move |conn| outbox::get_subscription(conn, &id))
         .await?;
-    if sub.owner_id != caller.institution.id.as_str() {
-        return Err(ApiError::not_found(format!(
-            "Subscription/{} not found",
-            sub.id
-        )));
-    }
+    let reference = format!("Subscription/{}", sub.id);
+    let mut refused = state.auditor.rest_event(N::OP.name(), N::OP.action());
+    refused
+        .entities
+        .push(EntityRef::resource(reference.clone()));
+    let facts = Facts {
+        custodian: sub.owner_id == caller.institution.id.as_str(),
+        ..Facts::default()
+    };
+    permit.settle_audited(
+        &state.auditor,
+        facts,
+        Some(&format!("{reference} not found")),
+        refused,
+    )?;
     Ok(sub)
 }
 
@@ -353,12 +395,12 @@ async fn audit_op(
     responses((status = 200, description = "Subscription"), (status = 404, description = "OperationOutcome")))]
 pub async fn read(
     state: web::Data<AppState>,
-    caller: Caller,
+    permit: Permit<SubscriptionRead>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require("Subscription", 'r')?;
-    let sub = own_subscription(&state, &caller, id.into_inner()).await?;
-    audit_op(&state, &caller, "read", "R", &sub, None).await?;
+    let caller = permit.member()?;
+    let sub = own_subscription(&state, &permit, id.into_inner()).await?;
+    audit_op(&state, caller, "read", "R", &sub, None).await?;
     Ok(fhir_response(
         StatusCode::OK,
         subscription_view(&state.base_url, &sub),
@@ -371,13 +413,13 @@ pub async fn read(
     responses((status = 200, description = "Subscription with status off")))]
 pub async fn delete(
     state: web::Data<AppState>,
-    caller: Caller,
+    permit: Permit<SubscriptionDelete>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require("Subscription", 'd')?;
-    let sub = own_subscription(&state, &caller, id.into_inner()).await?;
+    let caller = permit.member()?;
+    let sub = own_subscription(&state, &permit, id.into_inner()).await?;
     let sid = sub.id.clone();
-    let event = sub_event(&state, &caller, "delete", "D", &sub);
+    let event = sub_event(&state, caller, "delete", "D", &sub);
     let sub = state
         .auditor
         .change(event, move |tx, _| {
@@ -427,16 +469,16 @@ fn status_resource(base: &str, sub: &Subscription, st: &outbox::SubscriptionStat
     responses((status = 200, description = "Parameters (SubscriptionStatus shape, type query-status) with dead letters")))]
 pub async fn status(
     state: web::Data<AppState>,
-    caller: Caller,
+    permit: Permit<SubscriptionRead>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require("Subscription", 'r')?;
-    let sub = own_subscription(&state, &caller, id.into_inner()).await?;
+    let caller = permit.member()?;
+    let sub = own_subscription(&state, &permit, id.into_inner()).await?;
     let sid = sub.id.clone();
     let st = state
         .db(move |conn| outbox::subscription_status(conn, &sid))
         .await?;
-    audit_op(&state, &caller, "operation", "E", &sub, None).await?;
+    audit_op(&state, caller, "operation", "E", &sub, None).await?;
     Ok(fhir_response(
         StatusCode::OK,
         status_resource(&state.base_url, &sub, &st),
@@ -451,12 +493,12 @@ pub async fn status(
     responses((status = 200, description = "history Bundle with one notification-event per event")))]
 pub async fn events(
     state: web::Data<AppState>,
-    caller: Caller,
+    permit: Permit<SubscriptionRead>,
     id: web::Path<String>,
     query: web::Query<HashMap<String, String>>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require("Subscription", 'r')?;
+    let caller = permit.member()?;
     crate::routes::check_params(&query, &["eventsSinceNumber", "_count"])?;
     let since = match query.get("eventsSinceNumber") {
         None => None,
@@ -465,7 +507,7 @@ pub async fn events(
         })?),
     };
     let (count, _) = crate::routes::paging(&query, 100, 1000)?;
-    let sub = own_subscription(&state, &caller, id.into_inner()).await?;
+    let sub = own_subscription(&state, &permit, id.into_inner()).await?;
     let sid = sub.id.clone();
     let (list, st) = state
         .db(move |conn| -> Result<_, ApiError> {
@@ -479,7 +521,7 @@ pub async fn events(
         })
         .await?;
     // The caller asks now, for the purpose of its own credential: decided like a delivery.
-    let purpose = state.policy.ask(&caller, &req).purpose;
+    let purpose = state.policy.ask(caller, &req).purpose;
     let mut events = Vec::new();
     let mut reasons = Vec::new();
     let mut withheld = 0usize;
@@ -500,7 +542,7 @@ pub async fn events(
     };
     audit_op(
         &state,
-        &caller,
+        caller,
         "operation",
         "E",
         &sub,
@@ -519,13 +561,13 @@ pub async fn events(
     responses((status = 200, description = "Parameters with the number requeued")))]
 pub async fn retry_dead(
     state: web::Data<AppState>,
-    caller: Caller,
+    permit: Permit<SubscriptionUpdate>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require("Subscription", 'u')?;
-    let sub = own_subscription(&state, &caller, id.into_inner()).await?;
+    let caller = permit.member()?;
+    let sub = own_subscription(&state, &permit, id.into_inner()).await?;
     let sid = sub.id.clone();
-    let event = sub_event(&state, &caller, "operation", "U", &sub);
+    let event = sub_event(&state, caller, "operation", "U", &sub);
     let n = state
         .auditor
         .change(event, move |tx, _| Ok(outbox::retry_dead(tx, &sid)?))

@@ -11,6 +11,7 @@
 //! what a permitted member then *sees* of patient data is decided per item by the consent engine
 //! at release (`crate::policy`), which this table does not replace.
 
+use crate::auth::Caller;
 use crate::error::{ApiError, ErrorCode};
 use crate::service::Actor;
 use crate::staff::Role;
@@ -44,6 +45,16 @@ pub enum Resource {
     Institution,
     /// Federated clinical data (Observation, Condition, ... fetched from the holders).
     ClinicalData,
+    /// A member's own credential events (token requests, refused calls).
+    AuthEvent,
+    /// The anomaly alerts raised over the audit trail.
+    Alert,
+    /// The flagged (VIP) patients whose every access raises an alert.
+    FlaggedPatient,
+    /// The audit chain's status, daily statistics, reports and the auditors' console session.
+    AuditReport,
+    /// The consent policy simulator (`$evaluate`).
+    ConsentPolicy,
 }
 
 impl Resource {
@@ -58,7 +69,12 @@ impl Resource {
             Resource::Subscription => "Subscription",
             Resource::AuditEvent => "AuditEvent",
             Resource::ClinicalData => "Observation",
+            Resource::AuthEvent => "AuditEvent",
             Resource::Agreement
+            | Resource::Alert
+            | Resource::FlaggedPatient
+            | Resource::AuditReport
+            | Resource::ConsentPolicy
             | Resource::Person
             | Resource::ReviewItem
             | Resource::Organization
@@ -81,6 +97,11 @@ impl Resource {
             Resource::Organization => "Organization",
             Resource::Institution => "Institution",
             Resource::ClinicalData => "ClinicalData",
+            Resource::AuthEvent => "AuthEvent",
+            Resource::Alert => "Alert",
+            Resource::FlaggedPatient => "FlaggedPatient",
+            Resource::AuditReport => "AuditReport",
+            Resource::ConsentPolicy => "ConsentPolicy",
         }
     }
 }
@@ -103,6 +124,17 @@ impl Op {
             Op::Update => 'u',
             Op::Delete => 'd',
             Op::Search => 's',
+        }
+    }
+
+    /// The audit event's action code (BALP: C, R, U, D, E).
+    pub fn action(self) -> &'static str {
+        match self {
+            Op::Create => "C",
+            Op::Read => "R",
+            Op::Update => "U",
+            Op::Delete => "D",
+            Op::Search => "E",
         }
     }
 
@@ -291,6 +323,12 @@ pub const TABLE: &[Rule] = &[
     },
     Rule {
         resource: R::Subscription,
+        op: Update,
+        who: &[Custodian],
+        note: "its own (retry dead-lettered deliveries)",
+    },
+    Rule {
+        resource: R::Subscription,
         op: Delete,
         who: &[Custodian],
         note: "its own",
@@ -328,14 +366,62 @@ pub const TABLE: &[Rule] = &[
     Rule {
         resource: R::AuditEvent,
         op: Read,
-        who: &[AUDITOR, SECURITY, PatientPlatform],
-        note: "auditors; a patient platform reads who accessed its patient's records",
+        who: &[AUDITOR, SECURITY],
+        note: "the stored trail, as hashed",
     },
     Rule {
         resource: R::AuditEvent,
         op: Search,
-        who: &[AUDITOR, SECURITY, PatientPlatform],
-        note: "as read",
+        who: &[AUDITOR, SECURITY, Custodian],
+        note: "auditors; a member (access token, not on behalf) searches who accessed the records of a patient it registered, trimmed",
+    },
+    Rule {
+        resource: R::AuthEvent,
+        op: Read,
+        who: &[Member],
+        note: "a member's own credential events",
+    },
+    Rule {
+        resource: R::Alert,
+        op: Search,
+        who: &[AUDITOR],
+        note: "",
+    },
+    Rule {
+        resource: R::Alert,
+        op: Update,
+        who: &[AUDITOR],
+        note: "acknowledge",
+    },
+    Rule {
+        resource: R::FlaggedPatient,
+        op: Search,
+        who: &[AUDITOR],
+        note: "",
+    },
+    Rule {
+        resource: R::FlaggedPatient,
+        op: Update,
+        who: &[AUDITOR],
+        note: "flag a patient (CSRF token and note with a session cookie)",
+    },
+    Rule {
+        resource: R::FlaggedPatient,
+        op: Delete,
+        who: &[AUDITOR],
+        note: "",
+    },
+    Rule {
+        resource: R::AuditReport,
+        op: Read,
+        who: &[AUDITOR],
+        note: "chain status, daily statistics, reports, the console session",
+    },
+    Rule {
+        resource: R::ConsentPolicy,
+        op: Read,
+        who: &[ADMIN, AUDITOR, SECURITY],
+        note: "the policy simulator",
     },
     Rule {
         resource: R::Organization,
@@ -377,7 +463,7 @@ pub const TABLE: &[Rule] = &[
         resource: R::ClinicalData,
         op: Search,
         who: &[Member],
-        note: "federated search; each answer released through the consent engine",
+        note: "federated search (scope of the resource type searched); each answer released through the consent engine",
     },
 ];
 
@@ -402,6 +488,15 @@ pub struct Facts {
     pub custodian: bool,
     /// The member is a patient platform with a current care relationship with the patient.
     pub patient_platform: bool,
+}
+
+impl Facts {
+    /// The item is the member's own by construction (its own roster, visits, subscriptions,
+    /// documents: what it names is keyed by its own institution id).
+    pub const OWN: Facts = Facts {
+        custodian: true,
+        patient_platform: false,
+    };
 }
 
 impl Check {
@@ -439,24 +534,26 @@ impl Check {
 }
 
 fn forbidden(resource: Resource, op: Op, ways: &[Who]) -> ApiError {
-    let ways: Vec<&str> = ways
-        .iter()
-        .map(|w| match w {
-            Anyone => "anyone",
-            Member => "a member with the scope",
-            Custodian => "the custodian (the member holding the item or the patient's records)",
-            PatientPlatform => "the patient's platform (a care relationship with the patient)",
-            Staff(role) => role.as_str(),
-        })
-        .collect();
+    let ways: Vec<String> =
+        ways.iter()
+            .map(|w| match w {
+                Anyone => "anyone".to_string(),
+                Member => "a member with the scope".to_string(),
+                Custodian => "the custodian (the member holding the item or the patient's records)"
+                    .to_string(),
+                PatientPlatform => {
+                    "the patient's platform (a care relationship with the patient)".to_string()
+                }
+                Staff(role) => format!("the {} role", role.as_str()),
+            })
+            .collect();
+    let who = match ways.as_slice() {
+        [one] => one.clone(),
+        many => format!("one of {}", many.join(", ")),
+    };
     ApiError::new(
         ErrorCode::Forbidden,
-        format!(
-            "{} {} is allowed only to {}",
-            op.name(),
-            resource.name(),
-            ways.join(", ")
-        ),
+        format!("{who} is required to {} {}", op.name(), resource.name()),
     )
 }
 
@@ -478,10 +575,14 @@ pub fn check(actor: &Actor, resource: Resource, op: Op) -> Result<Check, ApiErro
                 return Ok(Check::Allowed(*way));
             }
             (Member | Custodian | PatientPlatform, Actor::Member(caller)) => {
-                let scope = resource.scope_name().unwrap_or(resource.name());
-                if let Err(e) = caller.require(scope, op.permission()) {
-                    scope_missing = Some(e);
-                    continue;
+                // Federated clinical data: the scope is the searched type's
+                // ([`Permit::type_scope`]), known once the request is parsed.
+                if resource != Resource::ClinicalData {
+                    let scope = resource.scope_name().unwrap_or(resource.name());
+                    if let Err(e) = scope_granted(caller, scope, op.permission()) {
+                        scope_missing = Some(e);
+                        continue;
+                    }
                 }
                 match way {
                     Member => return Ok(Check::Allowed(Member)),
@@ -498,6 +599,19 @@ pub fn check(actor: &Actor, resource: Resource, op: Op) -> Result<Check, ApiErro
         return Ok(Check::Depends(depends));
     }
     Err(scope_missing.unwrap_or_else(|| forbidden(resource, op, rule.who)))
+}
+
+/// The SMART scope `system/<scope>.<permission>`: 403 naming it, with the
+/// `insufficient_scope` challenge (RFC 6750 section 3.1).
+fn scope_granted(caller: &Caller, scope: &str, permission: char) -> Result<(), ApiError> {
+    caller.require(scope, permission).map_err(|e| {
+        e.header(
+            actix_web::http::header::WWW_AUTHENTICATE,
+            format!(
+                "Bearer realm=\"yiqiao\", error=\"insufficient_scope\", scope=\"system/{scope}.{permission}\""
+            ),
+        )
+    })
 }
 
 /// A `(Resource, Op)` a handler needs, as a type: `Permit<ConsentCreate>` in a signature.
@@ -523,12 +637,48 @@ macro_rules! needs {
 needs! {
     PatientCreate => (Patient, Create),
     PatientUpdate => (Patient, Update),
+    PatientRead => (Patient, Read),
+    PatientSearch => (Patient, Search),
     ConsentCreate => (Consent, Create),
     ConsentUpdate => (Consent, Update),
     ConsentRead => (Consent, Read),
     ConsentSearch => (Consent, Search),
     AgreementUpdate => (Agreement, Update),
     AgreementSearch => (Agreement, Search),
+    EncounterCreate => (Encounter, Create),
+    EncounterUpdate => (Encounter, Update),
+    EncounterRead => (Encounter, Read),
+    DocumentReferenceCreate => (DocumentReference, Create),
+    DocumentReferenceRead => (DocumentReference, Read),
+    DocumentReferenceSearch => (DocumentReference, Search),
+    PractitionerCreate => (Practitioner, Create),
+    PractitionerUpdate => (Practitioner, Update),
+    PractitionerRead => (Practitioner, Read),
+    PractitionerSearch => (Practitioner, Search),
+    SubscriptionCreate => (Subscription, Create),
+    SubscriptionRead => (Subscription, Read),
+    SubscriptionUpdate => (Subscription, Update),
+    SubscriptionDelete => (Subscription, Delete),
+    SubscriptionSearch => (Subscription, Search),
+    PersonRead => (Person, Read),
+    PersonUpdate => (Person, Update),
+    ReviewItemSearch => (ReviewItem, Search),
+    ReviewItemUpdate => (ReviewItem, Update),
+    AuditEventRead => (AuditEvent, Read),
+    AuditEventSearch => (AuditEvent, Search),
+    AuthEventRead => (AuthEvent, Read),
+    AlertSearch => (Alert, Search),
+    AlertUpdate => (Alert, Update),
+    FlaggedPatientSearch => (FlaggedPatient, Search),
+    FlaggedPatientUpdate => (FlaggedPatient, Update),
+    FlaggedPatientDelete => (FlaggedPatient, Delete),
+    AuditReportRead => (AuditReport, Read),
+    ConsentPolicyRead => (ConsentPolicy, Read),
+    InstitutionCreate => (Institution, Create),
+    InstitutionRead => (Institution, Read),
+    InstitutionUpdate => (Institution, Update),
+    InstitutionSearch => (Institution, Search),
+    ClinicalDataSearch => (ClinicalData, Search),
 }
 
 /// Proof that [`check`] ran for `N` and let the actor in (perhaps subject to the item's
@@ -557,6 +707,74 @@ impl<N: Need> Permit<N> {
     pub fn settle(&self, facts: Facts, hide: Option<&str>) -> Result<Who, ApiError> {
         self.check.settle(facts, N::RESOURCE, N::OP, hide)
     }
+
+    /// [`Permit::settle`], recording a refusal (`event`, marked failed, attributed to the
+    /// actor) in the audit trail: a hidden refusal (404) is a decision too.
+    pub fn settle_audited(
+        &self,
+        auditor: &crate::audit::Auditor,
+        facts: Facts,
+        hide: Option<&str>,
+        mut event: yiqiao_registry::audit::AuditEvent,
+    ) -> Result<Who, ApiError> {
+        self.settle(facts, hide).map_err(|e| {
+            event.outcome = yiqiao_registry::audit::outcome::MINOR_FAILURE.into();
+            event.outcome_desc = Some(format!("{}: {}", e.code.code(), e.message));
+            auditor.record_refusal(self.actor.attribute(auditor, event, None));
+            e
+        })
+    }
+
+    /// Record the permitted access `event` (attributed to the actor, about `patient` when
+    /// known) durably, before any data is returned.
+    pub async fn record(
+        &self,
+        auditor: &crate::audit::Auditor,
+        event: yiqiao_registry::audit::AuditEvent,
+        patient: Option<String>,
+    ) -> Result<(), ApiError> {
+        auditor
+            .record(self.actor.attribute(auditor, event, patient))
+            .await?;
+        Ok(())
+    }
+
+    /// The member institution acting. Err (403) for a staff credential, which a row offering
+    /// only member ways has already refused in [`check`].
+    pub fn member(&self) -> Result<&Caller, ApiError> {
+        self.actor.member().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "{} {} is for member institutions",
+                    N::OP.name(),
+                    N::RESOURCE.name()
+                ),
+            )
+        })
+    }
+
+    /// The person or operator acting. Err (403) for a member, which a row offering only roles
+    /// has already refused in [`check`].
+    pub fn staff(&self) -> Result<&crate::staff::Staff, ApiError> {
+        match &self.actor {
+            Actor::Staff(s) => Ok(s),
+            Actor::Member(_) => Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!("{} {} is for staff roles", N::OP.name(), N::RESOURCE.name()),
+            )),
+        }
+    }
+
+    /// A member acting on federated clinical data also needs the scope of the FHIR type it
+    /// asks for, with read and this operation (`system/Condition.rs`).
+    pub fn type_scope(&self, resource_type: &str) -> Result<(), ApiError> {
+        if let Actor::Member(caller) = &self.actor {
+            scope_granted(caller, resource_type, 'r')?;
+            scope_granted(caller, resource_type, N::OP.permission())?;
+        }
+        Ok(())
+    }
 }
 
 impl<N: Need> actix_web::FromRequest for Permit<N> {
@@ -567,8 +785,40 @@ impl<N: Need> actix_web::FromRequest for Permit<N> {
         req: &actix_web::HttpRequest,
         payload: &mut actix_web::dev::Payload,
     ) -> Self::Future {
-        let actor = Actor::from_request(req, payload);
+        // Authenticate the way the row admits: a row only for members takes the member
+        // credential path (refused tokens logged as before) unless a known staff credential
+        // is presented (the table then answers 403); a row only for roles takes the staff path
+        // (a member's token: 401 as before); a row open to both tells them apart by the form
+        // of the credential.
+        let ways = rule(N::RESOURCE, N::OP).map_or(&[][..], |r| r.who);
+        let staff = ways.iter().any(|w| matches!(w, Staff(_)));
+        let member = ways
+            .iter()
+            .any(|w| matches!(w, Member | Custodian | PatientPlatform));
+        let actor = match (staff, member) {
+            (false, true) if crate::service::presents_known_staff_credential(req) => {
+                Actor::authenticate_staff(req)
+            }
+            (false, true) => Actor::authenticate_member(req, payload),
+            (true, false) => Actor::authenticate_staff(req),
+            _ => Actor::from_request(req, payload),
+        };
         Box::pin(async move { Permit::check(actor.await?) })
+    }
+}
+
+/// The explicit marker of a public route (no credential: the directory's FHIR reads, metadata,
+/// health, the token endpoint). A handler without a [`Permit`] takes this instead, so every
+/// handler states its access in its signature.
+#[derive(Debug, Clone, Copy)]
+pub struct Public;
+
+impl actix_web::FromRequest for Public {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Public, ApiError>>;
+
+    fn from_request(_: &actix_web::HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        std::future::ready(Ok(Public))
     }
 }
 

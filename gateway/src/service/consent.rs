@@ -518,7 +518,15 @@ pub async fn put_agreement(
 /// Every data-sharing agreement.
 pub async fn list_agreements(
     state: &AppState,
-    _permit: &Permit<AgreementSearch>,
+    permit: &Permit<AgreementSearch>,
 ) -> Result<Vec<store::StoredAgreement>, ApiError> {
-    state.db(store::list_agreements).await
+    let rows = state.db(store::list_agreements).await?;
+    permit
+        .record(
+            &state.auditor,
+            state.auditor.search_event("Agreement".into()),
+            None,
+        )
+        .await?;
+    Ok(rows)
 }
