@@ -128,8 +128,8 @@ fn filter_criteria(
     Ok((patient, doc_type))
 }
 
-/// The rest-hook channel's endpoint (https, or http when `subscriptions.allow_http`).
-fn channel_endpoint(state: &AppState, sub: &Value) -> Result<String, ApiError> {
+/// The rest-hook channel's endpoint, as the outbound policy admits it (crate::outbound).
+async fn channel_endpoint(state: &AppState, sub: &Value) -> Result<String, ApiError> {
     let channel = sub
         .get("channel")
         .ok_or_else(|| invalid("channel", "channel is required"))?;
@@ -233,7 +233,7 @@ pub async fn create(
         }
     };
     let (patient, doc_type) = filter_criteria(&state, &sub, topic)?;
-    let endpoint = channel_endpoint(&state, &sub)?;
+    let endpoint = channel_endpoint(&state, &sub).await?;
     let owner = caller.institution.id.to_string();
     // Notifications are decided for the purpose of the credential that subscribed.
     let purpose = caller.purpose.unwrap_or(state.policy.default_purpose());
