@@ -103,6 +103,9 @@ within_deadline() {
 }
 
 status=0
+say "checking the size limits of production code and that it does not import the simulator (scripts/check-size.sh)"
+./scripts/check-size.sh || status=$?
+
 say "running the documentation examples"
 within_deadline cargo test --workspace --locked --doc || status=$?
 

@@ -21,6 +21,13 @@ use crate::state::AppState;
 
 /// All routes in one table. Each resource answers unknown methods with 405 + OperationOutcome.
 pub fn routes(cfg: &mut web::ServiceConfig) {
+    public_and_admin_routes(cfg);
+    member_and_staff_routes(cfg);
+}
+
+/// Operations, machine and people's authentication, the directory (administration and its
+/// public FHIR views).
+fn public_and_admin_routes(cfg: &mut web::ServiceConfig) {
     cfg
         // Operations (no authentication).
         .service(resource("/healthz").route(web::get().to(ops::healthz)))
@@ -78,7 +85,13 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             resource("/fhir/Organization/{id}").route(web::get().to(directory::read_organization)),
         )
         .service(resource("/fhir/Endpoint").route(web::get().to(directory::search_endpoints)))
-        .service(resource("/fhir/Endpoint/{id}").route(web::get().to(directory::read_endpoint)))
+        .service(resource("/fhir/Endpoint/{id}").route(web::get().to(directory::read_endpoint)));
+}
+
+/// The member- and staff-facing API: EMPI, rosters, documents and subscriptions, consent,
+/// EMPI administration, the auditors' workspace and console, federated queries, encounters.
+fn member_and_staff_routes(cfg: &mut web::ServiceConfig) {
+    cfg
         // EMPI: FHIR Patient feed, PDQm, PIXm, $match (institutions).
         .service(
             resource("/fhir/Patient")

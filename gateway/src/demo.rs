@@ -151,7 +151,15 @@ fn random_token() -> Result<String, Failure> {
     Ok(key.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-pub fn run(mut settings: Settings, institutions: u32) -> Result<(), Failure> {
+/// The address the demo's simulated hospitals listen on: a loopback address of their own, so
+/// that the demo's outbound policy admits them and nothing else on the machine (127.0.0.1's
+/// PostgreSQL, Redis, the gateway itself stay refused, as an attacker would find them).
+pub const DEMO_SIM_ADDRESS: &str = "127.0.0.2";
+
+/// The demo's defaults: the embedded database under the data directory, a fresh admin token
+/// unless one is set, and an outbound policy that admits the simulated hospitals (plain HTTP
+/// at [`DEMO_SIM_ADDRESS`]) and nothing more.
+fn demo_settings(settings: &mut Settings) -> Result<(), Failure> {
     if settings.database.url.expose().is_empty() {
         let path = settings.data_dir.join("demo").join("yiqiao-demo.db");
         settings.database.url = Secret::new(format!("sqlite://{}", path.display()));
@@ -159,17 +167,16 @@ pub fn run(mut settings: Settings, institutions: u32) -> Result<(), Failure> {
     if !settings.admin_token.is_set() {
         settings.admin_token = Secret::new(random_token()?);
     }
-    // The simulated hospitals listen on plain HTTP at 127.0.0.1, which the default outbound
-    // policy refuses: the demo region allow-lists exactly that.
     settings.outbound.allow_http = true;
-    if !settings
-        .outbound
-        .allow_cidrs
-        .iter()
-        .any(|c| c == "127.0.0.0/8")
-    {
-        settings.outbound.allow_cidrs.push("127.0.0.0/8".into());
+    let sim_network = format!("{DEMO_SIM_ADDRESS}/32");
+    if !settings.outbound.allow_cidrs.contains(&sim_network) {
+        settings.outbound.allow_cidrs.push(sim_network);
     }
+    Ok(())
+}
+
+pub fn run(mut settings: Settings, institutions: u32) -> Result<(), Failure> {
+    demo_settings(&mut settings)?;
     let store = Store::open(&settings.store_options())?;
     store
         .migrate()
@@ -213,7 +220,7 @@ pub fn run(mut settings: Settings, institutions: u32) -> Result<(), Failure> {
             gateway_id: Some(settings.federation.gateway_id.clone()),
             workers: 1,
         };
-        let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
+        let listener = std::net::TcpListener::bind((DEMO_SIM_ADDRESS, 0))
             .map_err(|e| Failure::new(EXIT_RUNTIME, format!("simulator: {e}")))?;
         let mut sim = crate::sim::SimServer::start(config, listener)
             .map_err(|e| Failure::new(EXIT_RUNTIME, format!("simulator: {e}")))?;

@@ -418,17 +418,12 @@ fn registration_of_row(
     })
 }
 
-/// Import the file; `institution` must be active.
-pub fn import(
-    auditor: &OfflineAuditor,
-    institution: &Institution,
+/// The checkpoint of an earlier run of this import, unless `--restart`: refused when it
+/// belongs to another file (by fingerprint) or cannot be read.
+fn previous_checkpoint(
     opts: &ImportOptions,
-) -> Result<ImportSummary, ImportError> {
-    let started = Instant::now();
-    let print = fingerprint(&opts.file)?;
-    let total_bytes = std::fs::metadata(&opts.file)
-        .map_err(|e| io(&opts.file, e))?
-        .len();
+    print: &str,
+) -> Result<Option<Checkpoint>, ImportError> {
     let previous: Option<Checkpoint> = if opts.restart {
         None
     } else {
@@ -444,13 +439,28 @@ pub fn import(
         }
     };
     if let Some(cp) = &previous
-        && cp.fingerprint != print
+        && cp.fingerprint != *print
     {
         return Err(ImportError::Rejected(format!(
             "checkpoint {} belongs to another file; use --restart to start over",
             opts.checkpoint.display()
         )));
     }
+    Ok(previous)
+}
+
+/// Import the file; `institution` must be active.
+pub fn import(
+    auditor: &OfflineAuditor,
+    institution: &Institution,
+    opts: &ImportOptions,
+) -> Result<ImportSummary, ImportError> {
+    let started = Instant::now();
+    let print = fingerprint(&opts.file)?;
+    let total_bytes = std::fs::metadata(&opts.file)
+        .map_err(|e| io(&opts.file, e))?
+        .len();
+    let previous = previous_checkpoint(opts, &print)?;
     let mut rejects = OpenOptions::new()
         .create(true)
         .write(true)

@@ -111,6 +111,25 @@ class Matrix:
 
     # -- set-up: what member A holds ---------------------------------------------------------
 
+    def document(self, doc_id, url, content, security=None):
+        """A DocumentReference of A's patient whose content (at `url`) is `content`."""
+        doc = {
+            "resourceType": "DocumentReference",
+            "masterIdentifier": {"system": "urn:oid:1.2.156.4", "value": doc_id},
+            "status": "current",
+            "type": {"coding": [{"system": "http://loinc.org", "code": "18842-5"}]},
+            "subject": {"identifier": {"system": system_of(4), "value": self.mrn}},
+            "date": "2026-03-01T08:00:00+08:00",
+            "author": [{"reference": f"Organization/{self.A}"}],
+            "custodian": {"reference": f"Organization/{self.A}"},
+            "content": [{"attachment": {
+                "contentType": "application/xml", "url": url, "size": len(content),
+                "extension": [{"url": SM3_EXT, "valueString": sm.sm3(content).hex()}]}}],
+        }
+        if security:
+            doc["securityLabel"] = [{"coding": security}]
+        return doc
+
     def setup(self):
         self.A, self.B, self.PLATFORM = "fz-004", "fz-005", "fz-003"
         # The demo hospitals have no Subscription scope; A gets one (the SSRF cases use it).
@@ -144,22 +163,7 @@ class Matrix:
         self.patient_id = r.json()["id"]
         content = ("<doc>" + self.secret_name + "</doc>").encode()
         self.doc_id = "DOC-" + uuid.uuid4().hex[:8]
-        doc = {
-            "resourceType": "DocumentReference",
-            "masterIdentifier": {"system": "urn:oid:1.2.156.4", "value": self.doc_id},
-            "status": "current",
-            "type": {"coding": [{"system": "http://loinc.org", "code": "18842-5"}]},
-            "subject": {"identifier": {"system": system_of(4), "value": self.mrn}},
-            "date": "2026-03-01T08:00:00+08:00",
-            "author": [{"reference": f"Organization/{self.A}"}],
-            "custodian": {"reference": f"Organization/{self.A}"},
-            "securityLabel": [{"coding": PSY}],
-            "content": [{"attachment": {
-                "contentType": "application/xml",
-                "url": f"https://his-4.example/docs/{self.doc_id}",
-                "size": len(content),
-                "extension": [{"url": SM3_EXT, "valueString": sm.sm3(content).hex()}]}}],
-        }
+        doc = self.document(self.doc_id, f"https://his-4.example/docs/{self.doc_id}", content, PSY)
         r = self.call("POST", "/fhir/DocumentReference", self.A, json=doc)
         if r.status_code not in (200, 201):
             raise RuntimeError(f"setup: A cannot register a document: {r.status_code} {r.text[:400]}")
@@ -379,19 +383,7 @@ class Matrix:
         for url in ["http://169.254.169.254/latest/meta-data/", "http://127.0.0.1:5432/",
                     "https://127.0.0.1:6379/x", "https://[::1]/x", "https://10.0.0.8/x",
                     "https://localhost/x", "file:///etc/passwd", "gopher://127.0.0.1:6379/_INFO"]:
-            doc = {
-                "resourceType": "DocumentReference",
-                "masterIdentifier": {"system": "urn:oid:1.2.156.4", "value": "SSRF-" + uuid.uuid4().hex[:8]},
-                "status": "current",
-                "type": {"coding": [{"system": "http://loinc.org", "code": "18842-5"}]},
-                "subject": {"identifier": {"system": system_of(4), "value": self.mrn}},
-                "date": "2026-03-01T08:00:00+08:00",
-                "author": [{"reference": f"Organization/{self.A}"}],
-                "custodian": {"reference": f"Organization/{self.A}"},
-                "content": [{"attachment": {"contentType": "application/xml", "url": url,
-                                            "size": len(content),
-                                            "extension": [{"url": SM3_EXT, "valueString": sm.sm3(content).hex()}]}}],
-            }
+            doc = self.document("SSRF-" + uuid.uuid4().hex[:8], url, content)
             r = self.call("POST", "/fhir/DocumentReference", self.A, json=doc)
             ok = r.status_code in (400, 422)
             self.record(cat, f"attachment URL {url}", "400/422 refused at registration",

@@ -133,22 +133,24 @@ def psql(region, sql):
     return out.stdout.strip()
 
 
+def count_present(region, sql, values):
+    """How many of `values` the query (with one `{}` for the quoted list) finds, 500 at a time.
+    The values are UUIDs and record numbers the harness made itself."""
+    found = 0
+    for i in range(0, len(values), 500):
+        quoted = ",".join(f"'{v}'" for v in values[i:i + 500])
+        found += int(psql(region, sql.format(quoted)) or 0)
+    return found
+
+
 def check_after(region, seen, label):
     """What was lost: audit records of 2xx responses, registrations answered 201, duplicates."""
     ok_ids = [rid for (_, rid, status, _, _) in seen if isinstance(status, int) and 200 <= status < 300]
-    missing_audit = 0
-    for i in range(0, len(ok_ids), 500):
-        chunk = ok_ids[i:i + 500]
-        values = ",".join(f"'{r}'" for r in chunk)
-        have = psql(region, f"SELECT count(DISTINCT request_id) FROM audit_events WHERE request_id IN ({values})")
-        missing_audit += len(chunk) - int(have or 0)
+    missing_audit = len(ok_ids) - count_present(
+        region, "SELECT count(DISTINCT request_id) FROM audit_events WHERE request_id IN ({})", ok_ids)
     created = [mrn for (kind, _, status, mrn, _) in seen if kind == "register" and status == 201]
-    lost = 0
-    for i in range(0, len(created), 500):
-        chunk = created[i:i + 500]
-        values = ",".join(f"'{m}'" for m in chunk)
-        have = psql(region, f"SELECT count(*) FROM empi_source_records WHERE id_value IN ({values})")
-        lost += len(chunk) - int(have or 0)
+    lost = len(created) - count_present(
+        region, "SELECT count(*) FROM empi_source_records WHERE id_value IN ({})", created)
     dup_events = int(psql(region, "SELECT count(*) FROM (SELECT record_id FROM empi_events WHERE kind = "
                                   "'register' AND record_id IS NOT NULL GROUP BY record_id HAVING count(*) > 1) d") or 0)
     env = region.env(region.port_a)

@@ -104,6 +104,19 @@ def fuzz(out_dir, seconds):
     return rows
 
 
+def new_region(binary, workdir, extra_env=None):
+    """A region on the test PostgreSQL and Redis (YIQIAO_TEST_DATABASE_URL, YIQIAO_TEST_REDIS_URL)."""
+    return Region(binary, workdir,
+                  os.environ.get("YIQIAO_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test"),
+                  os.environ.get("YIQIAO_TEST_REDIS_URL", "redis://127.0.0.1:6379"),
+                  extra_env=extra_env)
+
+
+def failed_row(category, case, e):
+    return {"category": category, "case": case, "expected": "no exception",
+            "seen": f"{type(e).__name__}: {e}", "ok": False, "leak_if_failed": False}
+
+
 def table(rows):
     lines = ["| category | case | expected | seen | held |", "|---|---|---|---|---|"]
     for r in rows:
@@ -131,9 +144,7 @@ def main():
     started = time.time()
     region = None
     if {"attacks", "schemathesis"} & set(scenarios):
-        region = Region(args.binary, os.path.join(out_dir, "region"),
-                        os.environ.get("YIQIAO_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test"),
-                        os.environ.get("YIQIAO_TEST_REDIS_URL", "redis://127.0.0.1:6379"))
+        region = new_region(args.binary, os.path.join(out_dir, "region"))
         print(f"== region: two replicas behind HAProxy at {region.base}", flush=True)
         try:
             region.start()
@@ -149,16 +160,11 @@ def main():
                          "expected": "all alive", "seen": str(alive), "ok": all(alive.values()),
                          "leak_if_failed": False})
         except Exception as e:
-            rows.append({"category": "harness", "case": "region up and scenarios ran",
-                         "expected": "no exception", "seen": f"{type(e).__name__}: {e}", "ok": False,
-                         "leak_if_failed": False})
+            rows.append(failed_row("harness", "region up and scenarios ran", e))
         finally:
             region.stop()
     if {"faults", "soak"} & set(scenarios):
-        region = Region(args.binary, os.path.join(out_dir, "region-load"),
-                        os.environ.get("YIQIAO_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test"),
-                        os.environ.get("YIQIAO_TEST_REDIS_URL", "redis://127.0.0.1:6379"),
-                        extra_env=LOAD_ENV)
+        region = new_region(args.binary, os.path.join(out_dir, "region-load"), LOAD_ENV)
         print(f"== region for faults and soak at {region.base}", flush=True)
         try:
             region.start()
@@ -170,9 +176,7 @@ def main():
                 print(f"== soak ({args.soak_seconds} s)", flush=True)
                 rows += soak(region, matrix, args.soak_seconds, out_dir)
         except Exception as e:
-            rows.append({"category": "harness", "case": "load region up and scenarios ran",
-                         "expected": "no exception", "seen": f"{type(e).__name__}: {e}", "ok": False,
-                         "leak_if_failed": False})
+            rows.append(failed_row("harness", "load region up and scenarios ran", e))
         finally:
             region.stop()
     if "fuzz" in scenarios:

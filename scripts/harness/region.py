@@ -85,10 +85,11 @@ class Region:
             "YIQIAO_PUBLIC_URL": self.base,
             "YIQIAO_LOG__FORMAT": "json",
             # The simulated hospitals (run by replica A's `yiqiao demo`) listen on plain HTTP at
-            # 127.0.0.1, which the default outbound policy refuses; `yiqiao demo` allow-lists
-            # it by itself, replica B needs the same policy to call them (docs/outbound.md).
+            # 127.0.0.2 (demo::DEMO_SIM_ADDRESS), which the default outbound policy refuses;
+            # `yiqiao demo` allow-lists that address alone, replica B gets the same policy
+            # (docs/outbound.md). 127.0.0.1, where PostgreSQL and Redis listen, stays refused.
             "YIQIAO_OUTBOUND__ALLOW_HTTP": "true",
-            "YIQIAO_OUTBOUND__ALLOW_CIDRS": '["127.0.0.0/8"]',
+            "YIQIAO_OUTBOUND__ALLOW_CIDRS": '["127.0.0.2/32"]',
         })
         env.update(self.extra_env)
         if port == self.port_a:
