@@ -122,16 +122,7 @@ impl utoipa::Modify for RateLimitedPaths {
             if !limited {
                 continue;
             }
-            for op in [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.patch,
-            ]
-            .into_iter()
-            .flatten()
-            {
+            for op in operations_mut(item) {
                 op.responses
                     .responses
                     .entry("429".into())
@@ -190,16 +181,7 @@ impl utoipa::Modify for CommonResponses {
         );
         for (path, item) in openapi.paths.paths.iter_mut() {
             let by_id = path.contains('{');
-            for op in [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.patch,
-            ]
-            .into_iter()
-            .flatten()
-            {
+            for op in operations_mut(item) {
                 let secured = op.security.as_ref().is_some_and(|s| !s.is_empty())
                     || !PUBLIC_PATHS.iter().any(|p| path.starts_with(p));
                 let with_body = op.request_body.is_some();
@@ -225,6 +207,21 @@ impl utoipa::Modify for CommonResponses {
             }
         }
     }
+}
+
+/// The operations of one path.
+fn operations_mut(
+    item: &mut utoipa::openapi::PathItem,
+) -> impl Iterator<Item = &mut utoipa::openapi::path::Operation> {
+    [
+        &mut item.get,
+        &mut item.put,
+        &mut item.post,
+        &mut item.delete,
+        &mut item.patch,
+    ]
+    .into_iter()
+    .flatten()
 }
 
 /// The OpenAPI document as pretty JSON (also committed as openapi/yiqiao.json).
