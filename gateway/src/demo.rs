@@ -194,12 +194,7 @@ pub fn run(mut settings: Settings, institutions: u32) -> Result<(), Failure> {
     let hospitals = institutions.saturating_sub(3).max(1);
     let gateway_key = crate::federation::load_key(&settings)
         .map_err(|e| Failure::new(EXIT_RUNTIME, e.to_string()))?;
-    let _telemetry = crate::telemetry::init(&settings.log, &settings.telemetry)
-        .map_err(|e| Failure::new(crate::cli::EXIT_CONFIG, e))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Failure::new(EXIT_RUNTIME, e.to_string()))?;
+    let (_telemetry, runtime) = crate::cli::serving_runtime(&settings)?;
     runtime.block_on(async move {
         let config = crate::sim::SimConfig {
             seed: DEMO_SEED,

@@ -230,13 +230,22 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-pub fn serve(settings: Settings) -> Result<(), Failure> {
-    let _telemetry = crate::telemetry::init(&settings.log, &settings.telemetry)
+/// Logging and tracing as configured (keep the guard while serving), and the multi-threaded
+/// runtime a serving command runs on.
+pub fn serving_runtime(
+    settings: &Settings,
+) -> Result<(crate::telemetry::TelemetryGuard, tokio::runtime::Runtime), Failure> {
+    let telemetry = crate::telemetry::init(&settings.log, &settings.telemetry)
         .map_err(|e| Failure::new(crate::cli::EXIT_CONFIG, e))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| Failure::new(EXIT_RUNTIME, e.to_string()))?;
+    Ok((telemetry, runtime))
+}
+
+pub fn serve(settings: Settings) -> Result<(), Failure> {
+    let (_telemetry, runtime) = serving_runtime(&settings)?;
     runtime.block_on(async move {
         let listen = settings.listen;
         let app = crate::app::Application::build(settings).await.map_err(|e| {
