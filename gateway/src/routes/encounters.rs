@@ -217,16 +217,7 @@ async fn write(
     state
         .auditor
         .change(event, move |tx, event| {
-            let (outcome, stored) = crate::service::encounters::upsert_in(tx, &new, pre)?;
-            let (interaction, action) = crate::service::encounters::interaction(outcome);
-            event.subtype_code = interaction.into();
-            event.action = action.into();
-            event.entities.push(EntityRef::resource(format!(
-                "Encounter/{}/_history/{}",
-                stored.id, stored.version
-            )));
-            event.patient_id = stored.person_id.clone();
-            Ok((outcome, stored))
+            crate::service::encounters::upsert_recorded(tx, event, &new, pre)
         })
         .await
 }

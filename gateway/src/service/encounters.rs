@@ -9,6 +9,7 @@ use yiqiao_registry::encounters::{
     self as store, EncounterError, EncounterStatus, NewEncounter, Precondition, StoredEncounter,
     UpsertOutcome,
 };
+use yiqiao_registry::audit::{AuditEvent, EntityRef};
 use yiqiao_registry::store::Audited;
 
 use crate::error::{ApiError, ErrorCode};
@@ -57,6 +58,31 @@ pub fn upsert_in(
 }
 
 /// The audit interaction of an upsert's outcome.
+/// [`upsert_in`], with `event` (the change's audit record) describing what it did.
+pub fn upsert_recorded(
+    tx: &mut Audited<'_>,
+    event: &mut AuditEvent,
+    new: &NewEncounter,
+    pre: Precondition,
+) -> Result<(UpsertOutcome, StoredEncounter), ApiError> {
+    let (outcome, stored) = upsert_in(tx, new, pre)?;
+    describe(event, outcome, &stored);
+    Ok((outcome, stored))
+}
+
+/// An audit record of a visit's registration or update: create or update, the Encounter's
+/// version, the patient's enterprise person.
+pub fn describe(event: &mut AuditEvent, outcome: UpsertOutcome, stored: &StoredEncounter) {
+    let (interaction, action) = interaction(outcome);
+    event.subtype_code = interaction.into();
+    event.action = action.into();
+    event.entities.push(EntityRef::resource(format!(
+        "Encounter/{}/_history/{}",
+        stored.id, stored.version
+    )));
+    event.patient_id = stored.person_id.clone();
+}
+
 pub fn interaction(outcome: UpsertOutcome) -> (&'static str, &'static str) {
     match outcome {
         UpsertOutcome::Created => ("create", "C"),

@@ -108,11 +108,7 @@ pub async fn register<N: Need>(
                     let (outcome, stored) = encounters::upsert_in(tx, &v, Precondition::None)?;
                     let (interaction, action) = encounters::interaction(outcome);
                     let mut event = derived(&template, interaction, action);
-                    event.entities.push(EntityRef::resource(format!(
-                        "Encounter/{}/_history/{}",
-                        stored.id, stored.version
-                    )));
-                    event.patient_id = stored.person_id.clone();
+                    encounters::describe(&mut event, outcome, &stored);
                     events.push(event);
                     Some((outcome, stored))
                 }

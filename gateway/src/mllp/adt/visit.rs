@@ -164,20 +164,12 @@ pub(super) async fn change_visit(
                 }
             }
             let new = map_encounter(&inst, &resource)?;
-            let (outcome, stored) = crate::service::encounters::upsert_in(
+            crate::service::encounters::upsert_recorded(
                 tx,
+                event,
                 &new,
                 yiqiao_registry::encounters::Precondition::None,
-            )?;
-            let (interaction, action) = crate::service::encounters::interaction(outcome);
-            event.subtype_code = interaction.into();
-            event.action = action.into();
-            event.entities.push(EntityRef::resource(format!(
-                "Encounter/{}/_history/{}",
-                stored.id, stored.version
-            )));
-            event.patient_id = stored.person_id.clone();
-            Ok((outcome, stored))
+            )
         })
         .await
         .map_err(visit_nak)?;
