@@ -206,7 +206,12 @@ pub async fn create(
 /// outbound policy would refuse then (a malformed URL is left to `directory::validate`).
 async fn check_endpoint(state: &AppState, input: &InstitutionInput) -> Result<(), ApiError> {
     match input.endpoint_url.as_deref() {
-        Some(url) if url::Url::parse(url).is_ok_and(|u| u.has_host()) => {
+        // A URL the directory refuses anyway (no host, credentials in it) is left to its
+        // validation, which names the rule.
+        Some(url)
+            if url::Url::parse(url)
+                .is_ok_and(|u| u.has_host() && u.username().is_empty() && u.password().is_none()) =>
+        {
             state.outbound.check_registration(url, "endpoint_url").await
         }
         _ => Ok(()),
