@@ -384,13 +384,16 @@ fn csv_escape(s: &str) -> String {
     }
 }
 
+/// A row's line and its registration, or the (field, reason) it is refused for.
+pub type CheckedRow = (u64, Result<Registration, (String, String)>);
+
 /// Every row of an import file as the registration it would make, or the (field, reason) it
 /// would be refused for: the reading, mapping and validation of [`import`] without the
 /// registry (the fuzz target `fuzz/fuzz_targets/mpi_csv.rs` runs hostile files through it).
 pub fn check_rows(
     opts: &ImportOptions,
     institution: &Institution,
-) -> Result<Vec<(u64, Result<Registration, (String, String)>)>, ImportError> {
+) -> Result<Vec<CheckedRow>, ImportError> {
     let mut reader = Reader::open(opts)?;
     let mut rows = Vec::new();
     while let Some(row) = reader.next(institution, &opts.resident_system)? {

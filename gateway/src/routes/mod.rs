@@ -71,21 +71,6 @@ pub fn paging(
 /// the rows a page reads) never overflows, whatever a client sends.
 pub const MAX_OFFSET: i64 = 10_000_000;
 
-#[cfg(test)]
-mod paging_tests {
-    use super::*;
-
-    #[test]
-    fn offsets_are_bounded_so_next_pages_cannot_overflow() {
-        let q = |o: &str| HashMap::from([("_offset".to_string(), o.to_string())]);
-        assert_eq!(paging(&q("10000000"), 20, 200).unwrap(), (20, MAX_OFFSET));
-        for bad in ["9223372036854775807", "10000001", "-1", "1e3", ""] {
-            let e = paging(&q(bad), 20, 200).unwrap_err();
-            assert!(e.to_string().contains("_offset"), "{bad}: {e}");
-        }
-    }
-}
-
 /// A stored FHIR resource as an answer: `ETag: W/"<version>"` and, for 201 Created,
 /// `Location: <base>/fhir/<type>/<id>`.
 pub(crate) fn versioned_response(
@@ -134,5 +119,21 @@ pub(crate) async fn release_read(
     match released.kept.pop() {
         Some((_, resource)) => Ok(resource),
         None => Err(released.refusal()),
+    }
+}
+
+#[cfg(test)]
+mod paging_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn offsets_are_bounded_so_next_pages_cannot_overflow() {
+        let q = |o: &str| HashMap::from([("_offset".to_string(), o.to_string())]);
+        assert_eq!(paging(&q("10000000"), 20, 200).unwrap(), (20, MAX_OFFSET));
+        for bad in ["9223372036854775807", "10000001", "-1", "1e3", ""] {
+            let e = paging(&q(bad), 20, 200).unwrap_err();
+            assert!(e.to_string().contains("_offset"), "{bad}: {e}");
+        }
     }
 }
