@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 
 use libfuzzer_sys::fuzz_target;
-use yiqiao_gateway::mpi_import::{check_rows, ImportFormat, ImportOptions};
+use yiqiao_gateway::mpi_import::{ImportFormat, ImportOptions, check_rows};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, body)) = data.split_first() else {
@@ -24,7 +24,11 @@ fuzz_target!(|data: &[u8]| {
     }
     let opts = ImportOptions {
         file: file.clone(),
-        format: if selector % 2 == 0 { ImportFormat::Csv } else { ImportFormat::Ndjson },
+        format: if selector % 2 == 0 {
+            ImportFormat::Csv
+        } else {
+            ImportFormat::Ndjson
+        },
         batch: 100,
         rejects: dir.join("rejects"),
         checkpoint: dir.join("checkpoint"),

@@ -8,7 +8,16 @@ use libfuzzer_sys::fuzz_target;
 use yiqiao_gateway::routes::{check_params, paging};
 use yiqiao_gateway::sanitize;
 
-const KNOWN: [&str; 8] = ["family", "given", "name", "birthdate", "identifier", "telecom", "_count", "_offset"];
+const KNOWN: [&str; 8] = [
+    "family",
+    "given",
+    "name",
+    "birthdate",
+    "identifier",
+    "telecom",
+    "_count",
+    "_offset",
+];
 
 fuzz_target!(|data: &[u8]| {
     let Ok(raw) = std::str::from_utf8(data) else {
@@ -19,7 +28,9 @@ fuzz_target!(|data: &[u8]| {
     if sanitize::query_problem(query).is_some() {
         return;
     }
-    let params: HashMap<String, String> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    let params: HashMap<String, String> = form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
     let _ = check_params(&params, &KNOWN);
     let _ = paging(&params, 20, 200);
 });

@@ -18,6 +18,12 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let now = chrono::Utc::now();
-    let _ = envelope.open(key, &key.public_key(), &binding, now, std::time::Duration::from_secs(300));
+    let _ = envelope.open(
+        key,
+        &key.public_key(),
+        &binding,
+        now,
+        std::time::Duration::from_secs(300),
+    );
     let _ = envelope.decrypt(key);
 });

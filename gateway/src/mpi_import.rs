@@ -397,7 +397,10 @@ pub fn check_rows(
     let mut reader = Reader::open(opts)?;
     let mut rows = Vec::new();
     while let Some(row) = reader.next(institution, &opts.resident_system)? {
-        rows.push((row.line, registration_of_row(row.patient, institution, opts)));
+        rows.push((
+            row.line,
+            registration_of_row(row.patient, institution, opts),
+        ));
     }
     Ok(rows)
 }
@@ -530,7 +533,10 @@ pub fn import(
             if row.line <= skip_to {
                 continue;
             }
-            batch.push((row.line, registration_of_row(row.patient, institution, opts)));
+            batch.push((
+                row.line,
+                registration_of_row(row.patient, institution, opts),
+            ));
         }
         bar.set_position(last_offset);
         if batch.is_empty() {

@@ -289,8 +289,8 @@ async fn expect_recorded(
     // Rows open to members release patient data through the consent engine, which may then
     // withhold it (the internet hospital here has no visit with the patient): the table let
     // the caller in; the engine's denial is its own decision, recorded with its reasons.
-    let withheld = status == 403
-        && body["issue"][0]["details"]["coding"][0]["code"] == "consent-denied";
+    let withheld =
+        status == 403 && body["issue"][0]["details"]["coding"][0]["code"] == "consent-denied";
     if allowed {
         assert!(
             success || withheld || also_ok.contains(&status),

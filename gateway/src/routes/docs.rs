@@ -167,15 +167,12 @@ impl utoipa::Modify for CommonResponses {
             "OperationOutcome: authenticated, but this caller may not do this (the scope, role or ownership rule of ARCHITECTURE.md's authorization table, or the patient's consent)",
         );
         let too_large = answer("OperationOutcome: the body is over the size limit");
-        let media = answer(
-            "OperationOutcome: Content-Type missing or not one this operation reads",
-        );
+        let media =
+            answer("OperationOutcome: Content-Type missing or not one this operation reads");
         let invalid = answer(
             "OperationOutcome: the body is well-formed but not acceptable (names the field and why)",
         );
-        let missing = answer(
-            "OperationOutcome: no such item, or none this caller may know of",
-        );
+        let missing = answer("OperationOutcome: no such item, or none this caller may know of");
         let unavailable = answer(
             "OperationOutcome: storage or the audit record could not be written; nothing was changed or released (retry later)",
         );
@@ -196,11 +193,14 @@ impl utoipa::Modify for CommonResponses {
                 if with_body {
                     r.entry("413".into())
                         .or_insert_with(|| too_large.clone().into());
-                    r.entry("415".into()).or_insert_with(|| media.clone().into());
-                    r.entry("422".into()).or_insert_with(|| invalid.clone().into());
+                    r.entry("415".into())
+                        .or_insert_with(|| media.clone().into());
+                    r.entry("422".into())
+                        .or_insert_with(|| invalid.clone().into());
                 }
                 if by_id {
-                    r.entry("404".into()).or_insert_with(|| missing.clone().into());
+                    r.entry("404".into())
+                        .or_insert_with(|| missing.clone().into());
                 }
                 r.entry("503".into())
                     .or_insert_with(|| unavailable.clone().into());

@@ -768,8 +768,7 @@ pub async fn retrieve(
     };
     let binding = RequestBinding::new("GET", &target, &gateway_id, &request_id)
         .map_err(|e| upstream(format!("request binding: {e}")))?;
-    let (mut body, sealed) =
-        fetch_content(&state, &doc, location, &request_id).await?;
+    let (mut body, sealed) = fetch_content(&state, &doc, location, &request_id).await?;
     let (st, who, d) = (&state, caller, &doc);
     let integrity = |why: String| async move {
         tracing::warn!(document = %d.id, custodian = %d.custodian_id, cause = %why, "retrieved content refused");

@@ -209,8 +209,9 @@ async fn check_endpoint(state: &AppState, input: &InstitutionInput) -> Result<()
         // A URL the directory refuses anyway (no host, credentials in it) is left to its
         // validation, which names the rule.
         Some(url)
-            if url::Url::parse(url)
-                .is_ok_and(|u| u.has_host() && u.username().is_empty() && u.password().is_none()) =>
+            if url::Url::parse(url).is_ok_and(|u| {
+                u.has_host() && u.username().is_empty() && u.password().is_none()
+            }) =>
         {
             state.outbound.check_registration(url, "endpoint_url").await
         }

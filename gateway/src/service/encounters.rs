@@ -5,11 +5,11 @@
 //! reopened by an admit or a registration (an in-progress/planned/arrived state): a late or
 //! replayed message must not give an institution a care relationship again (409).
 
+use yiqiao_registry::audit::{AuditEvent, EntityRef};
 use yiqiao_registry::encounters::{
     self as store, EncounterError, EncounterStatus, NewEncounter, Precondition, StoredEncounter,
     UpsertOutcome,
 };
-use yiqiao_registry::audit::{AuditEvent, EntityRef};
 use yiqiao_registry::store::Audited;
 
 use crate::error::{ApiError, ErrorCode};
