@@ -76,7 +76,23 @@ async fn register(
 ) -> Result<Vec<(RegisterOutcome, StoredDocument)>, ApiError> {
     // The gateway fetches every location when a member reads the Binary: refuse now what the
     // outbound policy would refuse then.
+    // The policy decides by scheme, credentials, host and port: a Bundle of many documents at
+    // one custodian resolves its host once.
+    let mut checked_origins = std::collections::HashSet::new();
     for (i, d) in docs.iter().enumerate() {
+        let origin = url::Url::parse(&d.location).ok().map(|u| {
+            format!(
+                "{}://{}:{}@{}:{:?}",
+                u.scheme(),
+                u.username(),
+                u.password().unwrap_or(""),
+                u.host_str().unwrap_or(""),
+                u.port()
+            )
+        });
+        if origin.as_ref().is_some_and(|o| checked_origins.contains(o)) {
+            continue;
+        }
         let checked = state
             .outbound
             .check_registration(&d.location, "DocumentReference.content[0].attachment.url")
@@ -84,6 +100,7 @@ async fn register(
         if let Err(e) = checked {
             return Err(if bundle { in_entry(e, i) } else { e });
         }
+        checked_origins.extend(origin);
     }
     let event = state.auditor.by_caller(
         state
