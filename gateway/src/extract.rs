@@ -20,14 +20,26 @@ use subtle::ConstantTimeEq;
 use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
 
-/// A JSON body deserialised into `T` (which should `deny_unknown_fields`).
+/// A JSON body deserialised into `T` (which should `deny_unknown_fields`), or why it was
+/// refused. The refusal is deferred to [`ValidJson::checked`]: actix polls a handler's
+/// extractors together, so a bad body could otherwise answer 400 before the handler's
+/// `Permit` had refused the caller (401/403, with its audit record). Handlers call `checked()`
+/// first, after the permit.
 #[derive(Debug)]
-pub struct ValidJson<T>(pub T);
+pub struct ValidJson<T>(Result<T, ApiError>);
+
+impl<T> ValidJson<T> {
+    /// The body, or the 400/413/415 naming what is wrong with it.
+    pub fn checked(self) -> Result<T, ApiError> {
+        self.0
+    }
+}
 
 const JSON_TYPES: [&str; 2] = ["application/json", "application/fhir+json"];
 
 impl<T: DeserializeOwned + 'static> FromRequest for ValidJson<T> {
     type Error = ApiError;
+    // Never fails: see the type's documentation.
     type Future = Pin<Box<dyn Future<Output = Result<ValidJson<T>, ApiError>>>>;
 
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
@@ -53,48 +65,60 @@ impl<T: DeserializeOwned + 'static> FromRequest for ValidJson<T> {
             .and_then(|v| v.parse::<usize>().ok());
         let mut payload = payload.take();
         Box::pin(async move {
-            match content_type.as_deref() {
-                Some(ct) if JSON_TYPES.contains(&ct) => {}
-                Some(ct) => {
-                    return Err(ApiError::new(
-                        ErrorCode::UnsupportedMediaType,
-                        format!(
-                            "Content-Type {ct} is not accepted; send application/json or application/fhir+json"
-                        ),
-                    ));
-                }
-                None => {
-                    return Err(ApiError::new(
-                        ErrorCode::UnsupportedMediaType,
-                        "Content-Type is missing; send application/json or application/fhir+json",
-                    ));
-                }
-            }
-            let too_large = || {
-                ApiError::new(
-                    ErrorCode::PayloadTooLarge,
-                    format!("the body exceeds the limit of {limit} bytes"),
-                )
-            };
-            if declared_len.is_some_and(|len| len > limit) {
-                return Err(too_large());
-            }
-            let mut body = web::BytesMut::new();
-            while let Some(chunk) = payload.next().await {
-                let chunk = chunk.map_err(|e| {
-                    ApiError::new(
-                        ErrorCode::MalformedJson,
-                        format!("cannot read the body: {e}"),
-                    )
-                })?;
-                if body.len() + chunk.len() > limit {
-                    return Err(too_large());
-                }
-                body.extend_from_slice(&chunk);
-            }
-            parse_json(&body).map(ValidJson)
+            Ok(ValidJson(
+                read(limit, content_type, declared_len, &mut payload).await,
+            ))
         })
     }
+}
+
+/// Read and check a JSON body (content type, size, control characters, shape).
+async fn read<T: DeserializeOwned>(
+    limit: usize,
+    content_type: Option<String>,
+    declared_len: Option<usize>,
+    payload: &mut Payload,
+) -> Result<T, ApiError> {
+    match content_type.as_deref() {
+        Some(ct) if JSON_TYPES.contains(&ct) => {}
+        Some(ct) => {
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                format!(
+                    "Content-Type {ct} is not accepted; send application/json or application/fhir+json"
+                ),
+            ));
+        }
+        None => {
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                "Content-Type is missing; send application/json or application/fhir+json",
+            ));
+        }
+    }
+    let too_large = || {
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the body exceeds the limit of {limit} bytes"),
+        )
+    };
+    if declared_len.is_some_and(|len| len > limit) {
+        return Err(too_large());
+    }
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::new(
+                ErrorCode::MalformedJson,
+                format!("cannot read the body: {e}"),
+            )
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    parse_json(&body)
 }
 
 /// Parse with the path of the first offending field.
@@ -167,19 +191,26 @@ pub fn admin_credential(req: &HttpRequest) -> Result<(), ApiError> {
 
 /// The version an update's `If-Match: W/"3"` (or `"3"`) precondition names, `None` without
 /// the header; 400 naming `If-Match` when it is not such an ETag. In a handler's signature, so
-/// that every versioned update reads it the same way.
-#[derive(Debug, Clone, Copy)]
-pub struct IfMatch(pub Option<i64>);
+/// that every versioned update reads it the same way; the 400 is deferred to
+/// [`IfMatch::checked`] for the reason [`ValidJson`]'s is.
+#[derive(Debug)]
+pub struct IfMatch(Result<Option<i64>, ApiError>);
+
+impl IfMatch {
+    /// The version named, or the 400 naming `If-Match`.
+    pub fn checked(self) -> Result<Option<i64>, ApiError> {
+        self.0
+    }
+}
 
 impl FromRequest for IfMatch {
     type Error = ApiError;
     type Future = std::future::Ready<Result<IfMatch, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        std::future::ready(if_match(req).map(IfMatch))
+        std::future::ready(Ok(IfMatch(if_match(req))))
     }
 }
-
 /// `If-Match: W/"3"` or `"3"` → Some(3).
 fn if_match(req: &HttpRequest) -> Result<Option<i64>, ApiError> {
     let Some(raw) = req.headers().get(header::IF_MATCH) else {

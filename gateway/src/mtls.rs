@@ -133,13 +133,14 @@ pub async fn bind(
     id: web::Path<String>,
     body: ValidJson<ClientCertBinding>,
 ) -> Result<HttpResponse, ApiError> {
+    let body = body.checked()?;
     let admin = permit.staff()?;
-    let sha256 = normalise_fingerprint(&body.0.sha256)?;
+    let sha256 = normalise_fingerprint(&body.sha256)?;
     let id = id.into_inner();
     let (inst, fp) = (id.clone(), sha256.clone());
     let event = state
         .auditor
-        .admin_event(admin, "update", "U", format!("Organization/{id}"));
+        .staff_event(admin, "update", "U", format!("Organization/{id}"));
     state
         .auditor
         .change(event, move |tx, _| {
@@ -165,7 +166,7 @@ pub async fn unbind(
     let inst = id.clone();
     let event = state
         .auditor
-        .admin_event(admin, "update", "U", format!("Organization/{id}"));
+        .staff_event(admin, "update", "U", format!("Organization/{id}"));
     state
         .auditor
         .change(event, move |tx, _| {

@@ -452,12 +452,13 @@ pub async fn ack_alert(
     body: ValidJson<NoteInput>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
+    let body = body.checked()?;
     let id = id.into_inner();
     let AuditorChange { by, note, event } = auditor_change(
         &state,
         &permit,
         &req,
-        Some(&body.0.note),
+        Some(&body.note),
         format!("AuditAlert/{id}"),
     )?;
     let alert = state
@@ -526,6 +527,7 @@ pub async fn put_flag(
     body: ValidJson<NoteInput>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
+    let body = body.checked()?;
     let patient = patient.into_inner();
     let AuditorChange {
         by,
@@ -535,7 +537,7 @@ pub async fn put_flag(
         &state,
         &permit,
         &req,
-        Some(&body.0.note),
+        Some(&body.note),
         format!("AuditFlag/{patient}"),
     )?;
     if patient.is_empty() || patient.len() > 128 {

@@ -85,7 +85,7 @@ pub async fn create(
     permit: Permit<ConsentCreate>,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = ConsentBody::parse(body.0, None)?;
+    let body = ConsentBody::parse(body.checked()?, None)?;
     let row = service::create(&state, &permit, body).await?;
     Ok(respond(&state, StatusCode::CREATED, &row))
 }
@@ -106,9 +106,10 @@ pub async fn update(
     if_match: IfMatch,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
+    let body = body.checked()?;
     let id = id.into_inner();
-    let expected = if_match.0;
-    let body = ConsentBody::parse(body.0, Some(&id))?;
+    let expected = if_match.checked()?;
+    let body = ConsentBody::parse(body, Some(&id))?;
     let row = service::update(&state, &permit, id, expected, body).await?;
     Ok(respond(&state, StatusCode::OK, &row))
 }
@@ -245,7 +246,7 @@ pub async fn evaluate(
     body: ValidJson<EvaluateInput>,
 ) -> Result<HttpResponse, ApiError> {
     let staff = permit.staff()?;
-    let input = body.0;
+    let input = body.checked()?;
     let purpose = Purpose::from_code(&input.purpose).ok_or_else(|| {
         invalid(
             "purpose",
@@ -328,16 +329,7 @@ pub async fn evaluate(
             })
         })
         .collect();
-    let mut event = state.auditor.rest_event("operation", "E");
-    event.agent_user = Some(staff.subject.clone());
-    event.agent_role = Some(
-        staff
-            .roles
-            .iter()
-            .map(|r| r.as_str())
-            .collect::<Vec<_>>()
-            .join(","),
-    );
+    let mut event = state.auditor.staff_rest_event(staff, "operation", "E");
     event.patient_id = Some(patient.clone());
     event.entities.push(EntityRef::query(format!(
         "consent/$evaluate requester={} purpose={} custodian={}",
@@ -436,8 +428,9 @@ pub async fn put_agreement(
     permit: Permit<AgreementUpdate>,
     state: web::Data<AppState>,
     id: web::Path<String>,
-    ValidJson(input): ValidJson<AgreementInput>,
+    input: ValidJson<AgreementInput>,
 ) -> Result<HttpResponse, ApiError> {
+    let input = input.checked()?;
     let id = id.into_inner();
     if id.is_empty() || id.len() > 64 {
         return Err(ApiError::invalid_param("id", "must be 1 to 64 characters"));

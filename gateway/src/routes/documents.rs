@@ -142,10 +142,11 @@ pub async fn create(
     permit: Permit<DocumentReferenceCreate>,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
+    let body = body.checked()?;
     let caller = permit.member()?;
     // map_document accepts only the caller as the custodian.
     permit.settle(Facts::OWN, None)?;
-    let doc = map_document(&state, caller, &body.0)?;
+    let doc = map_document(&state, caller, &body)?;
     let mut done = register(&state, caller, vec![doc], false).await?;
     let (outcome, stored) = done
         .pop()
@@ -173,10 +174,11 @@ pub async fn transaction(
     permit: Permit<DocumentReferenceCreate>,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
+    let body = body.checked()?;
     let caller = permit.member()?;
     // map_document accepts only the caller as the custodian.
     permit.settle(Facts::OWN, None)?;
-    let bundle = body.0;
+    let bundle = body;
     let bad = |field: &str, message: String| {
         ApiError::new(ErrorCode::ValidationFailed, message).field(field.to_string())
     };

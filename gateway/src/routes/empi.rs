@@ -108,22 +108,43 @@ pub async fn merge(
     id: web::Path<String>,
     body: ValidJson<MergeInput>,
 ) -> Result<HttpResponse, ApiError> {
+    merge_step(permit, state, id.into_inner(), body, "$merge", empi::merge).await
+}
+
+/// [`empi::merge`] or [`empi::unmerge`].
+type MergeStep = fn(
+    &mut yiqiao_registry::store::Audited<'_>,
+    &str,
+    &str,
+    &str,
+) -> Result<String, empi::EmpiError>;
+
+/// `$merge` or `$unmerge` (`step`) of `source` and `target`, with its audit record in the
+/// same transaction; both persons' cached views are dropped afterwards.
+async fn merge_step(
+    permit: Permit<PersonUpdate>,
+    state: web::Data<AppState>,
+    target: String,
+    body: ValidJson<MergeInput>,
+    operation: &'static str,
+    step: MergeStep,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.checked()?;
     let admin = permit.staff()?;
-    let target = id.into_inner();
-    let source = body.0.source;
+    let source = body.source;
     let actor = admin.subject.clone();
     let mut audit = state
         .auditor
-        .admin_event(admin, "operation", "U", format!("Person/{target}"));
+        .staff_event(admin, "operation", "U", format!("Person/{target}"));
     audit.patient_id = Some(target.clone());
-    audit
-        .entities
-        .push(EntityRef::query(format!("$merge source=Person/{source}")));
+    audit.entities.push(EntityRef::query(format!(
+        "{operation} source=Person/{source}"
+    )));
     let persons = [target.clone(), source.clone()];
     let event = state
         .auditor
         .change(audit, move |conn, _| {
-            Ok(empi::merge(conn, &target, &source, &actor)?)
+            Ok(step(conn, &target, &source, &actor)?)
         })
         .await?;
     state.persons_merged(&[&persons[0], &persons[1]]).await;
@@ -141,26 +162,15 @@ pub async fn unmerge(
     id: web::Path<String>,
     body: ValidJson<MergeInput>,
 ) -> Result<HttpResponse, ApiError> {
-    let admin = permit.staff()?;
-    let target = id.into_inner();
-    let source = body.0.source;
-    let actor = admin.subject.clone();
-    let mut audit = state
-        .auditor
-        .admin_event(admin, "operation", "U", format!("Person/{target}"));
-    audit.patient_id = Some(target.clone());
-    audit
-        .entities
-        .push(EntityRef::query(format!("$unmerge source=Person/{source}")));
-    let persons = [target.clone(), source.clone()];
-    let event = state
-        .auditor
-        .change(audit, move |conn, _| {
-            Ok(empi::unmerge(conn, &target, &source, &actor)?)
-        })
-        .await?;
-    state.persons_merged(&[&persons[0], &persons[1]]).await;
-    Ok(HttpResponse::Ok().json(json!({ "event": event })))
+    merge_step(
+        permit,
+        state,
+        id.into_inner(),
+        body,
+        "$unmerge",
+        empi::unmerge,
+    )
+    .await
 }
 
 /// Review items by status (default open), oldest first.
@@ -215,7 +225,7 @@ async fn resolve(
 ) -> Result<HttpResponse, ApiError> {
     let audit = state
         .auditor
-        .admin_event(&staff, "update", "U", format!("EmpiReview/{id}"));
+        .staff_event(&staff, "update", "U", format!("EmpiReview/{id}"));
     let actor = staff.subject;
     let item = state
         .auditor
@@ -242,13 +252,14 @@ pub async fn review_link(
     id: web::Path<String>,
     body: ValidJson<ReviewInput>,
 ) -> Result<HttpResponse, ApiError> {
+    let body = body.checked()?;
     let admin = permit.staff()?;
     resolve(
         admin.clone(),
         state,
         id.into_inner(),
         ReviewDecision::Link,
-        body.0.note,
+        body.note,
     )
     .await
 }
@@ -263,13 +274,14 @@ pub async fn review_keep_separate(
     id: web::Path<String>,
     body: ValidJson<ReviewInput>,
 ) -> Result<HttpResponse, ApiError> {
+    let body = body.checked()?;
     let admin = permit.staff()?;
     resolve(
         admin.clone(),
         state,
         id.into_inner(),
         ReviewDecision::KeepSeparate,
-        body.0.note,
+        body.note,
     )
     .await
 }

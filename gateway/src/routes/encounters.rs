@@ -236,10 +236,11 @@ pub async fn create(
     permit: Permit<EncounterCreate>,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
+    let body = body.checked()?;
     let caller = permit.member()?;
     // The visit is registered under the caller's own id (map_encounter).
     permit.settle(Facts::OWN, None)?;
-    let new = map_encounter(&caller.institution, &body.0)?;
+    let new = map_encounter(&caller.institution, &body)?;
     let pre = if caller.allows("Encounter", 'u') {
         Precondition::None
     } else {
@@ -293,10 +294,11 @@ pub async fn update(
     if_match: IfMatch,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
+    let body = body.checked()?;
     let caller = permit.member()?;
     let id = id.into_inner();
-    let expected = if_match.0;
-    if let Some(body_id) = body.0.get("id")
+    let expected = if_match.checked()?;
+    if let Some(body_id) = body.get("id")
         && body_id.as_str() != Some(id.as_str())
     {
         return Err(invalid(
@@ -309,7 +311,7 @@ pub async fn update(
         .entities
         .push(EntityRef::resource(format!("Encounter/{id}")));
     let stored = own_encounter(&state, &permit, id, refused).await?;
-    let new = map_encounter(&caller.institution, &body.0)?;
+    let new = map_encounter(&caller.institution, &body)?;
     if new.identifier != stored.identifier {
         return Err(invalid(
             "identifier",

@@ -178,14 +178,15 @@ fn with_etag(status: actix_web::http::StatusCode, inst: Institution) -> HttpResp
 pub async fn create(
     permit: Permit<InstitutionCreate>,
     state: web::Data<AppState>,
-    ValidJson(input): ValidJson<InstitutionInput>,
+    input: ValidJson<InstitutionInput>,
 ) -> Result<HttpResponse, ApiError> {
+    let input = input.checked()?;
     let admin = permit.staff()?;
     check_endpoint(&state, &input).await?;
     let event =
         state
             .auditor
-            .admin_event(admin, "create", "C", format!("Organization/{}", input.id));
+            .staff_event(admin, "create", "C", format!("Organization/{}", input.id));
     let created = state
         .auditor
         .change(event, move |conn, _| {
@@ -310,8 +311,9 @@ pub async fn update(
     state: web::Data<AppState>,
     if_match: IfMatch,
     id: web::Path<String>,
-    ValidJson(input): ValidJson<InstitutionInput>,
+    input: ValidJson<InstitutionInput>,
 ) -> Result<HttpResponse, ApiError> {
+    let input = input.checked()?;
     let admin = permit.staff()?;
     let id = id.into_inner();
     if input.id != id {
@@ -322,10 +324,10 @@ pub async fn update(
         .field("id"));
     }
     check_endpoint(&state, &input).await?;
-    let expected = if_match.0;
+    let expected = if_match.checked()?;
     let event = state
         .auditor
-        .admin_event(admin, "update", "U", format!("Organization/{id}"));
+        .staff_event(admin, "update", "U", format!("Organization/{id}"));
     let updated = state
         .auditor
         .change(event, move |conn, _| {
@@ -345,10 +347,10 @@ async fn set_status(
     id: String,
     status: InstitutionStatus,
 ) -> Result<HttpResponse, ApiError> {
-    let expected = if_match.0;
+    let expected = if_match.checked()?;
     let mut event = state
         .auditor
-        .admin_event(staff, "update", "U", format!("Organization/{id}"));
+        .staff_event(staff, "update", "U", format!("Organization/{id}"));
     event.outcome_desc = Some(format!("status set to {}", status.as_str()));
     let inst = state
         .auditor

@@ -336,7 +336,8 @@ pub async fn create(
     permit: Permit<PatientCreate>,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
-    register_patient(state, permit, body.0, None).await
+    let body = body.checked()?;
+    register_patient(state, permit, body, None).await
 }
 
 fn split_token(raw: &str) -> (Option<String>, String) {
@@ -359,6 +360,7 @@ pub async fn conditional_update(
     query: web::Query<HashMap<String, String>>,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
+    let body = body.checked()?;
     check_params(&query, &["identifier"])?;
     let raw = query
         .get("identifier")
@@ -376,7 +378,7 @@ pub async fn conditional_update(
             "only your own patient_id_system can be updated",
         ));
     }
-    register_patient(state, permit, body.0, Some((system, value))).await
+    register_patient(state, permit, body, Some((system, value))).await
 }
 
 /// Read one source record.
@@ -640,8 +642,9 @@ pub async fn match_patient(
     req: HttpRequest,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
+    let body = body.checked()?;
     let caller = permit.member()?;
-    let params = body.0;
+    let params = body;
     if params.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
         return Err(invalid(
             "Parameters.resourceType",

@@ -178,10 +178,11 @@ pub async fn create(
     permit: Permit<PractitionerCreate>,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
+    let body = body.checked()?;
     let caller = permit.member()?;
     // A member's roster is its own by construction (its practitioner system).
     permit.settle(Facts::OWN, None)?;
-    let new = map_practitioner(&caller.institution, &body.0)?;
+    let new = map_practitioner(&caller.institution, &body)?;
     write(&state, caller, new).await
 }
 
@@ -221,6 +222,7 @@ pub async fn conditional_update(
     query: web::Query<HashMap<String, String>>,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
+    let body = body.checked()?;
     let caller = permit.member()?;
     permit.settle(Facts::OWN, None)?;
     check_params(&query, &["identifier"])?;
@@ -231,7 +233,7 @@ pub async fn conditional_update(
         )
     })?;
     let value = own_identifier(caller, raw)?;
-    let new = map_practitioner(&caller.institution, &body.0)?;
+    let new = map_practitioner(&caller.institution, &body)?;
     if new.identifier != value {
         return Err(invalid(
             "identifier",

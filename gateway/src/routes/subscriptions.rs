@@ -215,10 +215,11 @@ pub async fn create(
     permit: Permit<SubscriptionCreate>,
     body: ValidJson<Value>,
 ) -> Result<HttpResponse, ApiError> {
+    let body = body.checked()?;
     let caller = permit.member()?;
     // Its own subscriptions, by construction (owner: the caller).
     permit.settle(Facts::OWN, None)?;
-    let sub = body.0;
+    let sub = body;
     if sub.get("resourceType").and_then(Value::as_str) != Some("Subscription") {
         return Err(invalid("resourceType", "resourceType must be Subscription"));
     }
