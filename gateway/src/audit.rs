@@ -209,18 +209,17 @@ impl Auditor {
         e
     }
 
-    /// A change made by a staff member (operator token or a person logged in).
-    pub fn admin_event(
+    /// An event of a staff member's request (operator token or a person logged in), its
+    /// roles space-separated as everywhere else.
+    pub fn staff_rest_event(
         &self,
         staff: &crate::staff::Staff,
         interaction: &str,
         action: &str,
-        reference: String,
     ) -> AuditEvent {
         let mut e = self.rest_event(interaction, action);
         e.agent_user = Some(staff.subject.clone());
         e.agent_role = Some(crate::oidc::roles_text(&staff.roles));
-        e.entities.push(EntityRef::resource(reference));
         e
     }
 
@@ -402,7 +401,7 @@ impl Auditor {
         }
     }
 
-    /// The event of a change made by a staff member (operator credential or person).
+    /// The event of a change a staff member made to `reference`.
     pub fn staff_event(
         &self,
         staff: &crate::staff::Staff,
@@ -410,16 +409,7 @@ impl Auditor {
         action: &str,
         reference: String,
     ) -> AuditEvent {
-        let mut e = self.rest_event(interaction, action);
-        e.agent_user = Some(staff.subject.clone());
-        e.agent_role = Some(
-            staff
-                .roles
-                .iter()
-                .map(|r| r.as_str())
-                .collect::<Vec<_>>()
-                .join(","),
-        );
+        let mut e = self.staff_rest_event(staff, interaction, action);
         e.entities.push(EntityRef::resource(reference));
         e
     }

@@ -717,11 +717,10 @@ impl<N: Need> Permit<N> {
         hide: Option<&str>,
         mut event: yiqiao_registry::audit::AuditEvent,
     ) -> Result<Who, ApiError> {
-        self.settle(facts, hide).map_err(|e| {
+        self.settle(facts, hide).inspect_err(|e| {
             event.outcome = yiqiao_registry::audit::outcome::MINOR_FAILURE.into();
             event.outcome_desc = Some(format!("{}: {}", e.code.code(), e.message));
             auditor.record_refusal(self.actor.attribute(auditor, event, None));
-            e
         })
     }
 

@@ -34,6 +34,9 @@ use crate::staff::Staff;
 
 /// Who is acting: a member institution (access token, the admin credential on its behalf, an
 /// authenticated HL7 feed, an operator's bulk import) or a person/operator with roles.
+// One Actor per request or feed message, moved, never stored in bulk: boxing the member's
+// Caller would cost an allocation per request for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Actor {
     Member(Caller),

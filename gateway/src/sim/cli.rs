@@ -186,7 +186,7 @@ pub fn run(settings: &Settings, args: SimArgs) -> Result<(), Failure> {
             let resident = settings.empi.resident_id_system.clone();
             let base_url = base.clone();
             let auditor = crate::service::offline::OfflineAuditor::open(
-                &settings,
+                settings,
                 store,
                 crate::service::offline::OfflineAuditor::cli_operator(),
             )

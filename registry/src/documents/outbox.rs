@@ -203,54 +203,36 @@ pub struct StoredEvent {
     pub created_at: NaiveDateTime,
 }
 
-type EventRow = (
-    i64,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    String,
-    NaiveDateTime,
-);
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = events_t)]
+struct EventRow {
+    seq: i64,
+    kind: String,
+    document_id: Option<String>,
+    person_id: Option<String>,
+    type_code: Option<String>,
+    custodian_id: Option<String>,
+    detail: String,
+    created_at: NaiveDateTime,
+}
 
 fn event_of(r: EventRow) -> StoredEvent {
     StoredEvent {
-        seq: r.0,
-        kind: r.1,
-        document_id: r.2,
-        person_id: r.3,
-        type_code: r.4,
-        custodian_id: r.5,
-        detail: serde_json::from_str(&r.6).unwrap_or(Value::Null),
-        created_at: r.7,
+        detail: serde_json::from_str(&r.detail).unwrap_or(Value::Null),
+        seq: r.seq,
+        kind: r.kind,
+        document_id: r.document_id,
+        person_id: r.person_id,
+        type_code: r.type_code,
+        custodian_id: r.custodian_id,
+        created_at: r.created_at,
     }
 }
-
-const EVENT_COLUMNS: (
-    events_t::seq,
-    events_t::kind,
-    events_t::document_id,
-    events_t::person_id,
-    events_t::type_code,
-    events_t::custodian_id,
-    events_t::detail,
-    events_t::created_at,
-) = (
-    events_t::seq,
-    events_t::kind,
-    events_t::document_id,
-    events_t::person_id,
-    events_t::type_code,
-    events_t::custodian_id,
-    events_t::detail,
-    events_t::created_at,
-);
 
 pub fn get_event(conn: &mut DbConn, seq: i64) -> Result<StoredEvent, DocumentError> {
     let row: EventRow = events_t::table
         .find(seq)
-        .select(EVENT_COLUMNS)
+        .select(EventRow::as_select())
         .first(conn)
         .optional()?
         .ok_or_else(|| DocumentError::NotFound(format!("event {seq}")))?;
@@ -282,55 +264,33 @@ pub struct NewSubscription {
     pub resource: Value,
 }
 
-type SubRow = (
-    String,
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    String,
-    String,
-    String,
-    NaiveDateTime,
-    NaiveDateTime,
-);
-
-const SUB_COLUMNS: (
-    subs_t::id,
-    subs_t::owner_id,
-    subs_t::topic,
-    subs_t::filter_person,
-    subs_t::filter_type,
-    subs_t::endpoint,
-    subs_t::status,
-    subs_t::resource,
-    subs_t::created_at,
-    subs_t::updated_at,
-) = (
-    subs_t::id,
-    subs_t::owner_id,
-    subs_t::topic,
-    subs_t::filter_person,
-    subs_t::filter_type,
-    subs_t::endpoint,
-    subs_t::status,
-    subs_t::resource,
-    subs_t::created_at,
-    subs_t::updated_at,
-);
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = subs_t)]
+struct SubRow {
+    id: String,
+    owner_id: String,
+    topic: String,
+    filter_person: Option<String>,
+    filter_type: Option<String>,
+    endpoint: String,
+    status: String,
+    resource: String,
+    created_at: NaiveDateTime,
+    updated_at: NaiveDateTime,
+}
 
 fn sub_of(r: SubRow) -> Subscription {
     Subscription {
-        id: r.0,
-        owner_id: r.1,
-        topic: r.2,
-        filter_person: r.3,
-        filter_type: r.4,
-        endpoint: r.5,
-        status: r.6,
-        resource: serde_json::from_str(&r.7).unwrap_or(Value::Null),
-        created_at: r.8,
-        updated_at: r.9,
+        resource: serde_json::from_str(&r.resource).unwrap_or(Value::Null),
+        id: r.id,
+        owner_id: r.owner_id,
+        topic: r.topic,
+        filter_person: r.filter_person,
+        filter_type: r.filter_type,
+        endpoint: r.endpoint,
+        status: r.status,
+        created_at: r.created_at,
+        updated_at: r.updated_at,
     }
 }
 
@@ -361,7 +321,7 @@ pub fn create_subscription(
 pub fn get_subscription(conn: &mut DbConn, id: &str) -> Result<Subscription, DocumentError> {
     let row: SubRow = subs_t::table
         .find(id)
-        .select(SUB_COLUMNS)
+        .select(SubRow::as_select())
         .first(conn)
         .optional()?
         .ok_or_else(|| DocumentError::NotFound(format!("Subscription/{id}")))?;
@@ -375,7 +335,7 @@ pub fn list_subscriptions(
     let rows: Vec<SubRow> = subs_t::table
         .filter(subs_t::owner_id.eq(owner))
         .order(subs_t::id.asc())
-        .select(SUB_COLUMNS)
+        .select(SubRow::as_select())
         .load(conn)?;
     Ok(rows.into_iter().map(sub_of).collect())
 }
@@ -665,10 +625,10 @@ pub fn events_since(
     let seqs: Vec<i64> = dels.iter().map(|d| d.0).collect();
     let events: Vec<EventRow> = events_t::table
         .filter(events_t::seq.eq_any(&seqs))
-        .select(EVENT_COLUMNS)
+        .select(EventRow::as_select())
         .load(conn)?;
     let mut by_seq: std::collections::HashMap<i64, StoredEvent> =
-        events.into_iter().map(|r| (r.0, event_of(r))).collect();
+        events.into_iter().map(|r| (r.seq, event_of(r))).collect();
     Ok(dels
         .into_iter()
         .filter_map(|d| by_seq.remove(&d.0).map(|e| (e, delivery_of(d))))

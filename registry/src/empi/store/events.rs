@@ -50,52 +50,34 @@ pub fn events_of_person(conn: &mut DbConn, person: &str) -> Result<Vec<EmpiEvent
                 .or(events_t::other_person_id.eq(person)),
         )
         .order(events_t::id.asc())
-        .select(EVENT_COLUMNS)
+        .select(EventRow::as_select())
         .load(conn)?;
     rows.into_iter().map(event_of_row).collect()
 }
 
-type EventRow = (
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    String,
-    String,
-    NaiveDateTime,
-);
-
-const EVENT_COLUMNS: (
-    events_t::id,
-    events_t::kind,
-    events_t::person_id,
-    events_t::other_person_id,
-    events_t::record_id,
-    events_t::actor,
-    events_t::detail,
-    events_t::created_at,
-) = (
-    events_t::id,
-    events_t::kind,
-    events_t::person_id,
-    events_t::other_person_id,
-    events_t::record_id,
-    events_t::actor,
-    events_t::detail,
-    events_t::created_at,
-);
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = events_t)]
+struct EventRow {
+    id: String,
+    kind: String,
+    person_id: Option<String>,
+    other_person_id: Option<String>,
+    record_id: Option<String>,
+    actor: String,
+    detail: String,
+    created_at: NaiveDateTime,
+}
 
 fn event_of_row(r: EventRow) -> Result<EmpiEvent, EmpiError> {
     Ok(EmpiEvent {
-        detail: serde_json::from_str(&r.6).map_err(corrupt)?,
-        id: r.0,
-        kind: r.1,
-        person_id: r.2,
-        other_person_id: r.3,
-        record_id: r.4,
-        actor: r.5,
-        created_at: r.7,
+        detail: serde_json::from_str(&r.detail).map_err(corrupt)?,
+        id: r.id,
+        kind: r.kind,
+        person_id: r.person_id,
+        other_person_id: r.other_person_id,
+        record_id: r.record_id,
+        actor: r.actor,
+        created_at: r.created_at,
     })
 }
 
@@ -106,7 +88,7 @@ pub fn pending_events(conn: &mut DbConn, limit: i64) -> Result<Vec<EmpiEvent>, E
         .filter(events_t::notified_at.is_null())
         .order(events_t::id.asc())
         .limit(limit)
-        .select(EVENT_COLUMNS)
+        .select(EventRow::as_select())
         .load(conn)?;
     rows.into_iter().map(event_of_row).collect()
 }

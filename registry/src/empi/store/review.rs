@@ -17,57 +17,35 @@ pub struct ReviewItem {
     pub resolved_at: Option<NaiveDateTime>,
 }
 
-type ReviewRow = (
-    String,
-    String,
-    String,
-    f64,
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    NaiveDateTime,
-    Option<NaiveDateTime>,
-);
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = review_t)]
+struct ReviewRow {
+    id: String,
+    record_a: String,
+    record_b: String,
+    score: f64,
+    explanation: String,
+    status: String,
+    resolver: Option<String>,
+    note: Option<String>,
+    created_at: NaiveDateTime,
+    resolved_at: Option<NaiveDateTime>,
+}
 
 fn review_item(r: ReviewRow) -> Result<ReviewItem, EmpiError> {
     Ok(ReviewItem {
-        id: r.0,
-        record_a: r.1,
-        record_b: r.2,
-        score: r.3,
-        explanation: serde_json::from_str(&r.4).map_err(corrupt)?,
-        status: r.5,
-        resolver: r.6,
-        note: r.7,
-        created_at: r.8,
-        resolved_at: r.9,
+        explanation: serde_json::from_str(&r.explanation).map_err(corrupt)?,
+        id: r.id,
+        record_a: r.record_a,
+        record_b: r.record_b,
+        score: r.score,
+        status: r.status,
+        resolver: r.resolver,
+        note: r.note,
+        created_at: r.created_at,
+        resolved_at: r.resolved_at,
     })
 }
-
-const REVIEW_COLUMNS: (
-    review_t::id,
-    review_t::record_a,
-    review_t::record_b,
-    review_t::score,
-    review_t::explanation,
-    review_t::status,
-    review_t::resolver,
-    review_t::note,
-    review_t::created_at,
-    review_t::resolved_at,
-) = (
-    review_t::id,
-    review_t::record_a,
-    review_t::record_b,
-    review_t::score,
-    review_t::explanation,
-    review_t::status,
-    review_t::resolver,
-    review_t::note,
-    review_t::created_at,
-    review_t::resolved_at,
-);
 
 /// Review items with a status (`open`, `linked`, `kept-separate`), oldest first.
 pub fn list_review(
@@ -81,7 +59,7 @@ pub fn list_review(
         .order(review_t::id.asc())
         .limit(limit)
         .offset(offset)
-        .select(REVIEW_COLUMNS)
+        .select(ReviewRow::as_select())
         .load::<ReviewRow>(conn)?
         .into_iter()
         .map(review_item)
@@ -108,7 +86,7 @@ pub fn resolve_review(
     write_transaction(conn, |conn| {
         let item = review_t::table
             .find(id)
-            .select(REVIEW_COLUMNS)
+            .select(ReviewRow::as_select())
             .first::<ReviewRow>(conn)
             .optional()?
             .ok_or_else(|| EmpiError::NotFound(format!("review item {id}")))
@@ -180,7 +158,7 @@ pub fn resolve_review(
             .execute(conn)?;
         review_t::table
             .find(id)
-            .select(REVIEW_COLUMNS)
+            .select(ReviewRow::as_select())
             .first::<ReviewRow>(conn)
             .map_err(EmpiError::from)
             .and_then(review_item)
