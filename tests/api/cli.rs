@@ -201,6 +201,8 @@ async fn demo_serves_a_registered_region() {
     let mut child = wait::spawn(
         yiqiao_in(&dir, "")
             .env_remove("YIQIAO_DATABASE_URL")
+            .env_remove("MALLOC_ARENA_MAX")
+            .env_remove("GLIBC_TUNABLES")
             .env("YIQIAO_ADMIN_TOKEN", "demo-test-admin-token")
             .args([
                 "demo",
@@ -228,6 +230,19 @@ async fn demo_serves_a_registered_region() {
         },
     )
     .await;
+    // The process caps glibc's malloc arenas (it restarted itself with MALLOC_ARENA_MAX, same
+    // pid), the fix for the soak's creeping resident memory.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let pid = child.id().expect("demo running");
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+        let want = format!("MALLOC_ARENA_MAX={cores}");
+        assert!(
+            environ.split(|b| *b == 0).any(|v| v == want.as_bytes()),
+            "`yiqiao demo` runs without {want}"
+        );
+    }
     // The walkthrough's federated query works: every simulated hospital of the person answers.
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let (_, stdout) = wait::line(
