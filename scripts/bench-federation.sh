@@ -11,7 +11,9 @@
 #
 #   scripts/bench-federation.sh [REQUESTS] [CONCURRENCY] [PERSONS]
 #   (SKIP_PRIMITIVES=1: no SM part; BENCH_GATEWAY_BIN=PATH / BENCH_LOAD_BIN=PATH: another build
-#   of the gateway / of the load generator, for an A/B; LOAD_DUMP=FILE: every answer's latency,
+#   of the gateway / of the load generator, for an A/B; BENCH_SIM_BIN=PATH: the build that runs
+#   the simulated hospitals (default: the gateway's), so that both sides of an A/B face the
+#   same hospitals; LOAD_DUMP=FILE: every answer's latency,
 #   size and stages appended to FILE as JSON lines, to see what the tail is made of;
 #   BENCH_DATABASE_URL=postgres://…/EMPTY_DB: the gateway on PostgreSQL instead of SQLite;
 #   GATEWAY_LOG=FILE: the gateway's log kept there; UNLOADED=N: unloaded requests, default
@@ -32,7 +34,7 @@ export YIQIAO_DATA_DIR="$work" YIQIAO_DATABASE_URL="${BENCH_DATABASE_URL:-sqlite
 # (the simulated hospitals listen on plain HTTP at 127.0.0.1, refused by the default policy)
 wait_up() { for _ in $(seq 1 600); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.2; done; echo "nothing at $1" >&2; exit 1; }
 
-"$bin" sim --institutions 300 --patients "$persons" --min-sites 5 --max-sites 20 \
+"${BENCH_SIM_BIN:-$bin}" sim --institutions 300 --patients "$persons" --min-sites 5 --max-sites 20 \
   --latency-min-ms 5 --latency-max-ms 50 --listen 127.0.0.1:18190 --workers 2 \
   --register --persons-out "$work/persons.json" 2>"$work/sim.log" &
 wait_up http://127.0.0.1:18190/_sim/stats

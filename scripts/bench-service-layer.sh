@@ -3,7 +3,7 @@
 # data. Each build serves `yiqiao demo` (8 institutions: the simulated region registered in the
 # EMPI) on a fresh SQLite database of its own; a member token of fz-004 (purpose TREAT, asked
 # explicitly so that a build from before the default purpose takes it too); then wrk
-# (2 threads, CONNS connections, SECONDS s) on a PDQm search by family and birth-date range,
+# (2 threads, CONNS connections, SECONDS s) on a PDQm search by family and birth date (5 patients),
 # the builds interleaved ROUNDS times. Prints requests/s and latency per round and the ratio of
 # the medians (new/old). The federation side of the A/B is scripts/bench-federation.sh with
 # BENCH_GATEWAY_BIN.
@@ -40,11 +40,14 @@ PY
 # The new build's API rate limits (issue 25, not the service layer) are off: one token at wrk's
 # rate is far over them. The old build has none.
 start old "$old" 18301; start new "$new" 18302 YIQIAO_RATE_LIMITS__ENABLED=false
-path='/fhir/Patient?family=%E7%8E%8B&birthdate=ge1940-01-01&_count=10'
+path='/fhir/Patient?family=%E7%8E%8B&birthdate=1945-04-12'
 tok_old=$(token old 18301); tok_new=$(token new 18302)
 for n in old new; do
   port=$([ $n = old ] && echo 18301 || echo 18302); tok=$([ $n = old ] && echo "$tok_old" || echo "$tok_new")
-  echo "$n: $(curl -s -o /dev/null -w '%{http_code} %{size_download} bytes' -H "Authorization: Bearer $tok" "http://127.0.0.1:$port$path")"
+  probe=$(curl -s -o "$work/$n.probe" -w '%{http_code} %{size_download}' -H "Authorization: Bearer $tok" "http://127.0.0.1:$port$path")
+  echo "$n: $probe bytes, $(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1])).get("entry", [])), "patients")' "$work/$n.probe")"
+  # A benchmark of refusals measures nothing: both builds must answer the search.
+  [ "${probe%% *}" = 200 ] || { echo "$n answers ${probe%% *}: $(head -c 400 "$work/$n.probe")" >&2; exit 1; }
 done
 echo "machine: $(nproc) cores; wrk -t2 -c$conns -d${secs}s, $rounds rounds interleaved"
 : >"$work/rates"
