@@ -799,6 +799,30 @@ async fn refusals_come_before_body_errors(backend: Backend) {
         }
     }
     assert!(driven >= 20, "only {driven} refused calls with a body");
+    // A credential refused only after a directory read (the institution was suspended, so its
+    // cached entry is gone and the permit's future waits on the database): still 401, recorded.
+    let suspend = fx
+        .app
+        .client
+        .post(fx.app.url("/admin/institutions/hosp-002/suspend"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(suspend.status().as_u16(), 200);
+    let post = call(&fx, Resource::Consent, Op::Create, Kind::Other);
+    let (status, body, request_id) = send_as(&fx, Kind::Other, &post, true).await;
+    assert_eq!(
+        status, 401,
+        "a suspended institution with a broken body: {body}"
+    );
+    assert_audited(
+        &fx.app,
+        "a suspended institution's broken body",
+        &request_id,
+        Some(false),
+    )
+    .await;
     // And an allowed caller still hears what is wrong with its body.
     let owner_put = call(&fx, Resource::Consent, Op::Update, Kind::Owner);
     let (status, body, _) = send_as(&fx, Kind::Owner, &owner_put, true).await;
