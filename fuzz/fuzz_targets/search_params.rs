@@ -5,19 +5,9 @@
 use std::collections::HashMap;
 
 use libfuzzer_sys::fuzz_target;
+use yiqiao_gateway::routes::patients::SEARCH_PARAMS;
 use yiqiao_gateway::routes::{check_params, paging};
 use yiqiao_gateway::sanitize;
-
-const KNOWN: [&str; 8] = [
-    "family",
-    "given",
-    "name",
-    "birthdate",
-    "identifier",
-    "telecom",
-    "_count",
-    "_offset",
-];
 
 fuzz_target!(|data: &[u8]| {
     let Ok(raw) = std::str::from_utf8(data) else {
@@ -31,6 +21,6 @@ fuzz_target!(|data: &[u8]| {
     let params: HashMap<String, String> = form_urlencoded::parse(query.as_bytes())
         .into_owned()
         .collect();
-    let _ = check_params(&params, &KNOWN);
+    let _ = check_params(&params, &SEARCH_PARAMS);
     let _ = paging(&params, 20, 200);
 });

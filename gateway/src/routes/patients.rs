@@ -405,7 +405,8 @@ pub async fn read(
     Ok(fhir_response(actix_web::http::StatusCode::OK, resource))
 }
 
-const SEARCH_PARAMS: [&str; 9] = [
+/// The parameters PDQm search takes (also what the search-parameter fuzz target checks against).
+pub const SEARCH_PARAMS: [&str; 9] = [
     "family",
     "given",
     "name",
